@@ -1,0 +1,3 @@
+"""The package version, written only here."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,26 @@
+"""Exact second-order primitives built on ``torch.autograd.grad`` double backward."""
+
+from torch_secorder.core.blocks import hessian_block, hessian_blocks
+from torch_secorder.core.diagonal import hessian_diagonal, model_hessian_diagonal
+from torch_secorder.core.hvp import batched_hvp, hvp, model_hvp
+from torch_secorder.core.matrix import hessian_matrix, model_hessian_matrix
+from torch_secorder.core.params import flatten, select_params, unflatten
+
+__all__ = [
+    # Hessian-vector products
+    "hvp",
+    "batched_hvp",
+    "model_hvp",
+    # Exact diagonal
+    "hessian_diagonal",
+    "model_hessian_diagonal",
+    # Blocks and matrices
+    "hessian_block",
+    "hessian_blocks",
+    "hessian_matrix",
+    "model_hessian_matrix",
+    # Parameter utilities
+    "select_params",
+    "flatten",
+    "unflatten",
+]

@@ -1,0 +1,409 @@
+r"""The one wrapper around :func:`torch.autograd.grad` that every public function uses.
+
+A :class:`GradientGraph` calls the loss closure once and keeps the differentiable gradient
+:math:`g = \nabla_\theta f(\theta)`. A *product* with cotangents :math:`u` (one tensor per
+parameter) with respect to tensors :math:`x` is the vector-Jacobian product
+
+.. math:: \Big(\sum_i u_i^\top \frac{\partial g_i}{\partial x_j}\Big)_j ,
+
+which for :math:`x = \theta` is :math:`(H u)_j` because the Hessian is symmetric. Many
+products reuse the graph (``retain_graph=True``); stacks of cotangents go through
+``is_grads_batched=True`` in chunks, with a loop of single products as fallback and as the
+faster choice where the vmapped kernels are slower (chosen by timing, see
+:class:`ChunkPlanner`). Results never touch ``.grad``.
+"""
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from torch_secorder._checks import param_label
+from torch_secorder._types import LossClosure
+
+Cotangents = list[Tensor | None]
+"""One cotangent per gradient tensor; ``None`` where it is zero."""
+
+CHUNK_MEMORY_BYTES = 2**30
+"""Estimated memory one batched chunk of products may use when ``chunk_size=None``."""
+
+
+def scalar_loss(fname: str, loss: object) -> Tensor:
+    """Check that a closure returned a one-element floating tensor and make it 0-d."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{fname}: func must return a Tensor; got {type(loss).__name__}.")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"{fname}: func must return a scalar loss; got a tensor of shape "
+            f"{tuple(loss.shape)}. Reduce it, e.g. with .mean() or .sum()."
+        )
+    if not loss.is_floating_point():
+        raise ValueError(f"{fname}: func must return a floating-point loss; got {loss.dtype}.")
+    return loss.reshape(())
+
+
+@contextlib.contextmanager
+def forward_context(params: Sequence[Tensor]) -> Iterator[None]:
+    """Run a forward pass that can be differentiated twice, leaving no trace.
+
+    Gradients are enabled (also under :func:`torch.no_grad`); the global RNG is forked for the
+    CPU and the params' CUDA devices, so dropout does not advance it; attention runs on the
+    math kernel, because the fused ``scaled_dot_product_attention`` kernels have no double
+    backward.
+    """
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with (
+        torch.random.fork_rng(devices=cuda),
+        sdpa_kernel([SDPBackend.MATH]),
+        requires_grad(params),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def requires_grad(params: Sequence[Tensor]) -> Iterator[None]:
+    """Enable gradients, and ``requires_grad`` on params lacking it, for the block's duration."""
+    frozen = [p for p in params if not p.requires_grad]
+    with torch.enable_grad():
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+
+
+class GradientGraph:
+    r"""The differentiable gradient of one call of a loss closure, reused by many products.
+
+    Args:
+        func: Zero-argument closure returning the scalar loss.
+        params: Parameters :math:`\theta` (validated by the caller).
+        fname: Public function name for messages.
+        names: Parameter names for messages, where known.
+        strict: Raise if the loss does not depend on one of ``params``.
+        extra: Further tensors that products may differentiate with respect to (they are
+            made to require gradients like ``params``).
+
+    Attributes:
+        loss: The loss value (detached).
+        params: The parameters.
+        grads: :math:`\partial f/\partial\theta_i` with its graph, or ``None`` where it is
+            constant (zero curvature: the parameter is unused or enters linearly).
+        saved_bytes: Bytes the forward pass saved for backward, a memory estimate per product.
+        batching: Whether batched products work (set to ``False`` after one failed).
+    """
+
+    def __init__(
+        self,
+        func: LossClosure,
+        params: list[Tensor],
+        *,
+        fname: str,
+        names: Sequence[str] | None = None,
+        strict: bool = False,
+        extra: Sequence[Tensor] = (),
+    ) -> None:
+        self.params = params
+        self.differentiable = [*params, *(t for t in extra if all(t is not p for p in params))]
+        self.saved_bytes = 0
+        self.batching = True
+        storages: set[int] = set()
+
+        def pack(t: Tensor) -> Tensor:
+            key = t.untyped_storage().data_ptr()
+            if key not in storages:
+                storages.add(key)
+                self.saved_bytes += t.untyped_storage().nbytes()
+            return t
+
+        with forward_context(self.differentiable):
+            with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+                loss = scalar_loss(fname, func())
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            else:
+                grads = (None,) * len(params)
+        if strict:
+            for i, g in enumerate(grads):
+                if g is None:
+                    raise ValueError(
+                        f"{fname}: the loss does not depend on {param_label(i, names)}; "
+                        "pass strict=False to treat it as having zero curvature."
+                    )
+        self.loss = loss.detach()
+        self.grads: list[Tensor | None] = [
+            g if g is not None and g.requires_grad else None for g in grads
+        ]
+
+    def __enter__(self) -> "GradientGraph":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Drop the gradient and with it the graph's memory."""
+        self.grads = [None] * len(self.params)
+
+    def vjp(
+        self,
+        cotangents: Cotangents,
+        inputs: Sequence[Tensor],
+        *,
+        batched: bool = False,
+        create_graph: bool = False,
+    ) -> list[Tensor]:
+        r"""Compute :math:`\sum_i u_i^\top \partial g_i / \partial x_j` for each input.
+
+        Args:
+            cotangents: :math:`u_i` like params (``None`` for zero), each with a leading ``k``
+                when ``batched``.
+            inputs: Tensors :math:`x_j` to differentiate with respect to.
+            batched: Treat the leading dimension of the cotangents as ``k`` separate products.
+            create_graph: Keep the graph of the result.
+
+        Returns:
+            One tensor per input (zeros where it does not enter), with the leading ``k`` when
+            ``batched``.
+        """
+        pairs = [(g, u) for g, u in zip(self.grads, cotangents) if g is not None and u is not None]
+        lead = next((u.shape[:1] for u in cotangents if u is not None), ()) if batched else ()
+        results: Sequence[Tensor | None] = [None] * len(inputs)
+        if pairs:
+            with requires_grad(self.differentiable):
+                results = torch.autograd.grad(
+                    [g for g, _ in pairs],
+                    inputs,
+                    grad_outputs=[u for _, u in pairs],
+                    retain_graph=True,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                    is_grads_batched=batched,
+                )
+        return [
+            r if r is not None else x.new_zeros((*lead, *x.shape)) for r, x in zip(results, inputs)
+        ]
+
+    def products(
+        self,
+        cotangents: list[Tensor],
+        inputs: Sequence[Tensor],
+        *,
+        chunk_size: int | None = None,
+        planner: "ChunkPlanner | None" = None,
+    ) -> list[Tensor]:
+        """Products with ``k`` stacked cotangents (leading dimension ``k``), in chunks.
+
+        Returns:
+            One ``(k, *x.shape)`` tensor per input ``x``.
+        """
+        chunks = self.product_chunks(
+            cotangents[0].shape[0],
+            lambda start, stop: [u[start:stop] for u in cotangents],
+            inputs,
+            chunk_size=chunk_size,
+            planner=planner,
+        )
+        parts = [products for _, _, products in chunks]
+        if len(parts) == 1:
+            return parts[0]
+        return [torch.cat(column) for column in zip(*parts)]
+
+    def product_chunks(
+        self,
+        count: int,
+        cotangents: Callable[[int, int], Cotangents],
+        inputs: Sequence[Tensor],
+        *,
+        chunk_size: int | None = None,
+        create_graph: bool = False,
+        planner: "ChunkPlanner | None" = None,
+    ) -> Iterator[tuple[int, int, list[Tensor]]]:
+        """Run ``count`` products in chunks, yielding ``(start, stop, products)`` per chunk.
+
+        Args:
+            count: Number of products.
+            cotangents: ``cotangents(start, stop)`` returns the stacked cotangents of products
+                ``start`` to ``stop - 1`` (each with leading dimension ``stop - start``).
+            inputs: Tensors to differentiate with respect to.
+            chunk_size: Products per batched call; ``1`` loops; ``None`` lets a planner choose
+                by timing, within a memory estimate.
+            create_graph: Keep the graph of the results.
+            planner: A planner kept across calls (e.g. by an operator); a fresh one otherwise.
+
+        Yields:
+            ``(start, stop, products)`` with one tensor per input, leading dimension
+            ``stop - start``.
+        """
+        if chunk_size is None and planner is None:
+            planner = ChunkPlanner(self.memory_cap(inputs), _device(inputs))
+        start = 0
+        while start < count:
+            size = min(chunk_size or planner.next_size(), count - start)  # type: ignore[union-attr]
+            tic = planner.clock() if planner is not None else 0.0
+            products = self._chunk(cotangents(start, start + size), inputs, size, create_graph)
+            if planner is not None:
+                planner.record(size, planner.clock() - tic)
+            yield start, start + size, products
+            start += size
+
+    def dense(self, inputs: Sequence[Tensor], *, chunk_size: int | None = None) -> Tensor:
+        r"""The matrix :math:`\partial g / \partial x`, one row per entry of the flat gradient.
+
+        Returns:
+            A ``(P, P_x)`` tensor from :math:`P` unit-vector products; with ``inputs`` the
+            params this is the Hessian.
+        """
+        num_rows = sum(p.numel() for p in self.params)
+        out = self.params[0].new_zeros(num_rows, sum(x.numel() for x in inputs))
+        chunks = self.product_chunks(
+            num_rows,
+            lambda start, stop: unit_cotangents(self.params, start, stop),
+            inputs,
+            chunk_size=chunk_size,
+        )
+        for start, stop, products in chunks:
+            out[start:stop] = torch.cat([r.reshape(stop - start, -1) for r in products], dim=1)
+        return out
+
+    def own_block_rows(
+        self, index: int, *, chunk_size: int | None = None, create_graph: bool = False
+    ) -> Iterator[tuple[int, Tensor]]:
+        r"""Yield ``(start, rows)``: rows of :math:`H_{ii}`, the block of ``params[index]``.
+
+        ``rows`` is ``(c, n)`` with :math:`n` = ``params[index].numel()``, the rows ``start``
+        to ``start + c - 1``, from batched products with unit vectors. Nothing is yielded when
+        the parameter's gradient is constant (its block is zero).
+        """
+        p = self.params[index]
+        if self.grads[index] is None:
+            return
+        offset = sum(q.numel() for q in self.params[:index])
+        chunks = self.product_chunks(
+            p.numel(),
+            lambda start, stop: unit_cotangents(self.params, offset + start, offset + stop),
+            [p],
+            chunk_size=chunk_size,
+            create_graph=create_graph,
+        )
+        for start, stop, (rows,) in chunks:
+            yield start, rows.reshape(stop - start, p.numel())
+
+    def _chunk(
+        self, cotangents: Cotangents, inputs: Sequence[Tensor], size: int, create_graph: bool
+    ) -> list[Tensor]:
+        if size > 1 and self.batching:
+            try:
+                return self.vjp(cotangents, inputs, batched=True, create_graph=create_graph)
+            except RuntimeError:
+                self.batching = False  # an operator without a batching rule: loop instead
+        columns = [
+            self.vjp(
+                [None if u is None else u[j] for u in cotangents], inputs, create_graph=create_graph
+            )
+            for j in range(size)
+        ]
+        return [torch.stack(parts) for parts in zip(*columns)]
+
+    def memory_cap(self, inputs: Sequence[Tensor]) -> int:
+        """Largest chunk whose estimated memory stays under :data:`CHUNK_MEMORY_BYTES`.
+
+        A batched product replicates the saved activations of both backward passes per vector
+        (about twice the forward's saved bytes) and holds one cotangent and one result.
+        """
+        vector_bytes = sum(t.numel() * t.element_size() for t in (*self.params, *inputs))
+        return max(1, CHUNK_MEMORY_BYTES // max(1, 2 * self.saved_bytes + vector_bytes))
+
+
+class ChunkPlanner:
+    """Choose chunk sizes for batched products by timing the products themselves.
+
+    Batched products (``is_grads_batched``) save per-call overhead, but their vmapped kernels
+    can be slower than plain ones (on CPU they often are); which wins depends on the model,
+    the device and the chunk. The planner times two single products, then batched chunks of
+    8, 16, 32, ... products while the time per product keeps improving by 10%, up to ``cap``,
+    and from then on uses the fastest size seen. Every timed product is a useful one.
+
+    Args:
+        cap: Largest chunk allowed (a memory bound).
+        device: Device the products run on (CUDA is synchronised before reading the clock).
+    """
+
+    FIRST_BATCH = 8
+
+    def __init__(self, cap: int, device: torch.device) -> None:
+        self.cap = cap
+        self.sync = device.type == "cuda"
+        self.best_size = 1
+        self.best_time = math.inf
+        self.singles = 0
+        self.trial: int | None = None
+        self.settled = cap < 2
+
+    def clock(self) -> float:
+        """Current time, after the device finished its queued work."""
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def next_size(self) -> int:
+        """Size of the next chunk."""
+        if self.settled:
+            return self.best_size
+        if self.singles < 2:
+            return 1
+        if self.trial is None:
+            self.trial = min(self.FIRST_BATCH, self.cap)
+        return self.trial
+
+    def record(self, size: int, seconds: float) -> None:
+        """Record how long a chunk of ``size`` products took."""
+        if self.settled:
+            return
+        per_product = seconds / size
+        if size == 1:
+            self.singles += 1
+            self.best_time = min(self.best_time, per_product)
+        elif size == self.trial:
+            if per_product < 0.9 * self.best_time:
+                self.best_size, self.best_time = size, per_product
+                self.trial = size * 2
+                self.settled = self.trial > self.cap
+            else:
+                self.settled = True
+
+
+def unit_cotangents(params: Sequence[Tensor], start: int, stop: int) -> Cotangents:
+    """Unit vectors :math:`e_r`, ``start <= r < stop``, in the flat space of ``params``.
+
+    Returns:
+        Cotangents like params with leading dimension ``stop - start``; ``None`` for the
+        parameters the rows do not touch.
+    """
+    rows: Cotangents = []
+    offset = 0
+    for p in params:
+        lo, hi = max(start, offset), min(stop, offset + p.numel())
+        if lo < hi:
+            e = p.new_zeros(stop - start, p.numel())
+            index = torch.arange(lo, hi, device=p.device)
+            e[index - start, index - offset] = 1
+            rows.append(e.view(stop - start, *p.shape))
+        else:
+            rows.append(None)
+        offset += p.numel()
+    return rows
+
+
+def _device(tensors: Sequence[Tensor]) -> torch.device:
+    return tensors[0].device
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t

@@ -1,0 +1,133 @@
+"""What to differentiate: a loss closure and its parameters, from a closure or from a model.
+
+The model forms build a closure ``loss_fn(model(inputs), targets)`` and call the closure
+forms, so both share one implementation. Model state a call can touch (train/eval mode,
+buffers such as BatchNorm running statistics) is restored in a ``finally``.
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder._checks import as_params, check_callable
+from torch_secorder._types import LossClosure, ParamSelection
+from torch_secorder.core._autograd import GradientGraph
+from torch_secorder.core.params import select_params
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A loss closure with the parameters to differentiate it by.
+
+    Attributes:
+        fname: Public function name, for messages.
+        func: Zero-argument closure returning the scalar loss.
+        params: The parameters, validated.
+        names: Their names where known (model forms), for messages.
+    """
+
+    fname: str
+    func: LossClosure
+    params: list[Tensor]
+    names: list[str] | None = None
+
+    def gradient(self, *, strict: bool = False) -> GradientGraph:
+        """Call the closure once and keep its differentiable gradient."""
+        return GradientGraph(
+            self.func, self.params, fname=self.fname, names=self.names, strict=strict
+        )
+
+
+def closure_objective(fname: str, func: object, params: object) -> Objective:
+    """Validate the closure form ``(func, params)``."""
+    check_callable(fname, "func", func)
+    return Objective(fname, func, as_params(fname, params))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def model_objective(
+    fname: str,
+    model: object,
+    loss_fn: object,
+    inputs: object,
+    targets: object,
+    params: ParamSelection,
+) -> Iterator[Objective]:
+    """Validate the model form and yield its objective; the model's state is restored after."""
+    names, tensors = model_params(fname, model, params)
+    check_callable(fname, "loss_fn", loss_fn)
+    check_inputs(fname, "inputs", inputs)
+    func = batch_loss(model, loss_fn, inputs, targets)  # type: ignore[arg-type]
+    with preserved_state(model):  # type: ignore[arg-type]
+        yield Objective(fname, func, tensors, names)
+
+
+def model_params(
+    fname: str, model: object, params: ParamSelection
+) -> tuple[list[str], list[Tensor]]:
+    """Select the parameters of a model, with messages naming the public function."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fname}: model must be a torch.nn.Module; got {type(model).__name__}.")
+    try:
+        selected = select_params(model, params)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("select_params:", f"{fname}:", 1)) from None
+    names = list(selected)
+    return names, as_params(fname, selected.values(), names)
+
+
+def check_inputs(fname: str, argname: str, inputs: object) -> None:
+    """Inputs are a tensor, a tuple or list of positional arguments, or a dict of keywords."""
+    if not isinstance(inputs, (Tensor, tuple, list, Mapping)):
+        raise TypeError(
+            f"{fname}: {argname} must be a Tensor, a tuple of model arguments or a dict of "
+            f"keyword arguments; got {type(inputs).__name__}."
+        )
+
+
+def call_model(model: Callable[..., object], inputs: object) -> object:
+    """Call ``model`` on a tensor, a tuple/list of arguments or a dict of keyword arguments."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def batch_loss(
+    model: nn.Module, loss_fn: Callable[[object, object], Tensor], inputs: object, targets: object
+) -> LossClosure:
+    """The closure ``loss_fn(model(inputs), targets)``."""
+
+    def func() -> Tensor:
+        return loss_fn(call_model(model, inputs), targets)
+
+    return func
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval mode and every buffer's value on exit.
+
+    Buffers are restored in place (and re-attached if the forward replaced them), so BatchNorm
+    running statistics in train mode do not drift.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [
+        (module, name, buf, buf.detach().clone())
+        for module in model.modules()
+        for name, buf in module.named_buffers(recurse=False)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buf, saved in buffers:
+                if module._buffers.get(name) is not buf:
+                    module._buffers[name] = buf
+                buf.copy_(saved)
+        for module, training in modes:
+            module.training = training

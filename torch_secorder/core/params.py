@@ -1,0 +1,122 @@
+r"""Parameter utilities: select a model's parameters by name, flatten and unflatten vectors.
+
+A vector *like params* is a list with one tensor per parameter, of that parameter's shape.
+Its *flat* form is one 1-D tensor of length :math:`P = \sum_i` ``params[i].numel()``, the
+parameters in order, each flattened row-major (the order of
+:func:`torch.nn.utils.parameters_to_vector`).
+"""
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder._types import ParamSelection
+
+__all__ = ["flatten", "select_params", "unflatten"]
+
+
+def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
+    """Select parameters of a model by name or glob pattern.
+
+    Names are those of :meth:`torch.nn.Module.named_parameters` (a parameter shared by several
+    modules appears once, under its first name). Patterns follow :mod:`fnmatch` (``*`` also
+    matches dots), so ``"*.weight"`` selects every weight and ``"encoder.*"`` a sub-module.
+
+    Args:
+        model: The model whose parameters to select.
+        params: ``None`` for all parameters with ``requires_grad=True``; a name or pattern; or a
+            list of names and patterns. Every entry must match at least one parameter. An
+            explicit selection may include frozen parameters.
+
+    Returns:
+        The selected parameters by name, in the model's order.
+
+    Raises:
+        TypeError: If ``model`` is not a module or ``params`` not a string or list of strings.
+        ValueError: If an entry matches no parameter, or nothing is selected.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+        >>> list(select_params(model, "*.weight"))
+        ['0.weight', '1.weight']
+        >>> list(select_params(model, ["1.*", "0.bias"]))
+        ['0.bias', '1.weight', '1.bias']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"select_params: model must be a torch.nn.Module; got {type(model).__name__}."
+        )
+    named = dict(model.named_parameters())
+    if params is None:
+        selected = {name: p for name, p in named.items() if p.requires_grad}
+        if not selected:
+            raise ValueError(
+                "select_params: the model has no parameters with requires_grad=True; "
+                "select parameters by name with params=."
+            )
+        return selected
+    patterns = [params] if isinstance(params, str) else params
+    if not isinstance(patterns, Sequence) or not all(isinstance(s, str) for s in patterns):
+        raise TypeError(
+            "select_params: params must be None, a name or glob pattern, or a list of them; "
+            f"got {type(params).__name__}."
+        )
+    if not patterns:
+        raise ValueError("select_params: params is an empty list; expected names or patterns.")
+    chosen: set[str] = set()
+    for pattern in patterns:
+        matches = [name for name in named if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            available = ", ".join(list(named)[:8]) + (", ..." if len(named) > 8 else "")
+            raise ValueError(
+                f"select_params: params entry {pattern!r} matches no parameter of the model; "
+                f"its parameters are: {available or 'none'}."
+            )
+        chosen.update(matches)
+    return {name: p for name, p in named.items() if name in chosen}
+
+
+def flatten(tensors: Sequence[Tensor], *, batched: bool = False) -> Tensor:
+    """Concatenate tensors like params into one flat vector.
+
+    Args:
+        tensors: One tensor per parameter, in parameter order; with ``batched=True`` each has a
+            leading dimension ``k`` (the same for all).
+        batched: Keep the leading dimension: the result is ``(k, P)`` instead of ``(P,)``.
+
+    Returns:
+        The flat vector of shape ``(P,)``, or ``(k, P)`` when ``batched``.
+
+    Example:
+        >>> import torch
+        >>> flatten([torch.ones(2, 2), torch.zeros(1)])
+        tensor([1., 1., 1., 1., 0.])
+    """
+    if batched:
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat vector into tensors like params (views of ``vector``).
+
+    Args:
+        vector: A flat vector of shape ``(P,)``, or a stack of ``k`` of them, ``(k, P)``.
+        params: The parameters giving the shapes.
+
+    Returns:
+        A list with one tensor per parameter: ``params[i].shape``, or ``(k, *params[i].shape)``
+        for a stack.
+
+    Example:
+        >>> import torch
+        >>> [t.shape for t in unflatten(torch.arange(5.0), [torch.ones(2, 2), torch.ones(1)])]
+        [torch.Size([2, 2]), torch.Size([1])]
+    """
+    sizes = [p.numel() for p in params]
+    lead = tuple(vector.shape[:-1])
+    parts = vector.split(sizes, dim=-1)
+    return [part.reshape(*lead, *p.shape) for part, p in zip(parts, params)]
