@@ -2,6 +2,7 @@
 
 from torch_secorder._version import __version__
 from torch_secorder.core import (
+    HessianOperator,
     batched_hvp,
     flatten,
     hessian_block,
@@ -29,6 +30,8 @@ __all__ = [
     "hessian_blocks",
     "hessian_matrix",
     "model_hessian_matrix",
+    # core: linear operator
+    "HessianOperator",
     # core: parameter utilities
     "select_params",
     "flatten",

@@ -99,7 +99,7 @@ def as_params(fname: str, params: object, names: Sequence[str] | None = None) ->
     return params
 
 
-def _flat_layout(fname: str, argname: str, params: Sequence[Tensor]) -> None:
+def flat_layout(fname: str, argname: str, params: Sequence[Tensor]) -> None:
     """Flat vectors need one dtype and one device across ``params``."""
     first = params[0]
     for i, p in enumerate(params):
@@ -137,7 +137,7 @@ def check_vector(
     lead = "(k, " if batched else "("
     flat_shape = f"{lead}{numel})" if batched else f"({numel},)"
     if isinstance(v, Tensor):
-        _flat_layout(fname, argname, params)
+        flat_layout(fname, argname, params)
         if v.dim() != (2 if batched else 1) or v.shape[-1] != numel:
             raise ValueError(
                 f"{fname}: {argname} has shape {format_shape(v.shape)}; expected a flat tensor "

@@ -4,6 +4,7 @@ from torch_secorder.core.blocks import hessian_block, hessian_blocks
 from torch_secorder.core.diagonal import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.core.hvp import batched_hvp, hvp, model_hvp
 from torch_secorder.core.matrix import hessian_matrix, model_hessian_matrix
+from torch_secorder.core.operator import HessianOperator
 from torch_secorder.core.params import flatten, select_params, unflatten
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "hessian_blocks",
     "hessian_matrix",
     "model_hessian_matrix",
+    # Linear operator
+    "HessianOperator",
     # Parameter utilities
     "select_params",
     "flatten",

@@ -47,13 +47,13 @@ def scalar_loss(fname: str, loss: object) -> Tensor:
 
 
 @contextlib.contextmanager
-def forward_context(params: Sequence[Tensor]) -> Iterator[None]:
+def forward_context(params: Sequence[Tensor], seed: int | None = None) -> Iterator[None]:
     """Run a forward pass that can be differentiated twice, leaving no trace.
 
-    Gradients are enabled (also under :func:`torch.no_grad`); the global RNG is forked for the
-    CPU and the params' CUDA devices, so dropout does not advance it; attention runs on the
-    math kernel, because the fused ``scaled_dot_product_attention`` kernels have no double
-    backward.
+    Gradients are enabled (also under :func:`torch.no_grad`); the RNG of the CPU and of the
+    params' CUDA devices is forked, so dropout does not advance the global RNG, and seeded
+    with ``seed`` when given, so random draws repeat; attention runs on the math kernel,
+    because the fused ``scaled_dot_product_attention`` kernels have no double backward.
     """
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with (
@@ -61,6 +61,10 @@ def forward_context(params: Sequence[Tensor]) -> Iterator[None]:
         sdpa_kernel([SDPBackend.MATH]),
         requires_grad(params),
     ):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 
@@ -89,6 +93,7 @@ class GradientGraph:
         strict: Raise if the loss does not depend on one of ``params``.
         extra: Further tensors that products may differentiate with respect to (they are
             made to require gradients like ``params``).
+        seed: Seed for the random draws of the closure (e.g. dropout), in a forked RNG.
 
     Attributes:
         loss: The loss value (detached).
@@ -108,6 +113,7 @@ class GradientGraph:
         names: Sequence[str] | None = None,
         strict: bool = False,
         extra: Sequence[Tensor] = (),
+        seed: int | None = None,
     ) -> None:
         self.params = params
         self.differentiable = [*params, *(t for t in extra if all(t is not p for p in params))]
@@ -122,7 +128,7 @@ class GradientGraph:
                 self.saved_bytes += t.untyped_storage().nbytes()
             return t
 
-        with forward_context(self.differentiable):
+        with forward_context(self.differentiable, seed):
             with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
                 loss = scalar_loss(fname, func())
             if loss.requires_grad:

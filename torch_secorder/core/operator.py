@@ -1,0 +1,493 @@
+r"""The Hessian as a linear operator on flat vectors, of one loss or of a whole data set.
+
+:class:`HessianOperator` multiplies :math:`H` with vectors in the SciPy layout: ``matvec``
+takes a ``(P,)`` vector, ``matmat`` and ``@`` take ``(P, k)`` columns. Over a data set
+:math:`D` split into batches :math:`B_b` of sizes :math:`n_b`, with ``loss_fn`` returning the
+mean loss :math:`f_b` of a batch, the operator is the Hessian of the mean loss over all
+:math:`N = \sum_b n_b` samples,
+
+.. math:: H = \frac{1}{N} \sum_b n_b \, \nabla^2_\theta f_b(\theta),
+
+summed over the batches of every process when :mod:`torch.distributed` is initialized.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder._checks import check_bool, check_callable, flat_layout
+from torch_secorder._types import LossClosure, Params, ParamSelection
+from torch_secorder.core._autograd import ChunkPlanner, GradientGraph
+from torch_secorder.core._model import (
+    batch_loss,
+    check_inputs,
+    closure_objective,
+    model_params,
+    preserved_state,
+)
+from torch_secorder.core.params import flatten, unflatten
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator:
+    r"""The Hessian :math:`H = \nabla^2_\theta f(\theta)` as a linear operator.
+
+    Built from a closure, the loss and its differentiable gradient are computed at the first
+    product and reused by every later one until :meth:`release` (or the end of a ``with``
+    block); the next product after a release rebuilds them. Built with :meth:`from_model`,
+    each product streams over the data set (see the module docstring).
+
+    Products against ``k`` columns run as batched Hessian-vector products and count ``k`` in
+    :attr:`num_matvecs`.
+
+    Args:
+        func: Zero-argument closure returning the scalar loss.
+        params: Parameters :math:`\theta` (any iterable), all of one dtype and device.
+
+    Attributes:
+        params: The parameters, in flat order.
+        names: Their names (from :meth:`from_model`), else ``None``.
+        shape: ``(P, P)``.
+        dtype: The parameters' dtype.
+        device: The parameters' device.
+        num_matvecs: Hessian-vector products performed so far.
+
+    Raises:
+        TypeError: If ``func`` is not callable or ``params`` holds a non-tensor.
+        ValueError: If ``params`` is empty or mixes dtypes or devices.
+
+    Example:
+        >>> import torch
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        >>> with HessianOperator(lambda: 0.5 * x @ A @ x, [x]) as H:
+        ...     print(H @ torch.tensor([1.0, 1.0], dtype=torch.float64), H.num_matvecs)
+        tensor([3., 4.], dtype=torch.float64) 1
+    """
+
+    def __init__(self, func: LossClosure, params: Params) -> None:
+        objective = closure_objective("HessianOperator", func, params)
+        self._setup(_ClosureProducts(objective), objective.params, None)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        *,
+        params: ParamSelection = None,
+        seed: int = 0,
+        distributed: bool | None = None,
+        progress: bool = False,
+    ) -> "HessianOperator":
+        r"""The Hessian of a model's mean loss over a data set.
+
+        Every product runs the model over all batches of ``data``, each batch once for all
+        columns, and sums the batches' Hessian products weighted by their sizes, so memory
+        does not grow with the number of batches. For a single batch the gradient graph is
+        built once and reused, as for a closure.
+
+        ``loss_fn`` should return the *mean* loss over its batch (PyTorch's default
+        reduction); the operator is then :math:`\frac1N \sum_b n_b H_b`, the Hessian of the
+        mean loss over all :math:`N` samples, and ``N * H`` (:attr:`num_samples`) is the
+        Hessian of the summed loss. A batch's size :math:`n_b` is the leading dimension of its
+        first input tensor.
+
+        The model runs in its current train/eval mode, which is left as found. Each batch's
+        forward pass runs under its own fixed RNG seed (``seed + b``, in a forked RNG, so the
+        global RNG is untouched): dropout draws the same masks in every product and the
+        operator stays one fixed symmetric matrix. Buffers (BatchNorm running statistics)
+        are restored after every pass. Batches are moved to the parameters' device.
+
+        With :mod:`torch.distributed` initialized, each process passes its own shard as
+        ``data``; every product sums the weighted products and sample counts of all
+        processes with one ``all_reduce``, so every process holds the Hessian of the mean
+        loss over all processes' data (shards may differ in size). All processes must then
+        request the same products in the same order.
+
+        Args:
+            model: The model.
+            loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
+            data: One ``(inputs, targets)`` batch (a pair whose targets are a tensor), or a
+                re-iterable collection of such batches (a list, a
+                :class:`~torch.utils.data.DataLoader`). Inputs may be a tensor, a tuple of
+                positional arguments or a dict of keyword arguments.
+            params: Parameter selection by names or glob patterns (``None``: all trainable).
+            seed: Base of the per-batch RNG seeds.
+            distributed: Sum over processes; ``None`` (default) does so when
+                :func:`torch.distributed.is_initialized`.
+            progress: Show a progress bar over batches (needs ``tqdm``, the ``progress``
+                extra).
+
+        Returns:
+            The operator.
+
+        Raises:
+            TypeError: If ``model`` is not a module, ``loss_fn`` not callable, ``data`` not a
+                batch or re-iterable collection of batches, or a batch not an
+                ``(inputs, targets)`` pair.
+            ValueError: If ``data`` is empty, the selection matches nothing, or the selected
+                parameters mix dtypes or devices.
+            ImportError: If ``progress=True`` and ``tqdm`` is missing.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1, bias=False).double()
+            >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+            >>> y = torch.zeros(3, 1, dtype=torch.float64)
+            >>> data = [(x[:2], y[:2]), (x[2:], y[2:])]  # H = 2/N x^T x, N = 3
+            >>> H = HessianOperator.from_model(model, torch.nn.MSELoss(), data)
+            >>> H @ torch.eye(2, dtype=torch.float64) * 3
+            tensor([[4., 2.],
+                    [2., 4.]], dtype=torch.float64)
+        """
+        fname = "HessianOperator.from_model"
+        names, tensors = model_params(fname, model, params)
+        check_callable(fname, "loss_fn", loss_fn)
+        check_bool(fname, "progress", progress)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"{fname}: seed must be an int; got {type(seed).__name__}.")
+        if distributed is not None:
+            check_bool(fname, "distributed", distributed)
+        batches = _check_data(fname, data)
+        if progress:
+            _require_tqdm(fname)
+        source = _DataSetProducts(
+            fname, model, loss_fn, batches, tensors, names, seed, distributed, progress
+        )
+        operator = cls.__new__(cls)
+        operator._setup(source, tensors, names)
+        return operator
+
+    def _setup(
+        self, source: "_ClosureProducts | _DataSetProducts", params: list[Tensor], names: Any
+    ) -> None:
+        fname = "HessianOperator" if names is None else "HessianOperator.from_model"
+        flat_layout(fname, "operator", params)
+        self._source = source
+        self.params = params
+        self.names: list[str] | None = names
+        size = sum(p.numel() for p in params)
+        self.shape = (size, size)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.num_matvecs = 0
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples in the data set (all processes), known after the first product over data.
+
+        ``None`` for an operator built from a closure.
+        """
+        return getattr(self._source, "num_samples", None)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Multiply with one flat vector.
+
+        Args:
+            v: A ``(P,)`` tensor of the operator's dtype and device.
+
+        Returns:
+            :math:`Hv`, shape ``(P,)``.
+
+        Raises:
+            ValueError: If ``v`` has the wrong shape, dtype or device.
+        """
+        self._check("matvec", "v", v, 1)
+        return self._apply(v.unsqueeze(1)).squeeze(1)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Multiply with ``k`` flat vectors given as columns, batched.
+
+        Args:
+            V: A ``(P, k)`` tensor of the operator's dtype and device.
+
+        Returns:
+            :math:`HV`, shape ``(P, k)``.
+
+        Raises:
+            ValueError: If ``V`` has the wrong shape, dtype or device.
+        """
+        self._check("matmat", "V", V, 2)
+        return self._apply(V)
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        """``H @ v`` for a ``(P,)`` vector or ``(P, k)`` columns."""
+        if isinstance(other, Tensor) and other.dim() == 1:
+            return self.matvec(other)
+        return self.matmat(other)
+
+    def release(self) -> None:
+        """Free the kept gradient graph; the next product rebuilds it."""
+        self._source.release()
+
+    def __enter__(self) -> "HessianOperator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(shape={self.shape}, dtype={self.dtype}, device={self.device}, "
+            f"num_matvecs={self.num_matvecs})"
+        )
+
+    def to_scipy(self) -> Any:
+        """Wrap the operator as a :class:`scipy.sparse.linalg.LinearOperator`.
+
+        The SciPy operator converts NumPy arrays to tensors of the operator's dtype and device
+        and back; it is symmetric (``rmatvec`` is ``matvec``). Needs SciPy (the ``scipy``
+        extra).
+
+        Returns:
+            A ``scipy.sparse.linalg.LinearOperator`` of shape ``(P, P)``.
+
+        Raises:
+            ImportError: If SciPy is not installed.
+        """
+        try:
+            from scipy.sparse.linalg import LinearOperator
+        except ImportError as err:
+            raise ImportError(
+                "HessianOperator.to_scipy needs SciPy; install it with "
+                "pip install 'torch-secorder[scipy]'."
+            ) from err
+
+        def columns(x: Any) -> Any:
+            X = torch.as_tensor(x, dtype=self.dtype, device=self.device).reshape(self.shape[0], -1)
+            return self.matmat(X).cpu().numpy()
+
+        def vector(x: Any) -> Any:
+            return columns(x).reshape(-1)
+
+        dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        return LinearOperator(
+            self.shape, matvec=vector, rmatvec=vector, matmat=columns, rmatmat=columns, dtype=dtype
+        )
+
+    def _check(self, fname: str, argname: str, v: object, dim: int) -> None:
+        name = f"HessianOperator.{fname}"
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name}: {argname} must be a Tensor; got {type(v).__name__}.")
+        size = self.shape[0]
+        if v.dim() != dim or v.shape[0] != size:
+            expected = f"({size},)" if dim == 1 else f"({size}, k)"
+            raise ValueError(f"{name}: {argname} has shape {tuple(v.shape)}; expected {expected}.")
+        if v.dtype != self.dtype or v.device != self.device:
+            raise ValueError(
+                f"{name}: {argname} is {v.dtype} on {v.device}; expected {self.dtype} on "
+                f"{self.device}, as the operator."
+            )
+
+    def _apply(self, V: Tensor) -> Tensor:
+        k = V.shape[1]
+        if k == 0:
+            return V.new_zeros(V.shape)
+        products = self._source.products(unflatten(V.T, self.params))
+        self.num_matvecs += k
+        return flatten(products, batched=True).T
+
+
+class _ClosureProducts:
+    """Products of a closure's Hessian, reusing one gradient graph until released."""
+
+    def __init__(self, objective: Any) -> None:
+        self.objective = objective
+        self.graph: GradientGraph | None = None
+        self.planner: ChunkPlanner | None = None
+
+    def products(self, cotangents: list[Tensor]) -> list[Tensor]:
+        params = self.objective.params
+        if self.graph is None:
+            self.graph = self.objective.gradient()
+            self.planner = ChunkPlanner(self.graph.memory_cap(params), params[0].device)
+        return self.graph.products(cotangents, params, planner=self.planner)
+
+    def release(self) -> None:
+        self.graph = None
+
+
+class _DataSetProducts:
+    """Products of the mean-loss Hessian over a data set, streamed batch by batch."""
+
+    def __init__(
+        self,
+        fname: str,
+        model: nn.Module,
+        loss_fn: Any,
+        batches: Iterable[Any],
+        params: list[Tensor],
+        names: list[str],
+        seed: int,
+        distributed: bool | None,
+        progress: bool,
+    ) -> None:
+        self.fname = fname
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = batches
+        self.params = params
+        self.names = names
+        self.seed = seed
+        self.distributed = distributed
+        self.progress = progress
+        self.num_samples: int | None = None
+        self.planner: ChunkPlanner | None = None
+        self.cached: tuple[GradientGraph, int] | None = None  # graph and size of a lone batch
+
+    def products(self, cotangents: list[Tensor]) -> list[Tensor]:
+        total = [torch.zeros_like(u) for u in cotangents]
+        count = 0
+
+        def accumulate(graph: GradientGraph, size: int) -> None:
+            nonlocal count
+            if self.planner is None:
+                self.planner = ChunkPlanner(graph.memory_cap(self.params), self.params[0].device)
+            products = graph.products(cotangents, self.params, planner=self.planner)
+            for acc, product in zip(total, products):
+                acc.add_(product, alpha=size)
+            count += size
+
+        if self.cached is not None:
+            accumulate(*self.cached)
+        else:
+            lone = isinstance(self.batches, Sequence) and len(self.batches) == 1
+            with preserved_state(self.model):
+                for index, batch in enumerate(self._iterate()):
+                    graph, size = self._gradient(index, batch)
+                    accumulate(graph, size)
+                    if lone:
+                        self.cached = (graph, size)
+                    else:
+                        graph.release()  # before the next batch's forward pass
+        if self._distributed():
+            packed = flatten(total, batched=True).reshape(-1)
+            packed = torch.cat([packed, packed.new_tensor([count])])
+            torch.distributed.all_reduce(packed)
+            count = round(packed[-1].item())
+            total = unflatten(packed[:-1].reshape(len(total[0]), -1), self.params)
+        if count == 0:
+            raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
+        self.num_samples = count
+        return [acc / count for acc in total]
+
+    def release(self) -> None:
+        self.cached = None
+
+    def _distributed(self) -> bool:
+        if self.distributed is not None:
+            return self.distributed
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _gradient(self, index: int, batch: Any) -> tuple[GradientGraph, int]:
+        """The gradient graph of one batch, under the batch's RNG seed, and its size."""
+        inputs, targets = _to_device(_check_batch(self.fname, index, batch), self.params[0].device)
+        graph = GradientGraph(
+            batch_loss(self.model, self.loss_fn, inputs, targets),
+            self.params,
+            fname=self.fname,
+            names=self.names,
+            seed=self.seed + index,
+        )
+        return graph, _batch_size(self.fname, index, inputs)
+
+    def _iterate(self) -> Iterable[Any]:
+        if not self.progress:
+            return self.batches
+        from tqdm.auto import tqdm
+
+        total = len(self.batches) if isinstance(self.batches, Sequence) else None
+        return tqdm(self.batches, total=total, desc="Hessian product", unit="batch", leave=False)
+
+
+def _check_data(fname: str, data: object) -> Iterable[Any]:
+    """Turn ``data`` into a re-iterable collection of batches and check what is cheap to check."""
+    if _is_batch(data):
+        batches: Iterable[Any] = [data]
+    elif isinstance(data, Iterable) and not isinstance(data, (Tensor, Mapping, str)):
+        if iter(data) is data:  # type: ignore[comparison-overlap]
+            raise TypeError(
+                f"{fname}: data must be re-iterable (each product passes over it); got a "
+                f"{type(data).__name__} that can be iterated only once. Pass a list of batches "
+                "or a DataLoader."
+            )
+        batches = data
+    else:
+        raise TypeError(
+            f"{fname}: data must be an (inputs, targets) batch or an iterable of such batches; "
+            f"got {type(data).__name__}."
+        )
+    to_check = batches if isinstance(batches, Sequence) else _first(batches)
+    if not to_check:
+        raise ValueError(f"{fname}: data is empty; expected at least one (inputs, targets) batch.")
+    for index, batch in enumerate(to_check):
+        inputs, _ = _check_batch(fname, index, batch)
+        _batch_size(fname, index, inputs)
+    return batches
+
+
+def _first(batches: Iterable[Any]) -> list[Any]:
+    for batch in batches:
+        return [batch]
+    return []
+
+
+def _is_batch(data: object) -> bool:
+    """A single batch is a pair ``(inputs, targets)`` whose targets are a tensor."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
+
+
+def _check_batch(fname: str, index: int, batch: object) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = f"a {type(batch).__name__}"
+        if isinstance(batch, (tuple, list)):
+            got += f" of length {len(batch)}"
+        raise TypeError(
+            f"{fname}: data batch {index} must be a pair (inputs, targets); got {got}. "
+            "Wrap several model inputs in a tuple, ((x1, x2), targets); a single batch is a "
+            "pair whose targets are a tensor."
+        )
+    check_inputs(fname, f"the inputs of data batch {index}", batch[0])
+    return batch[0], batch[1]
+
+
+def _batch_size(fname: str, index: int, inputs: object) -> int:
+    """The leading dimension of the first input tensor."""
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    tensors = (
+        [inputs] if isinstance(inputs, Tensor) else [t for t in values if isinstance(t, Tensor)]
+    )  # type: ignore[union-attr]
+    if not tensors or tensors[0].dim() == 0:
+        raise ValueError(
+            f"{fname}: the inputs of data batch {index} hold no tensor with a batch dimension; "
+            "expected the first input tensor's leading dimension to count the samples."
+        )
+    return tensors[0].shape[0]
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Move the tensors of a (nested) batch to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {key: _to_device(value, device) for key, value in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(_to_device(value, device) for value in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(value, device) for value in obj)
+    return obj
+
+
+def _require_tqdm(fname: str) -> None:
+    try:
+        import tqdm  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"{fname}: progress=True needs tqdm; install it with "
+            "pip install 'torch-secorder[progress]'."
+        ) from err
