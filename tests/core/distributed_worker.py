@@ -1,0 +1,54 @@
+"""One process of the two-process test of HessianOperator over torch.distributed (gloo).
+
+Usage: python distributed_worker.py RANK WORLD_SIZE PORT SHARDS OUT, where SHARDS is a
+JSON list with one list of batch sizes per rank. Writes the rank's products to OUT.
+"""
+
+import json
+import sys
+
+import torch
+from torch import nn
+
+from torch_secorder import HessianOperator
+
+
+def model_and_shards(shards):
+    """The same model on every rank, and the batches of every rank's shard."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        [
+            (
+                torch.randn(n, 3, generator=g, dtype=torch.float64),
+                torch.randn(n, 2, generator=g, dtype=torch.float64),
+            )
+            for n in sizes
+        ]
+        for sizes in shards
+    ]
+    return model, batches
+
+
+def probe_columns(size):
+    return torch.randn(size, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def main(rank, world_size, port, shards, out):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        model, batches = model_and_shards(shards)
+        H = HessianOperator.from_model(model, nn.MSELoss(), batches[rank])
+        V = probe_columns(H.shape[0])
+        torch.save(
+            {"product": H @ V, "num_samples": H.num_samples, "num_matvecs": H.num_matvecs}, out
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5])

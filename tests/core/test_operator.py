@@ -1,0 +1,451 @@
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.testing import assert_close
+
+from torch_secorder import HessianOperator, hessian_matrix
+from torch_secorder.core.params import select_params, unflatten
+
+DTYPE = torch.float64
+
+
+def make_mlp(seed=0, dropout=0.0, batchnorm=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(3, 5), nn.Tanh()]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(5))
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(5, 2))
+    return nn.Sequential(*layers).to(DTYPE)
+
+
+def make_batches(sizes, seed=1, classes=None):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for n in sizes:
+        x = torch.randn(n, 3, generator=g, dtype=DTYPE)
+        if classes:
+            y = torch.randint(0, classes, (n,), generator=g)
+        else:
+            y = torch.randn(n, 2, generator=g, dtype=DTYPE)
+        batches.append((x, y))
+    return batches
+
+
+def dense_batch_hessian(model, loss_fn, inputs, targets, names):
+    """Hessian of loss_fn(model(inputs), targets) w.r.t. the named parameters, via torch.func."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    shapes = [params[n] for n in names]
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def loss(vector, buffers):
+        full = dict(params)
+        full.update(zip(names, unflatten(vector, shapes)))
+        return loss_fn(functional_call(model, (full, buffers), args), targets)
+
+    # buffers are an explicit argument: BatchNorm in train mode updates them in place
+    return torch.func.hessian(loss)(flat, buffers)
+
+
+def dense_data_hessian(model, loss_fn, batches, names=None):
+    """Sum_b n_b H_b / N: the mean-loss Hessian over the batches."""
+    names = names or [n for n, p in model.named_parameters() if p.requires_grad]
+    sizes = [(x[0] if isinstance(x, tuple) else x).shape[0] for x, _ in batches]
+    total = sum(
+        n * dense_batch_hessian(model, loss_fn, x, y, names) for n, (x, y) in zip(sizes, batches)
+    )
+    return total / sum(sizes)
+
+
+def columns(P, k, seed=3):
+    return torch.randn(P, k, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+class CountingClosure:
+    def __init__(self, func):
+        self.func = func
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.func()
+
+
+@pytest.fixture
+def mlp_problem():
+    model = make_mlp()
+    ((x, y),) = make_batches([7])
+    params = list(model.parameters())
+    func = CountingClosure(lambda: nn.functional.mse_loss(model(x), y))
+    dense = dense_batch_hessian(
+        model, nn.functional.mse_loss, x, y, [n for n, _ in model.named_parameters()]
+    )
+    return func, params, dense
+
+
+def test_closure_products_match_dense(mlp_problem):
+    func, params, dense = mlp_problem
+    H = HessianOperator(func, params)
+    P = dense.shape[0]
+    assert H.shape == (P, P)
+    assert H.dtype == DTYPE
+    assert H.device == params[0].device
+    V = columns(P, 4)
+    assert_close(H.matmat(V), dense @ V)
+    assert_close(H.matvec(V[:, 0]), dense @ V[:, 0])
+    assert_close(H @ V, dense @ V)
+    assert_close(H @ V[:, 1], dense @ V[:, 1])
+
+
+def test_closure_graph_built_once_and_rebuilt_after_release(mlp_problem):
+    func, params, dense = mlp_problem
+    V = columns(dense.shape[0], 3)
+    H = HessianOperator(func, params)
+    assert func.calls == 0  # nothing runs before the first product
+    for _ in range(3):
+        H.matmat(V)
+    H.matvec(V[:, 0])
+    assert func.calls == 1
+    H.release()
+    assert_close(H @ V, dense @ V)
+    assert func.calls == 2
+    with H:
+        H @ V
+    assert H._source.graph is None
+
+
+def test_counts_every_product(mlp_problem):
+    func, params, dense = mlp_problem
+    H = HessianOperator(func, params)
+    V = columns(dense.shape[0], 5)
+    H.matmat(V)
+    H.matvec(V[:, 0])
+    H @ V[:, :2]
+    assert H.num_matvecs == 8
+    empty = H.matmat(V[:, :0])
+    assert empty.shape == (dense.shape[0], 0)
+    assert H.num_matvecs == 8
+
+
+def test_from_model_is_mean_loss_hessian_over_batches():
+    model = make_mlp()
+    batches = make_batches([4, 7, 1, 5])
+    H = HessianOperator.from_model(model, nn.MSELoss(), batches)
+    dense = dense_data_hessian(model, nn.functional.mse_loss, batches)
+    V = columns(dense.shape[0], 3)
+    assert_close(H @ V, dense @ V)
+    assert H.num_samples == 17
+    # mean-loss convention: the Hessian of the mean loss over the concatenated data
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    whole = hessian_matrix(lambda: nn.functional.mse_loss(model(x), y), model.parameters())
+    assert_close(H @ V, whole @ V)
+    # with a loss averaging over samples, N * H is the Hessian of the summed loss
+    per_sample = HessianOperator.from_model(model, squared_error, batches)
+    product = per_sample @ V
+    summed = hessian_matrix(lambda: (model(x) - y).pow(2).sum(), model.parameters())
+    assert_close(per_sample.num_samples * product, summed @ V)
+
+
+def squared_error(out, target):
+    return (out - target).pow(2).sum(dim=1).mean()
+
+
+def test_from_model_cross_entropy_and_param_selection():
+    model = make_mlp()
+    batches = make_batches([6, 3], classes=2)
+    H = HessianOperator.from_model(model, nn.CrossEntropyLoss(), batches, params="*.weight")
+    assert H.names == ["0.weight", "2.weight"]
+    dense = dense_data_hessian(model, nn.functional.cross_entropy, batches, names=H.names)
+    V = columns(dense.shape[0], 2)
+    assert_close(H @ V, dense @ V)
+
+
+def test_from_model_single_batch_and_dataloader_agree():
+    model = make_mlp()
+    ((x, y),) = make_batches([12])
+    single = HessianOperator.from_model(model, nn.MSELoss(), (x, y))
+    dataset = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5)  # batches of 5, 5, 2
+    streamed = HessianOperator.from_model(model, nn.MSELoss(), loader)
+    V = columns(single.shape[0], 3)
+    assert_close(single @ V, streamed @ V)
+    assert streamed.num_samples == 12
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x1, x2):
+        return torch.tanh(self.a(x1)) * self.b(x2)
+
+
+def test_multi_input_tuple_and_dict_batches():
+    torch.manual_seed(0)
+    model = TwoInputs().to(DTYPE)
+    g = torch.Generator().manual_seed(2)
+    x1, x2 = (
+        torch.randn(6, 3, generator=g, dtype=DTYPE),
+        torch.randn(6, 4, generator=g, dtype=DTYPE),
+    )
+    y = torch.randn(6, 2, generator=g, dtype=DTYPE)
+    H = HessianOperator.from_model(
+        model, nn.MSELoss(), [((x1[:4], x2[:4]), y[:4]), ((x1[4:], x2[4:]), y[4:])]
+    )
+    H_dict = HessianOperator.from_model(model, nn.MSELoss(), ({"x1": x1, "x2": x2}, y))
+    names = [n for n, _ in model.named_parameters()]
+    dense = dense_batch_hessian(model, nn.functional.mse_loss, (x1, x2), y, names)
+    V = columns(dense.shape[0], 2)
+    assert_close(H @ V, dense @ V)
+    assert_close(H_dict @ V, dense @ V)
+
+
+def test_each_batch_runs_once_per_matmat():
+    model = make_mlp()
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    batches = make_batches([3, 4, 5])
+    H = HessianOperator.from_model(model, nn.MSELoss(), batches)
+    H.matmat(columns(H.shape[0], 6))
+    assert calls == [3, 4, 5]
+    H.matvec(columns(H.shape[0], 1)[:, 0])
+    assert calls == [3, 4, 5, 3, 4, 5]
+
+
+def test_single_batch_graph_is_reused_until_release():
+    model = make_mlp()
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(1))
+    H = HessianOperator.from_model(model, nn.MSELoss(), make_batches([5])[0])
+    V = columns(H.shape[0], 2)
+    first = H @ V
+    assert_close(H @ V, first)
+    assert len(calls) == 1
+    H.release()
+    assert_close(H @ V, first)
+    assert len(calls) == 2
+
+
+def test_dropout_operator_is_one_fixed_symmetric_matrix():
+    model = make_mlp(dropout=0.5).train()
+    batches = make_batches([8, 8])
+    state = torch.get_rng_state()
+    H = HessianOperator.from_model(model, nn.MSELoss(), batches)
+    P = H.shape[0]
+    dense = H @ torch.eye(P, dtype=DTYPE)
+    assert_close(dense, dense.T)
+    V = columns(P, 3)
+    assert_close(H @ V, dense @ V)
+    assert_close(H @ V[:, 0], dense @ V[:, 0])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.training
+    # another seed draws other masks
+    other = HessianOperator.from_model(model, nn.MSELoss(), batches, seed=1)
+    assert not torch.allclose(other @ V, dense @ V)
+
+
+def test_batchnorm_buffers_and_mode_restored():
+    model = make_mlp(batchnorm=True).train()
+    bn = model[2]
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    batches = make_batches([6, 5])
+    H = HessianOperator.from_model(model, nn.MSELoss(), batches)
+    result = H @ columns(H.shape[0], 2)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+    assert bn.training
+    # torch.func's Hessian through train-mode BatchNorm is wrong (asymmetric; autograd agrees
+    # with finite differences), so the per-batch reference is the library's exact matrix
+    dense = (
+        sum(
+            x.shape[0]
+            * hessian_matrix(
+                lambda x=x, y=y: nn.functional.mse_loss(model(x), y), model.parameters()
+            )
+            for x, y in batches
+        )
+        / 11
+    )
+    assert_close(result, dense @ columns(H.shape[0], 2))
+
+
+def test_no_side_effects_and_no_grad():
+    model = make_mlp()
+    values = [p.detach().clone() for p in model.parameters()]
+    batches = make_batches([4, 4])
+    H = HessianOperator.from_model(model, nn.MSELoss(), batches)
+    with torch.no_grad():
+        result = H @ columns(H.shape[0], 2)
+    assert not result.requires_grad
+    for p, value in zip(model.parameters(), values):
+        assert p.grad is None
+        assert torch.equal(p, value)
+
+
+def test_frozen_parameter_selected_by_name_stays_frozen():
+    model = make_mlp()
+    model[0].weight.requires_grad_(False)
+    batches = make_batches([5])
+    H = HessianOperator.from_model(model, nn.MSELoss(), batches, params=["0.weight"])
+    dense = dense_data_hessian(model, nn.functional.mse_loss, batches, names=["0.weight"])
+    V = columns(H.shape[0], 2)
+    assert_close(H @ V, dense @ V)
+    assert not model[0].weight.requires_grad
+    default = HessianOperator.from_model(model, nn.MSELoss(), batches)
+    assert default.names == ["0.bias", "2.weight", "2.bias"]
+
+
+def test_float32_keeps_dtype():
+    model = make_mlp().float()
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    H = HessianOperator.from_model(model, nn.MSELoss(), (x, y))
+    assert H.dtype == torch.float32
+    out = H @ torch.randn(H.shape[0], 2)
+    assert out.dtype == torch.float32
+
+
+def test_batches_moved_to_parameter_device():
+    model = make_mlp().float()
+    x, y = torch.randn(4, 3, device="meta"), torch.randn(4, 2, device="meta")
+    moved = HessianOperator.from_model(model, nn.MSELoss(), [(x, y)])
+    assert moved.device == torch.device("cpu")
+    with pytest.raises(NotImplementedError):  # meta tensors carry no data to copy
+        moved @ torch.randn(moved.shape[0], 1)
+
+
+def test_progress_bar(capsys):
+    model = make_mlp()
+    H = HessianOperator.from_model(model, nn.MSELoss(), make_batches([3, 3]), progress=True)
+    H @ columns(H.shape[0], 1)
+    assert "batch" in capsys.readouterr().err
+
+
+def test_to_scipy_eigenvalues_match_dense(mlp_problem):
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    func, params, dense = mlp_problem
+    H = HessianOperator(func, params)
+    linear_operator = H.to_scipy()
+    assert linear_operator.shape == H.shape
+    top = scipy_linalg.eigsh(linear_operator, k=3, which="LA", return_eigenvectors=False)
+    expected = torch.linalg.eigvalsh(dense)[-3:]
+    assert_close(torch.as_tensor(sorted(top), dtype=DTYPE), expected)
+    v = columns(H.shape[0], 1).numpy()
+    assert_close(torch.as_tensor(linear_operator @ v), dense @ torch.as_tensor(v))
+
+
+def test_to_scipy_without_scipy(monkeypatch, mlp_problem):
+    import sys
+
+    func, params, _ = mlp_problem
+    monkeypatch.setitem(sys.modules, "scipy.sparse.linalg", None)
+    with pytest.raises(ImportError, match=r"to_scipy needs SciPy.*torch-secorder\[scipy\]"):
+        HessianOperator(func, params).to_scipy()
+
+
+class RecordingLoss:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, out, target):
+        self.calls += 1
+        return nn.functional.mse_loss(out, target)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        ([], ValueError, r"from_model: data is empty; expected at least one"),
+        ((b for b in make_batches([2])), TypeError, r"data must be re-iterable"),
+        (iter(make_batches([2])), TypeError, r"data must be re-iterable"),
+        (42, TypeError, r"data must be an \(inputs, targets\) batch or an iterable"),
+        (torch.ones(3), TypeError, r"data must be an \(inputs, targets\) batch"),
+        (
+            [torch.ones(2, 3)],
+            TypeError,
+            r"data batch 0 must be a pair \(inputs, targets\); got a Tensor",
+        ),
+        (
+            [(torch.ones(2, 3),)],
+            TypeError,
+            r"data batch 0 must be a pair .* got a tuple of length 1",
+        ),
+        ([("x", torch.ones(2))], TypeError, r"the inputs of data batch 0 must be a Tensor"),
+        ([((), torch.ones(2))], ValueError, r"data batch 0 hold no tensor with a batch dimension"),
+    ],
+)
+def test_from_model_bad_data(data, error, match):
+    loss = RecordingLoss()
+    with pytest.raises(error, match=match):
+        HessianOperator.from_model(make_mlp(), loss, data)
+    assert loss.calls == 0
+
+
+def test_from_model_bad_arguments():
+    model = make_mlp()
+    batches = make_batches([2])
+    with pytest.raises(TypeError, match=r"from_model: model must be a torch.nn.Module; got str"):
+        HessianOperator.from_model("model", nn.MSELoss(), batches)
+    with pytest.raises(TypeError, match=r"from_model: loss_fn must be callable; got int"):
+        HessianOperator.from_model(model, 3, batches)
+    with pytest.raises(ValueError, match=r"from_model: params entry 'nope' matches no parameter"):
+        HessianOperator.from_model(model, nn.MSELoss(), batches, params="nope")
+    with pytest.raises(TypeError, match=r"from_model: seed must be an int; got float"):
+        HessianOperator.from_model(model, nn.MSELoss(), batches, seed=0.5)
+    with pytest.raises(TypeError, match=r"from_model: progress must be a bool; got str"):
+        HessianOperator.from_model(model, nn.MSELoss(), batches, progress="yes")
+
+
+def test_non_scalar_loss_raises_at_first_batch():
+    model = make_mlp()
+    loss = RecordingLoss()
+    H = HessianOperator.from_model(model, lambda out, y: (out - y) ** 2, make_batches([2, 3]))
+    with pytest.raises(
+        ValueError,
+        match=r"from_model: func must return a scalar loss; got a tensor of shape \(2, 2\)",
+    ):
+        H @ columns(H.shape[0], 1)
+    assert loss.calls == 0
+
+
+def test_closure_bad_arguments(mlp_problem):
+    func, params, _ = mlp_problem
+    with pytest.raises(TypeError, match=r"HessianOperator: func must be callable; got int"):
+        HessianOperator(1, params)
+    with pytest.raises(ValueError, match=r"HessianOperator: params is empty"):
+        HessianOperator(func, [])
+    mixed = [params[0], params[1].float()]
+    with pytest.raises(
+        ValueError, match=r"needs params of one dtype and device.*params\[1\] is torch.float32"
+    ):
+        HessianOperator(func, mixed)
+    H = HessianOperator(func, params)
+    P = H.shape[0]
+    with pytest.raises(
+        ValueError, match=rf"HessianOperator.matvec: v has shape \({P}, 1\); expected \({P},\)"
+    ):
+        H.matvec(torch.zeros(P, 1, dtype=DTYPE))
+    with pytest.raises(
+        ValueError, match=rf"HessianOperator.matmat: V has shape \({P},\); expected \({P}, k\)"
+    ):
+        H.matmat(torch.zeros(P, dtype=DTYPE))
+    with pytest.raises(
+        ValueError, match=r"matmat: V is torch.float32 on cpu; expected torch.float64 on cpu"
+    ):
+        H.matmat(torch.zeros(P, 2))
+    with pytest.raises(TypeError, match=r"HessianOperator.matmat: V must be a Tensor; got list"):
+        H @ [1.0]
+    assert func.calls == 0
+
+
+def test_names_follow_model_order():
+    model = make_mlp()
+    H = HessianOperator.from_model(model, nn.MSELoss(), make_batches([2]), params=["2.*", "0.bias"])
+    assert H.names == list(select_params(model, ["2.*", "0.bias"]))
+    assert H.names == ["0.bias", "2.weight", "2.bias"]
