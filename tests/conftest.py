@@ -1,0 +1,29 @@
+"""Shared fixtures: the model zoo as a parametrized ``case`` fixture, and test hygiene.
+
+Every test runs with the global RNG seeded to 0 and restored afterwards, and with the default
+dtype restored afterwards, so no test can leak either into another.
+"""
+
+import pytest
+import torch
+
+from tests.cases import CASES, Built, build
+
+
+@pytest.fixture(autouse=True)
+def _isolate_global_state():
+    """Seed the global RNG for the test; restore it and the default dtype after."""
+    rng = torch.get_rng_state()
+    dtype = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rng)
+        torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(params=CASES, ids=[case.id for case in CASES])
+def case(request: pytest.FixtureRequest) -> Built:
+    """Each zoo case, built with its seed in float64."""
+    return build(request.param)

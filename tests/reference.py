@@ -1,0 +1,246 @@
+"""Dense ground truth for the test suite, computed with ``torch.func`` instead of the library.
+
+:func:`hessian` differentiates a pure function of some tensors twice with
+``jacrev(jacrev(...))``; :func:`case_hessian` does the same for a zoo case through
+``torch.func.functional_call``, passing the differentiated parameters, the other parameters
+(as constants) *and copies of the buffers* explicitly, so BatchNorm in train mode updates the
+copies and never the model. Everything runs with the global RNG forked (a dropout model sees
+the masks the library sees when called from the same RNG state, and the state is not
+advanced) and with attention on the math kernel.
+
+Normalization layers: on torch 2.13 (as on 2.14), ``torch.func`` returns wrong, asymmetric
+Hessians through ``F.layer_norm`` and ``F.batch_norm`` (train mode) when both the input and the
+weight depend on the variables, while plain autograd agrees with finite differences. The
+reference therefore swaps both for compositions of elementary operations (:func:`layer_norm`,
+:func:`batch_norm`) while it differentiates. ``tests/test_reference.py`` checks those against
+the originals and the whole oracle against closed forms and finite differences.
+
+The slicing helpers (:func:`diagonal`, :func:`blocks`, :func:`block`) cut the dense matrix
+into the library's result structures, with their own flat-order arithmetic.
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tests.cases import Built
+
+__all__ = [
+    "batch_norm",
+    "block",
+    "blocks",
+    "case_hessian",
+    "case_loss",
+    "diagonal",
+    "finite_difference_hessian",
+    "flat",
+    "hessian",
+    "layer_norm",
+    "oracle_context",
+    "unflat",
+]
+
+
+# ----------------------------------------------------------------------------- flat order
+
+
+def flat(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors, each flattened row-major, into one vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflat(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat vector (or the last dimension of a stack) into tensors shaped like ``like``."""
+    out, offset = [], 0
+    for t in like:
+        out.append(vector[..., offset : offset + t.numel()].reshape(*vector.shape[:-1], *t.shape))
+        offset += t.numel()
+    return out
+
+
+def _ranges(params: Sequence[Tensor]) -> list[range]:
+    out, offset = [], 0
+    for p in params:
+        out.append(range(offset, offset + p.numel()))
+        offset += p.numel()
+    return out
+
+
+def diagonal(H: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """The diagonal of ``H`` as tensors like ``params``."""
+    return unflat(torch.diagonal(H), params)
+
+
+def blocks(H: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """The diagonal blocks :math:`H_{ii}`, one ``(n_i, n_i)`` matrix per parameter."""
+    return [H[r.start : r.stop, r.start : r.stop] for r in _ranges(params)]
+
+
+def block(H: Tensor, params: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int]) -> Tensor:
+    """The block of ``H`` between the parameters with indices ``rows`` and ``cols`` (in order)."""
+    ranges = _ranges(params)
+    row_index = [i for j in rows for i in ranges[j]]
+    col_index = [i for j in cols for i in ranges[j]]
+    return H[row_index][:, col_index]
+
+
+# ----------------------------------------------------------------------------- normalization
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.layer_norm`` from elementary operations."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dims, keepdim=True)
+    var = ((input - mean) ** 2).mean(dims, keepdim=True)
+    out = (input - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.batch_norm`` from elementary operations (running statistics are not updated)."""
+    dims = [0, *range(2, input.dim())]
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if training or running_mean is None or running_var is None:
+        mean = input.mean(dims)
+        var = ((input - mean.view(shape)) ** 2).mean(dims)
+    else:
+        mean, var = running_mean, running_var
+    out = (input - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
+
+
+@contextlib.contextmanager
+def oracle_context() -> Iterator[None]:
+    """Forked RNG, math attention, and the elementary normalization layers."""
+    with (
+        torch.random.fork_rng(),
+        sdpa_kernel([SDPBackend.MATH]),
+        mock.patch.object(F, "layer_norm", layer_norm),
+        mock.patch.object(F, "batch_norm", batch_norm),
+    ):
+        yield
+
+
+# ----------------------------------------------------------------------------- Hessians
+
+
+def hessian(fn: Callable[..., Tensor], tensors: Sequence[Tensor]) -> Tensor:
+    """The dense Hessian of the scalar ``fn(*tensors)`` with respect to all ``tensors``.
+
+    Rows and columns in flat order (the tensors in order, each flattened row-major).
+    """
+    tensors = [t.detach() for t in tensors]
+
+    def flat_fn(theta: Tensor) -> Tensor:
+        return fn(*unflat(theta, tensors)).reshape(())
+
+    with oracle_context():
+        return jacrev(jacrev(flat_fn))(flat(tensors))
+
+
+def case_loss(built: Built, names: Sequence[str] | None = None) -> Callable[..., Tensor]:
+    """The case's loss as a pure function of the parameters named ``names``.
+
+    The other parameters enter as constants, the buffers as fresh copies on every call.
+    Defaults to the case's trainable parameters.
+    """
+    names = list(built.names if names is None else names)
+    model = built.model
+    constants = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    args = built.inputs if isinstance(built.inputs, tuple) else (built.inputs,)
+
+    def fn(*tensors: Tensor) -> Tensor:
+        params = {**constants, **dict(zip(names, tensors))}
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        return built.loss_fn(functional_call(model, (params, buffers), args), built.targets)
+
+    return fn
+
+
+_CACHE: dict[tuple[str, tuple[str, ...], torch.dtype], Tensor] = {}
+
+
+def case_hessian(built: Built, names: Sequence[str] | None = None) -> Tensor:
+    """The dense Hessian of a case's loss w.r.t. the parameters ``names`` (default: trainable).
+
+    Cached per case, selection and dtype (cases are deterministic); returns a fresh copy.
+    """
+    names = tuple(built.names if names is None else names)
+    key = (built.case.id, names, built.params[0].dtype)
+    if key not in _CACHE:
+        _CACHE[key] = hessian(case_loss(built, names), built.select(names))
+    return _CACHE[key].clone()
+
+
+def finite_difference_hessian(
+    fn: Callable[..., Tensor],
+    tensors: Sequence[Tensor],
+    rows: Sequence[int] | None = None,
+    eps: float = 1e-3,
+) -> Tensor:
+    r"""Rows of the Hessian from central differences of first-order autograd gradients.
+
+    Row :math:`r` is :math:`(g(\theta + h e_r) - g(\theta - h e_r)) / 2h`, Richardson-
+    extrapolated from the steps :math:`h` and :math:`h/2` (truncation error :math:`O(h^4)`),
+    independent of ``torch.func`` and of double backward. Every evaluation runs with the global
+    RNG forked and reset to the state at the call, so a dropout model keeps its masks.
+
+    Args:
+        fn: Pure function of ``tensors`` returning a scalar.
+        tensors: The point.
+        rows: Flat indices of the rows to compute (default: all).
+        eps: The step :math:`h`.
+
+    Returns:
+        A ``(len(rows), P)`` tensor.
+    """
+    tensors = [t.detach() for t in tensors]
+    theta = flat(tensors)
+    rows = range(theta.numel()) if rows is None else rows
+    state = torch.get_rng_state()
+
+    def grad(point: Tensor) -> Tensor:
+        point = point.clone().requires_grad_(True)
+        with torch.random.fork_rng(), sdpa_kernel([SDPBackend.MATH]):
+            torch.set_rng_state(state)
+            (g,) = torch.autograd.grad(fn(*unflat(point, tensors)), point)
+        return g
+
+    def central(step: float) -> Tensor:
+        out = []
+        for r in rows:
+            e = torch.zeros_like(theta)
+            e[r] = step
+            out.append((grad(theta + e) - grad(theta - e)) / (2 * step))
+        return torch.stack(out)
+
+    return (4 * central(eps / 2) - central(eps)) / 3
