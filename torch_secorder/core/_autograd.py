@@ -117,20 +117,19 @@ class GradientGraph:
     ) -> None:
         self.params = params
         self.differentiable = [*params, *(t for t in extra if all(t is not p for p in params))]
-        self.saved_bytes = 0
         self.batching = True
-        storages: set[int] = set()
+        storages: dict[int, int] = {}
 
         def pack(t: Tensor) -> Tensor:
-            key = t.untyped_storage().data_ptr()
-            if key not in storages:
-                storages.add(key)
-                self.saved_bytes += t.untyped_storage().nbytes()
-            return t
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            # detached: a saved output packed with its grad_fn would form a reference cycle
+            # through the graph that is never freed (autograd re-attaches it on unpacking)
+            return t.detach()
 
         with forward_context(self.differentiable, seed):
             with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
                 loss = scalar_loss(fname, func())
+            self.saved_bytes = sum(storages.values())
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             else:
