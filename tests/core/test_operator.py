@@ -449,3 +449,24 @@ def test_names_follow_model_order():
     H = HessianOperator.from_model(model, nn.MSELoss(), make_batches([2]), params=["2.*", "0.bias"])
     assert H.names == list(select_params(model, ["2.*", "0.bias"]))
     assert H.names == ["0.bias", "2.weight", "2.bias"]
+
+
+def test_streamed_graphs_are_freed(monkeypatch):
+    import weakref
+
+    from torch_secorder.core._autograd import GradientGraph
+
+    created = []
+    init = GradientGraph.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        created.append(weakref.ref(self))
+
+    monkeypatch.setattr(GradientGraph, "__init__", recording_init)
+    model = make_mlp()
+    H = HessianOperator.from_model(model, nn.MSELoss(), make_batches([3, 4, 5]))
+    H @ columns(H.shape[0], 2)
+    H @ columns(H.shape[0], 1)
+    assert len(created) == 6
+    assert all(ref() is None for ref in created)  # freed by reference counting, no cycle
