@@ -7,11 +7,13 @@ parameters in order, each flattened row-major (the order of
 """
 
 import fnmatch
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from torch_secorder._checks import as_params
 from torch_secorder._types import ParamSelection
 
 __all__ = ["flatten", "select_params", "unflatten"]
@@ -59,11 +61,17 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
             )
         return selected
     patterns = [params] if isinstance(params, str) else params
-    if not isinstance(patterns, Sequence) or not all(isinstance(s, str) for s in patterns):
+    if not isinstance(patterns, Sequence):
         raise TypeError(
             "select_params: params must be None, a name or glob pattern, or a list of them; "
             f"got {type(params).__name__}."
         )
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"select_params: params[{i}] must be a name or glob pattern (str); "
+                f"got {type(pattern).__name__}."
+            )
     if not patterns:
         raise ValueError("select_params: params is an empty list; expected names or patterns.")
     chosen: set[str] = set()
@@ -90,14 +98,36 @@ def flatten(tensors: Sequence[Tensor], *, batched: bool = False) -> Tensor:
     Returns:
         The flat vector of shape ``(P,)``, or ``(k, P)`` when ``batched``.
 
+    Raises:
+        TypeError: If ``tensors`` is not a list or tuple of tensors.
+        ValueError: If ``tensors`` is empty or, with ``batched``, the leading dimensions differ.
+
     Example:
         >>> import torch
         >>> flatten([torch.ones(2, 2), torch.zeros(1)])
         tensor([1., 1., 1., 1., 0.])
     """
-    if batched:
-        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
-    return torch.cat([t.reshape(-1) for t in tensors])
+    fname = "flatten"
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(
+            f"{fname}: tensors must be a list or tuple of tensors; got {type(tensors).__name__}."
+        )
+    if not tensors:
+        raise ValueError(f"{fname}: tensors is empty; expected at least one tensor.")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fname}: tensors[{i}] must be a Tensor; got {type(t).__name__}.")
+    if not batched:
+        return torch.cat([t.reshape(-1) for t in tensors])
+    k = tensors[0].shape[0] if tensors[0].dim() else None
+    for i, t in enumerate(tensors):
+        if not t.dim() or t.shape[0] != k:
+            raise ValueError(
+                f"{fname}: tensors[{i}] has shape {tuple(t.shape)} but tensors[0] has shape "
+                f"{tuple(tensors[0].shape)}; with batched=True every tensor needs the same "
+                "leading dimension k."
+            )
+    return torch.cat([t.reshape(k, math.prod(t.shape[1:])) for t in tensors], dim=1)
 
 
 def unflatten(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
@@ -105,18 +135,32 @@ def unflatten(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
 
     Args:
         vector: A flat vector of shape ``(P,)``, or a stack of ``k`` of them, ``(k, P)``.
-        params: The parameters giving the shapes.
+        params: The parameters giving the shapes (any iterable of tensors).
 
     Returns:
         A list with one tensor per parameter: ``params[i].shape``, or ``(k, *params[i].shape)``
         for a stack.
+
+    Raises:
+        TypeError: If ``vector`` is not a tensor or ``params`` not an iterable of tensors.
+        ValueError: If the shape of ``vector`` does not fit ``params``.
 
     Example:
         >>> import torch
         >>> [t.shape for t in unflatten(torch.arange(5.0), [torch.ones(2, 2), torch.ones(1)])]
         [torch.Size([2, 2]), torch.Size([1])]
     """
+    fname = "unflatten"
+    if not isinstance(vector, Tensor):
+        raise TypeError(f"{fname}: vector must be a Tensor; got {type(vector).__name__}.")
+    params = as_params(fname, params)
     sizes = [p.numel() for p in params]
+    numel = sum(sizes)
+    if vector.dim() not in (1, 2) or vector.shape[-1] != numel:
+        raise ValueError(
+            f"{fname}: vector has shape {tuple(vector.shape)}; expected ({numel},) or "
+            f"(k, {numel}) for params with {numel} elements in total."
+        )
     lead = tuple(vector.shape[:-1])
     parts = vector.split(sizes, dim=-1)
-    return [part.reshape(*lead, *p.shape) for part, p in zip(parts, params)]
+    return [part.reshape((*lead, *p.shape)) for part, p in zip(parts, params)]
