@@ -1,6 +1,21 @@
 """torch_secorder: exact second-order quantities of PyTorch losses, and Hessian spectra."""
 
 from torch_secorder._version import __version__
+from torch_secorder.analysis import (
+    DensityResult,
+    DiagonalEstimate,
+    EigenResult,
+    TraceEstimate,
+    hessian_diagonal_estimate,
+    hessian_trace,
+    model_hessian_diagonal_estimate,
+    model_hessian_trace,
+    model_spectral_density,
+    model_top_eigenvalues,
+    plot_spectral_density,
+    spectral_density,
+    top_eigenvalues,
+)
 from torch_secorder.core import (
     HessianOperator,
     batched_hvp,
@@ -36,4 +51,19 @@ __all__ = [
     "select_params",
     "flatten",
     "unflatten",
+    # analysis: trace, eigenpairs, spectral density, diagonal estimates
+    "hessian_trace",
+    "model_hessian_trace",
+    "top_eigenvalues",
+    "model_top_eigenvalues",
+    "spectral_density",
+    "model_spectral_density",
+    "plot_spectral_density",
+    "hessian_diagonal_estimate",
+    "model_hessian_diagonal_estimate",
+    # analysis: result types
+    "TraceEstimate",
+    "EigenResult",
+    "DensityResult",
+    "DiagonalEstimate",
 ]

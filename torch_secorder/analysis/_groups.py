@@ -1,0 +1,179 @@
+"""Model forms: per-layer groups of parameters, all analysed together over one operator.
+
+A model form builds one :class:`~torch_secorder.core.operator.HessianOperator` over the
+parameters of all groups and runs one problem per group through :func:`._driver.run`: every
+step is one batched product over the data whose columns are each group's vectors, zero-padded
+outside the group's rows; each group sees its own diagonal block :math:`H_{gg}`.
+"""
+
+import fnmatch
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder.analysis._driver import Problem, Steps, run
+from torch_secorder.analysis.sampling import make_generator, spawn
+from torch_secorder.core._model import model_params
+from torch_secorder.core.operator import HessianOperator
+
+GROUP_KINDS = ("module", "parameter")
+
+
+def resolve_groups(
+    fname: str, model: nn.Module, names: list[str], tensors: list[Tensor], groups: object
+) -> dict[str, list[int]] | None:
+    """Map group names to indices into the selected parameters (model order).
+
+    Args:
+        fname: Public function name, for messages.
+        model: The model.
+        names: Names of the selected parameters, in model order.
+        tensors: The selected parameters.
+        groups: ``None``, ``"module"``, ``"parameter"`` or a dict name -> names/patterns.
+
+    Returns:
+        ``None`` for ``groups=None``, else the groups in order, each a sorted index list.
+
+    Raises:
+        TypeError: If ``groups`` is of the wrong kind.
+        ValueError: If ``groups`` is an unknown string, an empty dict, or a group or pattern
+            matches no selected parameter.
+    """
+    if groups is None:
+        return None
+    if isinstance(groups, str):
+        if groups not in GROUP_KINDS:
+            raise ValueError(
+                f"{fname}: groups must be None, 'module', 'parameter' or a dict of name -> "
+                f"parameter names or patterns; got {groups!r}."
+            )
+        if groups == "parameter":
+            return {name: [i] for i, name in enumerate(names)}
+        return _module_groups(model, tensors)
+    if not isinstance(groups, dict):
+        raise TypeError(
+            f"{fname}: groups must be None, 'module', 'parameter' or a dict of name -> "
+            f"parameter names or patterns; got {type(groups).__name__}."
+        )
+    if not groups:
+        raise ValueError(f"{fname}: groups is an empty dict; expected at least one group.")
+    resolved = {}
+    for key, patterns in groups.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{fname}: groups keys must be str; got {type(key).__name__}.")
+        entries = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(entries, (list, tuple)) or not all(isinstance(e, str) for e in entries):
+            raise TypeError(
+                f"{fname}: groups[{key!r}] must be a parameter name or pattern or a list of "
+                f"them; got {type(patterns).__name__}."
+            )
+        if not entries:
+            raise ValueError(f"{fname}: groups[{key!r}] is empty; expected names or patterns.")
+        chosen: set[int] = set()
+        for pattern in entries:
+            matches = {i for i, name in enumerate(names) if fnmatch.fnmatchcase(name, pattern)}
+            if not matches:
+                raise ValueError(
+                    f"{fname}: groups[{key!r}] entry {pattern!r} matches no selected parameter; "
+                    f"the selected parameters are: {_listing(names)}."
+                )
+            chosen |= matches
+        resolved[key] = sorted(chosen)
+    return resolved
+
+
+def _module_groups(model: nn.Module, tensors: list[Tensor]) -> dict[str, list[int]]:
+    """One group per module owning selected parameters directly, by qualified module name."""
+    position = {id(t): i for i, t in enumerate(tensors)}
+    seen: set[int] = set()
+    grouped: dict[str, list[int]] = {}
+    for qualname, module in model.named_modules():
+        own = []
+        for p in module.parameters(recurse=False):
+            if id(p) in position and id(p) not in seen:
+                seen.add(id(p))
+                own.append(position[id(p)])
+        if own:
+            grouped[qualname] = sorted(own)
+    return grouped
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+def rows_of(indices: list[int], sizes: list[int], device: torch.device) -> slice | Tensor:
+    """Flat rows of the parameters ``indices``: a slice when contiguous, else an index tensor."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return slice(offsets[indices[0]], offsets[indices[-1] + 1])
+    return torch.cat([torch.arange(offsets[i], offsets[i + 1], device=device) for i in indices])
+
+
+def run_model(
+    fname: str,
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    params: Any,
+    groups: object,
+    generator: torch.Generator | None,
+    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator], Steps],
+    finish: Callable[[Any, int, list[Tensor]], Any],
+) -> Any:
+    """Run one problem per group (or one for the whole selection) over the data's Hessian.
+
+    Args:
+        fname: Public function name, for messages.
+        model: The model.
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
+        data: One ``(inputs, targets)`` batch or an iterable of batches.
+        params: Parameter selection (``None``: all trainable).
+        groups: Group specification (see :func:`resolve_groups`).
+        generator: The caller's generator or ``None``; with groups, each group draws from its
+            own generator derived from it in group order.
+        make_steps: ``make_steps(n, dtype, device, generator)``, the algorithm for a block of
+            size ``n``.
+        finish: ``finish(raw_result, num_matvecs, group_params)``, the public result.
+
+    Returns:
+        The result, or a dict group name -> result when ``groups`` is given.
+    """
+    names, tensors = model_params(fname, model, params)
+    resolved = resolve_groups(fname, model, names, tensors, groups)
+    union = (
+        list(range(len(names)))
+        if resolved is None
+        else sorted({i for indices in resolved.values() for i in indices})
+    )
+    selection = params if resolved is None else [names[i] for i in union]
+    operator = HessianOperator.from_model(model, loss_fn, data, params=selection)
+    base = make_generator(generator)
+    with operator:
+        position = {id(p): i for i, p in enumerate(operator.params)}
+        sizes = [p.numel() for p in operator.params]
+        if resolved is None:
+            members = {None: list(range(len(operator.params)))}
+            generators = [base]
+        else:
+            members = {
+                key: sorted(position[id(tensors[i])] for i in indices)
+                for key, indices in resolved.items()
+            }
+            generators = spawn(base, len(members))
+        problems = []
+        for indices, gen in zip(members.values(), generators):
+            rows = None if resolved is None else rows_of(indices, sizes, operator.device)
+            count = sum(sizes[i] for i in indices)
+            steps = make_steps(count, operator.dtype, operator.device, gen)
+            problems.append(Problem(steps, rows))
+        raw = run(fname, operator, problems)
+    results = {
+        key: finish(result, problem.num_matvecs, [operator.params[i] for i in indices])
+        for (key, indices), result, problem in zip(members.items(), raw, problems)
+    }
+    return results[None] if resolved is None else results

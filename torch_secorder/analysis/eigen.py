@@ -1,0 +1,380 @@
+r"""Extreme eigenpairs of the Hessian: thick-restart Lanczos, and power iteration for comparison.
+
+``method="lanczos"`` (default) runs :func:`~torch_secorder.analysis.lanczos.thick_restart_lanczos`
+until every wanted Ritz pair has a relative residual
+
+.. math:: \frac{\|Hx - \theta x\|}{\max(|\theta|,\ \varepsilon^{1/3}\|H\|)} \le \texttt{tol},
+
+where :math:`\varepsilon` is the dtype's machine epsilon and :math:`\|H\|` is estimated by the
+largest Ritz value magnitude seen. Since :math:`|\lambda - \theta| \le \|Hx - \theta x\|` for
+a unit :math:`x`, the eigenvalue is then accurate to ``tol`` relative; eigenvalues smaller
+than :math:`\varepsilon^{1/3}\|H\|` (about :math:`6 \cdot 10^{-6}\|H\|` in float64,
+:math:`5 \cdot 10^{-3}\|H\|` in float32) are accurate to ``tol`` times that floor.
+
+``method="power"`` is power iteration with deflation as in PyHessian: each eigenpair starts
+from a random vector, is orthogonalised against the pairs found, and stops when the Rayleigh
+quotient changes by at most ``tol`` relative (:math:`|\theta_t - \theta_{t-1}| \le
+\texttt{tol}\,|\theta_{t-1}|`). Power iteration converges to the eigenvalue of largest
+magnitude; for ``which="largest"`` (``"smallest"``) a first unshifted run finds the dominant
+:math:`\lambda_d` (kept if its sign fits) and the remaining pairs come from
+:math:`H + |\lambda_d| I` (:math:`H - |\lambda_d| I`), whose dominant eigenvalues are the
+wanted ones.
+
+References:
+    Lanczos, C. (1950). An iteration method for the solution of the eigenvalue problem of
+    linear differential and integral operators. J. Res. Nat. Bur. Standards 45(4), 255-282.
+    https://doi.org/10.6028/jres.045.026
+
+    Wu, K. and Simon, H. (2000). Thick-restart Lanczos method for large symmetric eigenvalue
+    problems. SIAM J. Matrix Anal. Appl. 22(2), 602-616.
+    https://doi.org/10.1137/S0895479898334605
+
+    Yao, Z., Gholami, A., Keutzer, K. and Mahoney, M. W. (2020). PyHessian: Neural networks
+    through the lens of the Hessian. IEEE BigData 2020. arXiv:1912.07145.
+"""
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder._types import ParamSelection
+from torch_secorder.analysis._arguments import (
+    check_choice,
+    check_generator,
+    check_int,
+    check_positive,
+)
+from torch_secorder.analysis._driver import Problem, Steps, run
+from torch_secorder.analysis._groups import run_model
+from torch_secorder.analysis._operator import resolve
+from torch_secorder.analysis.lanczos import WHICH, RitzPairs, thick_restart_lanczos
+from torch_secorder.analysis.results import EigenResult
+from torch_secorder.analysis.sampling import gaussian, make_generator
+from torch_secorder.core.params import unflatten
+
+__all__ = ["model_top_eigenvalues", "top_eigenvalues"]
+
+METHODS = ("lanczos", "power")
+
+POWER_ITERATIONS = 100
+"""Power iterations per eigenpair in the default budget (PyHessian's ``maxIter``)."""
+
+
+def default_max_matvecs(method: str, k: int, which: str) -> int:
+    """Default budget: :math:`100k + 200` for Lanczos; 100 per power run (PyHessian)."""
+    if method == "lanczos":
+        return 100 * k + 200
+    return POWER_ITERATIONS * _power_runs(k, which)
+
+
+def _power_runs(k: int, which: str) -> int:
+    return k if which == "magnitude" else k + 1
+
+
+def top_eigenvalues(
+    func_or_operator: Any,
+    params: Any = None,
+    *,
+    k: int = 1,
+    which: str = "largest",
+    method: str = "lanczos",
+    tol: float = 1e-4,
+    max_matvecs: int | None = None,
+    generator: torch.Generator | None = None,
+) -> EigenResult:
+    r"""Compute ``k`` extreme eigenvalues of the Hessian and their eigenvectors.
+
+    Lanczos (default) needs far fewer products than power iteration for the same accuracy:
+    it uses the whole Krylov space instead of its last vector (see the module docstring for
+    both methods and their stopping rules).
+
+    Args:
+        func_or_operator: A zero-argument loss closure (then ``params`` is required) or an
+            operator with ``matmat``, ``shape``, ``dtype`` and ``device``.
+        params: Parameters of the closure (any iterable of tensors); ``None`` for an operator.
+        k: Number of eigenpairs, ``1 <= k <= P``.
+        which: ``"largest"`` (algebraically), ``"smallest"`` (algebraically) or
+            ``"magnitude"`` (largest :math:`|\lambda|`).
+        method: ``"lanczos"`` (thick-restart Lanczos, full reorthogonalisation) or
+            ``"power"`` (power iteration with deflation, as PyHessian).
+        tol: Lanczos: relative residual tolerance; power: relative change of the eigenvalue
+            between iterations.
+        max_matvecs: Budget of Hessian-vector products; ``None`` means :math:`100k + 200` for
+            Lanczos and 100 per eigenpair (plus one run for ``which != "magnitude"``) for power
+            iteration. Lanczos needs at least ``k``, power iteration two per run.
+        generator: Source of the random starting vectors; ``None`` uses a private generator
+            with a fixed seed (reproducible), the global RNG is never touched.
+
+    Returns:
+        An :class:`EigenResult`: eigenvalues sorted by ``which`` (descending, ascending or by
+        descending magnitude), unit eigenvectors (a list like params with a leading ``k`` for
+        a closure, ``(P, k)`` columns for an operator), residual norms
+        :math:`\|Hx - \lambda x\|`, the convergence flag and the products used.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``k`` is not in ``[1, P]``, ``which`` or ``method`` is unknown,
+            ``max_matvecs`` is too small, or the operator is not square or not symmetric.
+
+    Warns:
+        RuntimeWarning: If the budget ran out before every pair converged (``converged`` is
+            then ``False``).
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        >>> d = torch.tensor([1.0, -4.0, 3.0], dtype=torch.float64)
+        >>> result = top_eigenvalues(lambda: 0.5 * (d * x**2).sum(), [x], k=2, which="magnitude")
+        >>> result.eigenvalues.round(decimals=10), result.converged
+        (tensor([-4.,  3.], dtype=torch.float64), True)
+        >>> result.eigenvectors[0].abs().round(decimals=10)
+        tensor([[0., 1., 0.],
+                [0., 0., 1.]], dtype=torch.float64)
+    """
+    fname = "top_eigenvalues"
+    budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
+    target = resolve(fname, func_or_operator, params)
+    _check_k(fname, k, target.size, "P")
+    with target.open() as operator:
+        steps = eigen_steps(method, target.size, k, which, tol, budget, target, generator)
+        problem = Problem(steps)
+        run(fname, operator, [problem])
+    pairs: RitzPairs = problem.result
+    if not pairs.converged:
+        warnings.warn(_not_converged(fname, method, tol, budget, [pairs]), RuntimeWarning, 2)
+    return EigenResult(
+        pairs.values,
+        target.columns_like_params(pairs.vectors),
+        pairs.residuals,
+        pairs.converged,
+        problem.num_matvecs,
+    )
+
+
+def model_top_eigenvalues(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: ParamSelection = None,
+    groups: object = None,
+    k: int = 1,
+    which: str = "largest",
+    method: str = "lanczos",
+    tol: float = 1e-4,
+    max_matvecs: int | None = None,
+    generator: torch.Generator | None = None,
+) -> EigenResult | dict[str, EigenResult]:
+    r"""Compute extreme eigenpairs of the Hessian of a model's mean loss over a data set.
+
+    The operator is :meth:`HessianOperator.from_model(model, loss_fn, data, params=params)
+    <torch_secorder.HessianOperator.from_model>`. With ``groups``, each group's diagonal block
+    :math:`H_{gg}` is analysed; all groups advance together, one batched product per step.
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
+        data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
+        params: Parameter selection by names or glob patterns (``None``: all trainable).
+        groups: ``None`` (whole selection), ``"module"``, ``"parameter"`` or a dict name ->
+            parameter names/patterns (see :func:`model_hessian_trace`).
+        k: Eigenpairs per group, at most the group's size.
+        which: As for :func:`top_eigenvalues`.
+        method: As for :func:`top_eigenvalues`.
+        tol: As for :func:`top_eigenvalues`.
+        max_matvecs: Budget per group, as for :func:`top_eigenvalues`.
+        generator: Source of randomness; with groups, each group draws from its own generator
+            derived from it, in group order.
+
+    Returns:
+        An :class:`EigenResult` (eigenvectors like the group's parameters, with a leading
+        ``k``), or a dict group name -> :class:`EigenResult`.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: On bad options (as for :func:`top_eigenvalues`), ``k`` larger than a
+            group, a selection or group pattern matching nothing, or empty data.
+
+    Warns:
+        RuntimeWarning: If some pair of some group did not converge within the budget.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.zeros(2, 1, dtype=torch.float64)
+        >>> result = model_top_eigenvalues(model, torch.nn.MSELoss(), (x, y), k=2)
+        >>> result.eigenvalues.round(decimals=10)  # H = 2/N x^T x = diag(1, 4)
+        tensor([4., 1.], dtype=torch.float64)
+    """
+    fname = "model_top_eigenvalues"
+    budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
+    converged: list[RitzPairs] = []
+
+    def make_steps(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+        _check_k(fname, k, n, "the size of a group" if groups is not None else "P")
+        return _eigen_steps(method, n, k, which, tol, budget, dtype, device, gen)
+
+    def finish(pairs: RitzPairs, count: int, group_params: list[Tensor]) -> EigenResult:
+        converged.append(pairs)
+        vectors = unflatten(pairs.vectors.T, group_params)
+        return EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
+
+    results = run_model(fname, model, loss_fn, data, params, groups, generator, make_steps, finish)
+    if not all(p.converged for p in converged):
+        warnings.warn(_not_converged(fname, method, tol, budget, converged), RuntimeWarning, 2)
+    return results
+
+
+def _check_options(
+    fname: str,
+    k: object,
+    which: object,
+    method: object,
+    tol: object,
+    max_matvecs: object,
+    generator: object,
+) -> int:
+    """Validate the options; return the budget."""
+    check_int(fname, "k", k, 1)
+    check_choice(fname, "which", which, WHICH)
+    check_choice(fname, "method", method, METHODS)
+    check_positive(fname, "tol", tol)
+    check_generator(fname, generator)
+    if max_matvecs is None:
+        return default_max_matvecs(method, k, which)  # type: ignore[arg-type]
+    if method == "lanczos":
+        return check_int(fname, "max_matvecs", max_matvecs, k, f"Lanczos needs k={k} products")  # type: ignore[arg-type]
+    runs = _power_runs(k, which)  # type: ignore[arg-type]
+    return check_int(
+        fname, "max_matvecs", max_matvecs, 2 * runs, f"power iteration needs 2 per run, {runs} runs"
+    )
+
+
+def _check_k(fname: str, k: int, size: int, what: str) -> None:
+    if k > size:
+        raise ValueError(f"{fname}: k must be at most {what}={size}; got k={k}.")
+
+
+def eigen_steps(
+    method: str,
+    n: int,
+    k: int,
+    which: str,
+    tol: float,
+    budget: int,
+    target: Any,
+    generator: torch.Generator | None,
+) -> Steps:
+    """The eigen-solver for ``target`` as a product-requesting generator."""
+    return _eigen_steps(
+        method, n, k, which, tol, budget, target.dtype, target.device, make_generator(generator)
+    )
+
+
+def _eigen_steps(
+    method: str,
+    n: int,
+    k: int,
+    which: str,
+    tol: float,
+    budget: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+) -> Steps:
+    if method == "lanczos":
+        return thick_restart_lanczos(n, k, which, tol, budget, dtype, device, gen)
+    return power_iteration(n, k, which, tol, budget, dtype, device, gen)
+
+
+def _not_converged(
+    fname: str, method: str, tol: float, budget: int, results: list[RitzPairs]
+) -> str:
+    missing = sum(not r.converged for r in results)
+    what = "eigen-problems" if len(results) > 1 else "eigen-problem"
+    criterion = "relative residual" if method == "lanczos" else "relative eigenvalue change"
+    return (
+        f"{fname}: {missing} of {len(results)} {what} did not reach tol={tol:g} "
+        f"({criterion}) within max_matvecs={budget}; the results are the best found. "
+        "Raise max_matvecs or tol."
+    )
+
+
+def power_iteration(
+    n: int,
+    k: int,
+    which: str,
+    tol: float,
+    max_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+) -> Steps:
+    r"""Power iteration with deflation (PyHessian), shifted for ``"largest"``/``"smallest"``.
+
+    Each run gets an equal share of the remaining budget. Returns :class:`RitzPairs` sorted
+    by ``which``.
+    """
+    values: list[Tensor] = []
+    vectors: list[Tensor] = []
+    residuals: list[Tensor] = []
+    converged = True
+    remaining = max_matvecs
+    shift = 0.0
+    deciding = which != "magnitude"  # the first run finds the dominant eigenvalue
+    sign = -1.0 if which == "smallest" else 1.0
+    runs = _power_runs(k, which)
+    while len(values) < k:
+        found = torch.stack(vectors, dim=1) if vectors else None
+        iterations = remaining // runs
+        v = gaussian(gen, (n,), dtype, device)
+        theta_prev = None
+        done = False
+        for _ in range(iterations):
+            if found is not None:
+                v = v - found @ (found.T @ v)
+            v = v / v.norm()
+            Hv = (yield v[:, None])[:, 0]
+            remaining -= 1
+            theta = v @ Hv
+            pair = (theta, v, (Hv - theta * v).norm())
+            if theta_prev is not None and abs(theta - theta_prev) <= tol * abs(theta_prev):
+                done = True
+                break
+            theta_prev = theta
+            w = Hv - shift * v
+            norm = w.norm()
+            if norm == 0:  # v spans a null direction of H - shift I: an exact eigenvector
+                done = True
+                break
+            v = w / norm
+        runs -= 1
+        if deciding:
+            deciding = False
+            dominant = float(pair[0])
+            shift = -sign * abs(dominant)
+            if sign * dominant < 0:
+                continue  # the dominant eigenvalue is at the other end: not wanted
+            runs -= 1  # the deciding run found a wanted pair: one run fewer is needed
+        converged = converged and done
+        values.append(pair[0])
+        vectors.append(pair[1])
+        residuals.append(pair[2])
+    order = _sort(torch.stack(values), which)
+    return RitzPairs(
+        torch.stack(values)[order],
+        torch.stack(vectors, dim=1)[:, order],
+        torch.stack(residuals)[order],
+        converged,
+    )
+
+
+def _sort(values: Tensor, which: str) -> Tensor:
+    if which == "largest":
+        return torch.argsort(values, descending=True)
+    if which == "smallest":
+        return torch.argsort(values)
+    return torch.argsort(values.abs(), descending=True)

@@ -1,0 +1,287 @@
+r"""Lanczos iterations with full reorthogonalisation, written as product-requesting generators.
+
+Two algorithms share the machinery here; each is a generator for :func:`._driver.run` that
+yields blocks of vectors and receives their products with the symmetric operator :math:`A`.
+
+* :func:`thick_restart_lanczos` finds extreme eigenpairs. It builds an orthonormal Krylov
+  basis :math:`V` block by block (block size 1 is classic Lanczos), orthogonalising every new
+  block against the whole basis twice (classical Gram-Schmidt with reorthogonalisation), so
+  the Rayleigh-Ritz projection :math:`T = V^\top A V` stays accurate in finite precision.
+  When the basis is full it restarts *thick* (Wu & Simon 2000): it keeps the most wanted Ritz
+  vectors and the current residual block and goes on, so memory stays bounded while the
+  wanted Ritz values keep improving. It stops when every wanted Ritz pair
+  :math:`(\theta, x = Vy)` has a residual :math:`\|Ax - \theta x\| = \|B\, y_{\text{last}}\|`
+  (read off the Lanczos relation :math:`AV = VT + U B E^\top`, no extra product) below
+  ``tol`` times :math:`\max(|\theta|, \varepsilon^{1/3}\|A\|)`.
+* :func:`lanczos_quadrature` runs several probes together (one batched product per step),
+  each with its own fully reorthogonalised basis, and returns each probe's Gauss quadrature
+  nodes (Ritz values) and weights (squared first components of the Ritz vectors), the input
+  of stochastic Lanczos quadrature.
+
+References:
+    Lanczos, C. (1950). An iteration method for the solution of the eigenvalue problem of
+    linear differential and integral operators. J. Res. Nat. Bur. Standards 45(4), 255-282.
+    https://doi.org/10.6028/jres.045.026
+
+    Wu, K. and Simon, H. (2000). Thick-restart Lanczos method for large symmetric eigenvalue
+    problems. SIAM J. Matrix Anal. Appl. 22(2), 602-616.
+    https://doi.org/10.1137/S0895479898334605
+
+    Stathopoulos, A., Saad, Y. and Wu, K. (1998). Dynamic thick restarting of the Davidson,
+    and the implicitly restarted Arnoldi methods. SIAM J. Sci. Comput. 19(1), 227-245.
+    https://doi.org/10.1137/S1064827596304162
+
+    Golub, G. H. and Meurant, G. (2010). Matrices, Moments and Quadrature with Applications.
+    Princeton University Press. https://doi.org/10.1515/9781400833887
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from torch_secorder.analysis._driver import Steps
+from torch_secorder.analysis.sampling import gaussian, rademacher
+
+__all__ = ["RitzPairs", "default_basis_size", "lanczos_quadrature", "thick_restart_lanczos"]
+
+WHICH = ("largest", "smallest", "magnitude")
+
+
+@dataclass
+class RitzPairs:
+    r"""Wanted Ritz pairs from an eigen-solver.
+
+    Attributes:
+        values: ``(k,)`` Ritz values, most wanted first.
+        vectors: ``(n, k)`` unit Ritz vectors.
+        residuals: ``(k,)`` residual norms :math:`\|Ax - \theta x\|`.
+        converged: Whether every pair met the tolerance.
+    """
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    converged: bool
+
+
+def work_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the small projected problems: float64 where the device supports it."""
+    return dtype if device.type == "mps" else torch.float64
+
+
+def wanted_order(theta: Tensor, which: str) -> Tensor:
+    """Indices of Ritz values from most to least wanted."""
+    if which == "largest":
+        return torch.argsort(theta, descending=True)
+    if which == "smallest":
+        return torch.argsort(theta)
+    return torch.argsort(theta.abs(), descending=True)
+
+
+def default_basis_size(k: int, block_size: int = 1) -> int:
+    r"""Largest basis before a thick restart: :math:`\max(20, 2k + 2b)` (as ARPACK's ``ncv``)."""
+    return max(20, 2 * k + 2 * block_size)
+
+
+def relative_floor(dtype: torch.dtype) -> float:
+    r"""Ritz values below :math:`\varepsilon^{1/3}\|A\|` converge in absolute terms."""
+    return torch.finfo(dtype).eps ** (1 / 3)
+
+
+def _orthogonalise(W: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """Classical Gram-Schmidt of the columns of ``W`` against ``basis``, twice.
+
+    Returns:
+        ``W`` minus its projection, and the coefficients ``basis^T W``.
+    """
+    H = basis.T @ W
+    W = W - basis @ H
+    H2 = basis.T @ W
+    return W - basis @ H2, H + H2
+
+
+def _fill(
+    basis: Tensor, count: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``count`` random unit vectors orthogonal to ``basis`` and to each other."""
+    columns = []
+    for _ in range(count):
+        r = gaussian(generator, (basis.shape[0], 1), dtype, device)
+        current = torch.cat([basis, *columns], dim=1)
+        r, _ = _orthogonalise(r, current)
+        columns.append(r / r.norm())
+    return torch.cat(columns, dim=1)
+
+
+def thick_restart_lanczos(
+    n: int,
+    k: int,
+    which: str,
+    tol: float,
+    max_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+    *,
+    block_size: int = 1,
+    basis_size: int | None = None,
+) -> Steps:
+    r"""Find ``k`` extreme eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
+
+    Args:
+        n: Dimension of the operator.
+        k: Number of wanted eigenpairs, ``1 <= k <= n``.
+        which: ``"largest"``, ``"smallest"`` (algebraic) or ``"magnitude"``.
+        tol: Relative residual tolerance.
+        max_matvecs: Budget of products.
+        dtype: Dtype of the vectors.
+        device: Device of the vectors.
+        generator: Source of the random starting block.
+        block_size: Vectors per step :math:`b` (one batched product of :math:`b` columns).
+        basis_size: Largest basis before a restart (default :func:`default_basis_size`).
+
+    Yields:
+        Blocks of at most ``block_size`` columns; receives their products.
+
+    Returns:
+        The wanted :class:`RitzPairs`, most wanted first.
+    """
+    eps = torch.finfo(dtype).eps
+    work = work_dtype(device, dtype)
+    b = min(block_size, n)
+    m = min(n, basis_size or default_basis_size(k, b))
+    floor = relative_floor(dtype)
+    V = torch.zeros(n, m, dtype=dtype, device=device)
+    T = torch.zeros(m, m, dtype=work, device=device)
+    start, _ = torch.linalg.qr(gaussian(generator, (n, b), dtype, device))
+    V[:, :b] = start
+    j, current = b, slice(0, b)
+    used, norm = 0, 0.0
+    while True:
+        W = yield V[:, current]
+        used += current.stop - current.start
+        W, H = _orthogonalise(W, V[:, :j])
+        T[:j, current] = H.to(work)
+        theta, Y = torch.linalg.eigh((T[:j, :j] + T[:j, :j].T) / 2)
+        norm = max(norm, float(theta.abs().max()))
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        B = (S[:, None] * Vh).to(work)  # W = U B
+        # Residuals of all Ritz pairs, from A V = V T + U B E^T (zero once V spans everything).
+        residuals = (B @ Y[current]).norm(dim=0) if j < n else theta.new_zeros(j)
+        order = wanted_order(theta, which)
+        wanted = order[:k]
+        scale = torch.clamp(theta[wanted].abs(), min=floor * norm)
+        converged = j >= k and bool((residuals[wanted] <= tol * scale).all())
+        if converged:
+            break
+        # The next block; restart thick when the basis has no room for it.
+        restart = j + min(b, n - j) > m
+        keep = max(k, min((m + k) // 2, m - b, j)) if restart else j
+        width = min(b, n - keep, max_matvecs - used)
+        if width <= 0:
+            break
+        if restart:
+            kept = order[:keep]
+            coupling = B @ Y[current][:, kept]
+            V[:, :keep] = V[:, :j] @ Y[:, kept].to(dtype)
+            T.zero_()
+            T[:keep, :keep] = torch.diag(theta[kept])
+        else:
+            coupling = torch.zeros(B.shape[0], j, dtype=work, device=device)
+            coupling[:, current] = B
+        j = keep
+        take = min(width, U.shape[1])
+        strong = S[:take] > eps ** (2 / 3) * norm  # else an (almost) invariant subspace
+        block, rows = U[:, :take][:, strong], coupling[:take][strong]
+        if block.shape[1] < width:  # continue in fresh random directions
+            missing = width - block.shape[1]
+            fresh = _fill(torch.cat([V[:, :j], block], dim=1), missing, generator, dtype, device)
+            block = torch.cat([block, fresh], dim=1)
+            rows = torch.cat([rows, rows.new_zeros(missing, j)])
+        V[:, j : j + width] = block
+        T[j : j + width, :j] = rows
+        current = slice(j, j + width)
+        j += width
+    X = V[:, : Y.shape[0]] @ Y[:, wanted].to(dtype)
+    return RitzPairs(theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged)
+
+
+def lanczos_quadrature(
+    n: int,
+    steps: int,
+    num_probes: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+) -> Steps:
+    r"""Gauss quadrature nodes and weights of several random probes, run together.
+
+    Each probe :math:`z` (Rademacher, scaled to unit norm) starts its own Lanczos recurrence;
+    all probes advance together, one product of all active probes per step. Each basis is
+    fully reorthogonalised. After ``s`` steps the tridiagonal :math:`T_s = Y \Theta Y^\top`
+    gives nodes :math:`\theta_j` and weights :math:`\tau_j = (e_1^\top y_j)^2`, so that
+    :math:`z^\top f(A) z \approx \sum_j \tau_j f(\theta_j)`. A probe whose Krylov space is
+    exhausted (:math:`\beta_j \le \sqrt{\varepsilon}\,\|A\|`) stops early; its quadrature is
+    then exact and its rows are padded with weight zero.
+
+    Args:
+        n: Dimension of the operator.
+        steps: Lanczos steps per probe (capped at ``n``).
+        num_probes: Number of probes.
+        dtype: Dtype of the vectors.
+        device: Device of the vectors.
+        generator: Source of the probes.
+
+    Yields:
+        ``(n, a)`` blocks of the ``a`` active probes' Lanczos vectors; receives their products.
+
+    Returns:
+        ``(nodes, weights)``, each ``(num_probes, steps)``, nodes ascending per probe.
+    """
+    work = work_dtype(device, dtype)
+    steps = min(steps, n)
+    threshold = torch.finfo(dtype).eps ** 0.5
+    basis = torch.zeros(num_probes, steps, n, dtype=dtype, device=device)
+    alpha = torch.zeros(num_probes, steps, dtype=work, device=device)
+    beta = torch.zeros(num_probes, steps, dtype=work, device=device)
+    length = torch.full((num_probes,), steps, dtype=torch.long)
+    active = torch.ones(num_probes, dtype=torch.bool, device=device)
+    q = rademacher(generator, (num_probes, n), dtype, device) / n**0.5
+    scale = 0.0
+    for j in range(steps):
+        basis[:, j] = q
+        index = active.nonzero().squeeze(1)
+        products = yield q[index].T
+        w = torch.zeros_like(q)
+        w[index] = products.T
+        previous = basis[:, : j + 1]
+        for _ in range(2):  # classical Gram-Schmidt, twice
+            c = torch.bmm(previous, w.unsqueeze(2))
+            w = w - torch.bmm(previous.transpose(1, 2), c).squeeze(2)
+            alpha[:, j] += c[:, j, 0].to(work)
+        if j == steps - 1:
+            break
+        norms = w.norm(dim=1)
+        scale = max(scale, float(alpha[:, j].abs().max()), float(norms.max()))
+        broken = active & (norms <= threshold * scale)
+        length[broken.cpu()] = j + 1
+        active = active & ~broken
+        if not bool(active.any()):
+            break
+        beta[:, j] = torch.where(active, norms, 0).to(work)
+        q = torch.where(active[:, None], w / norms.clamp_min(torch.finfo(dtype).tiny)[:, None], 0)
+    nodes = torch.zeros(num_probes, steps, dtype=work, device=device)
+    weights = torch.zeros_like(nodes)
+    for p in range(num_probes):
+        size = int(length[p])
+        tridiagonal = (
+            torch.diag(alpha[p, :size])
+            + torch.diag(beta[p, : size - 1], 1)
+            + torch.diag(beta[p, : size - 1], -1)
+        )
+        theta, Y = torch.linalg.eigh(tridiagonal)
+        nodes[p, :size] = theta
+        nodes[p, size:] = theta[0]
+        weights[p, :size] = Y[0] ** 2
+    return nodes.to(dtype), weights.to(dtype)

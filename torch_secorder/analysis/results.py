@@ -1,0 +1,112 @@
+"""Result types of the analysis functions: small frozen dataclasses of tensors.
+
+Every result reports ``num_matvecs``, the Hessian-vector products the analysis asked of the
+operator (a ``k``-column product counts ``k``). Scalars that come from tensors (a trace, its
+standard error) are 0-d tensors with the operator's dtype and device; ``float(result.value)``
+gives a Python number.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["DensityResult", "DiagonalEstimate", "EigenResult", "TraceEstimate"]
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """An estimate of the trace of the Hessian.
+
+    Attributes:
+        value: The estimate, a 0-d tensor.
+        stderr: Its standard error, a 0-d tensor: the sample standard deviation of the
+            averaged terms over the square root of their number (``0`` for
+            ``method="exact"``, ``nan`` where a single term leaves it undefined).
+        num_matvecs: Hessian-vector products used.
+    """
+
+    value: Tensor
+    stderr: Tensor
+    num_matvecs: int
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    r"""Extreme eigenpairs of the Hessian.
+
+    Attributes:
+        eigenvalues: ``(k,)`` tensor, sorted by ``which``: descending for ``"largest"``,
+            ascending for ``"smallest"``, by descending magnitude for ``"magnitude"``.
+        eigenvectors: Unit eigenvectors in the same order: a list like params, each tensor
+            with a leading ``k``, for the closure and model forms; ``(P, k)`` columns for an
+            operator.
+        residuals: ``(k,)`` tensor of residual norms :math:`\|Hx - \lambda x\|`.
+        converged: Whether every pair met the tolerance within the budget.
+        num_matvecs: Hessian-vector products used.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor | list[Tensor]
+    residuals: Tensor
+    converged: bool
+    num_matvecs: int
+
+
+@dataclass(frozen=True)
+class DensityResult:
+    """A smoothed estimate of the Hessian's eigenvalue density.
+
+    Attributes:
+        grid: ``(grid_size,)`` eigenvalue grid, ascending.
+        density: ``(grid_size,)`` non-negative density on ``grid``; its trapezoidal integral
+            over the grid is 1.
+        nodes: ``(num_probes, steps)`` Ritz values of each probe's Lanczos tridiagonal matrix,
+            ascending per probe; a probe whose Krylov space was exhausted early is padded with
+            copies of its first node of weight zero.
+        weights: ``(num_probes, steps)`` Gauss quadrature weights of the nodes; each row sums
+            to 1.
+        num_matvecs: Hessian-vector products used.
+        sigma: Standard deviation of the Gaussian broadening.
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    num_matvecs: int
+    sigma: float
+
+    def plot(self, ax: Any = None, *, log: bool = False, path: Any = None) -> Any:
+        """Plot the density (see :func:`~torch_secorder.analysis.plot_spectral_density`).
+
+        Args:
+            ax: Matplotlib ``Axes`` to draw on; ``None`` creates a figure.
+            log: Logarithmic density axis.
+            path: Save the figure as PNG to this path.
+
+        Returns:
+            The ``Axes`` drawn on.
+
+        Raises:
+            ImportError: If matplotlib is not installed (the ``plot`` extra).
+        """
+        from torch_secorder.analysis.plot import plot_spectral_density
+
+        return plot_spectral_density(self, ax, log=log, path=path)
+
+
+@dataclass(frozen=True)
+class DiagonalEstimate:
+    """An estimate of the Hessian's diagonal.
+
+    Attributes:
+        diagonal: The estimate: a list like params for the closure and model forms, a flat
+            ``(P,)`` tensor for an operator.
+        stderr: Per-entry standard errors in the same structure.
+        num_matvecs: Hessian-vector products used.
+    """
+
+    diagonal: Tensor | list[Tensor]
+    stderr: Tensor | list[Tensor]
+    num_matvecs: int

@@ -1,0 +1,319 @@
+r"""The trace of the Hessian: Hutchinson, Hutch++, XTrace and exact.
+
+With :math:`m` products and Rademacher probes :math:`z` (:math:`\mathbb E\, zz^\top = I`):
+
+* **Hutchinson**: :math:`\frac1m \sum_i z_i^\top H z_i`, unbiased, variance
+  :math:`2\|H\|_F^2 - 2\sum_j H_{jj}^2` per probe.
+* **Hutch++**: a third of the products sketch :math:`Q = \operatorname{orth}(HS)`, a third give
+  :math:`\operatorname{tr}(Q^\top H Q)` exactly, the rest estimate the trace of the deflated
+  :math:`(I - QQ^\top) H (I - QQ^\top)` by Hutchinson; the error falls like :math:`1/m`
+  instead of :math:`1/\sqrt m` when a few eigenvalues dominate, as in neural-network Hessians.
+* **XTrace**: half the products sketch :math:`Y = H\Omega`, half give :math:`HQ`; every probe
+  :math:`\omega_i` is used both in the sketch and, leaving it out of the sketch
+  (:math:`Q_{(i)} = \operatorname{orth}(Y_{-i})`), as a Hutchinson probe of the deflated rest:
+  :math:`t_i = \operatorname{tr}(Q_{(i)}^\top H Q_{(i)}) + \omega_i^\top (I - Q_{(i)}Q_{(i)}^\top)
+  H (I - Q_{(i)}Q_{(i)}^\top) \omega_i`. The estimate is the mean of the exchangeable
+  :math:`t_i`, its standard error their standard deviation over :math:`\sqrt{m/2}`; all
+  leave-one-out bases come from one QR factorisation.
+* **Exact**: the sum of the exact diagonal, :math:`P` unit-vector products.
+
+References:
+    Hutchinson, M. F. (1989). A stochastic estimator of the trace of the influence matrix for
+    Laplacian smoothing splines. Comm. Statist. Simulation Comput. 18(3), 1059-1076.
+    https://doi.org/10.1080/03610918908812806
+
+    Meyer, R. A., Musco, C., Musco, C. and Woodruff, D. P. (2021). Hutch++: Optimal stochastic
+    trace estimation. SOSA 2021, 142-155. arXiv:2010.09649.
+
+    Epperly, E. N., Tropp, J. A. and Webber, R. J. (2024). XTrace: Making the most of every
+    sample in stochastic trace estimation. SIAM J. Matrix Anal. Appl. 45(1), 1-23.
+    arXiv:2301.07825.
+"""
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder._types import ParamSelection
+from torch_secorder.analysis._arguments import check_choice, check_generator, check_int
+from torch_secorder.analysis._driver import Problem, Steps, max_columns, run
+from torch_secorder.analysis._groups import run_model
+from torch_secorder.analysis._operator import resolve
+from torch_secorder.analysis.results import TraceEstimate
+from torch_secorder.analysis.sampling import make_generator, rademacher
+from torch_secorder.core.diagonal import hessian_diagonal
+
+__all__ = ["hessian_trace", "model_hessian_trace"]
+
+METHODS = ("hutch++", "hutchinson", "xtrace", "exact")
+_MINIMUM = {"hutch++": 3, "hutchinson": 1, "xtrace": 2, "exact": 1}
+_WHY = {
+    "hutch++": "a sketch, its projection and a Hutchinson probe",
+    "hutchinson": "one probe",
+    "xtrace": "one probe and its projection",
+    "exact": "it uses P products regardless",
+}
+
+
+def hessian_trace(
+    func_or_operator: Any,
+    params: Any = None,
+    *,
+    method: str = "hutch++",
+    num_matvecs: int = 100,
+    generator: torch.Generator | None = None,
+) -> TraceEstimate:
+    r"""Estimate the trace of the Hessian, :math:`\operatorname{tr}(H) = \sum_i \lambda_i`.
+
+    All probes of a stage run as one batched product (in chunks of about 1 GiB of vectors).
+    See the module docstring for the estimators.
+
+    Args:
+        func_or_operator: A zero-argument loss closure (then ``params`` is required) or an
+            operator with ``matmat``, ``shape``, ``dtype`` and ``device`` (such as
+            :class:`~torch_secorder.HessianOperator`).
+        params: Parameters of the closure (any iterable of tensors); ``None`` for an operator.
+        method: ``"hutch++"`` (default), ``"hutchinson"`` (Rademacher probes), ``"xtrace"`` or
+            ``"exact"``.
+        num_matvecs: Budget of Hessian-vector products: Hutchinson uses exactly this many
+            (at least 1), Hutch++ (at least 3) and XTrace (at least 2) at most this many.
+            ``"exact"`` ignores it and uses :math:`P`.
+        generator: Source of the random probes; ``None`` uses a private generator with a fixed
+            seed (reproducible), the global RNG is never touched.
+
+    Returns:
+        A :class:`TraceEstimate` with the value and standard error as 0-d tensors (stderr
+        ``0`` for ``"exact"``; ``nan`` when a single Hutchinson term leaves it undefined).
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``method`` is unknown, ``num_matvecs`` is too small for it, the operator
+            is not square, or it turns out not to be symmetric.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        >>> d = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+        >>> est = hessian_trace(lambda: 0.5 * (d * x**2).sum(), [x], method="hutchinson",
+        ...                     num_matvecs=4)
+        >>> est.value, est.stderr, est.num_matvecs  # exact for a diagonal Hessian
+        (tensor(6., dtype=torch.float64), tensor(0., dtype=torch.float64), 4)
+    """
+    fname = "hessian_trace"
+    _check_options(fname, method, num_matvecs, generator)
+    target = resolve(fname, func_or_operator, params)
+    if method == "exact" and target.params is not None:
+        diagonal = hessian_diagonal(func_or_operator, target.params)
+        value = sum(d.sum() for d in diagonal)
+        return TraceEstimate(value, torch.zeros_like(value), target.size)  # type: ignore[arg-type]
+    with target.open() as operator:
+        steps = trace_steps(
+            method, target.size, num_matvecs, target.dtype, target.device, generator
+        )
+        problem = Problem(steps)
+        run(fname, operator, [problem])
+    value, stderr = problem.result
+    return TraceEstimate(value, stderr, problem.num_matvecs)
+
+
+def model_hessian_trace(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: ParamSelection = None,
+    groups: object = None,
+    method: str = "hutch++",
+    num_matvecs: int = 100,
+    generator: torch.Generator | None = None,
+) -> TraceEstimate | dict[str, TraceEstimate]:
+    r"""Estimate the trace of the Hessian of a model's mean loss over a data set.
+
+    The operator is :meth:`HessianOperator.from_model(model, loss_fn, data, params=params)
+    <torch_secorder.HessianOperator.from_model>`. With ``groups``, each group's trace
+    :math:`\operatorname{tr}(H_{gg})` is estimated, all groups advancing together in one
+    batched product per step (each group's probes zero-padded outside its block).
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
+        data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
+        params: Parameter selection by names or glob patterns (``None``: all trainable).
+        groups: ``None`` (whole selection), ``"module"`` (one group per module owning
+            selected parameters, by :meth:`~torch.nn.Module.named_modules` name),
+            ``"parameter"`` (one per parameter), or a dict name -> parameter names/patterns.
+        method: As for :func:`hessian_trace`.
+        num_matvecs: Budget per group, as for :func:`hessian_trace`.
+        generator: Source of randomness; with groups, each group draws from its own
+            generator derived from it, in group order.
+
+    Returns:
+        A :class:`TraceEstimate`, or a dict group name -> :class:`TraceEstimate`.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: On an unknown method or group kind, a too small budget, a selection or
+            group pattern matching nothing, or empty data.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1).double()
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+        >>> y = torch.zeros(2, 1, dtype=torch.float64)
+        >>> traces = model_hessian_trace(model, torch.nn.MSELoss(), (x, y), groups="parameter",
+        ...                              method="exact")
+        >>> {name: float(t.value) for name, t in traces.items()}  # 2/N sum x^2, 2/N N
+        {'weight': 30.0, 'bias': 2.0}
+    """
+    fname = "model_hessian_trace"
+    _check_options(fname, method, num_matvecs, generator)
+
+    def make_steps(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+        return trace_steps(method, n, num_matvecs, dtype, device, gen)
+
+    def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> TraceEstimate:
+        return TraceEstimate(result[0], result[1], count)
+
+    return run_model(fname, model, loss_fn, data, params, groups, generator, make_steps, finish)
+
+
+def _check_options(fname: str, method: object, num_matvecs: object, generator: object) -> None:
+    check_choice(fname, "method", method, METHODS)
+    check_int(
+        fname,
+        "num_matvecs",
+        num_matvecs,
+        _MINIMUM[method],  # type: ignore[index]
+        f"method={method!r} needs {_WHY[method]}",  # type: ignore[index]
+    )
+    check_generator(fname, generator)
+
+
+def trace_steps(
+    method: str,
+    n: int,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> Steps:
+    """The estimator ``method`` as a product-requesting generator returning (value, stderr)."""
+    gen = make_generator(generator)
+    if method == "hutchinson":
+        return hutchinson(n, num_matvecs, dtype, device, gen)
+    if method == "hutch++":
+        return hutch_plus_plus(n, num_matvecs, dtype, device, gen)
+    if method == "xtrace":
+        return xtrace(n, num_matvecs, dtype, device, gen)
+    return exact_trace(n, dtype, device)
+
+
+def _mean_and_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
+    count = samples.numel()
+    if count < 2:
+        return samples.mean(), samples.new_tensor(math.nan)
+    return samples.mean(), samples.std() / math.sqrt(count)
+
+
+def hutchinson(
+    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> Steps:
+    r"""Hutchinson's estimator with ``num_matvecs`` Rademacher probes, in memory-bounded chunks."""
+    chunk = max_columns(n, dtype)
+    samples = []
+    remaining = num_matvecs
+    while remaining > 0:
+        count = min(chunk, remaining)
+        Z = rademacher(gen, (n, count), dtype, device)
+        HZ = yield Z
+        samples.append((Z * HZ).sum(dim=0))
+        remaining -= count
+    return _mean_and_stderr(torch.cat(samples))
+
+
+def hutch_plus_plus(
+    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> Steps:
+    r"""Hutch++ with :math:`s = \lfloor m/3 \rfloor` sketch vectors and :math:`m - 2s` probes.
+
+    When the sketch spans the whole space (:math:`s \ge n`) the trace
+    :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent.
+    """
+    sketch = min(num_matvecs // 3, n)
+    S = rademacher(gen, (n, sketch), dtype, device)
+    HS = yield S
+    Q, _ = torch.linalg.qr(HS)
+    if sketch == n:
+        HQ = yield Q
+        value = (Q * HQ).sum()
+        return value, torch.zeros_like(value)
+    probes = num_matvecs - 2 * sketch
+    G = rademacher(gen, (n, probes), dtype, device)
+    G = G - Q @ (Q.T @ G)
+    products = yield torch.cat([Q, G], dim=1)
+    low_rank = (Q * products[:, :sketch]).sum()
+    mean, stderr = _mean_and_stderr((G * products[:, sketch:]).sum(dim=0))
+    return low_rank + mean, stderr
+
+
+def xtrace(
+    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> Steps:
+    r"""XTrace with :math:`s = \lfloor m/2 \rfloor` Rademacher test vectors.
+
+    With :math:`Y = H\Omega = QR`, :math:`Z = HQ`, the leave-one-out projector is
+    :math:`Q_{(i)}Q_{(i)}^\top = Q(I - s_is_i^\top)Q^\top` with :math:`s_i` the normalised
+    :math:`i`-th column of :math:`R^{-\top}`. Writing :math:`H_Q = Q^\top Z`,
+    :math:`W = Q^\top\Omega`, :math:`u_i = w_i - s_i(s_i^\top w_i)`, each exchangeable
+    estimate is
+
+    .. math::
+        t_i = \operatorname{tr} H_Q - s_i^\top H_Q s_i + \omega_i^\top y_i
+              - (Z^\top\omega_i)^\top u_i - u_i^\top R e_i + u_i^\top H_Q u_i .
+
+    When the sketch spans the whole space (:math:`s \ge n`) the trace is exact.
+    """
+    size = min(num_matvecs // 2, n)
+    Omega = rademacher(gen, (n, size), dtype, device)
+    Y = yield Omega
+    Q, R = torch.linalg.qr(Y)
+    Z = yield Q
+    HQ = Q.T @ Z
+    if size == n:
+        value = HQ.trace()
+        return value, torch.zeros_like(value)
+    # Guard exactly singular sketches (low-rank H): tiny pivots make s_i the missing direction.
+    diagonal = R.diagonal()
+    tiny = torch.finfo(dtype).eps * max(float(diagonal.abs().max()), torch.finfo(dtype).tiny)
+    pivots = torch.where(diagonal.abs() < tiny, torch.where(diagonal < 0, -tiny, tiny), diagonal)
+    guarded = R - torch.diag(diagonal) + torch.diag(pivots)
+    identity = torch.eye(size, dtype=dtype, device=device)
+    S = torch.linalg.solve_triangular(guarded.T, identity, upper=False)
+    S = S / S.norm(dim=0)
+    W = Q.T @ Omega
+    U = W - S * (S * W).sum(dim=0)
+    estimates = (
+        HQ.trace()
+        - (S * (HQ @ S)).sum(dim=0)
+        + (Omega * Y).sum(dim=0)
+        - ((Z.T @ Omega) * U).sum(dim=0)
+        - (U * R).sum(dim=0)
+        + (U * (HQ @ U)).sum(dim=0)
+    )
+    return _mean_and_stderr(estimates)
+
+
+def exact_trace(n: int, dtype: torch.dtype, device: torch.device) -> Steps:
+    """The exact trace from products with unit vectors, in memory-bounded chunks."""
+    chunk = max_columns(n, dtype)
+    total = torch.zeros((), dtype=dtype, device=device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        index = torch.arange(stop - start, device=device)
+        E = torch.zeros(n, stop - start, dtype=dtype, device=device)
+        E[start + index, index] = 1
+        HE = yield E
+        total = total + HE[start + index, index].sum()
+    return total, torch.zeros_like(total)
