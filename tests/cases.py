@@ -232,6 +232,18 @@ class _TiedEmbedding(nn.Module):
         return self.out(torch.tanh(self.embed(tokens)))
 
 
+class _Temperature(nn.Module):
+    """Logits scaled by a learnable 0-d parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _mlp(3, 4, 3)
+        self.log_temperature = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) * torch.exp(self.log_temperature)
+
+
 class _Unused(nn.Module):
     """A registered module that the forward pass never calls, between two used ones."""
 
@@ -296,6 +308,7 @@ CASES: list[Case] = [
         _labels(6, 5),
         10,
     ),
+    Case("scalar-param", _Temperature, _cross_entropy, _randn(5, 3), _labels(5, 3), 14),
     Case("frozen", _frozen, _mse("mean"), _randn(5, 3), _randn(5, 2), 11, frozen=("0.bias",)),
     Case(
         "unused",

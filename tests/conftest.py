@@ -2,12 +2,18 @@
 
 Every test runs with the global RNG seeded to 0 and restored afterwards, and with the default
 dtype restored afterwards, so no test can leak either into another.
+
+Torch runs on one intra-op thread: the zoo's tensors are tiny, and on a small shared machine
+several threads contend for the cores (a forward pass of the CNN case took 100x longer with two
+threads on two busy cores than with one).
 """
 
 import pytest
 import torch
 
 from tests.cases import CASES, Built, build
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

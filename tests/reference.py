@@ -41,6 +41,7 @@ __all__ = [
     "finite_difference_hessian",
     "flat",
     "hessian",
+    "hessian_gradient",
     "layer_norm",
     "oracle_context",
     "unflat",
@@ -59,7 +60,7 @@ def unflat(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Split a flat vector (or the last dimension of a stack) into tensors shaped like ``like``."""
     out, offset = [], 0
     for t in like:
-        out.append(vector[..., offset : offset + t.numel()].reshape(*vector.shape[:-1], *t.shape))
+        out.append(vector[..., offset : offset + t.numel()].reshape((*vector.shape[:-1], *t.shape)))
         offset += t.numel()
     return out
 
@@ -167,6 +168,23 @@ def hessian(fn: Callable[..., Tensor], tensors: Sequence[Tensor]) -> Tensor:
         return jacrev(jacrev(flat_fn))(flat(tensors))
 
 
+def hessian_gradient(
+    fn: Callable[..., Tensor], tensors: Sequence[Tensor], scalar: Callable[[Tensor], Tensor]
+) -> Tensor:
+    r"""Third derivatives: the gradient :math:`\nabla_\theta s(H(\theta))`, flat.
+
+    ``scalar`` maps the dense Hessian to a scalar, e.g. ``lambda H: w @ H @ v`` for the
+    gradient of :math:`w^\top H v`.
+    """
+    tensors = [t.detach() for t in tensors]
+
+    def flat_fn(theta: Tensor) -> Tensor:
+        return fn(*unflat(theta, tensors)).reshape(())
+
+    with oracle_context():
+        return torch.func.grad(lambda t: scalar(jacrev(jacrev(flat_fn))(t)))(flat(tensors))
+
+
 def case_loss(built: Built, names: Sequence[str] | None = None) -> Callable[..., Tensor]:
     """The case's loss as a pure function of the parameters named ``names``.
 
@@ -192,9 +210,12 @@ _CACHE: dict[tuple[str, tuple[str, ...], torch.dtype], Tensor] = {}
 def case_hessian(built: Built, names: Sequence[str] | None = None) -> Tensor:
     """The dense Hessian of a case's loss w.r.t. the parameters ``names`` (default: trainable).
 
-    Cached per case, selection and dtype (cases are deterministic); returns a fresh copy.
+    Cached per case, selection and dtype (cases are deterministic), returning a fresh copy;
+    a stochastic case is recomputed every time, with the masks of the current global RNG state.
     """
     names = tuple(built.names if names is None else names)
+    if built.case.stochastic:
+        return hessian(case_loss(built, names), built.select(names))
     key = (built.case.id, names, built.params[0].dtype)
     if key not in _CACHE:
         _CACHE[key] = hessian(case_loss(built, names), built.select(names))
