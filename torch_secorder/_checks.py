@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 
-def param_label(index: int, names: Sequence[str] | None = None) -> str:
+def param_label(index: int, names: Sequence[str] | None = None, argname: str = "params") -> str:
     """Name a parameter by its index and, where known, its qualified name."""
     if names is None:
-        return f"params[{index}]"
-    return f"params[{index}] ({names[index]!r})"
+        return f"{argname}[{index}]"
+    return f"{argname}[{index}] ({names[index]!r})"
 
 
 def format_shape(shape: Sequence[int]) -> str:
@@ -59,7 +59,9 @@ def check_chunk_size(fname: str, chunk_size: object) -> None:
         raise ValueError(f"{fname}: chunk_size must be a positive int; got {chunk_size}.")
 
 
-def as_params(fname: str, params: object, names: Sequence[str] | None = None) -> list[Tensor]:
+def as_params(
+    fname: str, params: object, names: Sequence[str] | None = None, *, argname: str = "params"
+) -> list[Tensor]:
     """Materialise ``params`` once as a list and check each entry.
 
     Raises:
@@ -68,47 +70,54 @@ def as_params(fname: str, params: object, names: Sequence[str] | None = None) ->
     """
     if isinstance(params, Tensor):
         raise TypeError(
-            f"{fname}: params must be an iterable of tensors; got a single Tensor. "
+            f"{fname}: {argname} must be an iterable of tensors; got a single Tensor. "
             "Wrap it in a list: [param]."
         )
     try:
         params = list(params)  # type: ignore[call-overload]
     except TypeError:
         raise TypeError(
-            f"{fname}: params must be an iterable of tensors; got {_type_name(params)}."
+            f"{fname}: {argname} must be an iterable of tensors; got {_type_name(params)}."
         ) from None
     if not params:
-        raise ValueError(f"{fname}: params is empty; expected at least one tensor.")
+        raise ValueError(f"{fname}: {argname} is empty; expected at least one tensor.")
     seen: dict[int, int] = {}
     for i, p in enumerate(params):
+        label = param_label(i, names, argname)
         if not isinstance(p, Tensor):
-            raise TypeError(
-                f"{fname}: {param_label(i, names)} must be a Tensor; got {_type_name(p)}."
-            )
+            raise TypeError(f"{fname}: {label} must be a Tensor; got {_type_name(p)}.")
         if not p.is_floating_point():
             raise ValueError(
-                f"{fname}: {param_label(i, names)} has dtype {p.dtype}; "
-                "expected a floating-point tensor."
+                f"{fname}: {label} has dtype {p.dtype}; expected a floating-point tensor."
             )
         if id(p) in seen:
             raise ValueError(
-                f"{fname}: {param_label(i, names)} is the same tensor as "
-                f"{param_label(seen[id(p)], names)}; pass each parameter once."
+                f"{fname}: {label} is the same tensor as "
+                f"{param_label(seen[id(p)], names, argname)}; pass each parameter once."
             )
         seen[id(p)] = i
     return params
 
 
+def check_layout(fname: str, what: str, labelled: Sequence[tuple[str, Tensor]], hint: str) -> None:
+    """Raise unless the tensors of ``(label, tensor)`` pairs share one dtype and device."""
+    first_label, first = labelled[0]
+    for label, t in labelled[1:]:
+        if t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(
+                f"{fname}: {what} needs params of one dtype and device, but {first_label} is "
+                f"{first.dtype} on {first.device} and {label} is {t.dtype} on {t.device}; {hint}"
+            )
+
+
 def flat_layout(fname: str, argname: str, params: Sequence[Tensor]) -> None:
     """Flat vectors need one dtype and one device across ``params``."""
-    first = params[0]
-    for i, p in enumerate(params):
-        if p.dtype != first.dtype or p.device != first.device:
-            raise ValueError(
-                f"{fname}: a flat {argname} needs params of one dtype and device, but "
-                f"params[0] is {first.dtype} on {first.device} and params[{i}] is "
-                f"{p.dtype} on {p.device}; pass {argname} as a list like params instead."
-            )
+    check_layout(
+        fname,
+        f"a flat {argname}",
+        [(f"params[{i}]", p) for i, p in enumerate(params)],
+        f"pass {argname} as a list like params instead.",
+    )
 
 
 def check_vector(

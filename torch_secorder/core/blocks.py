@@ -15,6 +15,7 @@ from torch_secorder._checks import (
     check_callable,
     check_chunk_size,
     check_dense_size,
+    check_layout,
     check_max_bytes,
 )
 from torch_secorder._types import LossClosure, Params
@@ -55,8 +56,8 @@ def hessian_block(
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If a selection is empty, the block would exceed ``max_bytes``, or
-            ``func`` does not return a scalar.
+        ValueError: If a selection is empty, the block would exceed ``max_bytes``, the
+            selections differ in dtype or device, or ``func`` does not return a scalar.
 
     Example:
         >>> import torch
@@ -68,10 +69,13 @@ def hessian_block(
     """
     fname = "hessian_block"
     check_callable(fname, "func", func)
-    rows = as_params(fname, row_params)
-    cols = rows if col_params is None else as_params(fname, col_params)
+    rows = as_params(fname, row_params, argname="row_params")
+    cols = rows if col_params is None else as_params(fname, col_params, argname="col_params")
     check_max_bytes(fname, max_bytes)
     check_chunk_size(fname, chunk_size)
+    labelled = [(f"row_params[{i}]", p) for i, p in enumerate(rows)]
+    labelled += [(f"col_params[{i}]", p) for i, p in enumerate(cols)]
+    check_layout(fname, "a dense block", labelled, "cast them to one dtype and device.")
     num_rows, num_cols = _numel(rows), _numel(cols)
     check_dense_size(
         fname,
@@ -130,7 +134,9 @@ def hessian_blocks(
     check_max_bytes(fname, max_bytes)
     check_chunk_size(fname, chunk_size)
     total = sum(p.numel() ** 2 for p in params)
-    check_dense_size(fname, f"the {len(params)} blocks", total, params[0].dtype, max_bytes, _HINT)
+    check_dense_size(
+        fname, f"a list of {len(params)} blocks", total, params[0].dtype, max_bytes, _HINT
+    )
     with GradientGraph(func, params, fname=fname) as graph:
         blocks = []
         for i, p in enumerate(params):

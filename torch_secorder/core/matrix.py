@@ -7,7 +7,13 @@ calls. A request whose result would not fit in ``max_bytes`` is refused before a
 
 from torch import Tensor, nn
 
-from torch_secorder._checks import check_chunk_size, check_dense_size, check_max_bytes
+from torch_secorder._checks import (
+    check_chunk_size,
+    check_dense_size,
+    check_layout,
+    check_max_bytes,
+    param_label,
+)
 from torch_secorder._types import LossClosure, Params, ParamSelection
 from torch_secorder.core._model import Objective, closure_objective, model_objective
 from torch_secorder.core.blocks import DEFAULT_MAX_BYTES
@@ -15,6 +21,7 @@ from torch_secorder.core.blocks import DEFAULT_MAX_BYTES
 __all__ = ["hessian_matrix", "model_hessian_matrix"]
 
 _HINT = "use HessianOperator, hessian_blocks or hessian_block instead."
+_LAYOUT_HINT = "cast them to one dtype and device, or use hessian_blocks."
 
 
 def hessian_matrix(
@@ -41,8 +48,8 @@ def hessian_matrix(
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If the matrix would exceed ``max_bytes`` (the message gives its size), or
-            ``func`` does not return a scalar.
+        ValueError: If the matrix would exceed ``max_bytes`` (the message gives its size), the
+            params differ in dtype or device, or ``func`` does not return a scalar.
 
     Example:
         >>> import torch
@@ -58,6 +65,8 @@ def _hessian_matrix(objective: Objective, max_bytes: float, chunk_size: int | No
     fname, params = objective.fname, objective.params
     check_max_bytes(fname, max_bytes)
     check_chunk_size(fname, chunk_size)
+    labels = [param_label(i, objective.names) for i in range(len(params))]
+    check_layout(fname, "a dense Hessian", list(zip(labels, params)), _LAYOUT_HINT)
     size = sum(p.numel() for p in params)
     what = f"the {size} x {size} Hessian"
     check_dense_size(fname, what, size * size, params[0].dtype, max_bytes, _HINT)
@@ -96,7 +105,7 @@ def model_hessian_matrix(
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If the selection matches nothing, the matrix would exceed ``max_bytes``,
-            or the loss is not a scalar.
+            the parameters differ in dtype or device, or the loss is not a scalar.
 
     Example:
         >>> import torch
