@@ -105,15 +105,16 @@ def closure(
 
 
 def build(case: Case, dtype: torch.dtype = torch.float64) -> Built:
-    """Build a case with its seed and in ``dtype``; the global RNG is left as it was.
+    """Build a case with its seed in float64, then cast to ``dtype``; the global RNG is left alone.
 
-    Integer inputs and targets (class labels, token indices) keep their integer dtype.
+    A case built in float32 is its float64 build rounded, so the two are comparable. Integer
+    inputs and targets (class labels, token indices) keep their integer dtype.
     """
-    with torch.random.fork_rng(), default_dtype(dtype):
+    with torch.random.fork_rng(), default_dtype(torch.float64):
         torch.manual_seed(case.seed)
-        model = case.model()
-        inputs = case.inputs()
-        targets = case.targets()
+        model = case.model().to(dtype)
+        inputs = _cast(case.inputs(), dtype)
+        targets = _cast(case.targets(), dtype)
     loss_fn = case.loss_fn()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return Built(
@@ -126,6 +127,12 @@ def build(case: Case, dtype: torch.dtype = torch.float64) -> Built:
         params=[p for _, p in named],
         func=closure(model, loss_fn, inputs, targets),
     )
+
+
+def _cast(data: Tensor | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor | tuple[Tensor, ...]:
+    if isinstance(data, tuple):
+        return tuple(_cast(t, dtype) for t in data)  # type: ignore[misc]
+    return data.to(dtype) if data.is_floating_point() else data
 
 
 # ----------------------------------------------------------------------------- models

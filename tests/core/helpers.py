@@ -5,13 +5,21 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+import torch_secorder as ts
+from torch_secorder import flatten
+
 
 def like(params: Sequence[Tensor], seed: int, k: int | None = None) -> list[Tensor]:
-    """A random vector like ``params`` (with a leading ``k`` when given), from ``seed``."""
-    g = torch.Generator(device=params[0].device).manual_seed(seed)
+    """A random vector like ``params`` (with a leading ``k`` when given), from ``seed``.
+
+    Drawn in float64 on the CPU, then cast to each parameter's dtype and device, so the same
+    seed gives the same vector (up to rounding) in every dtype.
+    """
+    g = torch.Generator().manual_seed(seed)
     lead = () if k is None else (k,)
     return [
-        torch.randn((*lead, *p.shape), generator=g, dtype=p.dtype, device=p.device) for p in params
+        torch.randn((*lead, *p.shape), generator=g, dtype=torch.float64).to(p.device, p.dtype)
+        for p in params
     ]
 
 
@@ -31,7 +39,10 @@ def snapshot(model: nn.Module) -> dict[str, object]:
     """Everything a call must leave unchanged: values, ``.grad``, flags, buffers, modes, RNG."""
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "grads": {n: p.grad for n, p in model.named_parameters()},
+        "grads": {
+            n: (p.grad, None if p.grad is None else p.grad.clone())
+            for n, p in model.named_parameters()
+        },
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "buffers": {n: b.clone() for n, b in model.named_buffers()},
         "buffer_ids": {n: id(b) for n, b in model.named_buffers()},
@@ -45,8 +56,10 @@ def assert_unchanged(before: dict[str, object], model: nn.Module) -> None:
     after = snapshot(model)
     for name, value in before["params"].items():
         torch.testing.assert_close(after["params"][name], value, rtol=0, atol=0)
-    for name, grad in before["grads"].items():
-        assert after["grads"][name] is grad, f".grad of {name} changed"
+    for name, (grad, value) in before["grads"].items():
+        assert after["grads"][name][0] is grad, f".grad of {name} was replaced"
+        if grad is not None:
+            torch.testing.assert_close(grad, value, rtol=0, atol=0)
     assert after["requires_grad"] == before["requires_grad"]
     assert after["buffers"].keys() == before["buffers"].keys()
     for name, value in before["buffers"].items():
@@ -59,3 +72,28 @@ def assert_unchanged(before: dict[str, object], model: nn.Module) -> None:
 def tensors_of(result: Tensor | Sequence[Tensor]) -> list[Tensor]:
     """The tensors of a result: a tensor or a list of tensors."""
     return [result] if isinstance(result, Tensor) else list(result)
+
+
+CALLS: dict[str, Callable[..., object]] = {
+    "hvp": lambda b: ts.hvp(b.func, b.params, like(b.params, seed=0)),
+    "hvp-flat": lambda b: ts.hvp(b.func, b.params, flatten(like(b.params, seed=0))),
+    "batched_hvp": lambda b: ts.batched_hvp(b.func, b.params, like(b.params, seed=0, k=3)),
+    "model_hvp": lambda b: ts.model_hvp(
+        b.model, b.loss_fn, b.inputs, b.targets, like(b.params, seed=0)
+    ),
+    "hessian_diagonal": lambda b: ts.hessian_diagonal(b.func, b.params),
+    "hessian_diagonal-v": lambda b: ts.hessian_diagonal(b.func, b.params, like(b.params, seed=0)),
+    "model_hessian_diagonal": lambda b: ts.model_hessian_diagonal(
+        b.model, b.loss_fn, b.inputs, b.targets
+    ),
+    "hessian_block": lambda b: ts.hessian_block(b.func, b.params[:1], b.params[1:]),
+    "hessian_blocks": lambda b: ts.hessian_blocks(b.func, b.params),
+    "hessian_matrix": lambda b: ts.hessian_matrix(b.func, b.params),
+    "model_hessian_matrix": lambda b: ts.model_hessian_matrix(
+        b.model, b.loss_fn, b.inputs, b.targets
+    ),
+}
+"""Every core function, called on a built case with valid arguments."""
+
+MODEL_FORMS = [name for name in CALLS if name.startswith("model_")]
+CLOSURE_FORMS = [name for name in CALLS if not name.startswith("model_")]

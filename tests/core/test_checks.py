@@ -454,3 +454,22 @@ def test_one_element_loss_is_a_scalar():
     x = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
     result = hvp(lambda: (x**3).sum().reshape(1, 1), [x], torch.ones(2, dtype=F64))
     torch.testing.assert_close(result, 6 * x.detach())
+
+
+@pytest.mark.parametrize(
+    ("loss", "error", "message"),
+    [
+        (lambda out: 1.0, TypeError, r"loss_fn must return a Tensor; got float\.$"),
+        (lambda out: out, ValueError, r"loss_fn must return a scalar loss; got a tensor of shape"),
+        (
+            lambda out: torch.tensor(1),
+            ValueError,
+            r"loss_fn must return a floating-point loss; got torch\.int64\.$",
+        ),
+    ],
+)
+@pytest.mark.parametrize("fname", MODEL_FORMS)
+def test_model_form_loss_errors_name_loss_fn(fname, loss, error, message):
+    pr = _problem()
+    with pytest.raises(error, match=f"^{fname}: {message}"):
+        _model_call(fname, pr, loss_fn=lambda out, target: loss(out))

@@ -32,17 +32,21 @@ CHUNK_MEMORY_BYTES = 2**30
 """Estimated memory one batched chunk of products may use when ``chunk_size=None``."""
 
 
-def scalar_loss(fname: str, loss: object) -> Tensor:
-    """Check that a closure returned a one-element floating tensor and make it 0-d."""
+def scalar_loss(fname: str, loss: object, source: str = "func") -> Tensor:
+    """Check that a closure returned a one-element floating tensor and make it 0-d.
+
+    ``source`` names the argument that computed the loss (``func``, or ``loss_fn`` for the
+    model forms).
+    """
     if not isinstance(loss, Tensor):
-        raise TypeError(f"{fname}: func must return a Tensor; got {type(loss).__name__}.")
+        raise TypeError(f"{fname}: {source} must return a Tensor; got {type(loss).__name__}.")
     if loss.numel() != 1:
         raise ValueError(
-            f"{fname}: func must return a scalar loss; got a tensor of shape "
+            f"{fname}: {source} must return a scalar loss; got a tensor of shape "
             f"{tuple(loss.shape)}. Reduce it, e.g. with .mean() or .sum()."
         )
     if not loss.is_floating_point():
-        raise ValueError(f"{fname}: func must return a floating-point loss; got {loss.dtype}.")
+        raise ValueError(f"{fname}: {source} must return a floating-point loss; got {loss.dtype}.")
     return loss.reshape(())
 
 
@@ -70,9 +74,13 @@ def forward_context(params: Sequence[Tensor], seed: int | None = None) -> Iterat
 
 @contextlib.contextmanager
 def requires_grad(params: Sequence[Tensor]) -> Iterator[None]:
-    """Enable gradients, and ``requires_grad`` on params lacking it, for the block's duration."""
+    """Enable gradients, and ``requires_grad`` on params lacking it, for the block's duration.
+
+    Also inside :func:`torch.no_grad` and :func:`torch.inference_mode` (where a forward pass
+    would otherwise build no graph and every curvature would silently be zero).
+    """
     frozen = [p for p in params if not p.requires_grad]
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         try:
             for p in frozen:
                 p.requires_grad_(True)
@@ -94,6 +102,7 @@ class GradientGraph:
         extra: Further tensors that products may differentiate with respect to (they are
             made to require gradients like ``params``).
         seed: Seed for the random draws of the closure (e.g. dropout), in a forked RNG.
+        source: The argument that computes the loss, for messages (``"loss_fn"`` for models).
 
     Attributes:
         loss: The loss value (detached).
@@ -114,6 +123,7 @@ class GradientGraph:
         strict: bool = False,
         extra: Sequence[Tensor] = (),
         seed: int | None = None,
+        source: str = "func",
     ) -> None:
         self.params = params
         self.differentiable = [*params, *(t for t in extra if all(t is not p for p in params))]
@@ -128,7 +138,7 @@ class GradientGraph:
 
         with forward_context(self.differentiable, seed):
             with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
-                loss = scalar_loss(fname, func())
+                loss = scalar_loss(fname, func(), source)
             self.saved_bytes = sum(storages.values())
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
@@ -330,58 +340,61 @@ class ChunkPlanner:
     """Choose chunk sizes for batched products by timing the products themselves.
 
     Batched products (``is_grads_batched``) save per-call overhead, but their vmapped kernels
-    can be slower than plain ones (on CPU they often are); which wins depends on the model,
-    the device and the chunk. The planner times two single products, then batched chunks of
-    8, 16, 32, ... products while the time per product keeps improving by 10%, up to ``cap``,
-    and from then on uses the fastest size seen. Every timed product is a useful one.
+    can be slower than plain ones (on CPU they often are, and some operators fall back to a
+    loop inside ``vmap``); which wins depends on the model, the device and the chunk. The
+    planner times two single products (a loop), then batched chunks of 2, 4, 8, ... products,
+    doubling up to ``cap`` as long as the time per product is not clearly worse (by more than
+    ``TOLERANCE``) than the best seen, and from then on uses the size with the best time per
+    product. Every timed product is a useful one: exploring costs only the difference between
+    the trial chunks and the best, at most a few products' time when batching loses.
 
     Args:
         cap: Largest chunk allowed (a memory bound).
-        device: Device the products run on (CUDA is synchronised before reading the clock).
+        device: Device the products run on (CUDA is synchronised before reading the clock,
+            while exploring only).
     """
 
-    FIRST_BATCH = 8
+    FIRST_BATCH = 2
+    TOLERANCE = 0.1
 
     def __init__(self, cap: int, device: torch.device) -> None:
-        self.cap = cap
+        self.cap = max(1, cap)
         self.sync = device.type == "cuda"
-        self.best_size = 1
-        self.best_time = math.inf
+        self.times: dict[int, float] = {}  # best seconds per product, by chunk size
         self.singles = 0
-        self.trial: int | None = None
-        self.settled = cap < 2
+        self.trial = 1
+        self.settled = self.cap == 1
+        self.best_size = 1
 
     def clock(self) -> float:
-        """Current time, after the device finished its queued work."""
-        if self.sync:
+        """Current time; while exploring, after the device finished its queued work."""
+        if self.sync and not self.settled:
             torch.cuda.synchronize()
         return time.perf_counter()
 
     def next_size(self) -> int:
         """Size of the next chunk."""
-        if self.settled:
-            return self.best_size
-        if self.singles < 2:
-            return 1
-        if self.trial is None:
-            self.trial = min(self.FIRST_BATCH, self.cap)
-        return self.trial
+        return self.best_size if self.settled else self.trial
 
     def record(self, size: int, seconds: float) -> None:
-        """Record how long a chunk of ``size`` products took."""
-        if self.settled:
+        """Record how long a chunk of ``size`` products took.
+
+        Only the size asked for counts (a last, partial chunk is ignored).
+        """
+        if self.settled or size != self.trial:
             return
         per_product = seconds / size
+        self.times[size] = min(self.times.get(size, math.inf), per_product)
+        best = min(self.times.values())
+        self.best_size = min(s for s, t in self.times.items() if t == best)
         if size == 1:
             self.singles += 1
-            self.best_time = min(self.best_time, per_product)
-        elif size == self.trial:
-            if per_product < 0.9 * self.best_time:
-                self.best_size, self.best_time = size, per_product
-                self.trial = size * 2
-                self.settled = self.trial > self.cap
-            else:
-                self.settled = True
+            if self.singles == 2:
+                self.trial = min(self.FIRST_BATCH, self.cap)
+        elif per_product > (1 + self.TOLERANCE) * best or size == self.cap:
+            self.settled = True
+        else:
+            self.trial = min(2 * size, self.cap)
 
 
 def unit_cotangents(params: Sequence[Tensor], start: int, stop: int) -> Cotangents:

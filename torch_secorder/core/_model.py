@@ -27,17 +27,24 @@ class Objective:
         func: Zero-argument closure returning the scalar loss.
         params: The parameters, validated.
         names: Their names where known (model forms), for messages.
+        source: The argument that computes the loss (``"loss_fn"`` for model forms).
     """
 
     fname: str
     func: LossClosure
     params: list[Tensor]
     names: list[str] | None = None
+    source: str = "func"
 
     def gradient(self, *, strict: bool = False) -> GradientGraph:
         """Call the closure once and keep its differentiable gradient."""
         return GradientGraph(
-            self.func, self.params, fname=self.fname, names=self.names, strict=strict
+            self.func,
+            self.params,
+            fname=self.fname,
+            names=self.names,
+            strict=strict,
+            source=self.source,
         )
 
 
@@ -62,7 +69,7 @@ def model_objective(
     check_inputs(fname, "inputs", inputs)
     func = batch_loss(model, loss_fn, inputs, targets)  # type: ignore[arg-type]
     with preserved_state(model):  # type: ignore[arg-type]
-        yield Objective(fname, func, tensors, names)
+        yield Objective(fname, func, tensors, names, source="loss_fn")
 
 
 def model_params(
