@@ -1,0 +1,319 @@
+"""Command line: ``torch-secorder report`` (also ``python -m torch_secorder report``).
+
+Writes a Hessian report of a model (top eigenvalues, trace, spectral density plot, per-layer
+table) as Markdown, JSON and PNG. With no arguments it trains a small network on data the
+package generates, so it runs on a fresh machine without downloads.
+"""
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch_secorder import __version__
+
+LOSSES: dict[str, Callable[..., Any]] = {
+    "cross-entropy": nn.CrossEntropyLoss,
+    "mse": nn.MSELoss,
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class UsageError(Exception):
+    """A problem with the command line or what it points to, reported in one line."""
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``torch-secorder``."""
+    main_parser = argparse.ArgumentParser(
+        prog="torch-secorder", description="Second-order analysis of PyTorch models."
+    )
+    main_parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = main_parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report",
+        help="write a Hessian report of a model",
+        description=(
+            "Write a Hessian report (top eigenvalues with residuals, trace with its standard "
+            "error, spectral density plot, per-layer table) as report.md, report.json and "
+            "density.png. Without --model and --data: a small MLP trained on generated spirals."
+        ),
+    )
+    report.add_argument("--out", type=Path, default=Path("hessian-report"), help="output folder")
+    report.add_argument("--model", metavar="MODULE:FACTORY", help="callable returning the model")
+    report.add_argument("--checkpoint", type=Path, help="state_dict file to load into the model")
+    report.add_argument(
+        "--data",
+        metavar="MODULE:FACTORY",
+        help="callable returning a Dataset, a DataLoader/list of (inputs, targets) batches, "
+        "or one batch",
+    )
+    report.add_argument(
+        "--loss",
+        default="cross-entropy",
+        help="cross-entropy, mse, or MODULE:FN with fn(outputs, targets) -> mean loss",
+    )
+    report.add_argument("--params", nargs="+", metavar="GLOB", help="parameters to analyse")
+    report.add_argument("--device", default="cpu", help="device, e.g. cpu or cuda:0")
+    report.add_argument("--dtype", choices=sorted(DTYPES), help="cast the model and data")
+    report.add_argument("--k", type=int, default=5, help="number of top eigenvalues")
+    report.add_argument("--probes", type=int, default=4, help="spectral density probes")
+    report.add_argument("--steps", type=int, default=100, help="Lanczos steps per probe")
+    report.add_argument("--trace-matvecs", type=int, default=100, help="Hutch++ budget")
+    report.add_argument("--batch-size", type=int, default=256, help="batch size for a Dataset")
+    report.add_argument("--seed", type=int, default=0, help="seed of the random probes")
+    report.add_argument("--threads", type=int, help="torch CPU threads")
+    report.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    report.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+    return main_parser
+
+
+def load_object(spec: str, option: str) -> Any:
+    """Import ``module:attribute`` (the module may be a dotted path or a ``.py`` file)."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise UsageError(f"{option} must look like module:attribute; got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise UsageError(f"{option}: no such file {module_name}")
+            spec_ = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec_)  # type: ignore[arg-type]
+            spec_.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UsageError(f"{option}: cannot import {module_name!r} ({err})") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise UsageError(f"{option}: module {module_name!r} has no {attribute!r}") from None
+
+
+def call_factory(spec: str, option: str) -> Any:
+    """Import a factory and call it without arguments."""
+    factory = load_object(spec, option)
+    if not callable(factory):
+        raise UsageError(f"{option}: {spec} is not callable")
+    return factory()
+
+
+def resolve_loss(name: str) -> Callable[..., Any]:
+    """A loss by name or import path."""
+    if name in LOSSES:
+        return LOSSES[name]()
+    if ":" not in name:
+        raise UsageError(f"--loss must be one of {', '.join(LOSSES)} or module:fn; got {name!r}")
+    loss = load_object(name, "--loss")
+    if not callable(loss):
+        raise UsageError(f"--loss: {name} is not callable")
+    return loss
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a state dict (possibly under a "state_dict" or "model_state_dict" key)."""
+    if not path.is_file():
+        raise UsageError(f"--checkpoint: no such file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"--checkpoint: cannot read {path} ({err})") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict):
+        raise UsageError(f"--checkpoint: {path} holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise UsageError(f"--checkpoint: {path} does not match the model: {detail}") from None
+
+
+def as_batches(data: Any, batch_size: int) -> Any:
+    """A Dataset becomes a DataLoader; batches are checked to hold tensors."""
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(
+        data, torch.utils.data.IterableDataset
+    ):
+        data = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    first = data if _is_pair(data) else next(iter(data), None)
+    if first is None:
+        raise UsageError("--data: the data set is empty")
+    if not _is_pair(first) or not _holds_tensor(first[0]):
+        raise UsageError(
+            "--data: batches must be (inputs, targets) pairs of tensors; got "
+            f"{type(first).__name__}"
+        )
+    return data
+
+
+def _is_pair(batch: Any) -> bool:
+    return (
+        isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)
+    )
+
+
+def _holds_tensor(inputs: Any) -> bool:
+    if isinstance(inputs, torch.Tensor):
+        return True
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    return isinstance(values, (tuple, list, type({}.values()))) and any(
+        isinstance(v, torch.Tensor) for v in values
+    )
+
+
+def _cast(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Move tensors to ``device``; cast floating ones to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        cast = dtype if dtype is not None and obj.is_floating_point() else obj.dtype
+        return obj.to(device=device, dtype=cast)
+    if isinstance(obj, dict):
+        return {key: _cast(value, device, dtype) for key, value in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(value, device, dtype) for value in obj)
+    return obj
+
+
+class _CastBatches:
+    """Re-iterable view of batches moved and cast on the fly."""
+
+    def __init__(self, batches: Any, device: torch.device, dtype: torch.dtype | None) -> None:
+        self.batches, self.device, self.dtype = batches, device, dtype
+
+    def __iter__(self) -> Any:
+        return (_cast(batch, self.device, self.dtype) for batch in self.batches)
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="stage", leave=False)
+
+
+def demo(dtype: torch.dtype, device: torch.device, progress: bool) -> tuple[nn.Module, Any, dict]:
+    """Train the package's small network on generated spirals."""
+    from torch_secorder._demo import demo_model, spirals, train
+
+    inputs, targets = spirals(dtype=dtype)
+    model = demo_model(dtype=dtype)
+    bar = _progress(progress, 1)
+    if bar is not None:
+        bar.set_description("training")
+    accuracy = train(model, inputs, targets)
+    if bar is not None:
+        bar.close()
+    model.to(device)
+    inputs, targets = inputs.to(device), targets.to(device)
+    data = list(zip(inputs.split(256), targets.split(256)))
+    setup = {
+        "model": "tanh MLP 2-32-32-3 (torch_secorder demo), trained with Adam",
+        "data": f"{len(inputs)} generated spiral points in {len(data)} batches",
+        "training accuracy": f"{accuracy:.3f}",
+        "loss": "cross-entropy",
+    }
+    return model, data, setup
+
+
+def run_report(args: argparse.Namespace) -> list[Path]:
+    """Build and write the report for parsed arguments."""
+    from torch_secorder._report import STAGES, hessian_report, write_report
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be positive; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    for option in ("k", "probes", "steps", "trace_matvecs", "batch_size"):
+        if getattr(args, option) < 1:
+            raise UsageError(
+                f"--{option.replace('_', '-')} must be positive; got {getattr(args, option)}"
+            )
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {args.device!r}") from None
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    progress = not args.no_progress
+    if (args.model is None) != (args.data is None):
+        raise UsageError("--model and --data go together (without both: the built-in demo)")
+    if args.model is None:
+        model, data, setup = demo(dtype or torch.float64, device, progress)
+        loss_fn = resolve_loss(args.loss)
+    else:
+        loss_fn = resolve_loss(args.loss)
+        model = call_factory(args.model, "--model")
+        if not isinstance(model, nn.Module):
+            raise UsageError(
+                f"--model: {args.model} returned a {type(model).__name__}, not a Module"
+            )
+        if args.checkpoint is not None:
+            load_checkpoint(model, args.checkpoint)
+        model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+        data = as_batches(call_factory(args.data, "--data"), args.batch_size)
+        data = _cast(data, device, dtype) if _is_pair(data) else _CastBatches(data, device, dtype)
+        setup = {"model": args.model, "data": args.data, "loss": args.loss}
+        if args.checkpoint is not None:
+            setup["checkpoint"] = str(args.checkpoint)
+    if args.checkpoint is not None and args.model is None:
+        load_checkpoint(model, args.checkpoint)
+    first = next(iter(model.parameters()), None)
+    setup["dtype"] = str(first.dtype).removeprefix("torch.") if first is not None else "-"
+    setup["device"] = str(device)
+    setup["mode"] = "train" if model.training else "eval"
+    bar = _progress(progress, len(STAGES))
+    try:
+        report, density = hessian_report(
+            model,
+            loss_fn,
+            data,
+            params=args.params,
+            k=args.k,
+            trace_matvecs=args.trace_matvecs,
+            probes=args.probes,
+            steps=args.steps,
+            seed=args.seed,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    report = {"setup": setup, **report, "torch_secorder": __version__, "torch": torch.__version__}
+    return write_report(report, density, args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; errors are one line on stderr and a non-zero exit status."""
+    args = parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        paths = run_report(args)
+    except KeyboardInterrupt:
+        print("torch-secorder: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.traceback:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        kind = "" if isinstance(err, UsageError) else f"{type(err).__name__}: "
+        print(f"torch-secorder report: error: {kind}{message}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    print(f"wrote {', '.join(str(p) for p in paths)} in {elapsed:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
