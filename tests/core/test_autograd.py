@@ -1,0 +1,379 @@
+"""The engine: one gradient graph per call, chunked and batched products, the loop fallback,
+unit cotangents, the memory cap and the chunk planner (fed synthetic timings)."""
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tests import reference as ref
+from tests.cases import build, case_by_id
+from tests.core.helpers import CALLS, CLOSURE_FORMS, Recorder, like
+from torch_secorder import batched_hvp, hessian_diagonal, hessian_matrix, hvp
+from torch_secorder.core import _autograd
+from torch_secorder.core._autograd import ChunkPlanner, GradientGraph, unit_cotangents
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- one graph per call
+
+
+@pytest.mark.parametrize("name", CLOSURE_FORMS)
+def test_each_call_evaluates_the_loss_once(name):
+    built = build(case_by_id("mlp-tanh-ce"))
+    built.func = Recorder(built.func)
+    CALLS[name](built)
+    assert built.func.calls == 1
+
+
+class _Marker:
+    pass
+
+
+class _Keep(torch.autograd.Function):
+    """Identity whose graph node holds a marker object, to observe when the graph is freed."""
+
+    markers: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.marker = _Marker()
+        _Keep.markers.append(weakref.ref(ctx.marker))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@pytest.mark.parametrize("name", CLOSURE_FORMS)
+def test_one_shot_functions_free_their_graph(name):
+    built = build(case_by_id("mse-mean"))
+    model, loss_fn, inputs, targets = built.model, built.loss_fn, built.inputs, built.targets
+    _Keep.markers = []
+    built.func = lambda: loss_fn(model(_Keep.apply(inputs)), targets)
+    CALLS[name](built)
+    gc.collect()
+    assert len(_Keep.markers) == 1
+    assert _Keep.markers[0]() is None, "the gradient graph outlived the call"
+
+
+def test_marker_detects_a_live_graph():
+    # the check above can fail: a graph kept alive keeps its marker
+    x = torch.ones(2, dtype=F64, requires_grad=True)
+    _Keep.markers = []
+    graph = GradientGraph(lambda: (_Keep.apply(x) ** 3).sum(), [x], fname="test")
+    gc.collect()
+    assert _Keep.markers[0]() is not None
+    graph.release()
+    gc.collect()
+    assert _Keep.markers[0]() is None
+
+
+# ----------------------------------------------------------------------------- GradientGraph
+
+
+def test_gradient_graph_attributes():
+    x = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    b = torch.tensor([3.0], dtype=F64, requires_grad=True)
+    unused = torch.ones(2, dtype=F64, requires_grad=True)
+    with GradientGraph(lambda: (x**3).sum() + 2 * b.sum(), [x, b, unused], fname="t") as graph:
+        assert graph.loss.item() == 1 + 8 + 6
+        assert not graph.loss.requires_grad
+        assert graph.grads[0] is not None
+        assert graph.grads[1] is None  # constant gradient: linear
+        assert graph.grads[2] is None  # no gradient: unused
+        assert graph.saved_bytes > 0
+        assert graph.batching
+        (hx, hb, hu) = graph.vjp([torch.ones(2, dtype=F64), None, None], graph.params)
+        assert_close(hx, 6 * x.detach())
+        assert_close(hb, torch.zeros(1, dtype=F64))
+        assert_close(hu, torch.zeros(2, dtype=F64))
+    assert graph.grads == [None, None, None]
+
+
+def test_vjp_where_nothing_is_differentiable_gives_zeros():
+    # the cotangent only meets a constant gradient: zeros, with the stack's leading k
+    x = torch.ones(2, 3, dtype=F64, requires_grad=True)
+    b = torch.ones(4, dtype=F64, requires_grad=True)
+    graph = GradientGraph(lambda: (x**3).sum() + b.sum(), [x, b], fname="t")
+    hx, hb = graph.vjp([None, torch.ones(5, 4, dtype=F64)], [x, b], batched=True)
+    assert_close(hx, torch.zeros(5, 2, 3, dtype=F64))
+    assert_close(hb, torch.zeros(5, 4, dtype=F64))
+    hx, hb = graph.vjp([None, torch.ones(4, dtype=F64)], [x, b])
+    assert_close(hx, torch.zeros(2, 3, dtype=F64))
+
+
+def test_strict_graph_names_the_parameter():
+    x = torch.ones(2, dtype=F64, requires_grad=True)
+    y = torch.ones(2, dtype=F64, requires_grad=True)
+    with pytest.raises(
+        ValueError, match=r"^f: the loss does not depend on params\[1\] \('layer\.y'\); "
+    ):
+        GradientGraph(lambda: (x**2).sum(), [x, y], fname="f", names=["x", "layer.y"], strict=True)
+
+
+def test_loss_that_does_not_require_grad_has_zero_curvature():
+    x = torch.ones(2, dtype=F64, requires_grad=True)
+    graph = GradientGraph(lambda: (x**2).sum().detach(), [x], fname="t")
+    assert graph.grads == [None]
+    assert_close(hvp(lambda: (x**2).sum().detach(), [x], x.detach()), torch.zeros(2, dtype=F64))
+    with pytest.raises(ValueError, match=r"^hvp: the loss does not depend on params\[0\]"):
+        hvp(lambda: (x**2).sum().detach(), [x], x.detach(), strict=True)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_dense_with_other_inputs_is_a_cross_block(chunk_size):
+    built = build(case_by_id("mlp-tanh-ce"))
+    rows, cols = built.params[2:], built.params[:2]
+    graph = GradientGraph(built.func, rows, fname="t", extra=cols)
+    block = graph.dense(cols, chunk_size=chunk_size)
+    assert_close(block, ref.block(ref.case_hessian(built), built.params, [2, 3], [0, 1]))
+
+
+def test_own_block_rows_yields_nothing_for_a_constant_gradient():
+    x = torch.ones(2, dtype=F64, requires_grad=True)
+    b = torch.ones(3, dtype=F64, requires_grad=True)
+    graph = GradientGraph(lambda: (x**3).sum() + b.sum(), [x, b], fname="t")
+    assert list(graph.own_block_rows(1)) == []
+    rows = list(graph.own_block_rows(0, chunk_size=1))
+    assert [start for start, _ in rows] == [0, 1]
+    assert_close(torch.cat([r for _, r in rows]), torch.diag(6 * x.detach()))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 7])
+def test_product_chunks_cover_all_products_in_order(chunk_size):
+    x = torch.arange(1.0, 8.0, dtype=F64, requires_grad=True)
+    graph = GradientGraph(lambda: (x**3).sum(), [x], fname="t")
+    chunks = list(
+        graph.product_chunks(
+            7, lambda start, stop: unit_cotangents([x], start, stop), [x], chunk_size=chunk_size
+        )
+    )
+    spans = [(start, stop) for start, stop, _ in chunks]
+    assert spans == [(s, min(s + chunk_size, 7)) for s in range(0, 7, chunk_size)]
+    H = torch.cat([products[0] for _, _, products in chunks])
+    assert_close(H, torch.diag(6 * x.detach()))
+
+
+# ----------------------------------------------------------------------------- unit cotangents
+
+
+def test_unit_cotangents_span_parameter_boundaries():
+    params = [torch.zeros(2, 2), torch.zeros(3), torch.zeros(1)]
+    rows = unit_cotangents(params, 3, 6)  # flat rows 3, 4, 5: last of the first, two of the second
+    assert rows[2] is None
+    assert rows[0].shape == (3, 2, 2)
+    assert rows[1].shape == (3, 3)
+    flat = torch.cat([rows[0].reshape(3, -1), rows[1].reshape(3, -1), torch.zeros(3, 1)], dim=1)
+    assert_close(flat, torch.eye(8)[3:6])
+
+
+def test_unit_cotangents_follow_dtype_and_device():
+    params = [torch.zeros(2, dtype=F64), torch.zeros(2, dtype=torch.float32)]
+    rows = unit_cotangents(params, 0, 4)
+    assert rows[0].dtype == F64
+    assert rows[1].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- loop fallback
+
+
+class _CubeGrad(torch.autograd.Function):
+    """The derivative 3 x^2 g of x^3, whose own backward has no batching rule (``.item()``)."""
+
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.save_for_backward(x, g)
+        return 3 * x**2 * g
+
+    @staticmethod
+    def backward(ctx, gg):
+        x, g = ctx.saved_tensors
+        scale = 1.0 if gg.abs().sum().item() >= 0 else 0.0  # data-dependent: not vmappable
+        return scale * 6 * x * g * gg, scale * 3 * x**2 * gg
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _CubeGrad.apply(x, g)
+
+
+def test_operator_without_batching_rule_falls_back_to_a_loop():
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
+    y = torch.tensor([0.3, 0.7], dtype=F64, requires_grad=True)
+
+    def func():
+        return _Cube.apply(x).sum() + (x[:2] * y).sum() ** 2
+
+    expected = ref.hessian(lambda x, y: (x**3).sum() + (x[:2] * y).sum() ** 2, [x, y])
+    graph = GradientGraph(func, [x, y], fname="t")
+    with pytest.raises(RuntimeError, match="Batching rule not implemented"):
+        graph.vjp(unit_cotangents([x, y], 0, 2), [x, y], batched=True)
+    assert graph.batching
+    assert_close(graph.dense([x, y], chunk_size=5), expected)
+    assert not graph.batching
+    assert_close(hessian_matrix(func, [x, y], chunk_size=3), expected)
+    assert_close(batched_hvp(func, [x, y], torch.eye(5, dtype=F64)), expected)
+    assert_close(ref.flat(hessian_diagonal(func, [x, y], chunk_size=2)), torch.diagonal(expected))
+
+
+def test_fallback_after_a_failing_batched_call(monkeypatch):
+    built = build(case_by_id("gru"))
+    vs = like(built.params, seed=1, k=6)
+    expected = batched_hvp(built.func, built.params, vs, chunk_size=1)
+    vjp = GradientGraph.vjp
+    batched_calls = []
+
+    def failing(self, cotangents, inputs, *, batched=False, create_graph=False):
+        if batched:
+            batched_calls.append(1)
+            raise RuntimeError("no batching rule")
+        return vjp(self, cotangents, inputs, batched=batched, create_graph=create_graph)
+
+    monkeypatch.setattr(GradientGraph, "vjp", failing)
+    result = batched_hvp(built.func, built.params, vs, chunk_size=4)
+    assert batched_calls == [1]  # tried once, then the loop for the rest
+    for r, e in zip(result, expected):
+        assert_close(r, e)
+
+
+def test_batched_and_loop_chunks_agree():
+    built = build(case_by_id("attention"))
+    graph = GradientGraph(built.func, built.params, fname="t")
+    cotangents = like(built.params, seed=2, k=3)
+    batched = graph._chunk(cotangents, built.params, 3, False)
+    graph.batching = False
+    loop = graph._chunk(cotangents, built.params, 3, False)
+    for b, lo in zip(batched, loop):
+        assert_close(b, lo)
+
+
+# ----------------------------------------------------------------------------- memory cap
+
+
+def test_memory_cap_is_at_least_one_and_shrinks_with_saved_bytes(monkeypatch):
+    built = build(case_by_id("mlp-tanh-ce"))
+    graph = GradientGraph(built.func, built.params, fname="t")
+    cap = graph.memory_cap(built.params)
+    assert cap >= 1
+    monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", graph.saved_bytes * 8)
+    assert 1 <= graph.memory_cap(built.params) <= 4
+    monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", 1)
+    assert graph.memory_cap(built.params) == 1
+
+
+def test_a_cap_of_one_runs_single_products(monkeypatch):
+    built = build(case_by_id("mse-mean"))
+    monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", 1)
+    sizes = []
+    chunk = GradientGraph._chunk
+
+    def spy(self, cotangents, inputs, size, create_graph):
+        sizes.append(size)
+        return chunk(self, cotangents, inputs, size, create_graph)
+
+    monkeypatch.setattr(GradientGraph, "_chunk", spy)
+    H = hessian_matrix(built.func, built.params)
+    assert sizes == [1] * 26
+    assert_close(H, ref.case_hessian(built))
+
+
+# ----------------------------------------------------------------------------- ChunkPlanner
+
+
+def _drive(planner, seconds, count=300):
+    """Run ``count`` chunks, timing each with ``seconds(size)``; return the sizes used."""
+    sizes = []
+    for _ in range(count):
+        size = planner.next_size()
+        sizes.append(size)
+        planner.record(size, seconds(size))
+    return sizes
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("cap", [0, 1])
+def test_planner_with_no_room_to_batch_runs_singles(cap):
+    planner = ChunkPlanner(cap, CPU)
+    assert _drive(planner, lambda size: 1.0 * size, count=20) == [1] * 20
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        lambda size: 1.0,  # one call costs the same for any size: batch as much as allowed
+        lambda size: 1.0 * size,  # no gain from batching
+        lambda size: 2.0 * size if size > 1 else 1.0,  # batching is slower
+        lambda size: size * (1 + 0.5 * (math.log2(size) - 3) ** 2),  # best at 8
+    ],
+    ids=["constant", "linear", "slower", "best-at-8"],
+)
+@pytest.mark.parametrize("cap", [2, 5, 16, 1000])
+def test_planner_settles_on_the_best_size_it_measured(seconds, cap):
+    planner = ChunkPlanner(cap, CPU)
+    sizes = _drive(planner, seconds)
+    assert all(1 <= s <= cap for s in sizes)
+    assert sizes[:2] == [1, 1]  # single products first
+    assert planner.settled
+    final = sizes[-1]
+    assert sizes[-50:] == [final] * 50
+    tried = set(sizes)
+    assert seconds(final) / final == min(seconds(s) / s for s in tried)
+
+
+def test_planner_batches_when_batching_pays():
+    planner = ChunkPlanner(64, CPU)
+    sizes = _drive(planner, lambda size: 1.0)
+    assert sizes[-1] == 64
+
+
+def test_planner_keeps_single_products_when_batching_is_slower():
+    planner = ChunkPlanner(64, CPU)
+    sizes = _drive(planner, lambda size: 3.0 * size if size > 1 else 1.0)
+    assert sizes[-1] == 1
+    assert sum(s > 1 for s in sizes) <= 1  # one trial chunk is all it costs
+
+
+def test_planner_finds_an_interior_optimum():
+    planner = ChunkPlanner(1000, CPU)
+    sizes = _drive(planner, lambda size: size * (1 + 0.5 * (math.log2(size) - 3) ** 2))
+    assert sizes[-1] == 8
+
+
+def test_planner_ignores_a_partial_last_chunk():
+    planner = ChunkPlanner(64, CPU)
+    planner.record(1, 1.0)
+    planner.record(1, 1.0)
+    trial = planner.next_size()
+    assert trial > 1
+    planner.record(trial - 1, 1e-9)  # a short last chunk, absurdly fast: not a measurement
+    assert planner.next_size() == trial
+    assert not planner.settled
+
+
+def test_planner_uses_the_best_of_repeated_single_timings():
+    planner = ChunkPlanner(64, CPU)
+    planner.record(1, 10.0)  # a slow first product (warm-up)
+    planner.record(1, 1.0)
+    trial = planner.next_size()
+    planner.record(trial, 1.5 * trial)  # batched: 1.5 per product, worse than the best single
+    assert planner.settled
+    assert planner.next_size() == 1
+
+
+def test_planner_does_not_synchronise_on_cpu():
+    assert not ChunkPlanner(8, CPU).sync
