@@ -104,17 +104,20 @@ def closure(
     return lambda: loss_fn(call_model(model, inputs), targets)
 
 
-def build(case: Case, dtype: torch.dtype = torch.float64) -> Built:
-    """Build a case with its seed in float64, then cast to ``dtype``; the global RNG is left alone.
+def build(
+    case: Case, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+) -> Built:
+    """Build a case with its seed in float64 on the CPU, then move it to ``dtype`` and ``device``.
 
-    A case built in float32 is its float64 build rounded, so the two are comparable. Integer
-    inputs and targets (class labels, token indices) keep their integer dtype.
+    A case built in float32 (or on a GPU) is its float64 CPU build rounded, so the builds are
+    comparable. Integer inputs and targets (class labels, token indices) keep their integer
+    dtype. The global RNG and the default dtype are left alone.
     """
     with torch.random.fork_rng(), default_dtype(torch.float64):
         torch.manual_seed(case.seed)
-        model = case.model().to(dtype)
-        inputs = _cast(case.inputs(), dtype)
-        targets = _cast(case.targets(), dtype)
+        model = case.model().to(device, dtype)
+        inputs = _cast(case.inputs(), dtype, device)
+        targets = _cast(case.targets(), dtype, device)
     loss_fn = case.loss_fn()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return Built(
@@ -129,10 +132,12 @@ def build(case: Case, dtype: torch.dtype = torch.float64) -> Built:
     )
 
 
-def _cast(data: Tensor | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor | tuple[Tensor, ...]:
+def _cast(
+    data: Tensor | tuple[Tensor, ...], dtype: torch.dtype, device: torch.device | str
+) -> Tensor | tuple[Tensor, ...]:
     if isinstance(data, tuple):
-        return tuple(_cast(t, dtype) for t in data)  # type: ignore[misc]
-    return data.to(dtype) if data.is_floating_point() else data
+        return tuple(_cast(t, dtype, device) for t in data)  # type: ignore[misc]
+    return data.to(device, dtype if data.is_floating_point() else data.dtype)
 
 
 # ----------------------------------------------------------------------------- models

@@ -56,6 +56,25 @@ def test_float32_keeps_dtype_and_device(name):
     _assert_same(result, expected)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(CALLS))
+@pytest.mark.parametrize("case_id", ["cnn-bn-train", "attention", "dropout"])
+def test_cuda_results_stay_on_the_device_and_match_cpu(name, case_id):
+    gpu = build(case_by_id(case_id), device="cuda")
+    cpu = build(case_by_id(case_id))
+    cuda_rng = torch.cuda.get_rng_state()
+    result = CALLS[name](gpu)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    for r in tensors_of(result):
+        assert r.device.type == "cuda"
+        assert r.dtype == torch.float64
+    if case_id != "dropout":  # CUDA draws other dropout masks than the CPU
+        expected = CALLS[name](cpu)
+        for r, e in zip(tensors_of(result), tensors_of(expected)):
+            assert_close(r.cpu(), e)
+
+
 def test_case_build_leaves_global_state_alone():
     state, dtype = torch.get_rng_state(), torch.get_default_dtype()
     build(case_by_id("dropout"), dtype=torch.float32)
