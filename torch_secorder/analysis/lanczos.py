@@ -157,7 +157,7 @@ def thick_restart_lanczos(
     start, _ = torch.linalg.qr(gaussian(generator, (n, b), dtype, device))
     V[:, :b] = start
     j, current = b, slice(0, b)
-    used, norm = 0, 0.0
+    used, norm, confirmed = 0, 0.0, False
     while True:
         W = yield V[:, current]
         used += current.stop - current.start
@@ -165,16 +165,21 @@ def thick_restart_lanczos(
         T[:j, current] = H.to(work)
         theta, Y = torch.linalg.eigh((T[:j, :j] + T[:j, :j].T) / 2)
         norm = max(norm, float(theta.abs().max()))
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        B = (S[:, None] * Vh).to(work)  # W = U B
+        U, singular, Vh = torch.linalg.svd(W, full_matrices=False)
+        B = (singular[:, None] * Vh).to(work)  # W = U B
         # Residuals of all Ritz pairs, from A V = V T + U B E^T (zero once V spans everything).
         residuals = (B @ Y[current]).norm(dim=0) if j < n else theta.new_zeros(j)
         order = wanted_order(theta, which)
         wanted = order[:k]
         scale = torch.clamp(theta[wanted].abs(), min=floor * norm)
         converged = j >= k and bool((residuals[wanted] <= tol * scale).all())
-        if converged:
+        # A vanishing residual direction means V spans an invariant subspace, which may hide
+        # multiple eigenvalues: accept such a convergence only after one fresh direction.
+        threshold = eps ** (2 / 3) * norm
+        weak = singular <= threshold
+        if converged and (j == n or confirmed or not bool(weak.any())):
             break
+        confirmed = converged
         # The next block; restart thick when the basis has no room for it.
         restart = j + min(b, n - j) > m
         keep = max(k, min((m + k) // 2, m - b, j)) if restart else j
@@ -192,7 +197,7 @@ def thick_restart_lanczos(
             coupling[:, current] = B
         j = keep
         take = min(width, U.shape[1])
-        strong = S[:take] > eps ** (2 / 3) * norm  # else an (almost) invariant subspace
+        strong = ~weak[:take]
         block, rows = U[:, :take][:, strong], coupling[:take][strong]
         if block.shape[1] < width:  # continue in fresh random directions
             missing = width - block.shape[1]

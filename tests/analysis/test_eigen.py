@@ -1,0 +1,283 @@
+import pytest
+import torch
+
+import torch_secorder as ts
+from tests.analysis.operators import (
+    DTYPE,
+    DenseOperator,
+    clustered,
+    dominant,
+    generator,
+    indefinite,
+    tanh_mlp,
+    with_spectrum,
+)
+
+SPECTRA = {"dominant": dominant(), "clustered": clustered(), "indefinite": indefinite()}
+
+
+def expected(eigenvalues: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    if which == "largest":
+        return eigenvalues.sort(descending=True).values[:k]
+    if which == "smallest":
+        return eigenvalues.sort().values[:k]
+    return eigenvalues[eigenvalues.abs().argsort(descending=True)][:k]
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_lanczos_finds_the_wanted_eigenpairs(spectrum, which, k):
+    lam = SPECTRA[spectrum]
+    A = with_spectrum(lam)
+    operator = DenseOperator(A)
+    result = ts.top_eigenvalues(operator, k=k, which=which, tol=1e-10)
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, expected(lam, k, which))
+    X = result.eigenvectors
+    assert X.shape == (len(lam), k)
+    torch.testing.assert_close(X.T @ X, torch.eye(k, dtype=DTYPE))
+    true_residuals = (A @ X - X * result.eigenvalues).norm(dim=0)
+    torch.testing.assert_close(result.residuals, true_residuals, rtol=1e-3, atol=1e-9)
+    assert bool((true_residuals <= 1e-10 * result.eigenvalues.abs()).all())
+    assert result.num_matvecs == operator.num_matvecs
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA)
+def test_defaults_give_the_top_eigenvalues_to_1e_3(spectrum):
+    lam = SPECTRA[spectrum]
+    result = ts.top_eigenvalues(DenseOperator(with_spectrum(lam, seed=3)), k=3)
+    truth = expected(lam, 3, "largest")
+    assert result.converged
+    assert bool(((result.eigenvalues - truth).abs() <= 1e-3 * truth.abs()).all())
+    relative = result.residuals / result.eigenvalues.abs()
+    assert bool((relative <= 1e-4).all())
+
+
+def test_lanczos_with_p_products_recovers_every_eigenvalue():
+    lam = torch.randn(30, generator=generator(1), dtype=DTYPE)
+    operator = DenseOperator(with_spectrum(lam))
+    result = ts.top_eigenvalues(operator, k=30, max_matvecs=30)
+    assert result.converged
+    assert result.num_matvecs == 30
+    torch.testing.assert_close(result.eigenvalues, lam.sort(descending=True).values)
+
+
+def test_repeated_eigenvalues_and_exhausted_krylov_spaces():
+    lam = torch.tensor([5.0] * 10 + [1.0] * 10, dtype=DTYPE)  # a Krylov space of dimension 2
+    result = ts.top_eigenvalues(DenseOperator(with_spectrum(lam)), k=3, which="smallest")
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([1.0, 1.0, 1.0], dtype=DTYPE))
+    X = result.eigenvectors
+    torch.testing.assert_close(X.T @ X, torch.eye(3, dtype=DTYPE))
+
+
+def test_zero_operator():
+    result = ts.top_eigenvalues(DenseOperator(torch.zeros(8, 8, dtype=DTYPE)), k=2)
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, torch.zeros(2, dtype=DTYPE))
+
+
+def test_too_small_a_budget_warns_and_reports_not_converged():
+    operator = DenseOperator(with_spectrum(clustered()))
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"top_eigenvalues: 1 of 1 eigen-problem did not "
+        r"reach tol=0\.0001 \(relative residual\) within max_matvecs=6",
+    ):
+        result = ts.top_eigenvalues(operator, k=2, max_matvecs=6)
+    assert not result.converged
+    assert result.num_matvecs == operator.num_matvecs == 6
+    assert result.eigenvalues.shape == (2,)
+
+
+def test_warning_points_at_the_caller():
+    with pytest.warns(RuntimeWarning) as record:
+        ts.top_eigenvalues(DenseOperator(with_spectrum(clustered())), max_matvecs=3)
+    assert record[0].filename == __file__
+
+
+POSITIVE_DOMINANT = torch.cat(
+    [torch.tensor([100.0, 60.0, -30.0, -20.0], dtype=DTYPE), torch.linspace(-5, 5, 96, dtype=DTYPE)]
+)
+
+
+@pytest.mark.parametrize(
+    ("which", "lam"),
+    [
+        ("magnitude", indefinite()),  # plain PyHessian power iteration
+        ("largest", indefinite()),  # the dominant eigenvalue is negative: shift by +50
+        ("smallest", POSITIVE_DOMINANT),  # the dominant eigenvalue is positive: shift by -100
+        ("largest", POSITIVE_DOMINANT),  # the first run is wanted, the second shifted
+    ],
+)
+def test_power_iteration_with_shift_and_deflation(which, lam):
+    truth = expected(lam, 2, which)
+    operator = DenseOperator(with_spectrum(lam))
+    result = ts.top_eigenvalues(
+        operator, k=2, which=which, method="power", tol=1e-10, max_matvecs=20000
+    )
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, truth, rtol=1e-6, atol=1e-6)  # slow tail
+    assert result.num_matvecs == operator.num_matvecs
+
+
+def test_power_default_budget_is_100_per_run():
+    operator = DenseOperator(with_spectrum(clustered()))
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"relative eigenvalue change\) within "
+        r"max_matvecs=300",
+    ):
+        result = ts.top_eigenvalues(operator, k=2, method="power", tol=1e-14)
+    assert result.num_matvecs <= 300
+
+
+def test_lanczos_needs_far_fewer_products_than_power_iteration():
+    lam = dominant()
+    truth = expected(lam, 3, "largest")
+    operator = DenseOperator(with_spectrum(lam))
+    lanczos = ts.top_eigenvalues(operator, k=3)
+    power = ts.top_eigenvalues(operator, k=3, method="power", tol=1e-7, max_matvecs=5000)
+    for result in (lanczos, power):
+        assert bool(((result.eigenvalues - truth).abs() <= 1e-3 * truth).all())
+    assert 3 * lanczos.num_matvecs <= power.num_matvecs
+
+
+def test_closure_form_returns_eigenvectors_like_params():
+    W = torch.zeros(2, 3, dtype=DTYPE, requires_grad=True)
+    b = torch.zeros(2, dtype=DTYPE, requires_grad=True)
+    A = with_spectrum(dominant(8))
+
+    def func():
+        x = torch.cat([W.reshape(-1), b])
+        return 0.5 * x @ A @ x
+
+    result = ts.top_eigenvalues(func, [W, b], k=3, tol=1e-10)
+    assert isinstance(result.eigenvectors, list)
+    assert [t.shape for t in result.eigenvectors] == [(3, 2, 3), (3, 2)]
+    flat = ts.flatten(result.eigenvectors, batched=True).T
+    torch.testing.assert_close(A @ flat, flat * result.eigenvalues)
+
+
+def test_mlp_eigenvalues_match_the_dense_hessian():
+    model, loss_fn, inputs, targets = tanh_mlp()
+    params = list(model.parameters())
+    func = lambda: loss_fn(model(inputs), targets)  # noqa: E731
+    eigenvalues = torch.linalg.eigvalsh(ts.hessian_matrix(func, params))
+    for which in ("largest", "smallest", "magnitude"):
+        result = ts.top_eigenvalues(func, params, k=3, which=which, tol=1e-9)
+        torch.testing.assert_close(result.eigenvalues, expected(eigenvalues, 3, which))
+        model_result = ts.model_top_eigenvalues(
+            model, loss_fn, (inputs, targets), k=3, which=which, tol=1e-9
+        )
+        torch.testing.assert_close(model_result.eigenvalues, result.eigenvalues)
+        a = ts.flatten(model_result.eigenvectors, batched=True)
+        b = ts.flatten(result.eigenvectors, batched=True)
+        # the same unit eigenvectors up to sign (rounding may flip the sign Lanczos settles on)
+        torch.testing.assert_close((a * b).sum(dim=1).abs(), torch.ones(3, dtype=DTYPE))
+
+
+def test_model_groups_analyse_each_diagonal_block():
+    model, loss_fn, inputs, targets = tanh_mlp()
+    named = dict(model.named_parameters())
+    H = ts.hessian_matrix(lambda: loss_fn(model(inputs), targets), list(named.values()))
+    results = ts.model_top_eigenvalues(
+        model, loss_fn, (inputs, targets), groups="module", k=2, tol=1e-9
+    )
+    assert list(results) == ["0", "2", "4"]
+    offset = 0
+    for name, result in results.items():
+        layer = [named[f"{name}.weight"], named[f"{name}.bias"]]
+        size = sum(p.numel() for p in layer)
+        block = H[offset : offset + size, offset : offset + size]
+        offset += size
+        truth = torch.linalg.eigvalsh(block).flip(0)[:2]
+        torch.testing.assert_close(result.eigenvalues, truth)
+        assert [t.shape for t in result.eigenvectors] == [(2, *p.shape) for p in layer]
+
+
+def test_model_form_leaves_no_trace():
+    model, loss_fn, inputs, targets = tanh_mlp()
+    model.eval()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = torch.get_rng_state()
+    ts.model_top_eigenvalues(model, loss_fn, (inputs, targets), k=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not model.training
+    for p, saved in zip(model.parameters(), before):
+        assert torch.equal(p, saved)
+        assert p.grad is None
+
+
+def test_reproducible_by_default_and_generator_changes_the_start():
+    operator = DenseOperator(with_spectrum(dominant()))
+    first = ts.top_eigenvalues(operator, k=2)
+    second = ts.top_eigenvalues(operator, k=2)
+    assert torch.equal(first.eigenvectors, second.eigenvectors)
+    third = ts.top_eigenvalues(operator, k=2, generator=generator(5))
+    assert not torch.equal(first.eigenvectors, third.eigenvectors)
+
+
+def test_float32_operator():
+    A = with_spectrum(dominant()).float()
+    result = ts.top_eigenvalues(DenseOperator(A), k=2)
+    assert result.converged
+    assert result.eigenvalues.dtype == result.eigenvectors.dtype == torch.float32
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([100.0, 60.0]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"k": 0}, ValueError, r"top_eigenvalues: k must be at least 1; got 0\."),
+        ({"k": 31}, ValueError, r"top_eigenvalues: k must be at most P=30; got k=31\."),
+        ({"k": 2.0}, TypeError, r"top_eigenvalues: k must be an int; got float\."),
+        (
+            {"which": "top"},
+            ValueError,
+            r"top_eigenvalues: which must be one of 'largest', 'smallest', 'magnitude'; "
+            r"got 'top'\.",
+        ),
+        (
+            {"method": "arnoldi"},
+            ValueError,
+            r"top_eigenvalues: method must be one of 'lanczos', 'power'; got 'arnoldi'\.",
+        ),
+        ({"tol": 0.0}, ValueError, r"top_eigenvalues: tol must be a finite positive number; got 0"),
+        ({"tol": "1e-3"}, TypeError, r"top_eigenvalues: tol must be a positive number; got str\."),
+        (
+            {"k": 3, "max_matvecs": 2},
+            ValueError,
+            r"top_eigenvalues: max_matvecs must be at least 3 \(Lanczos needs k=3 products\); "
+            r"got 2\.",
+        ),
+        (
+            {"k": 2, "method": "power", "max_matvecs": 5},
+            ValueError,
+            r"max_matvecs must be at least 6 \(power iteration needs 2 per run, 3 runs\); got 5\.",
+        ),
+        ({"generator": "seed"}, TypeError, r"generator must be None or a torch.Generator"),
+    ],
+)
+def test_bad_options_raise_before_any_product(kwargs, error, match):
+    operator = DenseOperator(with_spectrum(dominant(30)))
+    with pytest.raises(error, match=match):
+        ts.top_eigenvalues(operator, **kwargs)
+    assert operator.num_matvecs == 0
+
+
+def test_asymmetric_operator_is_refused():
+    A = torch.randn(30, 30, generator=generator(0), dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"top_eigenvalues: func_or_operator is not symmetric"):
+        ts.top_eigenvalues(DenseOperator(A))
+
+
+def test_model_form_k_larger_than_a_group():
+    model, loss_fn, inputs, targets = tanh_mlp()
+    with pytest.raises(
+        ValueError,
+        match=r"model_top_eigenvalues: k must be at most the size of "
+        r"a group=2; got k=3\.",
+    ):
+        ts.model_top_eigenvalues(model, loss_fn, (inputs, targets), groups="parameter", k=3)

@@ -1,0 +1,259 @@
+import math
+
+import pytest
+import torch
+
+import torch_secorder as ts
+from tests.analysis.operators import (
+    DTYPE,
+    DenseOperator,
+    dominant,
+    generator,
+    tanh_mlp,
+    with_spectrum,
+)
+from torch_secorder.analysis.trace import METHODS
+
+STOCHASTIC = ["hutchinson", "hutch++", "xtrace"]
+
+
+def quadratic(d: torch.Tensor):
+    """A loss with the diagonal Hessian diag(d) in one parameter x."""
+    x = torch.zeros(len(d), dtype=DTYPE, requires_grad=True)
+    return (lambda: 0.5 * (d * x**2).sum()), [x]
+
+
+def test_hutchinson_is_exact_on_a_diagonal_matrix():
+    d = torch.tensor([3.0, -1.0, 2.5, 7.0], dtype=DTYPE)
+    result = ts.hessian_trace(DenseOperator(torch.diag(d)), method="hutchinson", num_matvecs=5)
+    torch.testing.assert_close(result.value, d.sum())
+    torch.testing.assert_close(result.stderr, torch.zeros((), dtype=DTYPE))
+    assert result.num_matvecs == 5
+
+
+@pytest.mark.parametrize("method", STOCHASTIC)
+@pytest.mark.parametrize("seed", range(3))
+def test_estimate_is_within_four_standard_errors(method, seed):
+    A = with_spectrum(dominant(), seed=seed)
+    result = ts.hessian_trace(
+        DenseOperator(A), method=method, num_matvecs=60, generator=generator(seed)
+    )
+    assert result.stderr > 0
+    assert abs(result.value - A.trace()) <= 4 * result.stderr
+
+
+@pytest.mark.parametrize("method", ["hutch++", "xtrace"])
+def test_sketching_beats_hutchinson_on_dominant_eigenvalues(method):
+    A = with_spectrum(dominant())
+    truth = A.trace()
+
+    def rmse(name: str) -> float:
+        errors = [
+            float(
+                ts.hessian_trace(
+                    DenseOperator(A), method=name, num_matvecs=30, generator=generator(s)
+                ).value
+                - truth
+            )
+            for s in range(40)
+        ]
+        return math.sqrt(sum(e * e for e in errors) / len(errors))
+
+    assert rmse(method) < 0.25 * rmse("hutchinson")
+
+
+@pytest.mark.parametrize("method", STOCHASTIC)
+def test_reported_stderr_matches_the_spread_over_seeds(method):
+    A = with_spectrum(dominant())
+    results = [
+        ts.hessian_trace(DenseOperator(A), method=method, num_matvecs=40, generator=generator(s))
+        for s in range(60)
+    ]
+    values = torch.stack([r.value for r in results])
+    spread = float(values.std())
+    mean_stderr = float(torch.stack([r.stderr for r in results]).mean())
+    assert 0.5 * spread < mean_stderr < 2.0 * spread
+    # unbiased: the mean over seeds is within 4 standard errors of the mean
+    assert abs(float(values.mean() - A.trace())) < 4 * spread / math.sqrt(len(results))
+
+
+@pytest.mark.parametrize(
+    ("method", "num_matvecs", "used"),
+    [
+        ("hutchinson", 37, 37),
+        ("hutch++", 37, 37),  # 12 sketch, 12 basis, 13 probes
+        ("hutch++", 3, 3),
+        ("xtrace", 37, 36),  # 18 test vectors and their 18-column basis
+        ("xtrace", 2, 2),
+    ],
+)
+def test_products_are_counted_and_within_budget(method, num_matvecs, used):
+    operator = DenseOperator(with_spectrum(dominant()))
+    result = ts.hessian_trace(operator, method=method, num_matvecs=num_matvecs)
+    assert result.num_matvecs == used == operator.num_matvecs
+
+
+def test_probes_of_a_stage_run_as_one_product():
+    operator = DenseOperator(with_spectrum(dominant()))
+    ts.hessian_trace(operator, method="hutchinson", num_matvecs=40)
+    assert operator.widths == [40]
+    operator = DenseOperator(with_spectrum(dominant()))
+    ts.hessian_trace(operator, method="hutch++", num_matvecs=40)
+    assert operator.widths == [13, 27]  # the sketch, then its basis with the probes together
+
+
+def test_hutchinson_chunks_probes_when_memory_is_short(monkeypatch):
+    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 8 * 200 * 16)
+    operator = DenseOperator(with_spectrum(dominant()))
+    result = ts.hessian_trace(operator, method="hutchinson", num_matvecs=40)
+    assert operator.widths == [16, 16, 8]
+    assert result.num_matvecs == 40
+
+
+@pytest.mark.parametrize("method", ["hutch++", "xtrace"])
+def test_sketch_spanning_the_space_is_exact(method):
+    A = with_spectrum(torch.linspace(-2.0, 5.0, 6, dtype=DTYPE))
+    result = ts.hessian_trace(DenseOperator(A), method=method, num_matvecs=30)
+    torch.testing.assert_close(result.value, A.trace())
+    assert float(result.stderr) == 0.0
+    assert result.num_matvecs == 12  # 6 sketch vectors and a 6-column basis
+
+
+def test_xtrace_handles_a_low_rank_operator():
+    lam = torch.zeros(50, dtype=DTYPE)
+    lam[:3] = torch.tensor([4.0, 2.0, -1.0], dtype=DTYPE)
+    A = with_spectrum(lam)
+    result = ts.hessian_trace(DenseOperator(A), method="xtrace", num_matvecs=20)
+    torch.testing.assert_close(result.value, A.trace())
+    assert float(result.stderr) < 1e-10
+
+
+def test_exact_operator_form_uses_unit_vectors():
+    A = with_spectrum(dominant(30))
+    operator = DenseOperator(A)
+    result = ts.hessian_trace(operator, method="exact")
+    torch.testing.assert_close(result.value, A.trace())
+    assert float(result.stderr) == 0.0
+    assert result.num_matvecs == operator.num_matvecs == 30
+
+
+def test_single_hutchinson_probe_has_undefined_stderr():
+    result = ts.hessian_trace(
+        DenseOperator(with_spectrum(dominant())), method="hutchinson", num_matvecs=1
+    )
+    assert math.isnan(float(result.stderr))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_closure_form_matches_the_operator_form(method):
+    d = torch.tensor([1.0, 2.0, -3.0, 4.0, 0.5], dtype=DTYPE)
+    func, params = quadratic(d)
+    closure = ts.hessian_trace(func, params, method=method, num_matvecs=4)
+    operator = ts.hessian_trace(DenseOperator(torch.diag(d)), method=method, num_matvecs=4)
+    torch.testing.assert_close(closure.value, operator.value)
+    torch.testing.assert_close(closure.stderr, operator.stderr)
+    assert closure.num_matvecs == operator.num_matvecs
+
+
+def test_mlp_trace_matches_the_dense_hessian():
+    model, loss_fn, inputs, targets = tanh_mlp()
+    params = list(model.parameters())
+    H = ts.hessian_matrix(lambda: loss_fn(model(inputs), targets), params)
+    size = H.shape[0]
+    for method in METHODS:  # with 3 P products the sketches span the space: exact
+        result = ts.model_hessian_trace(
+            model, loss_fn, (inputs, targets), method=method, num_matvecs=3 * size
+        )
+        if method == "hutchinson":
+            assert abs(result.value - H.trace()) <= 4 * result.stderr
+        else:
+            torch.testing.assert_close(result.value, H.trace())
+
+
+def test_model_groups_estimate_each_diagonal_block():
+    model, loss_fn, inputs, targets = tanh_mlp()
+    named = dict(model.named_parameters())
+    H = ts.hessian_matrix(lambda: loss_fn(model(inputs), targets), list(named.values()))
+    results = ts.model_hessian_trace(
+        model, loss_fn, (inputs, targets), groups="parameter", method="exact"
+    )
+    assert list(results) == list(named)
+    diagonal = H.diagonal().split([p.numel() for p in named.values()])
+    for (name, result), block in zip(results.items(), diagonal):
+        torch.testing.assert_close(result.value, block.sum(), msg=name)
+        assert result.num_matvecs == named[name].numel()
+
+
+def test_defaults_are_reproducible_and_generators_independent():
+    operator = DenseOperator(with_spectrum(dominant()))
+    first = ts.hessian_trace(operator)
+    second = ts.hessian_trace(operator)
+    torch.testing.assert_close(first.value, second.value)
+    other = ts.hessian_trace(operator, generator=generator(123))
+    assert float(other.value) != float(first.value)
+
+
+def test_global_rng_is_untouched():
+    operator = DenseOperator(with_spectrum(dominant()))
+    state = torch.get_rng_state()
+    for method in METHODS:
+        ts.hessian_trace(operator, method=method, num_matvecs=10)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_float32_operator_keeps_dtype():
+    A = with_spectrum(dominant()).float()
+    result = ts.hessian_trace(DenseOperator(A), num_matvecs=30)
+    assert result.value.dtype == result.stderr.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"method": "hutch"},
+            ValueError,
+            r"hessian_trace: method must be one of 'hutch\+\+', 'hutchinson', 'xtrace', 'exact'; "
+            r"got 'hutch'\.",
+        ),
+        ({"method": 3}, TypeError, r"hessian_trace: method must be a str"),
+        (
+            {"method": "hutch++", "num_matvecs": 2},
+            ValueError,
+            r"hessian_trace: num_matvecs must be at least 3 \(method='hutch\+\+' needs a sketch, "
+            r"its projection and a Hutchinson probe\); got 2\.",
+        ),
+        ({"method": "xtrace", "num_matvecs": 1}, ValueError, r"num_matvecs must be at least 2"),
+        ({"method": "hutchinson", "num_matvecs": 0}, ValueError, r"num_matvecs must be at least 1"),
+        (
+            {"num_matvecs": 10.0},
+            TypeError,
+            r"hessian_trace: num_matvecs must be an int; got float\.",
+        ),
+        ({"num_matvecs": True}, TypeError, r"num_matvecs must be an int; got bool\."),
+        (
+            {"generator": 0},
+            TypeError,
+            r"hessian_trace: generator must be None or a torch.Generator; got int\.",
+        ),
+    ],
+)
+def test_bad_options_raise_before_any_product(kwargs, error, match):
+    operator = DenseOperator(with_spectrum(dominant()))
+    with pytest.raises(error, match=match):
+        ts.hessian_trace(operator, **kwargs)
+    assert operator.num_matvecs == 0
+
+
+def test_asymmetric_operator_is_refused():
+    A = torch.randn(30, 30, generator=generator(0), dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"hessian_trace: func_or_operator is not symmetric"):
+        ts.hessian_trace(DenseOperator(A))
+
+
+def test_model_form_errors_name_the_function():
+    model, loss_fn, inputs, targets = tanh_mlp()
+    with pytest.raises(ValueError, match=r"model_hessian_trace: method must be one of"):
+        ts.model_hessian_trace(model, loss_fn, (inputs, targets), method="power")
+    with pytest.raises(ValueError, match=r"model_hessian_trace: groups must be None, 'module'"):
+        ts.model_hessian_trace(model, loss_fn, (inputs, targets), groups="layer")
