@@ -345,7 +345,7 @@ def test_planner_keeps_single_products_when_batching_is_slower():
     planner = ChunkPlanner(64, CPU)
     sizes = _drive(planner, lambda size: 3.0 * size if size > 1 else 1.0)
     assert sizes[-1] == 1
-    assert sum(s > 1 for s in sizes) <= 1  # one trial chunk is all it costs
+    assert sum(s > 1 for s in sizes) <= 2  # one trial chunk, timed twice, is all it costs
 
 
 def test_planner_finds_an_interior_optimum():
@@ -371,6 +371,8 @@ def test_planner_uses_the_best_of_repeated_single_timings():
     planner.record(1, 1.0)
     trial = planner.next_size()
     planner.record(trial, 1.5 * trial)  # batched: 1.5 per product, worse than the best single
+    assert planner.next_size() == trial  # a trial that looks worse is timed once more
+    planner.record(trial, 1.5 * trial)
     assert planner.settled
     assert planner.next_size() == 1
 

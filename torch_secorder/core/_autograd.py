@@ -345,8 +345,10 @@ class ChunkPlanner:
     planner times two single products (a loop), then batched chunks of 2, 4, 8, ... products,
     doubling up to ``cap`` as long as the time per product is not clearly worse (by more than
     ``TOLERANCE``) than the best seen, and from then on uses the size with the best time per
-    product. Every timed product is a useful one: exploring costs only the difference between
-    the trial chunks and the best, at most a few products' time when batching loses.
+    product. A size is judged by the faster of two timings (a loaded machine only ever makes
+    a chunk slower), so one slow outlier does not end the search. Every timed product is a
+    useful one: exploring costs only the difference between the trial chunks and the best, a
+    few products' time when batching loses.
 
     Args:
         cap: Largest chunk allowed (a memory bound).
@@ -360,8 +362,8 @@ class ChunkPlanner:
     def __init__(self, cap: int, device: torch.device) -> None:
         self.cap = max(1, cap)
         self.sync = device.type == "cuda"
-        self.times: dict[int, float] = {}  # best seconds per product, by chunk size
-        self.singles = 0
+        self.times: dict[int, float] = {}  # fastest seconds per product, by chunk size
+        self.counts: dict[int, int] = {}  # timings taken, by chunk size
         self.trial = 1
         self.settled = self.cap == 1
         self.best_size = 1
@@ -383,15 +385,15 @@ class ChunkPlanner:
         """
         if self.settled or size != self.trial:
             return
-        per_product = seconds / size
-        self.times[size] = min(self.times.get(size, math.inf), per_product)
+        self.times[size] = min(self.times.get(size, math.inf), seconds / size)
+        self.counts[size] = self.counts.get(size, 0) + 1
         best = min(self.times.values())
         self.best_size = min(s for s, t in self.times.items() if t == best)
+        if self.counts[size] < 2 and (size == 1 or self.times[size] > (1 + self.TOLERANCE) * best):
+            return  # time it once more: two singles, or a trial that looked worse
         if size == 1:
-            self.singles += 1
-            if self.singles == 2:
-                self.trial = min(self.FIRST_BATCH, self.cap)
-        elif per_product > (1 + self.TOLERANCE) * best or size == self.cap:
+            self.trial = min(self.FIRST_BATCH, self.cap)
+        elif self.times[size] > (1 + self.TOLERANCE) * best or size == self.cap:
             self.settled = True
         else:
             self.trial = min(2 * size, self.cap)

@@ -1,0 +1,584 @@
+"""Benchmark the exact core of torch_secorder against hand-written autograd and torch.func.
+
+Measures, on a tanh MLP and a small CNN (cross-entropy loss):
+
+a. one Hessian-vector product (``hvp``) vs one gradient and vs a hand-written double
+   backward (gradient with ``create_graph``, dot with ``v``, gradient again);
+b. ``k`` products (``batched_hvp`` with the adaptive chunk planner) vs a hand-written loop
+   over one retained graph and vs one hand-written ``is_grads_batched`` call;
+c. the exact diagonal (``hessian_diagonal``) vs a per-element double-backward loop (one
+   backward per element, as torch-secorder 0.0.1 does) and vs ``torch.func`` (vmapped
+   forward-over-reverse products with unit vectors); both baselines are timed on a
+   stratified subset of the elements and extrapolated linearly, as the table says;
+d. the full Hessian (``hessian_matrix``) vs ``torch.func.hessian`` over ``functional_call``.
+
+Every time is the median over repeats; the methods of one measurement alternate within each
+repeat so that load on a shared machine hits them alike; ratios come from the same run. Each
+result is checked against its baseline (largest difference relative to the largest entry).
+
+Usage::
+
+    python benchmarks/bench_core.py             # the full run (several minutes)
+    python benchmarks/bench_core.py --quick     # a smoke run on tiny models (seconds)
+
+Optional peer: torch-secorder 0.0.1's ``exact_hvp`` in (a), given the directory of its
+unpacked wheel (``--peer-0.0.1 DIR``; see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jvp, vmap
+
+import torch_secorder as ts
+
+
+# ----------------------------------------------------------------------------- workloads
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    inputs: Tensor
+    targets: Tensor
+    params: list[Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = list(self.model.parameters())
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def loss(self) -> Tensor:
+        return F.cross_entropy(self.model(self.inputs), self.targets)
+
+    def flat_loss(self) -> Callable[[Tensor], Tensor]:
+        """The loss as a function of one flat parameter vector, for torch.func."""
+        names = [name for name, _ in self.model.named_parameters()]
+        shapes = [p.shape for p in self.params]
+        sizes = [p.numel() for p in self.params]
+        buffers = dict(self.model.named_buffers())
+
+        def f(theta: Tensor) -> Tensor:
+            tensors = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+            out = functional_call(self.model, {**tensors, **buffers}, (self.inputs,))
+            return F.cross_entropy(out, self.targets)
+
+        return f
+
+    def theta(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+
+def mlp(width: int, batch: int, dtype: torch.dtype) -> Workload:
+    model = nn.Sequential(
+        nn.Linear(width, width),
+        nn.Tanh(),
+        nn.Linear(width, width),
+        nn.Tanh(),
+        nn.Linear(width, 10),
+    ).to(dtype)
+    inputs = torch.randn(batch, width, dtype=dtype)
+    return Workload("mlp", model, inputs, torch.randint(0, 10, (batch,)))
+
+
+def cnn(channels: int, batch: int, size: int, dtype: torch.dtype) -> Workload:
+    model = nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(channels, 2 * channels, 3, padding=1),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(2 * channels * 16, 10),
+    ).to(dtype)
+    inputs = torch.randn(batch, 1, size, size, dtype=dtype)
+    return Workload("cnn", model, inputs, torch.randint(0, 10, (batch,)))
+
+
+# ----------------------------------------------------------------------------- timing
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
+def measure(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Time each method ``repeats`` times after one warm-up call, alternating the methods.
+
+    The order rotates from repeat to repeat, so no method always runs first or last.
+    """
+    names = list(methods)
+    for name in names:
+        methods[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            tic = clock()
+            methods[name]()
+            times[name].append(clock() - tic)
+    return times
+
+
+def median(times: Sequence[float]) -> float:
+    return statistics.median(times)
+
+
+def spread(times: Sequence[float]) -> float:
+    """Relative interquartile range, a noise figure."""
+    if len(times) < 4:
+        return (max(times) - min(times)) / median(times)
+    q = statistics.quantiles(times, n=4)
+    return (q[2] - q[0]) / median(times)
+
+
+def rel_diff(a: Sequence[Tensor] | Tensor, b: Sequence[Tensor] | Tensor) -> float:
+    """Largest absolute difference relative to the largest entry of ``b``."""
+    a = a if isinstance(a, Tensor) else torch.cat([t.reshape(-1) for t in a])
+    b = b if isinstance(b, Tensor) else torch.cat([t.reshape(-1) for t in b])
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- output
+@dataclass
+class Row:
+    section: str
+    workload: str
+    method: str
+    seconds: float
+    spread: float
+    ratio: float | None = None
+    ratio_to: str = ""
+    check: float | None = None
+    note: str = ""
+
+
+ROWS: list[Row] = []
+
+
+def report(row: Row) -> None:
+    ROWS.append(row)
+    ratio = "" if row.ratio is None else f"{row.ratio:7.3f}x {row.ratio_to}"
+    check = "" if row.check is None else f"diff {row.check:.1e}"
+    print(
+        f"  {row.workload:4} {row.method:44} {fmt_time(row.seconds):>10} "
+        f"±{100 * row.spread:4.0f}%  {ratio:28} {check:14} {row.note}",
+        flush=True,
+    )
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| section | model | method | median | IQR | ratio | check | note |",
+        "|---|---|---|---:|---:|---|---|---|",
+    ]
+    for row in rows:
+        ratio = "" if row.ratio is None else f"{row.ratio:.3f}x {row.ratio_to}"
+        check = "" if row.check is None else f"{row.check:.0e}"
+        lines.append(
+            f"| {row.section} | {row.workload} | {row.method} | {fmt_time(row.seconds)} | "
+            f"{100 * row.spread:.0f}% | {ratio} | {check} | {row.note} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- (a) one HVP
+def bench_hvp(w: Workload, repeats: int, peer: object | None) -> None:
+    params, func = w.params, w.loss
+    gen = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+    def gradient() -> object:
+        return torch.autograd.grad(func(), params)
+
+    def hand() -> list[Tensor]:
+        g = torch.autograd.grad(func(), params, create_graph=True)
+        dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
+        return list(torch.autograd.grad(dot, params))
+
+    def library() -> list[Tensor]:
+        return ts.hvp(func, params, v)
+
+    methods: dict[str, Callable[[], object]] = {
+        "gradient": gradient,
+        "hand double backward": hand,
+        "torch_secorder.hvp": library,
+    }
+    if peer is not None:
+        methods["torch-secorder 0.0.1 exact_hvp (peer)"] = lambda: peer.exact_hvp(func, params, v)
+    times = measure(methods, repeats)
+    t = {name: median(ts_) for name, ts_ in times.items()}
+    reference = hand()
+    report(Row("a", w.name, "gradient", t["gradient"], spread(times["gradient"])))
+    report(
+        Row(
+            "a",
+            w.name,
+            "hand double backward",
+            t["hand double backward"],
+            spread(times["hand double backward"]),
+            t["hand double backward"] / t["gradient"],
+            "gradient",
+        )
+    )
+    report(
+        Row(
+            "a",
+            w.name,
+            "torch_secorder.hvp",
+            t["torch_secorder.hvp"],
+            spread(times["torch_secorder.hvp"]),
+            t["torch_secorder.hvp"] / t["gradient"],
+            "gradient",
+            rel_diff(library(), reference),
+        )
+    )
+    report(
+        Row(
+            "a",
+            w.name,
+            "torch_secorder.hvp / hand",
+            t["torch_secorder.hvp"],
+            spread(times["torch_secorder.hvp"]),
+            t["torch_secorder.hvp"] / t["hand double backward"],
+            "hand (target <= 1.05)",
+        )
+    )
+    for name in methods:
+        if name.endswith("(peer)"):
+            result = peer.exact_hvp(func, params, v)  # type: ignore[union-attr]
+            report(
+                Row(
+                    "a",
+                    w.name,
+                    name,
+                    t[name],
+                    spread(times[name]),
+                    t[name] / t["hand double backward"],
+                    "hand",
+                    rel_diff(list(result), reference),
+                )
+            )
+
+
+# ----------------------------------------------------------------------------- (b) k HVPs
+def bench_batched(w: Workload, k: int, repeats: int) -> None:
+    params, func = w.params, w.loss
+    gen = torch.Generator().manual_seed(2)
+    vs = [torch.randn((k, *p.shape), generator=gen, dtype=p.dtype) for p in params]
+
+    def loop() -> list[Tensor]:
+        g = torch.autograd.grad(func(), params, create_graph=True)
+        columns = [
+            torch.autograd.grad(g, params, [u[j] for u in vs], retain_graph=True) for j in range(k)
+        ]
+        return [torch.stack(c) for c in zip(*columns)]
+
+    def batched() -> list[Tensor]:
+        g = torch.autograd.grad(func(), params, create_graph=True)
+        return list(torch.autograd.grad(g, params, vs, is_grads_batched=True))
+
+    def library() -> list[Tensor]:
+        return ts.batched_hvp(func, params, vs)
+
+    methods = {
+        "hand loop (one graph, retain_graph)": loop,
+        "hand is_grads_batched (one call)": batched,
+        "torch_secorder.batched_hvp": library,
+    }
+    times = measure(methods, repeats)
+    t = {name: median(ts_) for name, ts_ in times.items()}
+    reference = loop()
+    best = min(t["hand loop (one graph, retain_graph)"], t["hand is_grads_batched (one call)"])
+    label = f"k={k}"
+    for name in methods:
+        lib = name == "torch_secorder.batched_hvp"
+        report(
+            Row(
+                "b",
+                w.name,
+                f"{name}, {label}",
+                t[name],
+                spread(times[name]),
+                t[name] / best,
+                "better hand" + (" (target <= 1)" if lib else ""),
+                rel_diff(library(), reference) if lib else None,
+            )
+        )
+
+
+# ----------------------------------------------------------------------------- (c) diagonal
+def stratified_rows(params: Sequence[Tensor], count: int) -> list[list[int]]:
+    """For each parameter, about ``count * n_i / P`` evenly spaced element indices (>= 1)."""
+    total = sum(p.numel() for p in params)
+    rows = []
+    for p in params:
+        m = min(p.numel(), max(1, round(count * p.numel() / total)))
+        rows.append(sorted({math.floor(j * p.numel() / m) for j in range(m)}))
+    return rows
+
+
+def per_element_loop(w: Workload, rows: list[list[int]]) -> tuple[float, list[Tensor]]:
+    """Time the per-element loop on ``rows``; extrapolate to all elements (linear in count)."""
+    params = w.params
+    tic = clock()
+    g = torch.autograd.grad(w.loss(), params, create_graph=True)
+    seconds = clock() - tic
+    values = []
+    for p, gi, idx in zip(params, g, rows):
+        flat = gi.reshape(-1)
+        tic = clock()
+        entries = [
+            torch.autograd.grad(flat[j], p, retain_graph=True)[0].reshape(-1)[j] for j in idx
+        ]
+        seconds += (clock() - tic) * p.numel() / len(idx)
+        values.append(torch.stack(entries))
+    return seconds, values
+
+
+def func_diagonal(w: Workload, rows: list[list[int]], chunk: int) -> tuple[float, list[Tensor]]:
+    """Time torch.func unit-vector HVPs (vmapped jvp of grad) on ``rows``; extrapolate."""
+    f, theta = w.flat_loss(), w.theta()
+    offsets = [0]
+    for p in w.params:
+        offsets.append(offsets[-1] + p.numel())
+    flat_rows = torch.tensor([offsets[i] + j for i, idx in enumerate(rows) for j in idx])
+
+    def hvp_row(u: Tensor) -> Tensor:
+        return jvp(grad(f), (theta,), (u,))[1]
+
+    tic = clock()
+    basis = torch.zeros(len(flat_rows), theta.numel(), dtype=theta.dtype)
+    basis[torch.arange(len(flat_rows)), flat_rows] = 1
+    products = vmap(hvp_row, chunk_size=chunk)(basis)
+    entries = products[torch.arange(len(flat_rows)), flat_rows]
+    seconds = (clock() - tic) * theta.numel() / len(flat_rows)
+    values = list(entries.split([len(idx) for idx in rows]))
+    return seconds, values
+
+
+def bench_diagonal(w: Workload, repeats: int, subset: int, func_chunk: int) -> None:
+    params, func = w.params, w.loss
+    rows = stratified_rows(params, subset)
+    picked = sum(len(r) for r in rows)
+    loop_times: list[float] = []
+    func_times: list[float] = []
+    lib_times: list[float] = []
+    loop_values: list[Tensor] = []
+    func_values: list[Tensor] = []
+    lib_values: list[Tensor] = []
+    for r in range(repeats + 1):  # round 0 warms up and is not kept
+        order = [0, 1, 2][r % 3 :] + [0, 1, 2][: r % 3]
+        for which in order:
+            if which == 0:
+                seconds, loop_values = per_element_loop(w, rows)
+                loop_times.append(seconds)
+            elif which == 1:
+                seconds, func_values = func_diagonal(w, rows, func_chunk)
+                func_times.append(seconds)
+            else:
+                tic = clock()
+                lib_values = ts.hessian_diagonal(func, params)
+                lib_times.append(clock() - tic)
+    loop_times, func_times, lib_times = loop_times[1:], func_times[1:], lib_times[1:]
+    lib_subset = [d.reshape(-1)[idx] for d, idx in zip(lib_values, rows)]
+    note = f"extrapolated from {picked} of {w.num_params} elements"
+    t_loop, t_func, t_lib = median(loop_times), median(func_times), median(lib_times)
+    report(
+        Row("c", w.name, "per-element double-backward loop", t_loop, spread(loop_times), note=note)
+    )
+    report(
+        Row(
+            "c",
+            w.name,
+            "torch.func vmap(jvp(grad)) unit vectors",
+            t_func,
+            spread(func_times),
+            t_func / t_lib,
+            "torch_secorder",
+            rel_diff(func_values, loop_values),
+            note + f"; vmap chunk_size={func_chunk}",
+        )
+    )
+    report(
+        Row(
+            "c",
+            w.name,
+            "torch_secorder.hessian_diagonal",
+            t_lib,
+            spread(lib_times),
+            t_loop / t_lib,
+            "speed-up over loop (target >= 5)",
+            rel_diff(lib_subset, loop_values),
+            "all elements",
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- (d) Hessian
+def bench_matrix(w: Workload, repeats: int) -> None:
+    params, func = w.params, w.loss
+    f, theta = w.flat_loss(), w.theta()
+    methods = {
+        "torch.func.hessian (functional_call)": lambda: hessian(f)(theta),
+        "torch_secorder.hessian_matrix": lambda: ts.hessian_matrix(func, params),
+    }
+    times = measure(methods, repeats)
+    t = {name: median(ts_) for name, ts_ in times.items()}
+    reference = methods["torch.func.hessian (functional_call)"]()
+    result = methods["torch_secorder.hessian_matrix"]()
+    name = "torch.func.hessian (functional_call)"
+    report(Row("d", w.name, name, t[name], spread(times[name])))
+    name = "torch_secorder.hessian_matrix"
+    report(
+        Row(
+            "d",
+            w.name,
+            name,
+            t[name],
+            spread(times[name]),
+            t[name] / t["torch.func.hessian (functional_call)"],
+            "torch.func (target <= 1)",
+            rel_diff(result, reference),
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- peers
+def load_peer(path: str) -> object:
+    """Import torch-secorder 0.0.1 from an unpacked wheel without shadowing this package.
+
+    Both distributions are called ``torch_secorder``: the old one is imported under its own
+    name with the current modules set aside, then the current modules are put back. The old
+    functions keep their own module globals.
+    """
+    current = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "torch_secorder"}
+    for n in current:
+        del sys.modules[n]
+    sys.path.insert(0, path)
+    try:
+        old = importlib.import_module("torch_secorder")
+        version = getattr(old, "__version__", "?")
+        peer = importlib.import_module("torch_secorder.core.hvp")
+    finally:
+        sys.path.remove(path)
+        for n in [n for n in sys.modules if n.split(".")[0] == "torch_secorder"]:
+            del sys.modules[n]
+        sys.modules.update(current)
+    if version != "0.0.1":
+        raise SystemExit(f"--peer-0.0.1: {path} holds torch_secorder {version}, not 0.0.1")
+    return peer
+
+
+# ----------------------------------------------------------------------------- main
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = f"{names[0]} ({len(names)} logical CPUs)"
+    return cpu
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models, one repeat: smoke")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--clock",
+        choices=["auto", "wall", "cpu"],
+        default="auto",
+        help="wall: perf_counter; cpu: process CPU time, steadier on a loaded machine; "
+        "auto (default): cpu with one thread, else wall",
+    )
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--repeats", type=int, default=21, help="repeats of (a) and (b)")
+    parser.add_argument("--heavy-repeats", type=int, default=3, help="repeats of (c), (d)")
+    parser.add_argument("--k", type=int, nargs="+", default=[32, 128], help="(b) products")
+    parser.add_argument("--mlp-width", type=int, default=64)
+    parser.add_argument("--mlp-batch", type=int, default=256)
+    parser.add_argument("--cnn-channels", type=int, default=8)
+    parser.add_argument("--cnn-batch", type=int, default=32)
+    parser.add_argument("--cnn-size", type=int, default=12, help="image side")
+    parser.add_argument("--diag-subset", type=int, default=512, help="(c) baseline elements")
+    parser.add_argument("--func-chunk", type=int, default=64, help="(c) vmap chunk_size")
+    parser.add_argument(
+        "--sections", default="abcd", help="which measurements to run (default abcd)"
+    )
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--peer-0.0.1", dest="peer", help="unpacked torch-secorder 0.0.1 wheel")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.heavy_repeats, args.k = 3, 1, [8]
+        args.mlp_width, args.mlp_batch = 12, 32
+        args.cnn_channels, args.cnn_batch, args.cnn_size = 2, 4, 6
+        args.diag_subset = 32
+
+    global clock
+    if args.clock == "auto":
+        args.clock = "cpu" if args.threads == 1 else "wall"
+    clock = CLOCKS[args.clock]
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    dtype = getattr(torch, args.dtype)
+    peer = load_peer(args.peer) if args.peer else None
+
+    torch.manual_seed(0)
+    workloads = {
+        "mlp": mlp(args.mlp_width, args.mlp_batch, dtype),
+        "cnn": cnn(args.cnn_channels, args.cnn_batch, args.cnn_size, dtype),
+    }
+    header = (
+        f"torch_secorder {ts.__version__}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {machine()}, {torch.get_num_threads()} torch "
+        f"thread(s), {args.dtype}, flush_denormal on, {args.clock} clock"
+    )
+    print(header)
+    for name in args.models:
+        w = workloads[name]
+        print(f"{name}: {w.num_params} parameters, inputs {tuple(w.inputs.shape)}")
+    print(f"command: {' '.join(sys.argv)}", flush=True)
+
+    for name in args.models:
+        w = workloads[name]
+        if "a" in args.sections:
+            bench_hvp(w, args.repeats, peer)
+        if "b" in args.sections:
+            for k in args.k:
+                bench_batched(w, k, args.repeats if k <= 32 else max(3, args.repeats // 3))
+        if "c" in args.sections:
+            bench_diagonal(w, args.heavy_repeats, args.diag_subset, args.func_chunk)
+        if "d" in args.sections:
+            bench_matrix(w, args.heavy_repeats)
+
+    print()
+    print(header)
+    print(markdown_table(ROWS))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": [vars(r) for r in ROWS]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

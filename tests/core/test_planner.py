@@ -1,0 +1,101 @@
+"""ChunkPlanner on synthetic timings: robustness to outliers, caps, cost of exploring, sync.
+
+(The basic settling behaviour is tested in test_autograd.py.)
+"""
+
+import math
+
+import pytest
+import torch
+
+from torch_secorder.core._autograd import ChunkPlanner
+
+CPU = torch.device("cpu")
+
+
+def run(planner, seconds, count):
+    """Run ``count`` products in chunks as product_chunks does; return (sizes, total time)."""
+    sizes, total, done = [], 0.0, 0
+    while done < count:
+        size = min(planner.next_size(), count - done)
+        cost = seconds(size)
+        planner.record(size, cost)
+        sizes.append(size)
+        total += cost
+        done += size
+    return sizes, total
+
+
+def test_one_slow_outlier_does_not_end_the_search():
+    spikes = iter([20.0])  # the first chunk of 4 is hit by a load spike, once
+
+    def seconds(size):
+        return next(spikes, 1.0) if size == 4 else 1.0
+
+    planner = ChunkPlanner(64, CPU)
+    sizes, _ = run(planner, seconds, 400)
+    assert sizes[:8] == [1, 1, 2, 4, 4, 8, 16, 32]
+    assert planner.settled
+    assert set(sizes[8:-1]) == {64}
+
+
+def test_a_trial_slower_twice_settles_on_the_best_size():
+    planner = ChunkPlanner(64, CPU)
+    sizes, _ = run(planner, lambda size: 1.0 if size < 8 else 2.0 * size, 100)
+    # per product: 1 (single), 1/2, 1/4, then 2 at size 8 (timed twice): back to 4
+    assert sizes[:7] == [1, 1, 2, 4, 8, 8, 4]
+    assert set(sizes[7:-1]) == {4}
+
+
+def test_trials_stop_at_the_cap():
+    planner = ChunkPlanner(12, CPU)
+    sizes, _ = run(planner, lambda size: 1.0, 200)
+    assert sizes[:6] == [1, 1, 2, 4, 8, 12]
+    assert planner.settled
+    assert set(sizes[5:-1]) == {12}
+
+
+def test_sizes_within_the_tolerance_keep_the_search_going():
+    # batching gains nothing up to 4 products (5% slower per product), then pays off
+    def seconds(size):
+        return size * (1.05 if 1 < size <= 4 else 1.0 / math.sqrt(size))
+
+    planner = ChunkPlanner(1 << 20, CPU)
+    sizes, _ = run(planner, seconds, 5000)
+    assert sizes[:6] == [1, 1, 2, 4, 8, 16]
+    assert max(sizes) >= 1024
+
+
+@pytest.mark.parametrize("slowdown", [1.5, 2.0, 3.0])
+@pytest.mark.parametrize("count", [32, 128])
+def test_exploring_costs_a_few_products_when_batching_loses(slowdown, count):
+    planner = ChunkPlanner(64, CPU)
+    sizes, total = run(planner, lambda size: slowdown * size if size > 1 else 1.0, count)
+    loop = float(count)
+    # two trial chunks of 2 products, each product `slowdown` times a single one
+    assert total == pytest.approx(loop + 2 * 2 * (slowdown - 1))
+    assert sizes[-1] == 1
+
+
+def test_exploring_costs_a_few_calls_when_batching_pays():
+    planner = ChunkPlanner(64, CPU)
+    sizes, total = run(planner, lambda size: 1.0, 1000)  # every call costs the same
+    best = math.ceil(1000 / 64)  # calls of the largest chunk allowed
+    assert len(sizes) == total
+    assert total <= best + 8  # two singles and the trials 2, 4, ..., 32
+
+
+def test_cuda_is_synchronised_only_while_exploring(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: calls.append(1))
+    planner = ChunkPlanner(4, torch.device("cuda", 0))
+    assert planner.sync
+    steps = 0
+    while not planner.settled:
+        size = planner.next_size()
+        tic = planner.clock()
+        planner.record(size, planner.clock() - tic + 1.0)
+        steps += 1
+    assert len(calls) == 2 * steps
+    planner.clock()
+    assert len(calls) == 2 * steps
