@@ -39,7 +39,7 @@ from torch_secorder.analysis._driver import Problem, Steps, max_columns, run
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import DiagonalEstimate
-from torch_secorder.analysis.sampling import make_generator, rademacher
+from torch_secorder.analysis.sampling import make_generator, rademacher_columns
 from torch_secorder.core.params import unflatten
 
 __all__ = ["hessian_diagonal_estimate", "model_hessian_diagonal_estimate"]
@@ -210,7 +210,7 @@ def hutchinson_diagonal(
     count = 0
     while count < num_matvecs:
         size = min(chunk, num_matvecs - count)
-        Z = rademacher(gen, (n, size), dtype, device)
+        Z = rademacher_columns(gen, n, size, dtype, device)
         samples = Z * (yield Z)
         chunk_mean = samples.mean(dim=1)
         delta = chunk_mean - mean
@@ -239,7 +239,7 @@ def xdiag(
     the diagonal :math:`\operatorname{diag}(QZ^\top)` is exact.
     """
     size = min(num_matvecs // 2, n)
-    Omega = rademacher(gen, (n, size), dtype, device)
+    Omega = rademacher_columns(gen, n, size, dtype, device)
     Y = yield Omega
     Q, R = torch.linalg.qr(Y)
     Z = yield Q

@@ -9,7 +9,14 @@ default, and a passed generator gives independent runs.
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_SEED", "gaussian", "make_generator", "rademacher", "spawn"]
+__all__ = [
+    "DEFAULT_SEED",
+    "gaussian",
+    "make_generator",
+    "rademacher",
+    "rademacher_columns",
+    "spawn",
+]
 
 DEFAULT_SEED = 0
 """Seed of the private generator used when ``generator=None``."""
@@ -69,3 +76,14 @@ def gaussian(
     draw = dtype if dtype in _DRAW_DTYPES else torch.float32
     sample = torch.randn(shape, generator=generator, device=generator.device, dtype=draw)
     return sample.to(device=device, dtype=dtype)
+
+
+def rademacher_columns(
+    generator: torch.Generator, n: int, k: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``k`` Rademacher probes of dimension ``n`` as the columns of an ``(n, k)`` matrix.
+
+    The probes are drawn one after another, so drawing ``k`` at once or in chunks of any size
+    gives the same probes.
+    """
+    return rademacher(generator, (k, n), dtype, device).T

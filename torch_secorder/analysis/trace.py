@@ -42,7 +42,7 @@ from torch_secorder.analysis._driver import Problem, Steps, max_columns, run
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import TraceEstimate
-from torch_secorder.analysis.sampling import make_generator, rademacher
+from torch_secorder.analysis.sampling import make_generator, rademacher_columns
 from torch_secorder.core.diagonal import hessian_diagonal
 
 __all__ = ["hessian_trace", "model_hessian_trace"]
@@ -226,7 +226,7 @@ def hutchinson(
     remaining = num_matvecs
     while remaining > 0:
         count = min(chunk, remaining)
-        Z = rademacher(gen, (n, count), dtype, device)
+        Z = rademacher_columns(gen, n, count, dtype, device)
         HZ = yield Z
         samples.append((Z * HZ).sum(dim=0))
         remaining -= count
@@ -242,7 +242,7 @@ def hutch_plus_plus(
     :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent.
     """
     sketch = min(num_matvecs // 3, n)
-    S = rademacher(gen, (n, sketch), dtype, device)
+    S = rademacher_columns(gen, n, sketch, dtype, device)
     HS = yield S
     Q, _ = torch.linalg.qr(HS)
     if sketch == n:
@@ -250,7 +250,7 @@ def hutch_plus_plus(
         value = (Q * HQ).sum()
         return value, torch.zeros_like(value)
     probes = num_matvecs - 2 * sketch
-    G = rademacher(gen, (n, probes), dtype, device)
+    G = rademacher_columns(gen, n, probes, dtype, device)
     G = G - Q @ (Q.T @ G)
     products = yield torch.cat([Q, G], dim=1)
     low_rank = (Q * products[:, :sketch]).sum()
@@ -276,7 +276,7 @@ def xtrace(
     When the sketch spans the whole space (:math:`s \ge n`) the trace is exact.
     """
     size = min(num_matvecs // 2, n)
-    Omega = rademacher(gen, (n, size), dtype, device)
+    Omega = rademacher_columns(gen, n, size, dtype, device)
     Y = yield Omega
     Q, R = torch.linalg.qr(Y)
     Z = yield Q
