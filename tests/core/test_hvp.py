@@ -117,6 +117,16 @@ def test_create_graph_third_derivative_closed_form():
     assert_close(gy, 2 * (vx.sum() * wy + wx.sum() * vy))
 
 
+def test_create_graph_differentiates_through_v():
+    # d/dv (w^T H v) = H w (H symmetric)
+    built = build(case_by_id("mlp-tanh-ce"))
+    v = [t.requires_grad_() for t in like(built.params, seed=24)]
+    w = like(built.params, seed=25)
+    result = hvp(built.func, built.params, v, create_graph=True)
+    got = torch.autograd.grad(ref.flat(result) @ ref.flat(w), v)
+    assert_close(ref.flat(got), ref.case_hessian(built) @ ref.flat(w))
+
+
 # Not through normalization layers: torch's autograd gets third derivatives of F.layer_norm and
 # training-mode F.batch_norm wrong (pytorch/pytorch#175754, #186256); second order is right.
 @pytest.mark.parametrize("case_id", ["mlp-tanh-ce", "gru", "attention", "tied-embedding"])

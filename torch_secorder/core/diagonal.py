@@ -61,7 +61,9 @@ def hessian_diagonal(func, params, v=None, create_graph=False, strict=False, *, 
         func: Zero-argument closure returning the scalar loss.
         params: Parameters to differentiate with respect to (any iterable).
         v: Optional vector like params, or flat, to multiply the diagonal with.
-        create_graph: Keep the graph of the result for higher derivatives.
+        create_graph: Keep the graph of the result for higher derivatives. (Through
+            ``F.layer_norm`` and training-mode ``F.batch_norm``, PyTorch's autograd gets
+            third derivatives wrong, pytorch/pytorch#175754 and #186256; second order is right.)
         strict: Raise if the loss does not depend on one of ``params``.
         chunk_size: Unit-vector products per batched call (bounds memory); ``None`` chooses
             by timing within a memory estimate.
@@ -134,7 +136,9 @@ def model_hessian_diagonal(
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         inputs: A tensor, a tuple of positional arguments, or a dict of keyword arguments.
         targets: Passed to ``loss_fn`` unchanged.
-        create_graph: Keep the graph of the result for higher derivatives.
+        create_graph: Keep the graph of the result for higher derivatives. (Through
+            ``F.layer_norm`` and training-mode ``F.batch_norm``, PyTorch's autograd gets
+            third derivatives wrong, pytorch/pytorch#175754 and #186256; second order is right.)
         strict: Raise if the loss does not depend on one of the selected parameters.
         params: Parameter selection by names or glob patterns (``None``: all trainable).
         chunk_size: Unit-vector products per batched call.

@@ -51,7 +51,9 @@ def hvp(func, params, v, *, create_graph=False, strict=False):
         params: Parameters :math:`\theta` to differentiate with respect to (any iterable).
         v: Vector like ``params`` (a list with one tensor per parameter, same shapes) or a flat
             tensor of length ``P``.
-        create_graph: Keep the graph of the result for higher derivatives.
+        create_graph: Keep the graph of the result for higher derivatives. (Through
+            ``F.layer_norm`` and training-mode ``F.batch_norm``, PyTorch's autograd gets
+            third derivatives wrong, pytorch/pytorch#175754 and #186256; second order is right.)
         strict: Raise if the loss does not depend on one of ``params``; otherwise such a
             parameter has zero curvature.
 
@@ -194,7 +196,9 @@ def model_hvp(model, loss_fn, inputs, targets, v, *, params=None, create_graph=F
         v: Vector like the selected parameters, or flat.
         params: Parameter selection: ``None`` (all with ``requires_grad``), a name, a glob
             pattern, or a list of them (see :func:`select_params`).
-        create_graph: Keep the graph of the result for higher derivatives.
+        create_graph: Keep the graph of the result for higher derivatives. (Through
+            ``F.layer_norm`` and training-mode ``F.batch_norm``, PyTorch's autograd gets
+            third derivatives wrong, pytorch/pytorch#175754 and #186256; second order is right.)
         strict: Raise if the loss does not depend on one of the selected parameters.
 
     Returns:
