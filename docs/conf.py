@@ -36,9 +36,16 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 root_doc = "index"
 nitpicky = False
 
-# autosummary writes one page per public name into api/generated (git-ignored).
+# autosummary writes one page per public name into api/generated (git-ignored). Pages left
+# there by an earlier build for names that are no longer public would be read as orphan
+# documents (a warning, so an error with -W): remove them first.
 autosummary_generate = True
 autosummary_imported_members = True
+_GENERATED = Path(__file__).resolve().parent / "api" / "generated"
+_PUBLIC = {f"torch_secorder.{name}.rst" for name in torch_secorder.__all__}
+for _page in _GENERATED.glob("*.rst") if _GENERATED.is_dir() else ():
+    if _page.name not in _PUBLIC:
+        _page.unlink(missing_ok=True)
 
 # autodoc: types go into the parameter descriptions, members in source order.
 autodoc_typehints = "description"

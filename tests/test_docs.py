@@ -149,6 +149,20 @@ def test_conf_enables_intersphinx_on_request(monkeypatch):
     assert "torch" in conf["intersphinx_mapping"]
 
 
+def test_conf_removes_stale_generated_pages(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    generated = tmp_path / "docs" / "api" / "generated"
+    generated.mkdir(parents=True)
+    (tmp_path / "docs" / "conf.py").write_text((DOCS / "conf.py").read_text())
+    kept = generated / "torch_secorder.hvp.rst"
+    stale = generated / "torch_secorder.no_longer_public.rst"
+    kept.write_text("kept")
+    stale.write_text("stale")
+    runpy.run_path(str(tmp_path / "docs" / "conf.py"))
+    assert kept.read_text() == "kept"
+    assert not stale.exists()
+
+
 @pytest.mark.slow
 def test_docs_build_without_warnings(tmp_path):
     pytest.importorskip("sphinx")
