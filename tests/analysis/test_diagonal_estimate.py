@@ -171,7 +171,8 @@ def test_global_rng_is_untouched():
         (
             {"method": "diag++"},
             ValueError,
-            r"hessian_diagonal_estimate: method must be one of 'xdiag', 'hutchinson'; got 'diag\+\+'\.",
+            r"hessian_diagonal_estimate: method must be one of 'xdiag', 'hutchinson'; got "
+            r"'diag\+\+'\.",
         ),
         (
             {"method": "xdiag", "num_matvecs": 1},

@@ -6,8 +6,9 @@ step is one batched product over the data whose columns are each group's vectors
 outside the group's rows; each group sees its own diagonal block :math:`H_{gg}`.
 """
 
+import contextlib
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -151,11 +152,34 @@ def run_model(
         else sorted({i for indices in resolved.values() for i in indices})
     )
     selection = params if resolved is None else [names[i] for i in union]
+    with _renamed(fname):
+        raw, members, problems, operator = _run_groups(
+            fname, model, loss_fn, data, selection, resolved, tensors, generator, make_steps
+        )
+    results = {
+        key: finish(result, problem.num_matvecs, [operator.params[i] for i in indices])
+        for (key, indices), result, problem in zip(members.items(), raw, problems)
+    }
+    return results[None] if resolved is None else results
+
+
+def _run_groups(
+    fname: str,
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    selection: Any,
+    resolved: dict[str, list[int]] | None,
+    tensors: list[Tensor],
+    generator: torch.Generator | None,
+    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator], Steps],
+) -> tuple[list[Any], dict[Any, list[int]], list[Problem], HessianOperator]:
     operator = HessianOperator.from_model(model, loss_fn, data, params=selection)
     base = make_generator(generator)
     with operator:
         position = {id(p): i for i, p in enumerate(operator.params)}
         sizes = [p.numel() for p in operator.params]
+        members: dict[Any, list[int]]
         if resolved is None:
             members = {None: list(range(len(operator.params)))}
             generators = [base]
@@ -172,8 +196,16 @@ def run_model(
             steps = make_steps(count, operator.dtype, operator.device, gen)
             problems.append(Problem(steps, rows))
         raw = run(fname, operator, problems)
-    results = {
-        key: finish(result, problem.num_matvecs, [operator.params[i] for i in indices])
-        for (key, indices), result, problem in zip(members.items(), raw, problems)
-    }
-    return results[None] if resolved is None else results
+    return raw, members, problems, operator
+
+
+@contextlib.contextmanager
+def _renamed(fname: str) -> Iterator[None]:
+    """Let errors the operator raises about the model and data name the public function."""
+    prefix = "HessianOperator.from_model:"
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        if not str(err).startswith(prefix):
+            raise
+        raise type(err)(str(err).replace(prefix, f"{fname}:", 1)) from None

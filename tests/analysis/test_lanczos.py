@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from tests.analysis.operators import (
+    DTYPE,
+    DenseOperator,
+    clustered,
+    dominant,
+    generator,
+    indefinite,
+    with_spectrum,
+)
+from torch_secorder.analysis._driver import Problem, run
+from torch_secorder.analysis.lanczos import (
+    default_basis_size,
+    lanczos_quadrature,
+    thick_restart_lanczos,
+    wanted_order,
+)
+
+CPU = torch.device("cpu")
+
+
+class Recording(DenseOperator):
+    """Keeps every requested column."""
+
+    def __init__(self, A):
+        super().__init__(A)
+        self.columns = []
+
+    def matmat(self, V):
+        self.columns.append(V.clone())
+        return super().matmat(V)
+
+
+def solve(A, k, which="largest", tol=1e-10, budget=1000, **kwargs):
+    operator = Recording(A)
+    steps = thick_restart_lanczos(
+        A.shape[0], k, which, tol, budget, DTYPE, CPU, generator(0), **kwargs
+    )
+    problem = Problem(steps)
+    (pairs,) = run("test", operator, [problem])
+    return pairs, operator, problem
+
+
+def test_lanczos_relation_and_orthonormal_basis():
+    A = with_spectrum(indefinite(60))
+    pairs, operator, _ = solve(A, 1, tol=1e-12, basis_size=60)
+    Q = torch.cat(operator.columns, dim=1)  # without restarts, the requests are the basis
+    s = Q.shape[1]
+    torch.testing.assert_close(Q.T @ Q, torch.eye(s, dtype=DTYPE))
+    T = Q.T @ A @ Q
+    tridiagonal = torch.triu(torch.tril(T, 1), -1)
+    torch.testing.assert_close(T, tridiagonal, rtol=0, atol=1e-10)
+    # A Q = Q T + r e_s^T: the residual lives in the last column only
+    R = A @ Q - Q @ T
+    torch.testing.assert_close(R[:, :-1], torch.zeros(60, s - 1, dtype=DTYPE), rtol=0, atol=1e-10)
+    # the residual norm of the Ritz pair equals the reported one
+    torch.testing.assert_close(
+        pairs.residuals,
+        (A @ pairs.vectors - pairs.vectors * pairs.values).norm(dim=0),
+        rtol=1e-3,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+def test_thick_restart_converges_with_a_small_basis(which):
+    lam = clustered()
+    A = with_spectrum(lam)
+    pairs, operator, problem = solve(A, 3, which, tol=1e-8, basis_size=8, budget=5000)
+    assert pairs.converged
+    assert problem.num_matvecs > 8  # it restarted
+    truth = lam[wanted_order(lam, which)][:3]
+    torch.testing.assert_close(pairs.values, truth)
+    torch.testing.assert_close(pairs.vectors.T @ pairs.vectors, torch.eye(3, dtype=DTYPE))
+    assert max(c.shape[1] for c in operator.columns) == 1
+
+
+@pytest.mark.parametrize("block_size", [2, 3])
+def test_block_lanczos(block_size):
+    lam = dominant(120)
+    A = with_spectrum(lam)
+    pairs, operator, problem = solve(A, 4, block_size=block_size, basis_size=24)
+    assert pairs.converged
+    torch.testing.assert_close(pairs.values, lam[:4])
+    assert all(c.shape[1] <= block_size for c in operator.columns)
+    assert problem.num_matvecs == operator.num_matvecs
+
+
+def test_block_lanczos_sees_a_double_eigenvalue():
+    lam = torch.cat([torch.tensor([5.0, 5.0], dtype=DTYPE), torch.linspace(0, 4, 58, dtype=DTYPE)])
+    pairs, _, _ = solve(with_spectrum(lam), 2, block_size=2)
+    torch.testing.assert_close(pairs.values, torch.tensor([5.0, 5.0], dtype=DTYPE))
+
+
+def test_budget_is_used_exactly_with_a_partial_last_block():
+    pairs, operator, problem = solve(with_spectrum(clustered()), 2, budget=7, block_size=3)
+    assert not pairs.converged
+    assert problem.num_matvecs == operator.num_matvecs == 7
+    assert [c.shape[1] for c in operator.columns] == [3, 3, 1]
+
+
+def test_default_basis_size():
+    assert default_basis_size(1) == 20
+    assert default_basis_size(15) == 32
+    assert default_basis_size(15, 4) == 38
+
+
+def test_quadrature_relation_per_probe():
+    A = with_spectrum(dominant(40))
+    operator = Recording(A)
+    steps = lanczos_quadrature(40, 8, 3, DTYPE, CPU, generator(0))
+    problem = Problem(steps)
+    ((nodes, weights),) = run("test", operator, [problem])
+    assert [c.shape[1] for c in operator.columns] == [3] * 8
+    for p in range(3):
+        Q = torch.stack([c[:, p] for c in operator.columns], dim=1)
+        torch.testing.assert_close(Q.T @ Q, torch.eye(8, dtype=DTYPE))
+        # the probe is a scaled Rademacher vector
+        torch.testing.assert_close(Q[:, 0].abs(), torch.full((40,), 40**-0.5, dtype=DTYPE))
+        T = Q.T @ A @ Q
+        torch.testing.assert_close(T, torch.triu(torch.tril(T, 1), -1), rtol=0, atol=1e-10)
+        theta, Y = torch.linalg.eigh(T)
+        torch.testing.assert_close(nodes[p], theta)
+        torch.testing.assert_close(weights[p], Y[0] ** 2)
