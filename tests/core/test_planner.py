@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from torch_secorder.core._autograd import ChunkPlanner
+from torch_secorder.core._autograd import ChunkPlanner, GradientGraph
 
 CPU = torch.device("cpu")
 
@@ -99,3 +99,14 @@ def test_cuda_is_synchronised_only_while_exploring(monkeypatch):
     assert len(calls) == 2 * steps
     planner.clock()
     assert len(calls) == 2 * steps
+
+
+def test_memory_cap_needs_a_measured_graph():
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    graph = GradientGraph(lambda: (x**3).sum(), [x], fname="t", measure_memory=False)
+    assert graph.saved_bytes is None
+    with pytest.raises(RuntimeError, match="memory_cap needs a GradientGraph built with"):
+        graph.memory_cap([x])
+    measured = GradientGraph(lambda: (x**3).sum(), [x], fname="t")
+    assert measured.saved_bytes > 0
+    assert measured.memory_cap([x]) >= 1
