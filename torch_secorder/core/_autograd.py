@@ -452,11 +452,10 @@ def unit_cotangents(params: Sequence[Tensor], start: int, stop: int) -> Cotangen
     rows: Cotangents = []
     offset = 0
     for p in params:
-        lo, hi = max(start, offset), min(stop, offset + p.numel())
-        if lo < hi:
+        if start < offset + p.numel() and offset < stop:
             e = p.new_zeros(stop - start, p.numel())
-            index = torch.arange(lo, hi, device=p.device)
-            e[index - start, index - offset] = 1
+            # row r is e_(start + r): column start + r - offset, a diagonal of e
+            e.diagonal(start - offset).fill_(1)
             rows.append(e.view(stop - start, *p.shape))
         else:
             rows.append(None)
