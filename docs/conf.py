@@ -75,4 +75,5 @@ if os.environ.get("TORCH_SECORDER_INTERSPHINX"):
 html_theme = "sphinx_rtd_theme"
 html_title = f"torch_secorder {release}"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {"navigation_depth": 3}
