@@ -281,3 +281,23 @@ def test_model_form_k_larger_than_a_group():
         r"a group=2; got k=3\.",
     ):
         ts.model_top_eigenvalues(model, loss_fn, (inputs, targets), groups="parameter", k=3)
+
+
+def test_dropout_in_train_mode_gives_one_fixed_symmetric_operator():
+    g = generator(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(6, 2)
+    ).to(DTYPE)
+    inputs = torch.randn(10, 3, generator=g, dtype=DTYPE)
+    targets = torch.randn(10, 2, generator=g, dtype=DTYPE)
+    data = [(inputs[:4], targets[:4]), (inputs[4:], targets[4:])]
+    loss_fn = torch.nn.MSELoss()
+    operator = ts.HessianOperator.from_model(model, loss_fn, data)
+    H = operator.matmat(torch.eye(operator.shape[0], dtype=DTYPE))
+    torch.testing.assert_close(H, H.T)
+    state = torch.get_rng_state()
+    result = ts.model_top_eigenvalues(model, loss_fn, data, k=3, which="magnitude", tol=1e-9)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.training
+    eigenvalues = torch.linalg.eigvalsh(H)
+    torch.testing.assert_close(result.eigenvalues, expected(eigenvalues, 3, "magnitude"))
