@@ -4,6 +4,7 @@
 """
 
 import math
+import time
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_cuda_is_synchronised_only_while_exploring(monkeypatch):
     while not planner.settled:
         size = planner.next_size()
         tic = planner.clock()
-        planner.record(size, planner.clock() - tic + 1.0)
+        planner.record(size, planner.elapsed(tic) + 1.0)
         steps += 1
     assert len(calls) == 2 * steps
     planner.clock()
@@ -110,3 +111,32 @@ def test_memory_cap_needs_a_measured_graph():
     measured = GradientGraph(lambda: (x**3).sum(), [x], fname="t")
     assert measured.saved_bytes > 0
     assert measured.memory_cap([x]) >= 1
+
+
+def test_cpu_time_is_the_measure_when_the_process_is_preempted(monkeypatch):
+    # a product of 1 ms of CPU work that waits 10 ms for the CPU (a loaded machine)
+    now = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: now["wall"])
+    monkeypatch.setattr(time, "process_time", lambda: now["cpu"])
+    planner = ChunkPlanner(8, CPU)
+    tic = planner.clock()
+    now["wall"] += 0.011
+    now["cpu"] += 0.001
+    assert planner.elapsed(tic) == pytest.approx(0.001)
+    # several threads: CPU time exceeds wall-clock time, which is what counts
+    tic = planner.clock()
+    now["wall"] += 0.001
+    now["cpu"] += 0.004
+    assert planner.elapsed(tic) == pytest.approx(0.001)
+
+
+def test_cuda_time_is_wall_clock(monkeypatch):
+    now = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: now["wall"])
+    monkeypatch.setattr(time, "process_time", lambda: now["cpu"])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    planner = ChunkPlanner(8, torch.device("cuda", 0))
+    tic = planner.clock()
+    now["wall"] += 0.003  # the GPU worked; the CPU waited
+    now["cpu"] += 0.0001
+    assert planner.elapsed(tic) == pytest.approx(0.003)

@@ -301,10 +301,10 @@ class GradientGraph:
         start = 0
         while start < count:
             size = min(chunk_size or planner.next_size(), count - start)  # type: ignore[union-attr]
-            tic = planner.clock() if planner is not None else 0.0
+            tic = planner.clock() if planner is not None else None
             products = self._chunk(cotangents(start, start + size), inputs, size, create_graph)
             if planner is not None:
-                planner.record(size, planner.clock() - tic)
+                planner.record(size, planner.elapsed(tic))  # type: ignore[arg-type]
             yield start, start + size, products
             start += size
 
@@ -411,11 +411,27 @@ class ChunkPlanner:
         self.settled = self.cap == 1
         self.best_size = 1
 
-    def clock(self) -> float:
-        """Current time; while exploring, after the device finished its queued work."""
+    def clock(self) -> tuple[float, float]:
+        """Wall-clock and process CPU time now.
+
+        While exploring on CUDA, after the device finished its queued work.
+        """
         if self.sync and not self.settled:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return time.perf_counter(), time.process_time()
+
+    def elapsed(self, tic: tuple[float, float]) -> float:
+        """Seconds since ``tic = clock()``.
+
+        On CUDA the wall-clock time. On CPU the smaller of wall-clock and process CPU time:
+        on a loaded machine the process is preempted for milliseconds at a time, which
+        inflates wall-clock time (often tenfold for one product) but not CPU time; where
+        several threads work, CPU time is the larger and wall-clock time is used.
+        """
+        wall, cpu = self.clock()
+        if self.sync:
+            return wall - tic[0]
+        return min(wall - tic[0], cpu - tic[1])
 
     def next_size(self) -> int:
         """Size of the next chunk."""
