@@ -1,11 +1,11 @@
-"""Quickstart: the exact quantities in the closure form and the model form.
+"""Quickstart: every quantity in the closure form and the model form.
 
 A small classifier (a tanh MLP with a cross-entropy loss) on generated data. The script
 computes Hessian-vector products, a batch of them, the exact Hessian diagonal, the
-per-parameter blocks, the full Hessian and products with ``HessianOperator`` — from a loss
-closure with its parameters and, where a model form exists, from the model — and checks
-every result against the dense Hessian from ``torch.func`` (``jacrev`` of ``jacrev``), an
-independent implementation.
+per-parameter blocks, the full Hessian, products with ``HessianOperator``, the top
+eigenvalues and the trace — from a loss closure with its parameters and, where a model form
+exists, from the model — and checks every result against the dense Hessian from
+``torch.func`` (``jacrev`` of ``jacrev``), an independent implementation.
 
 Run it with ``python examples/example_quickstart.py --out DIR``; it writes the Hessian and a
 summary to ``DIR``.
@@ -87,6 +87,16 @@ with ts.HessianOperator(func, params) as op:
     num_matvecs = op.num_matvecs
 
 # %%
+# Analyses
+# --------
+# Extreme eigenvalues by Lanczos and the trace, from the closure and from the model (whose
+# data argument is one (inputs, targets) batch or an iterable of batches).
+top = ts.top_eigenvalues(func, params, k=3)
+top_model = ts.model_top_eigenvalues(model, loss_fn, (inputs, targets), k=3)
+trace = ts.hessian_trace(func, params, method="exact")
+trace_model = ts.model_hessian_trace(model, loss_fn, (inputs, targets))  # Hutch++
+
+# %%
 # Check everything against torch.func
 # -----------------------------------
 named = dict(model.named_parameters())
@@ -116,6 +126,13 @@ for block, p in zip(blocks, params):
     offset += n
 if num_matvecs != 8:
     raise AssertionError(f"the operator counted {num_matvecs} products; expected 8")
+exact_top = torch.linalg.eigvalsh(reference).flip(0)[:3]
+# Lanczos stops at a relative residual of 1e-4, which bounds the eigenvalues' relative error.
+assert_close(top.eigenvalues, exact_top, rtol=1e-4, atol=1e-12)
+assert_close(top_model.eigenvalues, exact_top, rtol=1e-4, atol=1e-12)
+assert_close(trace.value, reference.trace())
+if abs(trace_model.value - reference.trace()) > 4 * trace_model.stderr + 1e-12:
+    raise AssertionError("the Hutch++ trace is not within four standard errors of the trace")
 
 # %%
 # Outputs
@@ -125,6 +142,7 @@ torch.save({"hessian": H, "diagonal": diagonal}, out / "quickstart.pt")
 summary = {
     "num_params": P,
     "trace": H.trace().item(),
+    "trace_hutch++": [trace_model.value.item(), trace_model.stderr.item()],
     "largest_eigenvalue": eigenvalues[-1].item(),
     "smallest_eigenvalue": eigenvalues[0].item(),
     "max_abs_error_vs_torch_func": (H - reference).abs().max().item(),
