@@ -124,3 +124,18 @@ def test_quadrature_relation_per_probe():
         theta, Y = torch.linalg.eigh(T)
         torch.testing.assert_close(nodes[p], theta)
         torch.testing.assert_close(weights[p], Y[0] ** 2)
+
+
+def test_quadrature_runs_probes_in_groups_when_memory_is_short(monkeypatch):
+    A = with_spectrum(dominant(40))
+    whole = Recording(A)
+    (expected,) = run(
+        "test", whole, [Problem(lanczos_quadrature(40, 8, 5, DTYPE, CPU, generator(0)))]
+    )
+    monkeypatch.setattr("torch_secorder.analysis.lanczos.BASIS_BYTES", 2 * 8 * 40 * 8)
+    grouped = Recording(A)
+    (got,) = run("test", grouped, [Problem(lanczos_quadrature(40, 8, 5, DTYPE, CPU, generator(0)))])
+    assert [c.shape[1] for c in whole.columns] == [5] * 8
+    assert [c.shape[1] for c in grouped.columns] == [2] * 16 + [1] * 8
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

@@ -12,7 +12,8 @@ Gauss quadrature of that sum with nodes :math:`\theta_j` (Ritz values) and weigh
     \frac{1}{\sqrt{2\pi}\sigma} e^{-(t - \theta_{lj})^2 / (2\sigma^2)} .
 
 All probes run together, one batched product per Lanczos step, each with full
-reorthogonalisation (memory: ``num_probes * steps`` vectors of size :math:`P`). Extreme Ritz
+reorthogonalisation (memory: ``num_probes * steps`` vectors of size :math:`P`; beyond 4 GiB
+the probes run in consecutive groups that fit). Extreme Ritz
 values converge first, so the support's edges are resolved sharply; the interior is resolved
 to about the node spacing, which sets the default broadening :math:`\sigma`.
 
@@ -65,8 +66,9 @@ def spectral_density(
     r"""Estimate the Hessian's eigenvalue density by stochastic Lanczos quadrature.
 
     Runs ``num_probes`` Lanczos recurrences of ``steps = num_matvecs // num_probes`` steps
-    each (at most :math:`P`), all probes in one batched product per step, and broadens the
-    pooled Ritz nodes with Gaussians (see the module docstring).
+    each (at most :math:`P`), all probes in one batched product per step (in groups when their
+    bases would exceed 4 GiB), and broadens the pooled Ritz nodes with Gaussians (see the
+    module docstring).
 
     Args:
         func_or_operator: A zero-argument loss closure (then ``params`` is required) or an

@@ -88,7 +88,11 @@ def top_eigenvalues(
 
     Lanczos (default) needs far fewer products than power iteration for the same accuracy:
     it uses the whole Krylov space instead of its last vector (see the module docstring for
-    both methods and their stopping rules).
+    both methods and their stopping rules). It keeps a basis of :math:`\max(20, 2k + 2)`
+    vectors of size :math:`P`. Like every single-vector Krylov method it cannot see the
+    multiplicity of an exactly repeated eigenvalue inside one Krylov space: when that space is
+    exhausted it goes on in fresh random directions, which find further copies, but a repeated
+    eigenvalue among many distinct ones may be reported fewer times than it occurs.
 
     Args:
         func_or_operator: A zero-argument loss closure (then ``params`` is required) or an

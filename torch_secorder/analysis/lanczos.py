@@ -47,6 +47,9 @@ __all__ = ["RitzPairs", "default_basis_size", "lanczos_quadrature", "thick_resta
 
 WHICH = ("largest", "smallest", "magnitude")
 
+BASIS_BYTES = 2**32
+"""Memory the quadrature's Lanczos bases may take together; more probes run in groups."""
+
 
 @dataclass
 class RitzPairs:
@@ -223,12 +226,15 @@ def lanczos_quadrature(
     r"""Gauss quadrature nodes and weights of several random probes, run together.
 
     Each probe :math:`z` (Rademacher, scaled to unit norm) starts its own Lanczos recurrence;
-    all probes advance together, one product of all active probes per step. Each basis is
+    the probes advance together, one product of all active probes per step. Each basis is
     fully reorthogonalised. After ``s`` steps the tridiagonal :math:`T_s = Y \Theta Y^\top`
     gives nodes :math:`\theta_j` and weights :math:`\tau_j = (e_1^\top y_j)^2`, so that
     :math:`z^\top f(A) z \approx \sum_j \tau_j f(\theta_j)`. A probe whose Krylov space is
     exhausted (:math:`\beta_j \le \sqrt{\varepsilon}\,\|A\|`) stops early; its quadrature is
     then exact and its rows are padded with weight zero.
+
+    The bases take ``num_probes * steps`` vectors; when that exceeds :data:`BASIS_BYTES`, the
+    probes run in consecutive groups that fit (the same probes, drawn in the same order).
 
     Args:
         n: Dimension of the operator.
@@ -244,15 +250,30 @@ def lanczos_quadrature(
     Returns:
         ``(nodes, weights)``, each ``(num_probes, steps)``, nodes ascending per probe.
     """
-    work = work_dtype(device, dtype)
     steps = min(steps, n)
+    per_basis = steps * n * torch.finfo(dtype).bits // 8
+    group = max(1, min(num_probes, BASIS_BYTES // per_basis))
+    nodes, weights = [], []
+    for start in range(0, num_probes, group):
+        count = min(group, num_probes - start)
+        probes = rademacher(generator, (count, n), dtype, device) / n**0.5
+        group_nodes, group_weights = yield from _quadrature(probes, steps)
+        nodes.append(group_nodes)
+        weights.append(group_weights)
+    return torch.cat(nodes), torch.cat(weights)
+
+
+def _quadrature(q: Tensor, steps: int) -> Steps:
+    """Lanczos quadrature of the unit probes ``q`` (one per row), all advancing together."""
+    num_probes, n = q.shape
+    dtype, device = q.dtype, q.device
+    work = work_dtype(device, dtype)
     threshold = torch.finfo(dtype).eps ** 0.5
     basis = torch.zeros(num_probes, steps, n, dtype=dtype, device=device)
     alpha = torch.zeros(num_probes, steps, dtype=work, device=device)
     beta = torch.zeros(num_probes, steps, dtype=work, device=device)
     length = torch.full((num_probes,), steps, dtype=torch.long)
     active = torch.ones(num_probes, dtype=torch.bool, device=device)
-    q = rademacher(generator, (num_probes, n), dtype, device) / n**0.5
     scale = 0.0
     for j in range(steps):
         basis[:, j] = q
