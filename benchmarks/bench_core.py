@@ -115,13 +115,15 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
 
 
-def measure(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Time each method ``repeats`` times after one warm-up call, alternating the methods.
+def measure(
+    methods: dict[str, Callable[[], object]], repeats: int, warmup: bool = True
+) -> dict[str, list[float]]:
+    """Time each method ``repeats`` times (after one warm-up call), alternating the methods.
 
     The order rotates from repeat to repeat, so no method always runs first or last.
     """
     names = list(methods)
-    for name in names:
+    for name in names if warmup else ():
         methods[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
@@ -166,6 +168,7 @@ class Row:
 
 
 ROWS: list[Row] = []
+DETAIL: list[str] = []
 
 
 def report(row: Row) -> None:
@@ -435,6 +438,48 @@ def bench_diagonal(w: Workload, repeats: int, subset: int, func_chunk: int) -> N
     )
 
 
+def bench_diagonal_detail(w: Workload, repeats: int, subset: int) -> None:
+    """Per parameter: microseconds per diagonal element, per-element loop vs library chunks.
+
+    Shows where the time of (c) goes: the per-product cost of a double backward to one
+    parameter, which batching can only amortise, not remove.
+    """
+    func = w.loss
+    rows = stratified_rows(w.params, subset)
+    names = [name for name, _ in w.model.named_parameters()]
+    variants: dict[str, int | None] = {"chunk 1": 1, "chunk 8": 8, "chunk 32": 32, "auto": None}
+    print(f"  {w.name}: microseconds per diagonal element (median of {repeats})")
+    header = "| model | parameter | elements | per-element loop |"
+    header += "".join(f" library {v} |" for v in variants) + " loop / auto |"
+    lines = [header, "|---|---|---:|" + "---:|" * (len(variants) + 2)]
+    for name, p, idx in zip(names, w.params, rows):
+        g = torch.autograd.grad(func(), [p], create_graph=True)[0].reshape(-1)
+        elem_times = []
+        for _ in range(repeats):
+            tic = clock()
+            for j in idx:
+                torch.autograd.grad(g[j], p, retain_graph=True)
+            elem_times.append((clock() - tic) / len(idx))
+        del g
+        per_element = median(elem_times)
+        lib = {}
+        for label, chunk in variants.items():
+            times = []
+            for _ in range(repeats):
+                tic = clock()
+                ts.hessian_diagonal(func, [p], chunk_size=chunk)
+                times.append((clock() - tic) / p.numel())
+            lib[label] = median(times)
+        cells = "".join(f" {1e6 * lib[v]:.0f} |" for v in variants)
+        line = (
+            f"| {w.name} | {name} {tuple(p.shape)} | {p.numel()} | {1e6 * per_element:.0f} |"
+            f"{cells} {per_element / lib['auto']:.2f}x |"
+        )
+        lines.append(line)
+        print("  " + line, flush=True)
+    DETAIL.append("\n".join(lines))
+
+
 # ----------------------------------------------------------------------------- (d) Hessian
 def bench_matrix(w: Workload, repeats: int) -> None:
     params, func = w.params, w.loss
@@ -443,7 +488,7 @@ def bench_matrix(w: Workload, repeats: int) -> None:
         "torch.func.hessian (functional_call)": lambda: hessian(f)(theta),
         "torch_secorder.hessian_matrix": lambda: ts.hessian_matrix(func, params),
     }
-    times = measure(methods, repeats)
+    times = measure(methods, repeats, warmup=False)  # seconds per call: nothing to warm up
     t = {name: median(ts_) for name, ts_ in times.items()}
     reference = methods["torch.func.hessian (functional_call)"]()
     result = methods["torch_secorder.hessian_matrix"]()
@@ -525,6 +570,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--sections", default="abcd", help="which measurements to run (default abcd)"
     )
+    parser.add_argument(
+        "--diag-detail",
+        action="store_true",
+        help="(c) per parameter: per-element loop vs library chunk sizes",
+    )
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--peer-0.0.1", dest="peer", help="unpacked torch-secorder 0.0.1 wheel")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -569,15 +619,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                 bench_batched(w, k, args.repeats if k <= 32 else max(3, args.repeats // 3))
         if "c" in args.sections:
             bench_diagonal(w, args.heavy_repeats, args.diag_subset, args.func_chunk)
+            if args.diag_detail:
+                bench_diagonal_detail(w, args.heavy_repeats, args.diag_subset)
         if "d" in args.sections:
             bench_matrix(w, args.heavy_repeats)
 
     print()
     print(header)
     print(markdown_table(ROWS))
+    for table in DETAIL:
+        print()
+        print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": [vars(r) for r in ROWS]}, f, indent=1)
+            rows = [vars(r) for r in ROWS]
+            json.dump({"header": header, "rows": rows, "detail": DETAIL}, f, indent=1)
 
 
 if __name__ == "__main__":
