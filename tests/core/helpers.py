@@ -69,6 +69,16 @@ def assert_unchanged(before: dict[str, object], model: nn.Module) -> None:
     assert torch.equal(after["rng"], before["rng"]), "the global RNG was advanced"
 
 
+def assert_like(result: object, expected: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+    """``result`` is a list like ``expected`` (shapes, params' dtypes) and close to it."""
+    assert type(result) is list
+    assert len(result) == len(params)
+    for r, e, p in zip(result, expected, params):
+        assert r.shape == e.shape
+        assert r.dtype == p.dtype
+        torch.testing.assert_close(r, e)
+
+
 def tensors_of(result: Tensor | Sequence[Tensor]) -> list[Tensor]:
     """The tensors of a result: a tensor or a list of tensors."""
     return [result] if isinstance(result, Tensor) else list(result)

@@ -6,27 +6,18 @@ from torch.testing import assert_close
 
 from tests import reference as ref
 from tests.cases import build, case_by_id
-from tests.core.helpers import like
+from tests.core.helpers import assert_like, like
 from torch_secorder import hessian_diagonal, model_hessian_diagonal
-
-
-def _assert_like(result, expected, params):
-    assert type(result) is list
-    assert len(result) == len(params)
-    for r, e, p in zip(result, expected, params):
-        assert r.shape == p.shape
-        assert r.dtype == p.dtype
-        assert_close(r, e)
 
 
 def test_diagonal_matches_reference(case):
     expected = ref.diagonal(ref.case_hessian(case), case.params)
-    _assert_like(hessian_diagonal(case.func, case.params), expected, case.params)
+    assert_like(hessian_diagonal(case.func, case.params), expected, case.params)
 
 
 def test_model_diagonal_matches_reference_and_closure(case):
     result = model_hessian_diagonal(case.model, case.loss_fn, case.inputs, case.targets)
-    _assert_like(result, ref.diagonal(ref.case_hessian(case), case.params), case.params)
+    assert_like(result, ref.diagonal(ref.case_hessian(case), case.params), case.params)
     for r, c in zip(result, hessian_diagonal(case.func, case.params)):
         assert_close(r, c)
 
@@ -35,7 +26,7 @@ def test_diagonal_times_v_list(case):
     v = like(case.params, seed=1)
     diag = ref.diagonal(ref.case_hessian(case), case.params)
     expected = [d * u for d, u in zip(diag, v)]
-    _assert_like(hessian_diagonal(case.func, case.params, v), expected, case.params)
+    assert_like(hessian_diagonal(case.func, case.params, v), expected, case.params)
 
 
 def test_diagonal_times_v_flat():
@@ -54,7 +45,7 @@ def test_diagonal_times_v_flat():
 def test_diagonal_chunk_sizes(case_id, chunk_size):
     built = build(case_by_id(case_id))
     result = hessian_diagonal(built.func, built.params, chunk_size=chunk_size)
-    _assert_like(result, ref.diagonal(ref.case_hessian(built), built.params), built.params)
+    assert_like(result, ref.diagonal(ref.case_hessian(built), built.params), built.params)
 
 
 def test_diagonal_keeps_v_compatible_positional_arguments():
@@ -84,7 +75,7 @@ def test_model_diagonal_selection():
         built.targets,
         params=["head.bias", "*norm1.weight", "encoder.*_proj_bias"],
     )
-    _assert_like(result, ref.diagonal(ref.case_hessian(built, names), params), params)
+    assert_like(result, ref.diagonal(ref.case_hessian(built, names), params), params)
 
 
 # ----------------------------------------------------------------------------- create_graph

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from tests import reference as ref
 from tests.cases import build, case_by_id
-from tests.core.helpers import like
+from tests.core.helpers import assert_like, like
 from torch_secorder import batched_hvp, hvp, model_hvp
 
 
@@ -15,22 +15,13 @@ def _reference_products(case, vectors):
     return vectors @ ref.case_hessian(case).T
 
 
-def _assert_like(result, expected, params):
-    assert type(result) is list
-    assert len(result) == len(params)
-    for r, e, p in zip(result, expected, params):
-        assert r.shape == e.shape
-        assert r.dtype == p.dtype
-        assert_close(r, e)
-
-
 # ----------------------------------------------------------------------------- hvp
 
 
 def test_hvp_list_matches_reference(case):
     v = like(case.params, seed=1)
     expected = ref.unflat(ref.case_hessian(case) @ ref.flat(v), case.params)
-    _assert_like(hvp(case.func, case.params, v), expected, case.params)
+    assert_like(hvp(case.func, case.params, v), expected, case.params)
 
 
 def test_hvp_flat_matches_reference(case):
@@ -162,7 +153,7 @@ def test_batched_hvp_list_matches_reference(case):
     expected = ref.unflat(
         _reference_products(case, torch.stack([ref.flat(t) for t in zip(*vs)])), case.params
     )
-    _assert_like(batched_hvp(case.func, case.params, vs), expected, case.params)
+    assert_like(batched_hvp(case.func, case.params, vs), expected, case.params)
 
 
 def test_batched_hvp_flat_matches_reference(case):
@@ -223,7 +214,7 @@ def test_model_hvp_matches_reference_and_closure(case):
     v = like(case.params, seed=15)
     result = model_hvp(case.model, case.loss_fn, case.inputs, case.targets, v)
     expected = ref.unflat(ref.case_hessian(case) @ ref.flat(v), case.params)
-    _assert_like(result, expected, case.params)
+    assert_like(result, expected, case.params)
     for r, c in zip(result, hvp(case.func, case.params, v)):
         assert_close(r, c)
 
@@ -248,7 +239,7 @@ def test_model_hvp_selection(selection, names):
     v = like(params, seed=17)
     result = model_hvp(built.model, built.loss_fn, built.inputs, built.targets, v, params=selection)
     expected = ref.unflat(ref.case_hessian(built, names) @ ref.flat(v), params)
-    _assert_like(result, expected, params)
+    assert_like(result, expected, params)
 
 
 def test_model_hvp_dict_inputs():
@@ -321,7 +312,7 @@ def test_frozen_parameter_selected_by_name():
     v = like(params, seed=21)
     result = model_hvp(model, built.loss_fn, built.inputs, built.targets, v, params=names)
     expected = ref.unflat(ref.case_hessian(built, names) @ ref.flat(v), params)
-    _assert_like(result, expected, params)
+    assert_like(result, expected, params)
     assert not frozen.requires_grad
     assert frozen.grad is None
 
