@@ -301,3 +301,16 @@ def test_dropout_in_train_mode_gives_one_fixed_symmetric_operator():
     assert model.training
     eigenvalues = torch.linalg.eigvalsh(H)
     torch.testing.assert_close(result.eigenvalues, expected(eigenvalues, 3, "magnitude"))
+
+
+def test_exhausted_krylov_space_continues_and_finds_every_copy():
+    # Under MSE the last layer's block is I_2 (x) C: each eigenvalue twice, Krylov spaces of
+    # dimension 5 out of 10.
+    model, loss_fn, inputs, targets = tanh_mlp()
+    block = ts.model_hessian_matrix(model, loss_fn, inputs, targets, params="4.*")
+    eigenvalues = torch.linalg.eigvalsh(block)
+    for which in ("largest", "smallest"):
+        result = ts.model_top_eigenvalues(
+            model, loss_fn, (inputs, targets), params="4.*", k=4, which=which, tol=1e-10
+        )
+        torch.testing.assert_close(result.eigenvalues, expected(eigenvalues, 4, which))

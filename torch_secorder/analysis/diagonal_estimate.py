@@ -10,9 +10,11 @@ For models too large for the exact diagonal (:math:`P` products), with :math:`m`
   (:math:`Q_{(i)}Q_{(i)}^\top = Q(I - s_is_i^\top)Q^\top`), estimates the deflated rest:
   :math:`d_i = \operatorname{diag}(Q_{(i)}Q_{(i)}^\top H) + \omega_i \odot (I - Q_{(i)}
   Q_{(i)}^\top) H\omega_i`. The estimate is the mean of the exchangeable :math:`d_i`. The
-  dominant eigen-directions, which carry most of the off-diagonal mass of a network's
-  Hessian, are captured exactly by the sketch, so the error is usually far below
-  Hutchinson's at the same budget.
+  sketch captures the dominant eigen-directions exactly, so XDiag wins clearly when a few
+  eigenvalues dominate (five times smaller errors than Hutchinson at 100 products on such a
+  spectrum); on a flat spectrum Hutchinson, which spends the whole budget on probes, has
+  errors about 1.5 times smaller. On a small tanh network's Hessian the two are on par at
+  100 products, XDiag ahead with larger budgets.
 
 Per-entry standard errors are the sample standard deviation of the averaged terms over the
 square root of their number.

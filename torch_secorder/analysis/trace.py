@@ -7,7 +7,10 @@ With :math:`m` products and Rademacher probes :math:`z` (:math:`\mathbb E\, zz^\
 * **Hutch++**: a third of the products sketch :math:`Q = \operatorname{orth}(HS)`, a third give
   :math:`\operatorname{tr}(Q^\top H Q)` exactly, the rest estimate the trace of the deflated
   :math:`(I - QQ^\top) H (I - QQ^\top)` by Hutchinson; the error falls like :math:`1/m`
-  instead of :math:`1/\sqrt m` when a few eigenvalues dominate, as in neural-network Hessians.
+  instead of :math:`1/\sqrt m` when a few eigenvalues dominate. When many eigenvalues are
+  comparable and the diagonal carries most of the trace, plain Hutchinson, which spends every
+  product on probes, can be the more accurate (it was on a small trained tanh network, whose
+  trace Hutchinson estimated with 0.8% error at 100 products, Hutch++ with 1.2%).
 * **XTrace**: half the products sketch :math:`Y = H\Omega`, half give :math:`HQ`; every probe
   :math:`\omega_i` is used both in the sketch and, leaving it out of the sketch
   (:math:`Q_{(i)} = \operatorname{orth}(Y_{-i})`), as a Hutchinson probe of the deflated rest:
