@@ -262,3 +262,14 @@ def test_model_form_errors_name_the_function():
         ts.model_hessian_trace(model, loss_fn, (inputs, targets), method="power")
     with pytest.raises(ValueError, match=r"model_hessian_trace: groups must be None, 'module'"):
         ts.model_hessian_trace(model, loss_fn, (inputs, targets), groups="layer")
+
+
+def test_closure_form_under_no_grad_leaves_rng_and_grads_alone():
+    model, loss_fn, inputs, targets = tanh_mlp()
+    params = list(model.parameters())
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        result = ts.hessian_trace(lambda: loss_fn(model(inputs), targets), params, num_matvecs=9)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in params)
+    assert result.num_matvecs == 9
