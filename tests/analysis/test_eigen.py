@@ -82,13 +82,29 @@ def test_too_small_a_budget_warns_and_reports_not_converged():
     operator = DenseOperator(with_spectrum(clustered()))
     with pytest.warns(
         RuntimeWarning,
-        match=r"top_eigenvalues: 1 of 1 eigen-problem did not "
-        r"reach tol=0\.0001 \(relative residual\) within max_matvecs=6",
+        match=r"top_eigenvalues: the eigenpairs did not reach tol=0\.0001 \(relative residual\) "
+        r"within max_matvecs=6; the results are the best found \(converged=False\)\. Raise "
+        r"max_matvecs or tol\.",
     ):
         result = ts.top_eigenvalues(operator, k=2, max_matvecs=6)
     assert not result.converged
     assert result.num_matvecs == operator.num_matvecs == 6
     assert result.eigenvalues.shape == (2,)
+
+
+def test_groups_that_did_not_converge_are_named():
+    model, loss_fn, inputs, targets = tanh_mlp()
+    with pytest.warns(RuntimeWarning) as record:
+        results = ts.model_top_eigenvalues(
+            model, loss_fn, (inputs, targets), groups="module", k=2, max_matvecs=3
+        )
+    missing = [name for name, result in results.items() if not result.converged]
+    assert missing
+    listed = ", ".join(repr(name) for name in missing)
+    assert str(record[0].message).startswith(
+        f"model_top_eigenvalues: group{'s' if len(missing) > 1 else ''} {listed} did not reach"
+    )
+    assert record[0].filename == __file__
 
 
 def test_warning_points_at_the_caller():

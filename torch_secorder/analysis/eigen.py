@@ -147,12 +147,22 @@ def top_eigenvalues(
     target = resolve(fname, func_or_operator, params)
     _check_k(fname, k, target.size, "P")
     with target.open() as operator:
-        steps = eigen_steps(method, target.size, k, which, tol, budget, target, generator)
+        steps = eigen_steps(
+            method,
+            target.size,
+            k,
+            which,
+            tol,
+            budget,
+            target.dtype,
+            target.device,
+            make_generator(generator),
+        )
         problem = Problem(steps)
         run(fname, operator, [problem])
     pairs: RitzPairs = problem.result
     if not pairs.converged:
-        warnings.warn(_not_converged(fname, method, tol, budget, [pairs]), RuntimeWarning, 2)
+        warnings.warn(_not_converged(fname, method, tol, budget, None), RuntimeWarning, 2)
     return EigenResult(
         pairs.values,
         target.columns_like_params(pairs.vectors),
@@ -220,20 +230,23 @@ def model_top_eigenvalues(
     """
     fname = "model_top_eigenvalues"
     budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
-    converged: list[RitzPairs] = []
 
     def make_steps(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
         _check_k(fname, k, n, "the size of a group" if groups is not None else "P")
-        return _eigen_steps(method, n, k, which, tol, budget, dtype, device, gen)
+        return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen)
 
     def finish(pairs: RitzPairs, count: int, group_params: list[Tensor]) -> EigenResult:
-        converged.append(pairs)
         vectors = unflatten(pairs.vectors.T, group_params)
         return EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
 
     results = run_model(fname, model, loss_fn, data, params, groups, generator, make_steps, finish)
-    if not all(p.converged for p in converged):
-        warnings.warn(_not_converged(fname, method, tol, budget, converged), RuntimeWarning, 2)
+    if isinstance(results, dict):
+        missing = [name for name, result in results.items() if not result.converged]
+        if missing:
+            message = _not_converged(fname, method, tol, budget, missing)
+            warnings.warn(message, RuntimeWarning, 2)
+    elif not results.converged:
+        warnings.warn(_not_converged(fname, method, tol, budget, None), RuntimeWarning, 2)
     return results
 
 
@@ -255,7 +268,8 @@ def _check_options(
     if max_matvecs is None:
         return default_max_matvecs(method, k, which)  # type: ignore[arg-type]
     if method == "lanczos":
-        return check_int(fname, "max_matvecs", max_matvecs, k, f"Lanczos needs k={k} products")  # type: ignore[arg-type]
+        why = f"Lanczos needs k={k} products"
+        return check_int(fname, "max_matvecs", max_matvecs, k, why)  # type: ignore[arg-type]
     runs = _power_runs(k, which)  # type: ignore[arg-type]
     return check_int(
         fname, "max_matvecs", max_matvecs, 2 * runs, f"power iteration needs 2 per run, {runs} runs"
@@ -274,41 +288,27 @@ def eigen_steps(
     which: str,
     tol: float,
     budget: int,
-    target: Any,
-    generator: torch.Generator | None,
-) -> Steps:
-    """The eigen-solver for ``target`` as a product-requesting generator."""
-    return _eigen_steps(
-        method, n, k, which, tol, budget, target.dtype, target.device, make_generator(generator)
-    )
-
-
-def _eigen_steps(
-    method: str,
-    n: int,
-    k: int,
-    which: str,
-    tol: float,
-    budget: int,
     dtype: torch.dtype,
     device: torch.device,
     gen: torch.Generator,
 ) -> Steps:
+    """The eigen-solver ``method`` as a product-requesting generator returning RitzPairs."""
     if method == "lanczos":
         return thick_restart_lanczos(n, k, which, tol, budget, dtype, device, gen)
     return power_iteration(n, k, which, tol, budget, dtype, device, gen)
 
 
 def _not_converged(
-    fname: str, method: str, tol: float, budget: int, results: list[RitzPairs]
+    fname: str, method: str, tol: float, budget: int, groups: list[str] | None
 ) -> str:
-    missing = sum(not r.converged for r in results)
-    what = "eigen-problems" if len(results) > 1 else "eigen-problem"
     criterion = "relative residual" if method == "lanczos" else "relative eigenvalue change"
+    if groups is None:
+        what = "the eigenpairs did"
+    else:
+        what = ("group " if len(groups) == 1 else "groups ") + ", ".join(map(repr, groups)) + " did"
     return (
-        f"{fname}: {missing} of {len(results)} {what} did not reach tol={tol:g} "
-        f"({criterion}) within max_matvecs={budget}; the results are the best found. "
-        "Raise max_matvecs or tol."
+        f"{fname}: {what} not reach tol={tol:g} ({criterion}) within max_matvecs={budget}; "
+        "the results are the best found (converged=False). Raise max_matvecs or tol."
     )
 
 
