@@ -37,8 +37,10 @@ class HessianOperator:
 
     Built from a closure, the loss and its differentiable gradient are computed at the first
     product and reused by every later one until :meth:`release` (or the end of a ``with``
-    block); the next product after a release rebuilds them. Built with :meth:`from_model`,
-    each product streams over the data set (see the module docstring).
+    block); the next product after a release rebuilds them. Built with :meth:`from_model`, it
+    is the Hessian of the mean loss over a data set,
+    :math:`H = \frac1N \sum_b n_b \nabla^2_\theta f_b(\theta)` for batches of sizes
+    :math:`n_b` and mean losses :math:`f_b`, and each product streams over the batches.
 
     Products against ``k`` columns run as batched Hessian-vector products and count ``k`` in
     :attr:`num_matvecs`.
