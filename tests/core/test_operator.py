@@ -408,7 +408,7 @@ def test_non_scalar_loss_raises_at_first_batch():
     H = HessianOperator.from_model(model, lambda out, y: (out - y) ** 2, make_batches([2, 3]))
     with pytest.raises(
         ValueError,
-        match=r"from_model: func must return a scalar loss; got a tensor of shape \(2, 2\)",
+        match=r"from_model: loss_fn must return a scalar loss; got a tensor of shape \(2, 2\)",
     ):
         H @ columns(H.shape[0], 1)
     assert loss.calls == 0

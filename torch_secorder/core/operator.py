@@ -395,6 +395,7 @@ class _DataSetProducts:
             fname=self.fname,
             names=self.names,
             seed=self.seed + index,
+            source="loss_fn",
         )
         return graph, _batch_size(self.fname, index, inputs)
 
