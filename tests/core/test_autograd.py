@@ -269,7 +269,7 @@ def test_memory_cap_is_at_least_one_and_shrinks_with_saved_bytes(monkeypatch):
     cap = graph.memory_cap(built.params)
     assert cap >= 1
     monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", graph.saved_bytes * 8)
-    assert 1 <= graph.memory_cap(built.params) <= 4
+    assert 1 <= graph.memory_cap(built.params) < 8  # saved bytes and vectors per product
     monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", 1)
     assert graph.memory_cap(built.params) == 1
 

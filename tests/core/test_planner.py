@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from torch_secorder.core import _autograd
 from torch_secorder.core._autograd import ChunkPlanner, GradientGraph
 
 CPU = torch.device("cpu")
@@ -102,15 +103,32 @@ def test_cuda_is_synchronised_only_while_exploring(monkeypatch):
     assert len(calls) == 2 * steps
 
 
-def test_memory_cap_needs_a_measured_graph():
-    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
-    graph = GradientGraph(lambda: (x**3).sum(), [x], fname="t", measure_memory=False)
-    assert graph.saved_bytes is None
-    with pytest.raises(RuntimeError, match="memory_cap needs a GradientGraph built with"):
-        graph.memory_cap([x])
-    measured = GradientGraph(lambda: (x**3).sum(), [x], fname="t")
-    assert measured.saved_bytes > 0
-    assert measured.memory_cap([x]) >= 1
+def test_saved_bytes_counts_what_the_graph_saved_once_per_storage():
+    x = torch.ones(1000, dtype=torch.float64, requires_grad=True)
+    graph = GradientGraph(lambda: x.exp().sum(), [x], fname="t")
+    # exp saves its result (8000 bytes); the gradient exp(x) * 1 saves it again (same
+    # storage) and the gradient graph's own saved tensors are of the same size at most
+    assert 8000 <= graph.saved_bytes <= 3 * 8000
+    assert graph.memory_cap([x]) == _autograd.CHUNK_MEMORY_BYTES // (graph.saved_bytes + 16000)
+    linear = GradientGraph(lambda: (2 * x).sum(), [x], fname="t")
+    assert linear.saved_bytes == 0  # nothing saved: a constant gradient
+
+
+def test_saved_bytes_counts_custom_functions():
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x**3
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 3 * x**2 * grad
+
+    x = torch.ones(500, dtype=torch.float64, requires_grad=True)
+    graph = GradientGraph(lambda: Cube.apply(x).sum(), [x], fname="t")
+    assert graph.saved_bytes >= 4000
 
 
 def test_cpu_time_is_the_measure_when_the_process_is_preempted(monkeypatch):

@@ -36,11 +36,8 @@ class Objective:
     names: list[str] | None = None
     source: str = "func"
 
-    def gradient(self, *, strict: bool = False, measure_memory: bool = True) -> GradientGraph:
-        """Call the closure once and keep its differentiable gradient.
-
-        ``measure_memory=False`` skips the memory estimate that chunked products need.
-        """
+    def gradient(self, *, strict: bool = False) -> GradientGraph:
+        """Call the closure once and keep its differentiable gradient."""
         return GradientGraph(
             self.func,
             self.params,
@@ -48,7 +45,6 @@ class Objective:
             names=self.names,
             strict=strict,
             source=self.source,
-            measure_memory=measure_memory,
         )
 
 

@@ -84,7 +84,7 @@ def _hvp(
     check_bool(fname, "create_graph", create_graph)
     check_bool(fname, "strict", strict)
     vectors, flat = check_vector(fname, "v", v, objective.params, objective.names)
-    with objective.gradient(strict=strict, measure_memory=False) as graph:
+    with objective.gradient(strict=strict) as graph:
         result = graph.vjp(vectors, objective.params, create_graph=create_graph, retain_graph=False)
     return flatten(result) if flat else result
 
