@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from torch_secorder import batched_hvp
 from torch_secorder.core import _autograd
 from torch_secorder.core._autograd import ChunkPlanner, GradientGraph
 
@@ -158,3 +159,72 @@ def test_cuda_time_is_wall_clock(monkeypatch):
     now["wall"] += 0.003  # the GPU worked; the CPU waited
     now["cpu"] += 0.0001
     assert planner.elapsed(tic) == pytest.approx(0.003)
+
+
+# ----------------------------------------------------------------------------- shared planners
+
+
+@pytest.fixture
+def fresh_shared(monkeypatch):
+    shared = {}
+    monkeypatch.setattr(ChunkPlanner, "_shared", shared)
+    return shared
+
+
+def test_shared_planner_is_kept_per_key(fresh_shared):
+    a = ChunkPlanner.shared("a", 64, CPU)
+    assert ChunkPlanner.shared("a", 64, CPU) is a
+    b = ChunkPlanner.shared("b", 64, CPU)
+    assert b is not a
+    assert a.uses == 2
+    assert b.uses == 1
+
+
+def test_shared_planner_resumes_and_then_stays_settled(fresh_shared):
+    first, _ = run(ChunkPlanner.shared("k", 64, CPU), lambda size: 1.0, 8)  # a short call
+    assert first == [1, 1, 2, 4]
+    second, _ = run(ChunkPlanner.shared("k", 64, CPU), lambda size: 1.0, 200)
+    assert second[:4] == [8, 16, 32, 64]  # the search goes on where it stopped
+    third, _ = run(ChunkPlanner.shared("k", 64, CPU), lambda size: 1.0, 128)
+    assert third == [64, 64]  # settled: no trials at all
+
+
+def test_shared_planner_is_renewed_after_its_reuses(fresh_shared):
+    planner = ChunkPlanner.shared("k", 64, CPU)
+    for _ in range(ChunkPlanner.REUSES - 1):
+        assert ChunkPlanner.shared("k", 64, CPU) is planner
+    renewed = ChunkPlanner.shared("k", 64, CPU)
+    assert renewed is not planner
+    assert renewed.uses == 1
+
+
+def test_shared_planners_are_bounded(fresh_shared):
+    for key in range(ChunkPlanner.SHARED + 5):
+        ChunkPlanner.shared(key, 8, CPU)
+    assert len(fresh_shared) == ChunkPlanner.SHARED
+    assert 0 not in fresh_shared  # the least recently used went first
+    assert ChunkPlanner.SHARED + 4 in fresh_shared
+
+
+def test_products_of_one_kind_share_a_planner(fresh_shared):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    model = model.double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    vs = torch.randn(6, sum(p.numel() for p in params), dtype=torch.float64)
+
+    def loss(inputs):
+        return lambda: model(inputs).pow(2).mean()
+
+    first = batched_hvp(loss(x), params, vs)
+    assert len(fresh_shared) == 1
+    (planner,) = fresh_shared.values()
+    second = batched_hvp(loss(x), params, vs)
+    assert list(fresh_shared.values()) == [planner]
+    assert planner.uses == 2
+    torch.testing.assert_close(second, first)
+    batched_hvp(loss(torch.cat([x, x])), params, vs)  # a larger batch: another kind
+    assert len(fresh_shared) == 2
+    batched_hvp(loss(x), params, vs, chunk_size=2)  # a fixed chunk size needs no planner
+    assert planner.uses == 2

@@ -17,7 +17,8 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -274,14 +275,18 @@ class GradientGraph:
             chunk_size: Products per batched call; ``1`` loops; ``None`` lets a planner choose
                 by timing, within a memory estimate.
             create_graph: Keep the graph of the results.
-            planner: A planner kept across calls (e.g. by an operator); a fresh one otherwise.
+            planner: A planner kept by the caller (e.g. an operator); otherwise the one shared
+                by products of this kind (:meth:`ChunkPlanner.shared`).
 
         Yields:
             ``(start, stop, products)`` with one tensor per input, leading dimension
             ``stop - start``.
         """
         if chunk_size is None and planner is None:
-            planner = ChunkPlanner(self.memory_cap(inputs), _device(inputs))
+            cap = self.memory_cap(inputs)
+            planner = ChunkPlanner.shared(
+                self._kind(inputs, cap, create_graph), cap, _device(inputs)
+            )
         start = 0
         while start < count:
             size = min(chunk_size or planner.next_size(), count - start)  # type: ignore[union-attr]
@@ -350,6 +355,18 @@ class GradientGraph:
         ]
         return [torch.stack(parts) for parts in zip(*columns)]
 
+    def _kind(self, inputs: Sequence[Tensor], cap: int, create_graph: bool) -> Hashable:
+        """What makes products cost what they cost: graph size, parameters, inputs, options."""
+        position = {id(p): i for i, p in enumerate(self.params)}
+        return (
+            self.saved_bytes,
+            cap,
+            create_graph,
+            self.batching,
+            tuple((p.shape, p.dtype, p.device, g is None) for p, g in zip(self.params, self.grads)),
+            tuple(position.get(id(x), (x.shape, x.dtype)) for x in inputs),
+        )
+
     @property
     def saved_bytes(self) -> int:
         """Bytes the graph of the gradient saved for backward, measured on first access."""
@@ -391,6 +408,11 @@ class ChunkPlanner:
 
     FIRST_BATCH = 2
     TOLERANCE = 0.1
+    REUSES = 32
+    """Calls a shared planner serves before it is replaced by a fresh one (re-measured)."""
+    SHARED = 64
+    """Shared planners kept (the least recently used are dropped)."""
+    _shared: ClassVar[dict[Hashable, "ChunkPlanner"]] = {}
 
     def __init__(self, cap: int, device: torch.device) -> None:
         self.cap = max(1, cap)
@@ -400,6 +422,26 @@ class ChunkPlanner:
         self.trial = 1
         self.settled = self.cap == 1
         self.best_size = 1
+        self.uses = 0
+
+    @classmethod
+    def shared(cls, key: Hashable, cap: int, device: torch.device) -> "ChunkPlanner":
+        """The planner kept for products of one kind (``key``), or a new one.
+
+        Calls that repeat the same products (same model, batch and parameters: the caller's
+        ``key``) continue one planner, as an autotuner would: a later call resumes the
+        search where an earlier, short one stopped, and once settled runs the best size with
+        no trials at all. After :attr:`REUSES` calls the planner starts afresh, so a choice
+        made under other conditions (load on the machine) does not stay for good.
+        """
+        planner = cls._shared.pop(key, None)
+        if planner is None or planner.uses >= cls.REUSES:
+            planner = cls(cap, device)
+        planner.uses += 1
+        cls._shared[key] = planner  # most recently used last
+        while len(cls._shared) > cls.SHARED:
+            del cls._shared[next(iter(cls._shared))]
+        return planner
 
     def clock(self) -> tuple[float, float]:
         """Wall-clock and process CPU time now.
