@@ -330,3 +330,27 @@ def test_exhausted_krylov_space_continues_and_finds_every_copy():
             model, loss_fn, (inputs, targets), params="4.*", k=4, which=which, tol=1e-10
         )
         torch.testing.assert_close(result.eigenvalues, expected(eigenvalues, 4, which))
+
+
+def test_last_layer_block_of_mse_reports_every_copy():
+    # with d outputs, the last layer's block is I_d (x) B: every eigenvalue d times
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 10),
+        torch.nn.Tanh(),
+        torch.nn.Linear(10, 10),
+        torch.nn.Tanh(),
+        torch.nn.Linear(10, 2),
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    loss_fn = torch.nn.MSELoss()
+    result = ts.model_top_eigenvalues(model, loss_fn, (x, y), params="4.*", k=3)
+    block = ts.hessian_matrix(lambda: loss_fn(model(x), y), model[4].parameters())
+    expected = torch.linalg.eigvalsh(block).flip(0)[:3]
+    assert result.converged
+    torch.testing.assert_close(
+        result.eigenvalues, expected, rtol=1e-6, atol=0
+    )  # tol=1e-4 residuals
+    assert torch.isclose(result.eigenvalues[0], result.eigenvalues[1], rtol=1e-6)

@@ -12,6 +12,7 @@ from tests.analysis.operators import (
 )
 from torch_secorder.analysis._driver import Problem, run
 from torch_secorder.analysis.lanczos import (
+    _restarted_lanczos,
     default_basis_size,
     lanczos_quadrature,
     thick_restart_lanczos,
@@ -45,8 +46,13 @@ def solve(A, k, which="largest", tol=1e-10, budget=1000, **kwargs):
 
 def test_lanczos_relation_and_orthonormal_basis():
     A = with_spectrum(indefinite(60))
-    pairs, operator, _ = solve(A, 1, tol=1e-12, basis_size=60)
+    operator = Recording(A)
+    steps = _restarted_lanczos(
+        60, 1, 1000, None, None, "largest", 1e-12, DTYPE, CPU, generator(0), 1, 60
+    )  # one run, without the verification in the complement
+    ((pairs, used),) = run("test", operator, [Problem(steps)])
     Q = torch.cat(operator.columns, dim=1)  # without restarts, the requests are the basis
+    assert Q.shape[1] == used
     s = Q.shape[1]
     torch.testing.assert_close(Q.T @ Q, torch.eye(s, dtype=DTYPE))
     T = Q.T @ A @ Q
@@ -139,3 +145,57 @@ def test_quadrature_runs_probes_in_groups_when_memory_is_short(monkeypatch):
     assert [c.shape[1] for c in grouped.columns] == [2] * 16 + [1] * 8
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def kron_identity(copies, size, seed=0):
+    """I_copies (x) C: every eigenvalue of C repeated ``copies`` times (a last layer's block)."""
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(size, size, generator=g, dtype=DTYPE)
+    return torch.kron(torch.eye(copies, dtype=DTYPE), C @ C.T / size), C @ C.T / size
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+@pytest.mark.parametrize("copies", [2, 3])
+def test_repeated_eigenvalues_among_distinct_ones_are_all_found(which, copies):
+    g = torch.Generator().manual_seed(3)
+    rest = torch.rand(100, generator=g, dtype=DTYPE) * 4 - 2  # in [-2, 2]
+    extreme = {"largest": 10.0, "smallest": -10.0, "magnitude": -10.0}[which]
+    lam = torch.cat(
+        [
+            torch.full((copies,), extreme, dtype=DTYPE),
+            torch.tensor([7.0, -6.0, 5.0], dtype=DTYPE),
+            rest,
+        ]
+    )
+    A = with_spectrum(lam)
+    pairs, _, _ = solve(A, copies + 1, which, tol=1e-10)
+    assert pairs.converged
+    truth = lam[wanted_order(lam, which)][: copies + 1]
+    torch.testing.assert_close(pairs.values, truth)
+    X = pairs.vectors
+    torch.testing.assert_close(X.T @ X, torch.eye(copies + 1, dtype=DTYPE))
+    torch.testing.assert_close(A @ X, X * pairs.values, rtol=0, atol=1e-8)
+
+
+def test_kronecker_block_returns_every_copy():
+    A, C = kron_identity(10, 40)
+    pairs, _, _ = solve(A, 5, tol=1e-10)
+    assert pairs.converged
+    top = torch.linalg.eigvalsh(C)[-1]
+    torch.testing.assert_close(pairs.values, top.repeat(5))
+    pairs, _, _ = solve(A, 12, tol=1e-10)  # ten copies of the top, then the second
+    second = torch.linalg.eigvalsh(C)[-2]
+    torch.testing.assert_close(pairs.values, torch.cat([top.repeat(10), second.repeat(2)]))
+
+
+def test_verification_is_cheap_with_a_gap():
+    lam = torch.cat([torch.tensor([10.0, 5.0], dtype=DTYPE), torch.linspace(0, 1, 98, dtype=DTYPE)])
+    A = with_spectrum(lam)
+    operator = Recording(A)
+    main = _restarted_lanczos(
+        100, 1, 1000, None, None, "largest", 1e-8, DTYPE, CPU, generator(0), 1, None
+    )
+    ((_, used),) = run("test", operator, [Problem(main)])
+    pairs, _, problem = solve(A, 1, tol=1e-8)
+    torch.testing.assert_close(pairs.values, lam[:1])
+    assert problem.num_matvecs - used <= 6  # the complement's top (5) is told apart from 10 quickly

@@ -117,6 +117,19 @@ def _fill(
     return torch.cat(columns, dim=1)
 
 
+def wanted_key(theta: Tensor, which: str) -> Tensor:
+    r"""A key that grows with how wanted a Ritz value is (its value, minus it, or its size).
+
+    Each key moves by at most :math:`|\lambda - \theta|` between an eigenvalue and a Ritz
+    value, so a residual bounds it.
+    """
+    if which == "largest":
+        return theta
+    if which == "smallest":
+        return -theta
+    return theta.abs()
+
+
 def thick_restart_lanczos(
     n: int,
     k: int,
@@ -132,6 +145,15 @@ def thick_restart_lanczos(
 ) -> Steps:
     r"""Find ``k`` extreme eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
 
+    A Krylov space from one random vector holds one direction of each eigenspace, so it sees
+    one copy of a repeated eigenvalue. Once the ``k`` wanted pairs converge, the search goes
+    on in their orthogonal complement from a fresh random vector, as for the first of them:
+    it stops once the most wanted Ritz pair there has converged to :math:`\sqrt{\texttt{tol}}`
+    (relative residual) and is less wanted than the ``k``-th pair found by more than its
+    residual; a more wanted one converges to ``tol`` and joins the pairs found, which are then
+    verified again. Repeated eigenvalues are so found with all their copies, at the cost of a
+    loosely converged extra eigenpair.
+
     Args:
         n: Dimension of the operator.
         k: Number of wanted eigenpairs, ``1 <= k <= n``.
@@ -140,7 +162,7 @@ def thick_restart_lanczos(
         max_matvecs: Budget of products.
         dtype: Dtype of the vectors.
         device: Device of the vectors.
-        generator: Source of the random starting block.
+        generator: Source of the random starting vectors.
         block_size: Vectors per step :math:`b` (one batched product of :math:`b` columns).
         basis_size: Largest basis before a restart (default :func:`default_basis_size`).
 
@@ -150,20 +172,76 @@ def thick_restart_lanczos(
     Returns:
         The wanted :class:`RitzPairs`, most wanted first.
     """
+    options = (which, tol, dtype, device, generator, block_size, basis_size)
+    pairs, used = yield from _restarted_lanczos(n, k, max_matvecs, None, None, *options)
+    while pairs.converged and pairs.vectors.shape[1] < n and used < max_matvecs:
+        least = float(wanted_key(pairs.values[-1], which))
+        candidate, spent = yield from _restarted_lanczos(
+            n, 1, max_matvecs - used, pairs.vectors, least, *options
+        )
+        used += spent
+        if candidate is None:
+            break
+        if not candidate.converged:
+            pairs.converged = False
+            break
+        if float(wanted_key(candidate.values[0], which)) <= least:
+            break
+        pairs = _merge(pairs, candidate, k, which)
+    return pairs
+
+
+def _merge(pairs: RitzPairs, other: RitzPairs, k: int, which: str) -> RitzPairs:
+    """The ``k`` most wanted of two sets of converged pairs."""
+    values = torch.cat([pairs.values, other.values])
+    keep = wanted_order(values, which)[:k]
+    return RitzPairs(
+        values[keep],
+        torch.cat([pairs.vectors, other.vectors], dim=1)[:, keep],
+        torch.cat([pairs.residuals, other.residuals])[keep],
+        True,
+    )
+
+
+def _restarted_lanczos(
+    n: int,
+    k: int,
+    max_matvecs: int,
+    locked: Tensor | None,
+    bound: float | None,
+    which: str,
+    tol: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+    block_size: int,
+    basis_size: int | None,
+) -> Steps:
+    r"""Thick-restart Lanczos in the orthogonal complement of the columns of ``locked``.
+
+    With ``bound``, stops early (returning ``None``) once the most wanted Ritz pair has
+    converged to the screening tolerance :math:`\sqrt{\texttt{tol}}` and is less wanted than
+    ``bound`` by more than its residual: :math:`\text{key}(\theta) + \|r\| \le` ``bound``.
+
+    Returns:
+        ``(pairs, products used)``; ``pairs`` is ``None`` after such an early stop.
+    """
     eps = torch.finfo(dtype).eps
     work = work_dtype(device, dtype)
-    b = min(block_size, n)
-    m = min(n, basis_size or default_basis_size(k, b))
+    locked = torch.zeros(n, 0, dtype=dtype, device=device) if locked is None else locked
+    free = n - locked.shape[1]
+    b = min(block_size, free)
+    m = min(free, basis_size or default_basis_size(k, b))
     floor = relative_floor(dtype)
     V = torch.zeros(n, m, dtype=dtype, device=device)
     T = torch.zeros(m, m, dtype=work, device=device)
-    start, _ = torch.linalg.qr(gaussian(generator, (n, b), dtype, device))
-    V[:, :b] = start
+    V[:, :b] = _fill(locked, b, generator, dtype, device)
     j, current = b, slice(0, b)
-    used, norm, confirmed = 0, 0.0, False
+    used, norm = 0, 0.0
     while True:
         W = yield V[:, current]
         used += current.stop - current.start
+        W, _ = _orthogonalise(W, locked)
         W, H = _orthogonalise(W, V[:, :j])
         T[:j, current] = H.to(work)
         theta, Y = torch.linalg.eigh((T[:j, :j] + T[:j, :j].T) / 2)
@@ -171,22 +249,22 @@ def thick_restart_lanczos(
         U, singular, Vh = torch.linalg.svd(W, full_matrices=False)
         B = (singular[:, None] * Vh).to(work)  # W = U B
         # Residuals of all Ritz pairs, from A V = V T + U B E^T (zero once V spans everything).
-        residuals = (B @ Y[current]).norm(dim=0) if j < n else theta.new_zeros(j)
+        residuals = (B @ Y[current]).norm(dim=0) if j < free else theta.new_zeros(j)
         order = wanted_order(theta, which)
         wanted = order[:k]
         scale = torch.clamp(theta[wanted].abs(), min=floor * norm)
+        if bound is not None:  # resolved to the screening tolerance and certainly unwanted
+            best = order[0]
+            resolved = residuals[best] <= tol**0.5 * scale[0]
+            if resolved and float(wanted_key(theta[best], which) + residuals[best]) <= bound:
+                return None, used
         converged = j >= k and bool((residuals[wanted] <= tol * scale).all())
-        # A vanishing residual direction means V spans an invariant subspace, which may hide
-        # multiple eigenvalues: accept such a convergence only after one fresh direction.
-        threshold = eps ** (2 / 3) * norm
-        weak = singular <= threshold
-        if converged and (j == n or confirmed or not bool(weak.any())):
+        if converged:
             break
-        confirmed = converged
         # The next block; restart thick when the basis has no room for it.
-        restart = j + min(b, n - j) > m
+        restart = j + min(b, free - j) > m
         keep = max(k, min((m + k) // 2, m - b, j)) if restart else j
-        width = min(b, n - keep, max_matvecs - used)
+        width = min(b, free - keep, max_matvecs - used)
         if width <= 0:
             break
         if restart:
@@ -200,19 +278,22 @@ def thick_restart_lanczos(
             coupling[:, current] = B
         j = keep
         take = min(width, U.shape[1])
-        strong = ~weak[:take]
+        # A vanishing residual direction means V spans an invariant subspace: go on in fresh
+        # random directions.
+        strong = singular[:take] > eps ** (2 / 3) * norm
         block, rows = U[:, :take][:, strong], coupling[:take][strong]
-        if block.shape[1] < width:  # continue in fresh random directions
+        if block.shape[1] < width:
             missing = width - block.shape[1]
-            fresh = _fill(torch.cat([V[:, :j], block], dim=1), missing, generator, dtype, device)
-            block = torch.cat([block, fresh], dim=1)
+            spanned = torch.cat([locked, V[:, :j], block], dim=1)
+            block = torch.cat([block, _fill(spanned, missing, generator, dtype, device)], dim=1)
             rows = torch.cat([rows, rows.new_zeros(missing, j)])
         V[:, j : j + width] = block
         T[j : j + width, :j] = rows
         current = slice(j, j + width)
         j += width
     X = V[:, : Y.shape[0]] @ Y[:, wanted].to(dtype)
-    return RitzPairs(theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged)
+    pairs = RitzPairs(theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged)
+    return pairs, used
 
 
 def lanczos_quadrature(
