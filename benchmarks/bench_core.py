@@ -21,8 +21,8 @@ Usage::
     python benchmarks/bench_core.py             # the full run (several minutes)
     python benchmarks/bench_core.py --quick     # a smoke run on tiny models (seconds)
 
-Optional peer: torch-secorder 0.0.1's ``exact_hvp`` in (a), given the directory of its
-unpacked wheel (``--peer-0.0.1 DIR``; see benchmarks/README.md).
+Optional peer: torch-secorder 0.0.1's ``exact_hvp`` in (a) and ``hessian_diagonal`` in (c),
+given the directory of its unpacked wheel (``--peer-0.0.1 DIR``; see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -390,59 +390,88 @@ def func_diagonal(w: Workload, rows: list[list[int]], chunk: int) -> tuple[float
     return seconds, values
 
 
-def bench_diagonal(w: Workload, repeats: int, subset: int, func_chunk: int) -> None:
+def bench_diagonal(
+    w: Workload, repeats: int, subset: int, func_chunk: int, peer: object | None
+) -> None:
     params, func = w.params, w.loss
     rows = stratified_rows(params, subset)
     picked = sum(len(r) for r in rows)
-    loop_times: list[float] = []
-    func_times: list[float] = []
-    lib_times: list[float] = []
-    loop_values: list[Tensor] = []
-    func_values: list[Tensor] = []
-    lib_values: list[Tensor] = []
+
+    def library() -> tuple[float, list[Tensor]]:
+        tic = clock()
+        values = ts.hessian_diagonal(func, params)
+        return clock() - tic, values
+
+    def old() -> tuple[float, list[Tensor]]:
+        tic = clock()
+        values = peer.hessian_diagonal(func, params)  # type: ignore[union-attr]
+        return clock() - tic, values
+
+    methods: dict[str, Callable[[], tuple[float, list[Tensor]]]] = {
+        "loop": lambda: per_element_loop(w, rows),
+        "func": lambda: func_diagonal(w, rows, func_chunk),
+        "library": library,
+    }
+    if peer is not None:
+        methods["peer"] = old
+    names = list(methods)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    values: dict[str, list[Tensor]] = {}
     for r in range(repeats + 1):  # round 0 warms up and is not kept
-        order = [0, 1, 2][r % 3 :] + [0, 1, 2][: r % 3]
-        for which in order:
-            if which == 0:
-                seconds, loop_values = per_element_loop(w, rows)
-                loop_times.append(seconds)
-            elif which == 1:
-                seconds, func_values = func_diagonal(w, rows, func_chunk)
-                func_times.append(seconds)
-            else:
-                tic = clock()
-                lib_values = ts.hessian_diagonal(func, params)
-                lib_times.append(clock() - tic)
-    loop_times, func_times, lib_times = loop_times[1:], func_times[1:], lib_times[1:]
-    lib_subset = [d.reshape(-1)[idx] for d, idx in zip(lib_values, rows)]
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds, values[name] = methods[name]()
+            if r:
+                times[name].append(seconds)
+    t = {name: median(times[name]) for name in names}
+    lib_subset = [d.reshape(-1)[idx] for d, idx in zip(values["library"], rows)]
     note = f"extrapolated from {picked} of {w.num_params} elements"
-    t_loop, t_func, t_lib = median(loop_times), median(func_times), median(lib_times)
-    report(
-        Row("c", w.name, "per-element double-backward loop", t_loop, spread(loop_times), note=note)
-    )
     report(
         Row(
             "c",
             w.name,
-            "torch.func vmap(jvp(grad)) unit vectors",
-            t_func,
-            spread(func_times),
-            t_func / t_lib,
-            "torch_secorder",
-            rel_diff(func_values, loop_values),
-            note + f"; vmap chunk_size={func_chunk}",
+            "per-element double-backward loop",
+            t["loop"],
+            spread(times["loop"]),
+            note=note,
         )
     )
     report(
         Row(
             "c",
             w.name,
+            "torch.func vmap(jvp(grad)) unit vectors",
+            t["func"],
+            spread(times["func"]),
+            t["func"] / t["library"],
+            "torch_secorder",
+            rel_diff(values["func"], values["loop"]),
+            note + f"; vmap chunk_size={func_chunk}",
+        )
+    )
+    if peer is not None:
+        report(
+            Row(
+                "c",
+                w.name,
+                "torch-secorder 0.0.1 hessian_diagonal (peer)",
+                t["peer"],
+                spread(times["peer"]),
+                t["peer"] / t["library"],
+                "torch_secorder",
+                rel_diff(values["peer"], values["library"]),
+                "all elements",
+            )
+        )
+    report(
+        Row(
+            "c",
+            w.name,
             "torch_secorder.hessian_diagonal",
-            t_lib,
-            spread(lib_times),
-            t_loop / t_lib,
+            t["library"],
+            spread(times["library"]),
+            t["loop"] / t["library"],
             "speed-up over loop (target >= 5)",
-            rel_diff(lib_subset, loop_values),
+            rel_diff(lib_subset, values["loop"]),
             "all elements",
         )
     )
@@ -541,7 +570,7 @@ def load_peer(path: str) -> object:
     try:
         old = importlib.import_module("torch_secorder")
         version = getattr(old, "__version__", "?")
-        peer = importlib.import_module("torch_secorder.core.hvp")
+        peer = old  # exact_hvp and hessian_diagonal, imported at the top level
     finally:
         sys.path.remove(path)
         for n in [n for n in sys.modules if n.split(".")[0] == "torch_secorder"]:
@@ -635,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for k in args.k:
                 bench_batched(w, k, args.repeats if k <= 32 else max(3, args.repeats // 3))
         if "c" in args.sections:
-            bench_diagonal(w, args.heavy_repeats, args.diag_subset, args.func_chunk)
+            bench_diagonal(w, args.heavy_repeats, args.diag_subset, args.func_chunk, peer)
             if args.diag_detail:
                 bench_diagonal_detail(w, args.heavy_repeats, args.diag_subset)
         if "d" in args.sections:
