@@ -228,3 +228,14 @@ def test_products_of_one_kind_share_a_planner(fresh_shared):
     assert len(fresh_shared) == 2
     batched_hvp(loss(x), params, vs, chunk_size=2)  # a fixed chunk size needs no planner
     assert planner.uses == 2
+
+
+def test_near_ties_go_to_the_smaller_chunk():
+    # seconds per product by chunk size: 8 is the fastest, 4 within 5% of it, 16 clearly worse
+    per_product = {1: 1.0, 2: 0.5, 4: 0.25, 8: 0.245, 16: 0.3}
+    planner = ChunkPlanner(64, CPU)
+    sizes, _ = run(planner, lambda size: size * per_product[size], 100)
+    assert planner.settled
+    assert planner.best_size == 4
+    assert sizes[:7] == [1, 1, 2, 4, 8, 16, 16]
+    assert set(sizes[7:-1]) == {4}

@@ -395,10 +395,11 @@ class ChunkPlanner:
     planner times two single products (a loop), then batched chunks of 2, 4, 8, ... products,
     doubling up to ``cap`` as long as the time per product is not clearly worse (by more than
     ``TOLERANCE``) than the best seen, and from then on uses the size with the best time per
-    product. A size is judged by the faster of two timings (a loaded machine only ever makes
-    a chunk slower), so one slow outlier does not end the search. Every timed product is a
-    useful one: exploring costs only the difference between the trial chunks and the best, a
-    few products' time when batching loses.
+    product, or the smallest within ``PREFER`` of it (less memory, and differences that small
+    are noise on a shared machine). A size is judged by the faster of two timings (a loaded
+    machine only ever makes a chunk slower), so one slow outlier does not end the search.
+    Every timed product is a useful one: exploring costs only the difference between the
+    trial chunks and the best, a few products' time when batching loses.
 
     Args:
         cap: Largest chunk allowed (a memory bound).
@@ -408,6 +409,7 @@ class ChunkPlanner:
 
     FIRST_BATCH = 2
     TOLERANCE = 0.1
+    PREFER = 0.05
     REUSES = 32
     """Calls a shared planner serves before it is replaced by a fresh one (re-measured)."""
     SHARED = 64
@@ -479,7 +481,7 @@ class ChunkPlanner:
         self.times[size] = min(self.times.get(size, math.inf), seconds / size)
         self.counts[size] = self.counts.get(size, 0) + 1
         best = min(self.times.values())
-        self.best_size = min(s for s, t in self.times.items() if t == best)
+        self.best_size = min(s for s, t in self.times.items() if t <= (1 + self.PREFER) * best)
         if self.counts[size] < 2 and (size == 1 or self.times[size] > (1 + self.TOLERANCE) * best):
             return  # time it once more: two singles, or a trial that looked worse
         if size == 1:
