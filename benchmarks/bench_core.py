@@ -21,8 +21,10 @@ Usage::
     python benchmarks/bench_core.py             # the full run (several minutes)
     python benchmarks/bench_core.py --quick     # a smoke run on tiny models (seconds)
 
-Optional peer: torch-secorder 0.0.1's ``exact_hvp`` in (a) and ``hessian_diagonal`` in (c),
-given the directory of its unpacked wheel (``--peer-0.0.1 DIR``; see benchmarks/README.md).
+Optional comparisons in the same run (see benchmarks/README.md): torch-secorder 0.0.1's
+``exact_hvp`` in (a) and ``hessian_diagonal`` in (c), given the directory of its unpacked
+wheel (``--peer-0.0.1 DIR``); and another version of this library, e.g. an earlier commit
+exported with ``git archive`` (``--baseline DIR``), in every section.
 """
 
 from __future__ import annotations
@@ -118,21 +120,25 @@ clock = CLOCKS["wall"]
 
 def measure(
     methods: dict[str, Callable[[], object]], repeats: int, warmup: bool = True
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, object]]:
     """Time each method ``repeats`` times (after one warm-up call), alternating the methods.
 
     The order rotates from repeat to repeat, so no method always runs first or last.
+
+    Returns:
+        The times of each method, and the result of its last call.
     """
     names = list(methods)
+    last: dict[str, object] = {}
     for name in names if warmup else ():
-        methods[name]()
+        last[name] = methods[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             tic = clock()
-            methods[name]()
+            last[name] = methods[name]()
             times[name].append(clock() - tic)
-    return times
+    return times, last
 
 
 def median(times: Sequence[float]) -> float:
@@ -147,10 +153,10 @@ def spread(times: Sequence[float]) -> float:
     return (q[2] - q[0]) / median(times)
 
 
-def rel_diff(a: Sequence[Tensor] | Tensor, b: Sequence[Tensor] | Tensor) -> float:
+def rel_diff(a: object, b: object) -> float:
     """Largest absolute difference relative to the largest entry of ``b``."""
-    a = a if isinstance(a, Tensor) else torch.cat([t.reshape(-1) for t in a])
-    b = b if isinstance(b, Tensor) else torch.cat([t.reshape(-1) for t in b])
+    a = a if isinstance(a, Tensor) else torch.cat([t.reshape(-1) for t in a])  # type: ignore[attr-defined]
+    b = b if isinstance(b, Tensor) else torch.cat([t.reshape(-1) for t in b])  # type: ignore[attr-defined]
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
@@ -177,8 +183,8 @@ def report(row: Row) -> None:
     ratio = "" if row.ratio is None else f"{row.ratio:7.3f}x {row.ratio_to}"
     check = "" if row.check is None else f"diff {row.check:.1e}"
     print(
-        f"  {row.workload:4} {row.method:44} {fmt_time(row.seconds):>10} "
-        f"±{100 * row.spread:4.0f}%  {ratio:28} {check:14} {row.note}",
+        f"  {row.workload:4} {row.method:52} {fmt_time(row.seconds):>10} "
+        f"±{100 * row.spread:4.0f}%  {ratio:36} {check:14} {row.note}",
         flush=True,
     )
 
@@ -193,7 +199,7 @@ def fmt_time(seconds: float) -> str:
 
 def markdown_table(rows: Sequence[Row]) -> str:
     lines = [
-        "| section | model | method | median | IQR | ratio | check | note |",
+        "| | model | method | median | IQR | ratio | check | note |",
         "|---|---|---|---:|---:|---|---|---|",
     ]
     for row in rows:
@@ -206,8 +212,62 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- libraries
+@dataclass
+class Impl:
+    """A library under test: this checkout, a baseline checkout, or a peer."""
+
+    label: str
+    functions: dict[str, Callable[..., object]]
+    current: bool = False
+
+
+def current_impl() -> Impl:
+    names = ["hvp", "batched_hvp", "hessian_diagonal", "hessian_matrix"]
+    return Impl("torch_secorder", {n: getattr(ts, n) for n in names}, current=True)
+
+
+def import_other(path: str) -> object:
+    """Import another ``torch_secorder`` from ``path`` without shadowing this one.
+
+    The current modules are set aside while the other is imported, then put back; the other
+    package's functions keep their own module globals.
+    """
+    current = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "torch_secorder"}
+    for n in current:
+        del sys.modules[n]
+    sys.path.insert(0, path)
+    try:
+        other = importlib.import_module("torch_secorder")
+    finally:
+        sys.path.remove(path)
+        for n in [n for n in sys.modules if n.split(".")[0] == "torch_secorder"]:
+            del sys.modules[n]
+        sys.modules.update(current)
+    return other
+
+
+def baseline_impl(path: str) -> Impl:
+    other = import_other(path)
+    names = ["hvp", "batched_hvp", "hessian_diagonal", "hessian_matrix"]
+    return Impl(f"baseline {path}", {n: getattr(other, n) for n in names})
+
+
+def peer_impl(path: str) -> Impl:
+    old = import_other(path)
+    version = getattr(old, "__version__", "?")
+    if version != "0.0.1":
+        raise SystemExit(f"--peer-0.0.1: {path} holds torch_secorder {version}, not 0.0.1")
+    functions = {"hvp": old.exact_hvp, "hessian_diagonal": old.hessian_diagonal}
+    return Impl("torch-secorder 0.0.1 (peer)", functions)  # type: ignore[attr-defined]
+
+
+def method_name(impl: Impl, function: str) -> str:
+    return f"{function}, {impl.label}" if not impl.current else f"torch_secorder.{function}"
+
+
 # ----------------------------------------------------------------------------- (a) one HVP
-def bench_hvp(w: Workload, repeats: int, peer: object | None) -> None:
+def bench_hvp(w: Workload, repeats: int, impls: Sequence[Impl]) -> None:
     params, func = w.params, w.loss
     gen = torch.Generator().manual_seed(1)
     v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
@@ -220,73 +280,36 @@ def bench_hvp(w: Workload, repeats: int, peer: object | None) -> None:
         dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
         return list(torch.autograd.grad(dot, params))
 
-    def library() -> list[Tensor]:
-        return ts.hvp(func, params, v)
-
-    methods: dict[str, Callable[[], object]] = {
-        "gradient": gradient,
-        "hand double backward": hand,
-        "torch_secorder.hvp": library,
-    }
-    if peer is not None:
-        methods["torch-secorder 0.0.1 exact_hvp (peer)"] = lambda: peer.exact_hvp(func, params, v)
-    times = measure(methods, repeats)
+    methods: dict[str, Callable[[], object]] = {"gradient": gradient, "hand double backward": hand}
+    for impl in impls:
+        if "hvp" in impl.functions:
+            f = impl.functions["hvp"]
+            methods[method_name(impl, "hvp")] = lambda f=f: f(func, params, v)
+    times, last = measure(methods, repeats)
     t = {name: median(ts_) for name, ts_ in times.items()}
-    reference = hand()
     report(Row("a", w.name, "gradient", t["gradient"], spread(times["gradient"])))
-    report(
-        Row(
-            "a",
-            w.name,
-            "hand double backward",
-            t["hand double backward"],
-            spread(times["hand double backward"]),
-            t["hand double backward"] / t["gradient"],
-            "gradient",
-        )
-    )
-    report(
-        Row(
-            "a",
-            w.name,
-            "torch_secorder.hvp",
-            t["torch_secorder.hvp"],
-            spread(times["torch_secorder.hvp"]),
-            t["torch_secorder.hvp"] / t["gradient"],
-            "gradient",
-            rel_diff(library(), reference),
-        )
-    )
-    report(
-        Row(
-            "a",
-            w.name,
-            "torch_secorder.hvp / hand",
-            t["torch_secorder.hvp"],
-            spread(times["torch_secorder.hvp"]),
-            t["torch_secorder.hvp"] / t["hand double backward"],
-            "hand (target <= 1.05)",
-        )
-    )
+    hand_name = "hand double backward"
     for name in methods:
-        if name.endswith("(peer)"):
-            result = peer.exact_hvp(func, params, v)  # type: ignore[union-attr]
-            report(
-                Row(
-                    "a",
-                    w.name,
-                    name,
-                    t[name],
-                    spread(times[name]),
-                    t[name] / t["hand double backward"],
-                    "hand",
-                    rel_diff(list(result), reference),
-                )
+        if name == "gradient":
+            continue
+        target = " (target <= 1.05)" if name == "torch_secorder.hvp" else ""
+        report(
+            Row(
+                "a",
+                w.name,
+                name,
+                t[name],
+                spread(times[name]),
+                t[name] / t[hand_name],
+                "hand" + target,
+                None if name == hand_name else rel_diff(last[name], last[hand_name]),
+                f"{t[name] / t['gradient']:.2f}x gradient",
             )
+        )
 
 
 # ----------------------------------------------------------------------------- (b) k HVPs
-def bench_batched(w: Workload, k: int, repeats: int) -> None:
+def bench_batched(w: Workload, k: int, repeats: int, impls: Sequence[Impl]) -> None:
     params, func = w.params, w.loss
     gen = torch.Generator().manual_seed(2)
     vs = [torch.randn((k, *p.shape), generator=gen, dtype=p.dtype) for p in params]
@@ -302,10 +325,7 @@ def bench_batched(w: Workload, k: int, repeats: int) -> None:
         g = torch.autograd.grad(func(), params, create_graph=True)
         return list(torch.autograd.grad(g, params, vs, is_grads_batched=True))
 
-    def library() -> list[Tensor]:
-        return ts.batched_hvp(func, params, vs)
-
-    def library_first() -> list[Tensor]:
+    def first_call() -> object:
         """As a first call in a process: the planner explores (its shared state set aside)."""
         kept, ChunkPlanner._shared = ChunkPlanner._shared, {}
         try:
@@ -313,29 +333,28 @@ def bench_batched(w: Workload, k: int, repeats: int) -> None:
         finally:
             ChunkPlanner._shared = kept
 
-    methods = {
-        "hand loop (one graph, retain_graph)": loop,
-        "hand is_grads_batched (one call)": batched,
-        "torch_secorder.batched_hvp": library,
-        "torch_secorder.batched_hvp, first call": library_first,
-    }
-    times = measure(methods, repeats)
+    hand = ["hand loop (one graph, retain_graph)", "hand is_grads_batched (one call)"]
+    methods: dict[str, Callable[[], object]] = {hand[0]: loop, hand[1]: batched}
+    for impl in impls:
+        if "batched_hvp" in impl.functions:
+            f = impl.functions["batched_hvp"]
+            methods[method_name(impl, "batched_hvp")] = lambda f=f: f(func, params, vs)
+    methods["torch_secorder.batched_hvp, first call"] = first_call
+    times, last = measure(methods, repeats)
     t = {name: median(ts_) for name, ts_ in times.items()}
-    reference = loop()
-    best = min(t["hand loop (one graph, retain_graph)"], t["hand is_grads_batched (one call)"])
-    label = f"k={k}"
+    best = min(t[hand[0]], t[hand[1]])
     for name in methods:
-        lib = name.startswith("torch_secorder")
+        target = " (target <= 1)" if name.startswith("torch_secorder") else ""
         report(
             Row(
                 "b",
                 w.name,
-                f"{name}, {label}",
+                f"{name}, k={k}",
                 t[name],
                 spread(times[name]),
                 t[name] / best,
-                "better hand" + (" (target <= 1)" if lib else ""),
-                rel_diff(library(), reference) if lib else None,
+                "better hand" + target,
+                None if name in hand else rel_diff(last[name], last[hand[0]]),
             )
         )
 
@@ -391,97 +410,68 @@ def func_diagonal(w: Workload, rows: list[list[int]], chunk: int) -> tuple[float
 
 
 def bench_diagonal(
-    w: Workload, repeats: int, subset: int, func_chunk: int, peer: object | None
+    w: Workload, repeats: int, subset: int, func_chunk: int, impls: Sequence[Impl]
 ) -> None:
     params, func = w.params, w.loss
     rows = stratified_rows(params, subset)
     picked = sum(len(r) for r in rows)
+    loop_name, func_name = "per-element double-backward loop", "torch.func vmap(jvp(grad))"
 
-    def library() -> tuple[float, list[Tensor]]:
-        tic = clock()
-        values = ts.hessian_diagonal(func, params)
-        return clock() - tic, values
+    def timed(f: Callable[..., object]) -> Callable[[], tuple[float, object]]:
+        def run() -> tuple[float, object]:
+            tic = clock()
+            values = f(func, params)
+            return clock() - tic, values
 
-    def old() -> tuple[float, list[Tensor]]:
-        tic = clock()
-        values = peer.hessian_diagonal(func, params)  # type: ignore[union-attr]
-        return clock() - tic, values
+        return run
 
-    methods: dict[str, Callable[[], tuple[float, list[Tensor]]]] = {
-        "loop": lambda: per_element_loop(w, rows),
-        "func": lambda: func_diagonal(w, rows, func_chunk),
-        "library": library,
+    methods: dict[str, Callable[[], tuple[float, object]]] = {
+        loop_name: lambda: per_element_loop(w, rows),
+        func_name: lambda: func_diagonal(w, rows, func_chunk),
     }
-    if peer is not None:
-        methods["peer"] = old
+    for impl in impls:
+        if "hessian_diagonal" in impl.functions:
+            methods[method_name(impl, "hessian_diagonal")] = timed(
+                impl.functions["hessian_diagonal"]
+            )
     names = list(methods)
     times: dict[str, list[float]] = {name: [] for name in names}
-    values: dict[str, list[Tensor]] = {}
+    values: dict[str, object] = {}
     for r in range(repeats + 1):  # round 0 warms up and is not kept
         for name in names[r % len(names) :] + names[: r % len(names)]:
             seconds, values[name] = methods[name]()
             if r:
                 times[name].append(seconds)
     t = {name: median(times[name]) for name in names}
-    lib_subset = [d.reshape(-1)[idx] for d, idx in zip(values["library"], rows)]
     note = f"extrapolated from {picked} of {w.num_params} elements"
-    report(
-        Row(
-            "c",
-            w.name,
-            "per-element double-backward loop",
-            t["loop"],
-            spread(times["loop"]),
-            note=note,
-        )
-    )
-    report(
-        Row(
-            "c",
-            w.name,
-            "torch.func vmap(jvp(grad)) unit vectors",
-            t["func"],
-            spread(times["func"]),
-            t["func"] / t["library"],
-            "torch_secorder",
-            rel_diff(values["func"], values["loop"]),
-            note + f"; vmap chunk_size={func_chunk}",
-        )
-    )
-    if peer is not None:
+    report(Row("c", w.name, loop_name, t[loop_name], spread(times[loop_name]), note=note))
+    for name in names[1:]:
+        subset_of_all = name != func_name
+        result = values[name]
+        if subset_of_all:  # all elements: compare the sampled ones
+            result = [d.reshape(-1)[idx] for d, idx in zip(result, rows)]  # type: ignore[attr-defined]
+        target = " (target >= 5)" if name == "torch_secorder.hessian_diagonal" else ""
         report(
             Row(
                 "c",
                 w.name,
-                "torch-secorder 0.0.1 hessian_diagonal (peer)",
-                t["peer"],
-                spread(times["peer"]),
-                t["peer"] / t["library"],
-                "torch_secorder",
-                rel_diff(values["peer"], values["library"]),
-                "all elements",
+                name,
+                t[name],
+                spread(times[name]),
+                t[loop_name] / t[name],
+                "speed-up over loop" + target,
+                rel_diff(result, values[loop_name]),
+                "all elements" if subset_of_all else note + f", vmap chunk_size={func_chunk}",
             )
         )
-    report(
-        Row(
-            "c",
-            w.name,
-            "torch_secorder.hessian_diagonal",
-            t["library"],
-            spread(times["library"]),
-            t["loop"] / t["library"],
-            "speed-up over loop (target >= 5)",
-            rel_diff(lib_subset, values["loop"]),
-            "all elements",
-        )
-    )
 
 
 def bench_diagonal_detail(w: Workload, repeats: int, subset: int) -> None:
     """Per parameter: microseconds per diagonal element, per-element loop vs library chunks.
 
     Shows where the time of (c) goes: the per-product cost of a double backward to one
-    parameter, which batching can only amortise, not remove.
+    parameter, which batching can only amortise, not remove. Library times include one
+    forward pass and gradient per call (visible only for the smallest parameters).
     """
     func = w.loss
     rows = stratified_rows(w.params, subset)
@@ -520,65 +510,32 @@ def bench_diagonal_detail(w: Workload, repeats: int, subset: int) -> None:
 
 
 # ----------------------------------------------------------------------------- (d) Hessian
-def bench_matrix(w: Workload, repeats: int) -> None:
+def bench_matrix(w: Workload, repeats: int, impls: Sequence[Impl]) -> None:
     params, func = w.params, w.loss
     f, theta = w.flat_loss(), w.theta()
-    last: dict[str, Tensor] = {}  # the results of the timed calls, for the check
-
-    def func_hessian() -> None:
-        last["func"] = hessian(f)(theta)
-
-    def library() -> None:
-        last["library"] = ts.hessian_matrix(func, params)
-
-    methods = {
-        "torch.func.hessian (functional_call)": func_hessian,
-        "torch_secorder.hessian_matrix": library,
-    }
-    times = measure(methods, repeats, warmup=False)  # seconds per call: nothing to warm up
+    func_name = "torch.func.hessian (functional_call)"
+    methods: dict[str, Callable[[], object]] = {func_name: lambda: hessian(f)(theta)}
+    for impl in impls:
+        if "hessian_matrix" in impl.functions:
+            g = impl.functions["hessian_matrix"]
+            methods[method_name(impl, "hessian_matrix")] = lambda g=g: g(func, params)
+    times, last = measure(methods, repeats, warmup=False)  # seconds per call: no warm-up
     t = {name: median(ts_) for name, ts_ in times.items()}
-    reference, result = last["func"], last["library"]
-    name = "torch.func.hessian (functional_call)"
-    report(Row("d", w.name, name, t[name], spread(times[name])))
-    name = "torch_secorder.hessian_matrix"
-    report(
-        Row(
-            "d",
-            w.name,
-            name,
-            t[name],
-            spread(times[name]),
-            t[name] / t["torch.func.hessian (functional_call)"],
-            "torch.func (target <= 1)",
-            rel_diff(result, reference),
+    report(Row("d", w.name, func_name, t[func_name], spread(times[func_name])))
+    for name in list(methods)[1:]:
+        target = " (target <= 1)" if name.startswith("torch_secorder") else ""
+        report(
+            Row(
+                "d",
+                w.name,
+                name,
+                t[name],
+                spread(times[name]),
+                t[name] / t[func_name],
+                "torch.func" + target,
+                rel_diff(last[name], last[func_name]),
+            )
         )
-    )
-
-
-# ----------------------------------------------------------------------------- peers
-def load_peer(path: str) -> object:
-    """Import torch-secorder 0.0.1 from an unpacked wheel without shadowing this package.
-
-    Both distributions are called ``torch_secorder``: the old one is imported under its own
-    name with the current modules set aside, then the current modules are put back. The old
-    functions keep their own module globals.
-    """
-    current = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "torch_secorder"}
-    for n in current:
-        del sys.modules[n]
-    sys.path.insert(0, path)
-    try:
-        old = importlib.import_module("torch_secorder")
-        version = getattr(old, "__version__", "?")
-        peer = old  # exact_hvp and hessian_diagonal, imported at the top level
-    finally:
-        sys.path.remove(path)
-        for n in [n for n in sys.modules if n.split(".")[0] == "torch_secorder"]:
-            del sys.modules[n]
-        sys.modules.update(current)
-    if version != "0.0.1":
-        raise SystemExit(f"--peer-0.0.1: {path} holds torch_secorder {version}, not 0.0.1")
-    return peer
 
 
 # ----------------------------------------------------------------------------- main
@@ -623,6 +580,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--peer-0.0.1", dest="peer", help="unpacked torch-secorder 0.0.1 wheel")
+    parser.add_argument(
+        "--baseline", help="a directory holding another torch_secorder source tree to compare"
+    )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -638,7 +598,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     dtype = getattr(torch, args.dtype)
-    peer = load_peer(args.peer) if args.peer else None
+    impls = [current_impl()]
+    if args.baseline:
+        impls.append(baseline_impl(args.baseline))
+    if args.peer:
+        impls.append(peer_impl(args.peer))
 
     torch.manual_seed(0)
     workloads = {
@@ -659,16 +623,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in args.models:
         w = workloads[name]
         if "a" in args.sections:
-            bench_hvp(w, args.repeats, peer)
+            bench_hvp(w, args.repeats, impls)
         if "b" in args.sections:
             for k in args.k:
-                bench_batched(w, k, args.repeats if k <= 32 else max(3, args.repeats // 3))
+                bench_batched(w, k, args.repeats if k <= 32 else max(3, args.repeats // 3), impls)
         if "c" in args.sections:
-            bench_diagonal(w, args.heavy_repeats, args.diag_subset, args.func_chunk, peer)
+            bench_diagonal(w, args.heavy_repeats, args.diag_subset, args.func_chunk, impls)
             if args.diag_detail:
                 bench_diagonal_detail(w, args.heavy_repeats, args.diag_subset)
         if "d" in args.sections:
-            bench_matrix(w, args.heavy_repeats)
+            bench_matrix(w, args.heavy_repeats, impls)
 
     print()
     print(header)
