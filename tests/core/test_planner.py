@@ -232,10 +232,18 @@ def test_products_of_one_kind_share_a_planner(fresh_shared):
 
 def test_near_ties_go_to_the_smaller_chunk():
     # seconds per product by chunk size: 8 is the fastest, 4 within 5% of it, 16 clearly worse
-    per_product = {1: 1.0, 2: 0.5, 4: 0.25, 8: 0.245, 16: 0.3}
+    per_product = {1: 1.0, 2: 0.5, 4: 0.25, 8: 0.245, 16: 0.35}
     planner = ChunkPlanner(64, CPU)
     sizes, _ = run(planner, lambda size: size * per_product[size], 100)
     assert planner.settled
     assert planner.best_size == 4
     assert sizes[:7] == [1, 1, 2, 4, 8, 16, 16]
     assert set(sizes[7:-1]) == {4}
+
+
+def test_a_slightly_slower_chunk_of_two_does_not_end_the_search():
+    # per product: singles 1, a chunk of 2 costs 15% more, larger chunks 30% less
+    planner = ChunkPlanner(64, CPU)
+    sizes, _ = run(planner, lambda size: size * {1: 1.0, 2: 1.15}.get(size, 0.7), 200)
+    assert sizes[:6] == [1, 1, 2, 4, 8, 16]
+    assert planner.best_size == 4
