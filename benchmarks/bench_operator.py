@@ -3,7 +3,7 @@
 Measures, on tanh MLPs with float32 data:
 
 a. a k-column ``matmat`` vs k ``matvec`` calls over a 4-batch data set (time per column);
-b. peak memory of one product over 4 vs 16 batches (each in a fresh process: flat means
+b. peak memory of one product over 4, 16 and 64 batches (each in a fresh process: flat means
    memory does not grow with the data set);
 c. one product with the closure operator's reused graph vs a fresh ``hvp`` (forward, gradient
    and product each time), on a ~100k-parameter MLP.
@@ -47,14 +47,18 @@ def batches(count, batch_size, seed=1, inputs=32, classes=10):
     ]
 
 
-def median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
+def median_times(fns, repeats):
+    """Median time of each function, the functions interleaved within every repeat so that
+    load changes on a shared machine hit all of them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, samples in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def num_params(model):
@@ -66,8 +70,9 @@ def columns_vs_vectors(repeats, k, batch_size):
     data = batches(4, batch_size)
     H = HessianOperator.from_model(model, nn.CrossEntropyLoss(), data)
     V = torch.randn(H.shape[0], k, generator=torch.Generator().manual_seed(2))
-    t_matmat = median_time(lambda: H.matmat(V), repeats)
-    t_matvecs = median_time(lambda: [H.matvec(V[:, j]) for j in range(k)], repeats)
+    t_matmat, t_matvecs = median_times(
+        [lambda: H.matmat(V), lambda: [H.matvec(V[:, j]) for j in range(k)]], repeats
+    )
     return {
         "workload": f"MLP {num_params(model)} params, 4 batches of {batch_size}, k={k}",
         "matmat per column (ms)": 1e3 * t_matmat / k,
@@ -129,8 +134,9 @@ def reused_vs_fresh(repeats, width, batch_size):
     H = HessianOperator(loss, params)
     flat = torch.cat([t.reshape(-1) for t in v])
     H.matvec(flat)  # builds the graph once
-    t_reused = median_time(lambda: H.matvec(flat), repeats)
-    t_fresh = median_time(lambda: hvp(loss, params, v), repeats)
+    t_reused, t_fresh = median_times(
+        [lambda: H.matvec(flat), lambda: hvp(loss, params, v)], repeats
+    )
     return {
         "workload": f"MLP {num_params(model)} params, batch {batch_size}",
         "reused graph (ms)": 1e3 * t_reused,
@@ -174,7 +180,7 @@ def main():
     print("a. k columns at once vs k single products, over 4 batches")
     print(table([columns_vs_vectors(repeats, args.k, batch_size)]), "\n")
     print("b. peak memory of one 8-column product (fresh process each)")
-    print(table(peak_memory([4, 16], batch_size, args.threads)), "\n")
+    print(table(peak_memory([4, 16, 64], batch_size, args.threads)), "\n")
     print("c. one product: reused graph vs fresh hvp")
     print(table([reused_vs_fresh(repeats, 64 if args.quick else 210, batch_size)]))
 
