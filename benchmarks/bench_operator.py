@@ -179,8 +179,10 @@ def main():
     )
     print("a. k columns at once vs k single products, over 4 batches")
     print(table([columns_vs_vectors(repeats, args.k, batch_size)]), "\n")
-    print("b. peak memory of one 8-column product (fresh process each)")
-    print(table(peak_memory([4, 16, 64], batch_size, args.threads)), "\n")
+    print(
+        f"b. peak memory of one 8-column product, batches of {8 * batch_size} (fresh process each)"
+    )
+    print(table(peak_memory([4, 16, 64], 8 * batch_size, args.threads)), "\n")
     print("c. one product: reused graph vs fresh hvp")
     print(table([reused_vs_fresh(repeats, 64 if args.quick else 210, batch_size)]))
 
