@@ -393,13 +393,15 @@ class ChunkPlanner:
     can be slower than plain ones (on CPU they often are, and some operators fall back to a
     loop inside ``vmap``); which wins depends on the model, the device and the chunk. The
     planner times two single products (a loop), then batched chunks of 2, 4, 8, ... products,
-    doubling up to ``cap`` as long as the time per product is not clearly worse (by more than
-    ``TOLERANCE``) than the best seen, and from then on uses the size with the best time per
-    product, or the smallest within ``PREFER`` of it (less memory, and differences that small
-    are noise on a shared machine). A size is judged by the faster of two timings (a loaded
-    machine only ever makes a chunk slower), so one slow outlier does not end the search.
-    Every timed product is a useful one: exploring costs only the difference between the
-    trial chunks and the best, a few products' time when batching loses.
+    doubling up to ``cap`` while the time per product improves by ``GAIN`` on the best so
+    far (the first chunk only needs to stay within ``TOLERANCE`` of single products:
+    batching's fixed cost pays off only from a few products on), and from then on uses the
+    size with the best time per product, or the smallest within ``PREFER`` of it (less
+    memory; differences that small are noise on a shared machine). Each size counts with
+    the faster of its timings (load only ever slows a chunk down), and a chunk that breaks
+    off a steep gain (over ``STEEP``), or a first chunk that looks worse, is timed once more
+    before the search ends, so one slow outlier does not end it. Every timed product is a
+    useful one: exploring costs only the difference between the trial chunks and the best.
 
     Args:
         cap: Largest chunk allowed (a memory bound).
@@ -409,9 +411,10 @@ class ChunkPlanner:
 
     FIRST_BATCH = 2
     TOLERANCE = 0.25
-    """A trial this much slower per product than the best ends the search. Generous, because
-    a chunk of 2 can cost 10-20% more per product than single ones where chunks of 4 and
-    more cost 20-30% less (a tanh MLP on CPU)."""
+    """How much slower per product than single ones the first chunk may be: a chunk of 2 can
+    cost 10-20% more where chunks of 4 and more cost 20-30% less (a tanh MLP on CPU)."""
+    GAIN = 0.1
+    STEEP = 0.25
     PREFER = 0.05
     REUSES = 8
     """Calls a shared planner serves before it is replaced by a fresh one (re-measured)."""
@@ -427,6 +430,7 @@ class ChunkPlanner:
         self.trial = 1
         self.settled = self.cap == 1
         self.best_size = 1
+        self.last_gain = 0.0  # how much the last accepted chunk improved on smaller ones
         self.uses = 0
 
     @classmethod
@@ -435,14 +439,22 @@ class ChunkPlanner:
 
         Calls that repeat the same products (same model, batch and parameters: the caller's
         ``key``) continue one planner, as an autotuner would: a later call resumes the
-        search where an earlier, short one stopped, and once settled runs the best size with
-        no trials at all. After :attr:`REUSES` calls the planner starts afresh, so a choice
-        made under other conditions (load on the machine) does not stay for good.
+        search where an earlier, short one stopped, and once settled runs the best size,
+        with one more trial of the next size up at the second and fourth call (a search
+        that ended on a slow moment resumes). After :attr:`REUSES` calls the planner starts
+        afresh, so a choice made under other conditions (load on the machine) does not stay.
         """
         planner = cls._shared.pop(key, None)
         if planner is None or planner.uses >= cls.REUSES:
             planner = cls(cap, device)
         planner.uses += 1
+        if planner.settled and planner.best_size < planner.cap and planner.uses in (2, 4):
+            # time the next size up once more: the search may have ended on a slow moment
+            planner.trial = min(
+                2 * planner.best_size if planner.best_size > 1 else planner.FIRST_BATCH,
+                planner.cap,
+            )
+            planner.settled = False
         cls._shared[key] = planner  # most recently used last
         while len(cls._shared) > cls.SHARED:
             del cls._shared[next(iter(cls._shared))]
@@ -485,13 +497,24 @@ class ChunkPlanner:
         self.counts[size] = self.counts.get(size, 0) + 1
         best = min(self.times.values())
         self.best_size = min(s for s, t in self.times.items() if t <= (1 + self.PREFER) * best)
-        if self.counts[size] < 2 and (size == 1 or self.times[size] > (1 + self.TOLERANCE) * best):
-            return  # time it once more: two singles, or a trial that looked worse
         if size == 1:
-            self.trial = min(self.FIRST_BATCH, self.cap)
-        elif self.times[size] > (1 + self.TOLERANCE) * best or size == self.cap:
+            if self.counts[size] == 2:
+                self.trial = min(self.FIRST_BATCH, self.cap)
+            return
+        before = min(t for s, t in self.times.items() if s < size)  # best of smaller chunks
+        gain = 1 - self.times[size] / before
+        if size == min(self.FIRST_BATCH, self.cap):
+            good = gain >= -self.TOLERANCE
+            suspect = True  # a small chunk: cheap to time again
+        else:
+            good = gain >= self.GAIN
+            suspect = self.last_gain > self.STEEP
+        if not good and suspect and self.counts[size] < 2:
+            return  # time it once more before giving up
+        if not good or size == self.cap:
             self.settled = True
         else:
+            self.last_gain = gain
             self.trial = min(2 * size, self.cap)
 
 
