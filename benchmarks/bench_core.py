@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import json
 import math
@@ -47,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vmap
 
 import torch_secorder as ts
-from torch_secorder.core._autograd import ChunkPlanner
+from torch_secorder.core._autograd import ChunkPlanner, GradientGraph
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -166,8 +167,8 @@ class Row:
     section: str
     workload: str
     method: str
-    seconds: float
-    spread: float
+    seconds: float | None
+    spread: float | None
     ratio: float | None = None
     ratio_to: str = ""
     check: float | None = None
@@ -184,17 +185,23 @@ def report(row: Row) -> None:
     check = "" if row.check is None else f"diff {row.check:.1e}"
     print(
         f"  {row.workload:4} {row.method:52} {fmt_time(row.seconds):>10} "
-        f"±{100 * row.spread:4.0f}%  {ratio:36} {check:14} {row.note}",
+        f"{fmt_spread(row.spread):>6}  {ratio:36} {check:14} {row.note}",
         flush=True,
     )
 
 
-def fmt_time(seconds: float) -> str:
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} us"
     if seconds < 1:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
+
+
+def fmt_spread(spread: float | None) -> str:
+    return "" if spread is None else f"{100 * spread:.0f}%"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
@@ -207,7 +214,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
         check = "" if row.check is None else f"{row.check:.0e}"
         lines.append(
             f"| {row.section} | {row.workload} | {row.method} | {fmt_time(row.seconds)} | "
-            f"{100 * row.spread:.0f}% | {ratio} | {check} | {row.note} |"
+            f"{fmt_spread(row.spread)} | {ratio} | {check} | {row.note} |"
         )
     return "\n".join(lines)
 
@@ -538,6 +545,57 @@ def bench_matrix(w: Workload, repeats: int, impls: Sequence[Impl]) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- (m) memory
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def bench_memory(dtype: torch.dtype, chunk: int) -> None:
+    """Peak memory of one batched chunk vs the estimate behind the chunk planner's cap.
+
+    Linux only: the peak resident size (VmHWM) is reset through /proc/self/clear_refs.
+    """
+    deep = nn.Sequential(
+        *[nn.Sequential(nn.Linear(128, 128), nn.Tanh()) for _ in range(20)], nn.Linear(128, 10)
+    ).to(dtype)
+    cases = [
+        mlp(256, 1024, dtype),
+        cnn(16, 64, 16, dtype),
+        Workload("deep", deep, torch.randn(512, 128, dtype=dtype), torch.randint(0, 10, (512,))),
+    ]
+    for w in cases:
+        params = w.params
+        graph = GradientGraph(w.loss, params, fname="bench")
+        vector_bytes = 2 * sum(p.numel() * p.element_size() for p in params)
+        estimate = graph.saved_bytes + vector_bytes
+        cotangents = [torch.randn(chunk, *p.shape, dtype=dtype) for p in params]
+        graph.products(cotangents, params, chunk_size=chunk)  # allocator warm-up
+        gc.collect()
+        base = _proc_status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        graph.products(cotangents, params, chunk_size=chunk)
+        peak = (_proc_status("VmHWM") - base) / chunk
+        graph.release()
+        report(
+            Row(
+                "m",
+                f"{w.name}",
+                f"chunk of {chunk}: peak bytes per product",
+                None,
+                None,
+                peak / estimate,
+                "estimate",
+                note=f"{w.num_params} parameters; peak {peak / 2**20:.2f} MiB, "
+                f"estimate {estimate / 2**20:.2f} MiB per product",
+            )
+        )
+
+
 # ----------------------------------------------------------------------------- main
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -571,7 +629,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--diag-subset", type=int, default=512, help="(c) baseline elements")
     parser.add_argument("--func-chunk", type=int, default=64, help="(c) vmap chunk_size")
     parser.add_argument(
-        "--sections", default="abcd", help="which measurements to run (default abcd)"
+        "--sections",
+        default="abcd",
+        help="which measurements to run (default abcd; m: memory of a chunk vs its estimate)",
     )
     parser.add_argument(
         "--diag-detail",
@@ -633,6 +693,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 bench_diagonal_detail(w, args.heavy_repeats, args.diag_subset)
         if "d" in args.sections:
             bench_matrix(w, args.heavy_repeats, impls)
+
+    if "m" in args.sections:
+        bench_memory(dtype, 8 if args.quick else 32)
 
     print()
     print(header)
