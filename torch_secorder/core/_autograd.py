@@ -216,7 +216,12 @@ class GradientGraph:
         lead = next((u.shape[:1] for u in cotangents if u is not None), ()) if batched else ()
         results: Sequence[Tensor | None] = [None] * len(inputs)
         if pairs:
-            with requires_grad(self.differentiable):
+            ready = not torch.is_inference_mode_enabled() and (
+                torch.is_grad_enabled() or not create_graph
+            )
+            ready = ready and all(t.requires_grad for t in self.differentiable)
+            # entering requires_grad costs about a tenth of a small product: only if needed
+            with contextlib.nullcontext() if ready else requires_grad(self.differentiable):
                 results = torch.autograd.grad(
                     [g for g, _ in pairs],
                     inputs,
@@ -353,6 +358,8 @@ class GradientGraph:
             )
             for j in range(size)
         ]
+        if size == 1:
+            return [r.unsqueeze(0) for r in columns[0]]
         return [torch.stack(parts) for parts in zip(*columns)]
 
     def _kind(self, inputs: Sequence[Tensor], cap: int, create_graph: bool) -> Hashable:
