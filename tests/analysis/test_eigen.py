@@ -124,7 +124,7 @@ POSITIVE_DOMINANT = torch.cat(
         ("magnitude", indefinite()),  # plain PyHessian power iteration
         ("largest", indefinite()),  # the dominant eigenvalue is negative: shift by +50
         ("smallest", POSITIVE_DOMINANT),  # the dominant eigenvalue is positive: shift by -100
-        ("largest", POSITIVE_DOMINANT),  # the first run is wanted, the second shifted
+        ("largest", POSITIVE_DOMINANT),  # the wanted end dominates: no shift
     ],
 )
 def test_power_iteration_with_shift_and_deflation(which, lam):
@@ -147,6 +147,51 @@ def test_power_default_budget_is_100_per_run():
     ):
         result = ts.top_eigenvalues(operator, k=2, method="power", tol=1e-14)
     assert result.num_matvecs <= 300
+
+
+def test_power_iteration_stays_unshifted_while_the_wanted_end_dominates():
+    # The two largest eigenvalues are also the two of largest magnitude: "largest" runs the
+    # same unshifted iterations as "magnitude" (PyHessian), drawing the same start vectors.
+    operator = DenseOperator(with_spectrum(POSITIVE_DOMINANT))
+    runs = [
+        ts.top_eigenvalues(
+            operator, k=2, which=which, method="power", tol=1e-8, generator=generator(5)
+        )
+        for which in ("largest", "magnitude")
+    ]
+    torch.testing.assert_close(runs[0].eigenvalues, runs[1].eigenvalues)
+    assert runs[0].num_matvecs == runs[1].num_matvecs
+    assert runs[0].converged
+    torch.testing.assert_close(
+        runs[0].eigenvalues, expected(POSITIVE_DOMINANT, 2, "largest"), rtol=1e-6, atol=1e-6
+    )  # slow tail: 60/100 per step, as in the parametrized test above
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_power_iteration_shifts_when_a_later_run_finds_the_other_end(which):
+    # The first run finds the wanted dominant 100 (or -100); the second, unshifted, then
+    # converges to the unwanted -60 (or 60), is dropped, and a shifted third run finds 40.
+    lam = torch.cat(
+        [
+            torch.tensor([100.0, -60.0, 40.0], dtype=DTYPE),
+            torch.linspace(-5.0, 5.0, 57, dtype=DTYPE),
+        ]
+    )
+    lam = lam if which == "largest" else -lam
+    operator = DenseOperator(with_spectrum(lam))
+    result = ts.top_eigenvalues(
+        operator, k=2, which=which, method="power", tol=1e-12, max_matvecs=20000
+    )
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, expected(lam, 2, which), rtol=1e-6, atol=1e-6)
+    assert result.num_matvecs == operator.num_matvecs
+
+
+def test_power_default_budget_gives_100_per_pair_when_no_run_is_dropped():
+    operator = DenseOperator(with_spectrum(clustered()))
+    with pytest.warns(RuntimeWarning, match=r"within max_matvecs=300"):
+        result = ts.top_eigenvalues(operator, k=2, method="power", tol=1e-14)
+    assert result.num_matvecs == 200  # the reserve run for an unwanted eigenvalue is unused
 
 
 def test_lanczos_needs_far_fewer_products_than_power_iteration():
