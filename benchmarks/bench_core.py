@@ -557,7 +557,8 @@ def _proc_status(field: str) -> int:
 def bench_memory(dtype: torch.dtype, chunk: int) -> None:
     """Peak memory of one batched chunk vs the estimate behind the chunk planner's cap.
 
-    Linux only: the peak resident size (VmHWM) is reset through /proc/self/clear_refs.
+    Linux only: the peak resident size (VmHWM) is reset through /proc/self/clear_refs. Run
+    before anything large, or memory freed earlier but still resident hides the peak.
     """
     deep = nn.Sequential(
         *[nn.Sequential(nn.Linear(128, 128), nn.Tanh()) for _ in range(20)], nn.Linear(128, 10)
@@ -680,6 +681,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{name}: {w.num_params} parameters, inputs {tuple(w.inputs.shape)}")
     print(f"command: {' '.join(sys.argv)}", flush=True)
 
+    if "m" in args.sections:  # first: later sections leave freed memory resident
+        bench_memory(dtype, 8 if args.quick else 32)
     for name in args.models:
         w = workloads[name]
         if "a" in args.sections:
@@ -693,9 +696,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 bench_diagonal_detail(w, args.heavy_repeats, args.diag_subset)
         if "d" in args.sections:
             bench_matrix(w, args.heavy_repeats, impls)
-
-    if "m" in args.sections:
-        bench_memory(dtype, 8 if args.quick else 32)
 
     print()
     print(header)
