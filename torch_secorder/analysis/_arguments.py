@@ -52,3 +52,20 @@ def check_generator(fname: str, generator: object) -> None:
         raise TypeError(
             f"{fname}: generator must be None or a torch.Generator; got {_type_name(generator)}."
         )
+
+
+def check_estimator(
+    fname: str,
+    method: object,
+    num_matvecs: object,
+    generator: object,
+    needs: dict[str, tuple[int, str]],
+) -> None:
+    """Check an estimator's ``method``, its budget and its generator.
+
+    ``needs`` maps every method to the fewest products it can run with and why.
+    """
+    check_choice(fname, "method", method, tuple(needs))
+    minimum, why = needs[method]  # type: ignore[index]
+    check_int(fname, "num_matvecs", num_matvecs, minimum, f"method={method!r} needs {why}")
+    check_generator(fname, generator)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder._types import ParamSelection
-from torch_secorder.analysis._arguments import check_choice, check_generator, check_int
+from torch_secorder.analysis._arguments import check_estimator
 from torch_secorder.analysis._driver import Problem, Steps, max_columns, run
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve
@@ -46,9 +46,9 @@ from torch_secorder.core.params import unflatten
 
 __all__ = ["hessian_diagonal_estimate", "model_hessian_diagonal_estimate"]
 
-METHODS = ("xdiag", "hutchinson")
-_MINIMUM = {"xdiag": 2, "hutchinson": 1}
-_WHY = {"xdiag": "one probe and its projection", "hutchinson": "one probe"}
+NEEDS = {"xdiag": (2, "one probe and its projection"), "hutchinson": (1, "one probe")}
+"""Every method, with the fewest products it runs with and why."""
+METHODS = tuple(NEEDS)
 
 
 def hessian_diagonal_estimate(
@@ -94,7 +94,7 @@ def hessian_diagonal_estimate(
         ([tensor([1., 2., 3.], dtype=torch.float64)], [tensor([0., 0., 0.], dtype=torch.float64)])
     """
     fname = "hessian_diagonal_estimate"
-    _check_options(fname, method, num_matvecs, generator)
+    check_estimator(fname, method, num_matvecs, generator, NEEDS)
     target = resolve(fname, func_or_operator, params)
     with target.open() as operator:
         steps = diagonal_steps(
@@ -158,7 +158,7 @@ def model_hessian_diagonal_estimate(
         [tensor([[10., 20.]], dtype=torch.float64), tensor([2.], dtype=torch.float64)]
     """
     fname = "model_hessian_diagonal_estimate"
-    _check_options(fname, method, num_matvecs, generator)
+    check_estimator(fname, method, num_matvecs, generator, NEEDS)
 
     def make_steps(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
         return diagonal_steps(method, n, num_matvecs, dtype, device, gen)
@@ -167,18 +167,6 @@ def model_hessian_diagonal_estimate(
         return DiagonalEstimate(unflatten(result[0], group), unflatten(result[1], group), count)
 
     return run_model(fname, model, loss_fn, data, params, groups, generator, make_steps, finish)
-
-
-def _check_options(fname: str, method: object, num_matvecs: object, generator: object) -> None:
-    check_choice(fname, "method", method, METHODS)
-    check_int(
-        fname,
-        "num_matvecs",
-        num_matvecs,
-        _MINIMUM[method],  # type: ignore[index]
-        f"method={method!r} needs {_WHY[method]}",  # type: ignore[index]
-    )
-    check_generator(fname, generator)
 
 
 def diagonal_steps(

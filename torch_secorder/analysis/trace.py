@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder._types import ParamSelection
-from torch_secorder.analysis._arguments import check_choice, check_generator, check_int
+from torch_secorder.analysis._arguments import check_estimator
 from torch_secorder.analysis._driver import Problem, Steps, max_columns, run
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve
@@ -50,14 +50,14 @@ from torch_secorder.core.diagonal import hessian_diagonal
 
 __all__ = ["hessian_trace", "model_hessian_trace"]
 
-METHODS = ("hutch++", "hutchinson", "xtrace", "exact")
-_MINIMUM = {"hutch++": 3, "hutchinson": 1, "xtrace": 2, "exact": 1}
-_WHY = {
-    "hutch++": "a sketch, its projection and a Hutchinson probe",
-    "hutchinson": "one probe",
-    "xtrace": "one probe and its projection",
-    "exact": "it uses P products regardless",
+NEEDS = {
+    "hutch++": (3, "a sketch, its projection and a Hutchinson probe"),
+    "hutchinson": (1, "one probe"),
+    "xtrace": (2, "one probe and its projection"),
+    "exact": (1, "it uses P products regardless"),
 }
+"""Every method, with the fewest products it runs with and why."""
+METHODS = tuple(NEEDS)
 
 
 def hessian_trace(
@@ -105,7 +105,7 @@ def hessian_trace(
         (tensor(6., dtype=torch.float64), tensor(0., dtype=torch.float64), 4)
     """
     fname = "hessian_trace"
-    _check_options(fname, method, num_matvecs, generator)
+    check_estimator(fname, method, num_matvecs, generator, NEEDS)
     target = resolve(fname, func_or_operator, params)
     if method == "exact" and target.params is not None:
         diagonal = hessian_diagonal(func_or_operator, target.params)
@@ -171,7 +171,7 @@ def model_hessian_trace(
         {'weight': 30.0, 'bias': 2.0}
     """
     fname = "model_hessian_trace"
-    _check_options(fname, method, num_matvecs, generator)
+    check_estimator(fname, method, num_matvecs, generator, NEEDS)
 
     def make_steps(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
         return trace_steps(method, n, num_matvecs, dtype, device, gen)
@@ -180,18 +180,6 @@ def model_hessian_trace(
         return TraceEstimate(result[0], result[1], count)
 
     return run_model(fname, model, loss_fn, data, params, groups, generator, make_steps, finish)
-
-
-def _check_options(fname: str, method: object, num_matvecs: object, generator: object) -> None:
-    check_choice(fname, "method", method, METHODS)
-    check_int(
-        fname,
-        "num_matvecs",
-        num_matvecs,
-        _MINIMUM[method],  # type: ignore[index]
-        f"method={method!r} needs {_WHY[method]}",  # type: ignore[index]
-    )
-    check_generator(fname, generator)
 
 
 def trace_steps(
