@@ -132,6 +132,22 @@ def test_quadrature_relation_per_probe():
         torch.testing.assert_close(weights[p], Y[0] ** 2)
 
 
+def test_probes_run_together_match_probes_run_one_at_a_time():
+    # each probe is orthogonalised against its own basis only: running them together
+    # changes nothing (the probes are drawn in order, so one generator gives the same ones)
+    A = with_spectrum(dominant(40))
+    (together,) = run(
+        "test", Recording(A), [Problem(lanczos_quadrature(40, 12, 3, DTYPE, CPU, generator(4)))]
+    )
+    gen = generator(4)
+    alone = [
+        run("test", Recording(A), [Problem(lanczos_quadrature(40, 12, 1, DTYPE, CPU, gen))])[0]
+        for _ in range(3)
+    ]
+    torch.testing.assert_close(together[0], torch.cat([nodes for nodes, _ in alone]))
+    torch.testing.assert_close(together[1], torch.cat([weights for _, weights in alone]))
+
+
 def test_quadrature_runs_probes_in_groups_when_memory_is_short(monkeypatch):
     A = with_spectrum(dominant(40))
     whole = Recording(A)
