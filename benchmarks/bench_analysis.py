@@ -994,6 +994,105 @@ def bench_trace(w: Workload, budgets: Sequence[int], seeds: int) -> None:
     emit(table(["workload", "method", "CPU time", "/ torch_secorder hutch++"], rows))
 
 
+class DenseOperator:
+    """A dense symmetric matrix behind our operator protocol (``matmat``, ...)."""
+
+    def __init__(self, A: Tensor) -> None:
+        self.A, self.shape, self.dtype, self.device = A, tuple(A.shape), A.dtype, A.device
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return self.A @ V
+
+
+def dense_hessian(w: Workload) -> Tensor:
+    """The data-set Hessian as a dense matrix (equal batches: the mean over all samples)."""
+    x = torch.cat([b[0] for b in w.data])
+    y = torch.cat([b[1] for b in w.data])
+    H = ts.hessian_matrix(lambda: w.loss_fn(w.model(x), y), w.params)
+    return (H + H.T) / 2
+
+
+def bench_trace_dense(w: Workload, budgets: Sequence[int], seeds: int) -> None:
+    """Estimator accuracy and stderr calibration over many seeds, on the dense Hessian.
+
+    The estimators only see products, so their errors are those on the model; the dense matrix
+    makes many seeds cheap. ``stderr / error`` is the root mean square of the reported standard
+    errors over the RMS error: about 1 when the standard errors are honest.
+    """
+    A = dense_hessian(w)
+    truth = float(A.trace())
+    op = DenseOperator(A)
+
+    def ours(method: str) -> Callable[[int, int], tuple[float, float]]:
+        def run(m: int, seed: int) -> tuple[float, float]:
+            gen = torch.Generator().manual_seed(seed)
+            est = ts.hessian_trace(op, method=method, num_matvecs=m, generator=gen)
+            return float(est.value), float(est.stderr)
+
+        return run
+
+    methods: dict[str, Callable[[int, int], tuple[float, float]]] = {
+        "torch_secorder hutchinson": ours("hutchinson"),
+        "torch_secorder hutch++": ours("hutch++"),
+        "torch_secorder xtrace": ours("xtrace"),
+    }
+    if curvlinops is not None:
+
+        def peer(fn: Callable[..., Tensor]) -> Callable[[int, int], tuple[float, float]]:
+            def run(m: int, seed: int) -> tuple[float, float]:
+                torch.manual_seed(seed)
+                return float(fn(A, m)), math.nan
+
+            return run
+
+        methods["curvlinops hutchinson_trace"] = peer(curvlinops.hutchinson_trace)
+        methods["curvlinops hutchpp_trace"] = peer(curvlinops.hutchpp_trace)
+        methods["curvlinops xtrace"] = peer(curvlinops.xtrace)
+    if he is not None:
+        lam = he.LambdaOperator(lambda v: A @ v, A.shape[0], A.device, A.dtype)
+
+        def he_trace(method: str) -> Callable[[int, int], tuple[float, float]]:
+            def run(m: int, seed: int) -> tuple[float, float]:
+                r = he.trace(lam, num_matvecs=m, method=method, seed=seed)
+                return r.estimate, r.stderr
+
+            return run
+
+        methods["hessian-eigenthings hutchinson"] = he_trace("hutchinson")
+        methods["hessian-eigenthings hutch++"] = he_trace("hutch++")
+    header = ["workload", "method"]
+    for m in budgets:
+        header += [f"m={m} error", "stderr / error"]
+    rows = []
+    for name, fn in methods.items():
+        cells = []
+        for m in budgets:
+            runs = [fn(m, seed) for seed in range(seeds)]
+            rms = math.sqrt(statistics.fmean((v - truth) ** 2 for v, _ in runs))
+            reported = math.sqrt(statistics.fmean(e**2 for _, e in runs))
+            cells += [
+                f"{rms / abs(truth):.2e}",
+                f"{reported / rms:.2f}" if reported == reported else "",
+            ]
+            RECORDS.append(
+                {
+                    "section": "t-dense",
+                    "workload": w.name,
+                    "method": name,
+                    "budget": m,
+                    "values": [v for v, _ in runs],
+                    "stderr": [e for _, e in runs],
+                    "truth": truth,
+                }
+            )
+        rows.append([w.name, name, *cells])
+    emit(
+        f"\n{w.name}: trace on the dense Hessian, relative RMS error over {seeds} seeds, and "
+        "RMS reported stderr / RMS error"
+    )
+    emit(table(header, rows))
+
+
 # ----------------------------------------------------------------------------- (d) density
 def wasserstein(nodes: Tensor, weights: Tensor, spectrum: Sequence[float]) -> float:
     """W1 distance between the pooled quadrature measure and the true eigenvalue measure."""
@@ -1124,7 +1223,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=["small", "large", "repeated"],
     )
     parser.add_argument("--seeds", type=int, default=5, help="seeds per eigen setting")
-    parser.add_argument("--trace-seeds", type=int, default=10)
+    parser.add_argument(
+        "--trace-seeds", type=int, default=10, help="(t) seeds with the real operators (0: skip)"
+    )
+    parser.add_argument(
+        "--dense-seeds", type=int, default=100, help="(t) seeds on the dense small Hessian"
+    )
+    parser.add_argument("--dense-budgets", type=int, nargs="+", default=[12, 48, 192])
     parser.add_argument("--repeats", type=int, default=5, help="repeats of (o) and (d)")
     parser.add_argument("--target", type=float, default=1e-3, help="eigenvalue rel. error")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 5])
@@ -1155,8 +1260,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "large": Spec(24, 3, torch.float32, 256, 4, 200),
             "repeated": Spec(32, 1, torch.float64, 256, 4, 0, True, True, inputs=16),
         }
-        args.seeds, args.trace_seeds, args.repeats = 2, 3, 1
-        args.budgets, args.large_budgets = [12, 48], [12, 48]
+        args.seeds, args.trace_seeds, args.repeats, args.dense_seeds = 2, 3, 1, 20
+        args.budgets = args.large_budgets = args.dense_budgets = [12, 48]
         args.steps, args.power_cap = 20, 500
 
     global clock
@@ -1208,7 +1313,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_eigen(w, args.k, args.seeds, args.target, args.power_cap, args.methods)
         if "t" in args.sections:
             budgets = args.budgets if name == "small" else args.large_budgets
-            bench_trace(w, budgets, args.trace_seeds)
+            if args.trace_seeds:
+                bench_trace(w, budgets, args.trace_seeds)
+            if w.truth.get("spectrum") is not None and args.dense_seeds:
+                bench_trace_dense(w, args.dense_budgets, args.dense_seeds)
         if "d" in args.sections:
             bench_density(w, args.probes, args.steps, args.repeats)
         emit()
