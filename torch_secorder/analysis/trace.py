@@ -17,7 +17,11 @@ With :math:`m` products and Rademacher probes :math:`z` (:math:`\mathbb E\, zz^\
   :math:`t_i = \operatorname{tr}(Q_{(i)}^\top H Q_{(i)}) + \omega_i^\top (I - Q_{(i)}Q_{(i)}^\top)
   H (I - Q_{(i)}Q_{(i)}^\top) \omega_i`. The estimate is the mean of the exchangeable
   :math:`t_i`, its standard error their standard deviation over :math:`\sqrt{m/2}`; all
-  leave-one-out bases come from one QR factorisation.
+  leave-one-out bases come from one QR factorisation. The :math:`t_i` share most of their
+  sketch and are positively correlated, so this standard error runs low: on a trained
+  network's Hessian it was 0.6-0.75 times the actual error over 100 seeds at 12 to 192
+  products, where Hutchinson's and Hutch++'s were 0.88-1.05 times
+  (``benchmarks/bench_analysis.py``).
 * **Exact**: the sum of the exact diagonal, :math:`P` unit-vector products.
 
 References:
