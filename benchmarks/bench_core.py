@@ -88,19 +88,19 @@ class Workload:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
 
-def mlp(width: int, batch: int, dtype: torch.dtype) -> Workload:
+def mlp(width: int, batch: int, dtype: torch.dtype, device: torch.device) -> Workload:
     model = nn.Sequential(
         nn.Linear(width, width),
         nn.Tanh(),
         nn.Linear(width, width),
         nn.Tanh(),
         nn.Linear(width, 10),
-    ).to(dtype)
-    inputs = torch.randn(batch, width, dtype=dtype)
-    return Workload("mlp", model, inputs, torch.randint(0, 10, (batch,)))
+    ).to(device, dtype)
+    inputs = torch.randn(batch, width, dtype=dtype).to(device)
+    return Workload("mlp", model, inputs, torch.randint(0, 10, (batch,)).to(device))
 
 
-def cnn(channels: int, batch: int, size: int, dtype: torch.dtype) -> Workload:
+def cnn(channels: int, batch: int, size: int, dtype: torch.dtype, device: torch.device) -> Workload:
     model = nn.Sequential(
         nn.Conv2d(1, channels, 3, padding=1),
         nn.Tanh(),
@@ -109,13 +109,19 @@ def cnn(channels: int, batch: int, size: int, dtype: torch.dtype) -> Workload:
         nn.AdaptiveAvgPool2d(4),
         nn.Flatten(),
         nn.Linear(2 * channels * 16, 10),
-    ).to(dtype)
-    inputs = torch.randn(batch, 1, size, size, dtype=dtype)
-    return Workload("cnn", model, inputs, torch.randint(0, 10, (batch,)))
+    ).to(device, dtype)
+    inputs = torch.randn(batch, 1, size, size, dtype=dtype).to(device)
+    return Workload("cnn", model, inputs, torch.randint(0, 10, (batch,)).to(device))
 
 
 # ----------------------------------------------------------------------------- timing
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+def synchronized_wall() -> float:
+    """Wall time once the GPU has finished the work queued so far."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "cuda": synchronized_wall}
 clock = CLOCKS["wall"]
 
 
@@ -277,7 +283,7 @@ def method_name(impl: Impl, function: str) -> str:
 def bench_hvp(w: Workload, repeats: int, impls: Sequence[Impl]) -> None:
     params, func = w.params, w.loss
     gen = torch.Generator().manual_seed(1)
-    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
 
     def gradient() -> object:
         return torch.autograd.grad(func(), params)
@@ -319,7 +325,7 @@ def bench_hvp(w: Workload, repeats: int, impls: Sequence[Impl]) -> None:
 def bench_batched(w: Workload, k: int, repeats: int, impls: Sequence[Impl]) -> None:
     params, func = w.params, w.loss
     gen = torch.Generator().manual_seed(2)
-    vs = [torch.randn((k, *p.shape), generator=gen, dtype=p.dtype) for p in params]
+    vs = [torch.randn((k, *p.shape), generator=gen, dtype=p.dtype).to(p.device) for p in params]
 
     def loop() -> list[Tensor]:
         g = torch.autograd.grad(func(), params, create_graph=True)
@@ -401,16 +407,18 @@ def func_diagonal(w: Workload, rows: list[list[int]], chunk: int) -> tuple[float
     offsets = [0]
     for p in w.params:
         offsets.append(offsets[-1] + p.numel())
-    flat_rows = torch.tensor([offsets[i] + j for i, idx in enumerate(rows) for j in idx])
+    flat_rows = torch.tensor(
+        [offsets[i] + j for i, idx in enumerate(rows) for j in idx], device=theta.device
+    )
 
     def hvp_row(u: Tensor) -> Tensor:
         return jvp(grad(f), (theta,), (u,))[1]
 
     tic = clock()
-    basis = torch.zeros(len(flat_rows), theta.numel(), dtype=theta.dtype)
-    basis[torch.arange(len(flat_rows)), flat_rows] = 1
+    basis = torch.zeros(len(flat_rows), theta.numel(), dtype=theta.dtype, device=theta.device)
+    basis[torch.arange(len(flat_rows), device=theta.device), flat_rows] = 1
     products = vmap(hvp_row, chunk_size=chunk)(basis)
-    entries = products[torch.arange(len(flat_rows)), flat_rows]
+    entries = products[torch.arange(len(flat_rows), device=theta.device), flat_rows]
     seconds = (clock() - tic) * theta.numel() / len(flat_rows)
     values = list(entries.split([len(idx) for idx in rows]))
     return seconds, values
@@ -619,6 +627,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "auto (default): cpu with one thread, else wall",
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (timed by synchronized wall clock)"
+    )
     parser.add_argument("--repeats", type=int, default=21, help="repeats of (a) and (b)")
     parser.add_argument("--heavy-repeats", type=int, default=3, help="repeats of (c), (d)")
     parser.add_argument("--k", type=int, nargs="+", default=[32, 128], help="(b) products")
@@ -653,7 +664,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.diag_subset = 32
 
     global clock
-    if args.clock == "auto":
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        args.clock = "cuda"
+        if "m" in args.sections:
+            parser.error("the memory section (m) measures the process's CPU memory only")
+    elif args.clock == "auto":
         args.clock = "cpu" if args.threads == 1 else "wall"
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
@@ -667,12 +683,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     torch.manual_seed(0)
     workloads = {
-        "mlp": mlp(args.mlp_width, args.mlp_batch, dtype),
-        "cnn": cnn(args.cnn_channels, args.cnn_batch, args.cnn_size, dtype),
+        "mlp": mlp(args.mlp_width, args.mlp_batch, dtype, device),
+        "cnn": cnn(args.cnn_channels, args.cnn_batch, args.cnn_size, dtype, device),
     }
+    gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
     header = (
         f"torch_secorder {ts.__version__}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {machine()}, {torch.get_num_threads()} torch "
+        f"Python {platform.python_version()}, {machine()}, {gpu}{torch.get_num_threads()} torch "
         f"thread(s), {args.dtype}, flush_denormal on, {args.clock} clock"
     )
     print(header)
