@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/bench_core.py             # the full run (several minutes)
     python benchmarks/bench_core.py --quick     # a smoke run on tiny models (seconds)
+    python benchmarks/bench_core.py --device cuda   # on a GPU
 
 Optional comparisons in the same run (see benchmarks/README.md): torch-secorder 0.0.1's
 ``exact_hvp`` in (a) and ``hessian_diagonal`` in (c), given the directory of its unpacked
