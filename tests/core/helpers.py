@@ -46,6 +46,7 @@ def snapshot(model: nn.Module) -> dict[str, object]:
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "buffers": {n: b.clone() for n, b in model.named_buffers()},
         "buffer_ids": {n: id(b) for n, b in model.named_buffers()},
+        "versions": {n: t._version for n, t in (*model.named_parameters(), *model.named_buffers())},
         "training": {n: m.training for n, m in model.named_modules()},
         "rng": torch.get_rng_state(),
     }
@@ -65,6 +66,7 @@ def assert_unchanged(before: dict[str, object], model: nn.Module) -> None:
     for name, value in before["buffers"].items():
         torch.testing.assert_close(after["buffers"][name], value, rtol=0, atol=0)
     assert after["buffer_ids"] == before["buffer_ids"]
+    assert after["versions"] == before["versions"], "a parameter or buffer was written in place"
     assert after["training"] == before["training"]
     assert torch.equal(after["rng"], before["rng"]), "the global RNG was advanced"
 

@@ -9,7 +9,13 @@ from tests import reference as ref
 from tests.cases import build, case_by_id
 from tests.core.helpers import assert_unchanged, like, snapshot
 from torch_secorder import hessian_matrix, model_hessian_matrix, model_hvp
-from torch_secorder.core._model import batch_loss, call_model, model_objective, preserved_state
+from torch_secorder.core._model import (
+    batch_loss,
+    call_model,
+    model_objective,
+    preserved_state,
+    private_buffers,
+)
 
 F64 = torch.float64
 
@@ -106,29 +112,40 @@ class _Mischief(nn.Module):
         return out
 
 
-def test_preserved_state_restores_modes_buffers_in_place_and_objects():
+def test_private_buffers_leave_the_models_buffers_untouched():
     model = _Mischief().to(F64)
     model.bn.eval()  # mixed modes
     with torch.no_grad():
         model.bn.running_mean.fill_(0.5)
-    buffers = {n: b for n, b in model.named_buffers()}
+    model.bn.train()
+    buffers = dict(model.named_buffers())
+    versions = {n: b._version for n, b in buffers.items()}
     before = snapshot(model)
     x, _ = _data()
-    with preserved_state(model):
+    with preserved_state(model), private_buffers(model):
+        assert all(buffers[n] is not b for n, b in model.named_buffers())  # copies
         model(x)
-        model.bn.train()
         model(x)
     assert_unchanged(before, model)
     assert all(buffers[n] is b for n, b in model.named_buffers())  # the user's tensors
+    assert {n: b._version for n, b in model.named_buffers()} == versions  # never written
 
 
-def test_preserved_state_restores_on_exceptions():
+def test_private_buffers_share_one_copy_of_a_shared_buffer():
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2))
+    model[1].running_mean = model[0].running_mean
+    with private_buffers(model):
+        assert model[1].running_mean is model[0].running_mean
+    assert model[1].running_mean is model[0].running_mean
+
+
+def test_preserved_state_restores_modes_and_buffer_objects_on_exceptions():
     model = _Mischief().to(F64)
     before = snapshot(model)
     x, _ = _data()
 
     def run():
-        with preserved_state(model):
+        with preserved_state(model), private_buffers(model):
             model(x)
             raise KeyError("boom")
 

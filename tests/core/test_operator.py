@@ -4,6 +4,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
+from tests import reference as ref
 from torch_secorder import HessianOperator, hessian_matrix
 from torch_secorder.core.params import select_params, unflatten
 
@@ -462,3 +463,20 @@ def test_streamed_graphs_are_freed():
     H @ columns(H.shape[0], 1)
     assert len(activations) == 6
     assert all(ref() is None for ref in activations)  # freed by reference counting, no cycle
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_one_batch_operator_keeps_its_graph_valid_across_products(mode):
+    # the graph of a lone batch is kept; restoring the model's state must not invalidate the
+    # buffers it saved (BatchNorm's running statistics), in either mode
+    model = make_mlp(batchnorm=True)
+    getattr(model, mode)()
+    loss_fn = nn.MSELoss()
+    (batch,) = make_batches([6])
+    H = HessianOperator.from_model(model, loss_fn, batch)
+    with ref.oracle_context():  # torch.func is wrong through train-mode F.batch_norm
+        expected = dense_data_hessian(model, loss_fn, [batch])
+    eye = torch.eye(H.shape[0], dtype=DTYPE)
+    first = H.matvec(eye[0])
+    assert_close(H.matmat(eye), expected)
+    assert torch.equal(H.matvec(eye[0]), first)

@@ -9,7 +9,6 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from torch_secorder._checks import as_params, check_callable
@@ -107,34 +106,61 @@ def call_model(model: Callable[..., object], inputs: object) -> object:
 def batch_loss(
     model: nn.Module, loss_fn: Callable[[object, object], Tensor], inputs: object, targets: object
 ) -> LossClosure:
-    """The closure ``loss_fn(model(inputs), targets)``."""
+    """The closure ``loss_fn(model(inputs), targets)``, run on copies of the model's buffers.
+
+    Each call runs the forward pass under :func:`private_buffers`, so what the pass does to
+    buffers (BatchNorm updating its running statistics in train mode) happens to copies: the
+    model's own buffers are never written, and a gradient graph that saved buffers for
+    backward stays valid however long it is kept.
+    """
 
     def func() -> Tensor:
-        return loss_fn(call_model(model, inputs), targets)
+        with private_buffers(model):
+            return loss_fn(call_model(model, inputs), targets)
 
     return func
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval mode and every buffer's value on exit.
+def private_buffers(model: nn.Module) -> Iterator[None]:
+    """Give every module a fresh copy of its buffers for the block, and its own back after.
 
-    Buffers are restored in place (and re-attached if the forward replaced them), so BatchNorm
-    running statistics in train mode do not drift.
+    The buffers themselves are neither written nor replaced (their values and version
+    counters stay as they are); a buffer registered in several modules gets one shared copy.
+    """
+    slots = [
+        (module, name, buf)
+        for module in model.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None
+    ]
+    copies: dict[int, Tensor] = {}
+    for module, name, buf in slots:
+        if id(buf) not in copies:
+            copies[id(buf)] = buf.detach().clone()
+        module._buffers[name] = copies[id(buf)]
+    try:
+        yield
+    finally:
+        for module, name, buf in slots:
+            module._buffers[name] = buf
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval mode, and every buffer object, on exit.
+
+    Forward passes of the library run on copies of the buffers (:func:`batch_loss`); this
+    guards against a forward that switches modes or re-registers buffers.
     """
     modes = [(m, m.training) for m in model.modules()]
     buffers = [
-        (module, name, buf, buf.detach().clone())
-        for module in model.modules()
-        for name, buf in module.named_buffers(recurse=False)
+        (module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
     ]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for module, name, buf, saved in buffers:
-                if module._buffers.get(name) is not buf:
-                    module._buffers[name] = buf
-                buf.copy_(saved)
+        for module, name, buf in buffers:
+            module._buffers[name] = buf
         for module, training in modes:
             module.training = training
