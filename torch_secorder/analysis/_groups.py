@@ -125,6 +125,8 @@ def run_model(
     generator: torch.Generator | None,
     make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator], Steps],
     finish: Callable[[Any, int, list[Tensor]], Any],
+    *,
+    options: dict[str, Any],
 ) -> Any:
     """Run one problem per group (or one for the whole selection) over the data's Hessian.
 
@@ -140,6 +142,8 @@ def run_model(
         make_steps: ``make_steps(n, dtype, device, generator)``, the algorithm for a block of
             size ``n``.
         finish: ``finish(raw_result, num_matvecs, group_params)``, the public result.
+        options: Keyword options of :meth:`HessianOperator.from_model` (``seed``,
+            ``distributed``, ``progress``).
 
     Returns:
         The result, or a dict group name -> result when ``groups`` is given.
@@ -154,7 +158,16 @@ def run_model(
     selection = params if resolved is None else [names[i] for i in union]
     with _renamed(fname):
         raw, members, problems, operator = _run_groups(
-            fname, model, loss_fn, data, selection, resolved, tensors, generator, make_steps
+            fname,
+            model,
+            loss_fn,
+            data,
+            selection,
+            resolved,
+            tensors,
+            generator,
+            make_steps,
+            options,
         )
     results = {
         key: finish(result, problem.num_matvecs, [operator.params[i] for i in indices])
@@ -173,8 +186,9 @@ def _run_groups(
     tensors: list[Tensor],
     generator: torch.Generator | None,
     make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator], Steps],
+    options: dict[str, Any],
 ) -> tuple[list[Any], dict[Any, list[int]], list[Problem], HessianOperator]:
-    operator = HessianOperator.from_model(model, loss_fn, data, params=selection)
+    operator = HessianOperator.from_model(model, loss_fn, data, params=selection, **options)
     base = make_generator(generator)
     with operator:
         position = {id(p): i for i, p in enumerate(operator.params)}

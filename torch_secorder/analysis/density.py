@@ -135,6 +135,9 @@ def model_spectral_density(
     grid_size: int = 1000,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
+    seed: int = 0,
+    distributed: bool | None = None,
+    progress: bool = False,
 ) -> DensityResult | dict[str, DensityResult]:
     r"""Estimate the eigenvalue density of the Hessian of a model's mean loss over a data set.
 
@@ -156,6 +159,12 @@ def model_spectral_density(
         sigma: As for :func:`spectral_density` (``None``: per group).
         generator: Source of randomness; with groups, each group draws from its own generator
             derived from it, in group order.
+        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
+            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`
+            and the core model forms (seed ``0`` for their one batch).
+        distributed: Sum products over processes; ``None`` does so when
+            :mod:`torch.distributed` is initialized.
+        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
 
     Returns:
         A :class:`DensityResult`, or a dict group name -> :class:`DensityResult`.
@@ -183,7 +192,18 @@ def model_spectral_density(
     def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> DensityResult:
         return density_result(result[0], result[1], count, grid_size, sigma)
 
-    return run_model(fname, model, loss_fn, data, params, groups, generator, make_steps, finish)
+    return run_model(
+        fname,
+        model,
+        loss_fn,
+        data,
+        params,
+        groups,
+        generator,
+        make_steps,
+        finish,
+        options={"seed": seed, "distributed": distributed, "progress": progress},
+    )
 
 
 def _check_options(

@@ -118,6 +118,9 @@ def model_hessian_diagonal_estimate(
     method: str = "xdiag",
     num_matvecs: int = 100,
     generator: torch.Generator | None = None,
+    seed: int = 0,
+    distributed: bool | None = None,
+    progress: bool = False,
 ) -> DiagonalEstimate | dict[str, DiagonalEstimate]:
     r"""Estimate the Hessian diagonal of a model's mean loss over a data set.
 
@@ -137,6 +140,12 @@ def model_hessian_diagonal_estimate(
         num_matvecs: Budget per group, as for :func:`hessian_diagonal_estimate`.
         generator: Source of randomness; with groups, each group draws from its own generator
             derived from it, in group order.
+        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
+            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`
+            and the core model forms (seed ``0`` for their one batch).
+        distributed: Sum products over processes; ``None`` does so when
+            :mod:`torch.distributed` is initialized.
+        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
 
     Returns:
         A :class:`DiagonalEstimate` (lists like the group's parameters), or a dict group
@@ -166,7 +175,18 @@ def model_hessian_diagonal_estimate(
     def finish(result: tuple[Tensor, Tensor], count: int, group: list[Tensor]) -> DiagonalEstimate:
         return DiagonalEstimate(unflatten(result[0], group), unflatten(result[1], group), count)
 
-    return run_model(fname, model, loss_fn, data, params, groups, generator, make_steps, finish)
+    return run_model(
+        fname,
+        model,
+        loss_fn,
+        data,
+        params,
+        groups,
+        generator,
+        make_steps,
+        finish,
+        options={"seed": seed, "distributed": distributed, "progress": progress},
+    )
 
 
 def diagonal_steps(

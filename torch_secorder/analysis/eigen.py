@@ -189,6 +189,9 @@ def model_top_eigenvalues(
     tol: float = 1e-4,
     max_matvecs: int | None = None,
     generator: torch.Generator | None = None,
+    seed: int = 0,
+    distributed: bool | None = None,
+    progress: bool = False,
 ) -> EigenResult | dict[str, EigenResult]:
     r"""Compute extreme eigenpairs of the Hessian of a model's mean loss over a data set.
 
@@ -210,6 +213,12 @@ def model_top_eigenvalues(
         max_matvecs: Budget per group, as for :func:`top_eigenvalues`.
         generator: Source of randomness; with groups, each group draws from its own generator
             derived from it, in group order.
+        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
+            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`
+            and the core model forms (seed ``0`` for their one batch).
+        distributed: Sum products over processes; ``None`` does so when
+            :mod:`torch.distributed` is initialized.
+        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
 
     Returns:
         An :class:`EigenResult` (eigenvectors like the group's parameters, with a leading
@@ -243,7 +252,18 @@ def model_top_eigenvalues(
         vectors = unflatten(pairs.vectors.T, group_params)
         return EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
 
-    results = run_model(fname, model, loss_fn, data, params, groups, generator, make_steps, finish)
+    results = run_model(
+        fname,
+        model,
+        loss_fn,
+        data,
+        params,
+        groups,
+        generator,
+        make_steps,
+        finish,
+        options={"seed": seed, "distributed": distributed, "progress": progress},
+    )
     if isinstance(results, dict):
         missing = [name for name, result in results.items() if not result.converged]
         if missing:

@@ -135,6 +135,9 @@ def model_hessian_trace(
     method: str = "hutch++",
     num_matvecs: int = 100,
     generator: torch.Generator | None = None,
+    seed: int = 0,
+    distributed: bool | None = None,
+    progress: bool = False,
 ) -> TraceEstimate | dict[str, TraceEstimate]:
     r"""Estimate the trace of the Hessian of a model's mean loss over a data set.
 
@@ -155,6 +158,12 @@ def model_hessian_trace(
         num_matvecs: Budget per group, as for :func:`hessian_trace`.
         generator: Source of randomness; with groups, each group draws from its own
             generator derived from it, in group order.
+        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
+            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`
+            and the core model forms (seed ``0`` for their one batch).
+        distributed: Sum products over processes; ``None`` does so when
+            :mod:`torch.distributed` is initialized.
+        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
 
     Returns:
         A :class:`TraceEstimate`, or a dict group name -> :class:`TraceEstimate`.
@@ -183,7 +192,18 @@ def model_hessian_trace(
     def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> TraceEstimate:
         return TraceEstimate(result[0], result[1], count)
 
-    return run_model(fname, model, loss_fn, data, params, groups, generator, make_steps, finish)
+    return run_model(
+        fname,
+        model,
+        loss_fn,
+        data,
+        params,
+        groups,
+        generator,
+        make_steps,
+        finish,
+        options={"seed": seed, "distributed": distributed, "progress": progress},
+    )
 
 
 def trace_steps(

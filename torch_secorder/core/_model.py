@@ -27,6 +27,10 @@ class Objective:
         params: The parameters, validated.
         names: Their names where known (model forms), for messages.
         source: The argument that computes the loss (``"loss_fn"`` for model forms).
+        seed: RNG seed of the closure's random draws (model forms: ``0``, the seed of batch
+            ``0`` of :meth:`HessianOperator.from_model`, so dropout draws the same masks in
+            every function); ``None`` draws from the global RNG's state, which is not
+            advanced.
     """
 
     fname: str
@@ -34,6 +38,7 @@ class Objective:
     params: list[Tensor]
     names: list[str] | None = None
     source: str = "func"
+    seed: int | None = None
 
     def gradient(self, *, strict: bool = False) -> GradientGraph:
         """Call the closure once and keep its differentiable gradient."""
@@ -43,6 +48,7 @@ class Objective:
             fname=self.fname,
             names=self.names,
             strict=strict,
+            seed=self.seed,
             source=self.source,
         )
 
@@ -68,7 +74,7 @@ def model_objective(
     check_inputs(fname, "inputs", inputs)
     func = batch_loss(model, loss_fn, inputs, targets)  # type: ignore[arg-type]
     with preserved_state(model):  # type: ignore[arg-type]
-        yield Objective(fname, func, tensors, names, source="loss_fn")
+        yield Objective(fname, func, tensors, names, source="loss_fn", seed=0)
 
 
 def model_params(
