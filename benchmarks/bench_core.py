@@ -4,7 +4,7 @@ Measures, on a tanh MLP and a small CNN (cross-entropy loss):
 
 a. one Hessian-vector product (``hvp``) vs one gradient and vs a hand-written double
    backward (gradient with ``create_graph``, dot with ``v``, gradient again);
-b. ``k`` products (``batched_hvp`` with the adaptive chunk planner) vs a hand-written loop
+b. ``k`` products (``batched_hvp`` with its default chunks) vs a hand-written loop
    over one retained graph and vs one hand-written ``is_grads_batched`` call;
 c. the exact diagonal (``hessian_diagonal``) vs a per-element double-backward loop (one
    backward per element, as torch-secorder 0.0.1 does) and vs ``torch.func`` (vmapped
@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vmap
 
 import torch_secorder as ts
-from torch_secorder.core._autograd import ChunkPlanner, GradientGraph
+from torch_secorder.core._autograd import GradientGraph
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -339,21 +339,12 @@ def bench_batched(w: Workload, k: int, repeats: int, impls: Sequence[Impl]) -> N
         g = torch.autograd.grad(func(), params, create_graph=True)
         return list(torch.autograd.grad(g, params, vs, is_grads_batched=True))
 
-    def first_call() -> object:
-        """As a first call in a process: the planner explores (its shared state set aside)."""
-        kept, ChunkPlanner._shared = ChunkPlanner._shared, {}
-        try:
-            return ts.batched_hvp(func, params, vs)
-        finally:
-            ChunkPlanner._shared = kept
-
     hand = ["hand loop (one graph, retain_graph)", "hand is_grads_batched (one call)"]
     methods: dict[str, Callable[[], object]] = {hand[0]: loop, hand[1]: batched}
     for impl in impls:
         if "batched_hvp" in impl.functions:
             f = impl.functions["batched_hvp"]
             methods[method_name(impl, "batched_hvp")] = lambda f=f: f(func, params, vs)
-    methods["torch_secorder.batched_hvp, first call"] = first_call
     times, last = measure(methods, repeats)
     t = {name: median(ts_) for name, ts_ in times.items()}
     best = min(t[hand[0]], t[hand[1]])
@@ -564,7 +555,7 @@ def _proc_status(field: str) -> int:
 
 
 def bench_memory(dtype: torch.dtype, chunk: int) -> None:
-    """Peak memory of one batched chunk vs the estimate behind the chunk planner's cap.
+    """Peak memory of one batched chunk vs the estimate behind the default chunk's memory cap.
 
     Linux only: the peak resident size (VmHWM) is reset through /proc/self/clear_refs. Run
     before anything large, or memory freed earlier but still resident hides the peak.

@@ -1,8 +1,7 @@
 """The engine: one gradient graph per call, chunked and batched products, the loop fallback,
-unit cotangents, the memory cap and the chunk planner (fed synthetic timings)."""
+unit cotangents, the memory cap, the fixed chunk rule and the batching engines."""
 
 import gc
-import math
 import weakref
 
 import pytest
@@ -11,10 +10,10 @@ from torch.testing import assert_close
 
 from tests import reference as ref
 from tests.cases import build, case_by_id
-from tests.core.helpers import CALLS, CLOSURE_FORMS, Recorder, like
+from tests.core.helpers import CALLS, CLOSURE_FORMS, Recorder, like, tensors_of
 from torch_secorder import batched_hvp, hessian_diagonal, hessian_matrix, hvp
 from torch_secorder.core import _autograd
-from torch_secorder.core._autograd import ChunkPlanner, GradientGraph, unit_cotangents
+from torch_secorder.core._autograd import GradientGraph, unit_cotangents
 
 F64 = torch.float64
 
@@ -239,7 +238,7 @@ def test_fallback_after_a_failing_batched_call(monkeypatch):
     def failing(self, cotangents, inputs, *, batched=False, create_graph=False):
         if batched:
             batched_calls.append(1)
-            raise RuntimeError("no batching rule")
+            raise RuntimeError("Batching rule not implemented for aten::foo")
         return vjp(self, cotangents, inputs, batched=batched, create_graph=create_graph)
 
     monkeypatch.setattr(GradientGraph, "vjp", failing)
@@ -290,92 +289,95 @@ def test_a_cap_of_one_runs_single_products(monkeypatch):
     assert_close(H, ref.case_hessian(built))
 
 
-# ----------------------------------------------------------------------------- ChunkPlanner
+# ----------------------------------------------------------------------------- chunk rule
 
 
-def _drive(planner, seconds, count=300):
-    """Run ``count`` chunks, timing each with ``seconds(size)``; return the sizes used."""
+def _chunk_sizes(monkeypatch):
     sizes = []
-    for _ in range(count):
-        size = planner.next_size()
+    chunk = GradientGraph._chunk
+
+    def spy(self, cotangents, inputs, size, create_graph):
         sizes.append(size)
-        planner.record(size, seconds(size))
+        return chunk(self, cotangents, inputs, size, create_graph)
+
+    monkeypatch.setattr(GradientGraph, "_chunk", spy)
     return sizes
 
 
-CPU = torch.device("cpu")
+def test_default_chunks_follow_the_device_rule(monkeypatch):
+    built = build(case_by_id("gru"))  # 118 parameters
+    sizes = _chunk_sizes(monkeypatch)
+    H = hessian_matrix(built.func, built.params)
+    assert sizes == [32, 32, 32, 22]
+    assert_close(H, ref.case_hessian(built))
+    sizes.clear()
+    monkeypatch.setitem(_autograd.DEFAULT_CHUNK_SIZE, "cpu", 50)
+    hessian_matrix(built.func, built.params)
+    assert sizes == [50, 50, 18]
 
 
-@pytest.mark.parametrize("cap", [0, 1])
-def test_planner_with_no_room_to_batch_runs_singles(cap):
-    planner = ChunkPlanner(cap, CPU)
-    assert _drive(planner, lambda size: 1.0 * size, count=20) == [1] * 20
+def test_memory_bounds_the_default_chunk(monkeypatch):
+    built = build(case_by_id("gru"))
+    graph = GradientGraph(built.func, built.params, fname="t")
+    per_vector = graph.saved_bytes + 2 * sum(p.numel() * p.element_size() for p in built.params)
+    monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", 5 * per_vector)
+    assert graph.chunk_size(100, built.params) == 5
+    assert graph.chunk_size(3, built.params) == 3
+    assert graph.chunk_size(1, built.params) == 1
+
+
+@pytest.mark.parametrize("name", ["batched_hvp", "hessian_diagonal", "hessian_matrix"])
+def test_the_same_call_gives_the_same_bits(case, name):
+    first, second = tensors_of(CALLS[name](case)), tensors_of(CALLS[name](case))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def test_vmap_engine_agrees_with_is_grads_batched(case, monkeypatch):
+    vs = like(case.params, seed=3, k=5)
+    expected = batched_hvp(case.func, case.params, vs)
+    monkeypatch.setitem(_autograd.BATCHED_ENGINE, "cpu", "vmap")
+    result = batched_hvp(case.func, case.params, vs)
+    for r, e in zip(result, expected):
+        assert_close(r, e)
+
+
+def test_vmap_engine_falls_back_to_a_loop_without_a_batching_rule(monkeypatch):
+    monkeypatch.setitem(_autograd.BATCHED_ENGINE, "cpu", "vmap")
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
+    graph = GradientGraph(lambda: _Cube.apply(x).sum(), [x], fname="t")
+    assert_close(graph.dense([x], chunk_size=3), torch.diag(6 * x.detach()))
+    assert not graph.batching
+
+
+def test_vmap_engine_keeps_the_graph_for_third_derivatives(monkeypatch):
+    monkeypatch.setitem(_autograd.BATCHED_ENGINE, "cpu", "vmap")
+    x = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    diagonal = hessian_diagonal(lambda: (x**3).sum(), [x], create_graph=True, chunk_size=2)
+    (third,) = torch.autograd.grad(diagonal[0].sum(), x)
+    assert_close(third, torch.full((2,), 6.0, dtype=F64))
 
 
 @pytest.mark.parametrize(
-    "seconds",
+    "message",
     [
-        lambda size: 1.0,  # one call costs the same for any size: batch as much as allowed
-        lambda size: 1.0 * size,  # no gain from batching
-        lambda size: 2.0 * size if size > 1 else 1.0,  # batching is slower
-        lambda size: size * (1 + 0.5 * (math.log2(size) - 3) ** 2),  # best at 8
+        "one of the variables needed for gradient computation has been modified by an inplace "
+        "operation",
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
     ],
-    ids=["constant", "linear", "slower", "best-at-8"],
 )
-@pytest.mark.parametrize("cap", [2, 5, 16, 1000])
-def test_planner_settles_on_the_best_size_it_measured(seconds, cap):
-    planner = ChunkPlanner(cap, CPU)
-    sizes = _drive(planner, seconds)
-    assert all(1 <= s <= cap for s in sizes)
-    assert sizes[:2] == [1, 1]  # single products first
-    assert planner.settled
-    final = sizes[-1]
-    assert sizes[-50:] == [final] * 50
-    tried = set(sizes)
-    assert seconds(final) / final == min(seconds(s) / s for s in tried)
+def test_other_errors_of_a_batched_product_are_not_swallowed(monkeypatch, message):
+    built = build(case_by_id("mlp-tanh-ce"))
+    vjp = GradientGraph.vjp
 
+    def failing(self, cotangents, inputs, *, batched=False, create_graph=False):
+        if batched:
+            raise RuntimeError(message)
+        return vjp(self, cotangents, inputs, batched=batched, create_graph=create_graph)
 
-def test_planner_batches_when_batching_pays():
-    planner = ChunkPlanner(64, CPU)
-    sizes = _drive(planner, lambda size: 1.0)
-    assert sizes[-1] == 64
-
-
-def test_planner_keeps_single_products_when_batching_is_slower():
-    planner = ChunkPlanner(64, CPU)
-    sizes = _drive(planner, lambda size: 3.0 * size if size > 1 else 1.0)
-    assert sizes[-1] == 1
-    assert sum(s > 1 for s in sizes) <= 2  # one trial chunk, timed twice, is all it costs
-
-
-def test_planner_finds_an_interior_optimum():
-    planner = ChunkPlanner(1000, CPU)
-    sizes = _drive(planner, lambda size: size * (1 + 0.5 * (math.log2(size) - 3) ** 2))
-    assert sizes[-1] == 8
-
-
-def test_planner_ignores_a_partial_last_chunk():
-    planner = ChunkPlanner(64, CPU)
-    planner.record(1, 1.0)
-    planner.record(1, 1.0)
-    trial = planner.next_size()
-    assert trial > 1
-    planner.record(trial - 1, 1e-9)  # a short last chunk, absurdly fast: not a measurement
-    assert planner.next_size() == trial
-    assert not planner.settled
-
-
-def test_planner_uses_the_best_of_repeated_single_timings():
-    planner = ChunkPlanner(64, CPU)
-    planner.record(1, 10.0)  # a slow first product (warm-up)
-    planner.record(1, 1.0)
-    trial = planner.next_size()
-    planner.record(trial, 1.5 * trial)  # batched: 1.5 per product, worse than the best single
-    assert planner.next_size() == trial  # a trial that looks worse is timed once more
-    planner.record(trial, 1.5 * trial)
-    assert planner.settled
-    assert planner.next_size() == 1
-
-
-def test_planner_does_not_synchronise_on_cpu():
-    assert not ChunkPlanner(8, CPU).sync
+    monkeypatch.setattr(GradientGraph, "vjp", failing)
+    with pytest.raises(RuntimeError, match=message[:20]):
+        batched_hvp(built.func, built.params, like(built.params, seed=1, k=4))

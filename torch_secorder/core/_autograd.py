@@ -7,18 +7,20 @@ parameter) with respect to tensors :math:`x` is the vector-Jacobian product
 .. math:: \Big(\sum_i u_i^\top \frac{\partial g_i}{\partial x_j}\Big)_j ,
 
 which for :math:`x = \theta` is :math:`(H u)_j` because the Hessian is symmetric. Many
-products reuse the graph (``retain_graph=True``); stacks of cotangents go through
-``is_grads_batched=True`` in chunks, with a loop of single products as fallback and as the
-faster choice where the vmapped kernels are slower (chosen by timing, see
-:class:`ChunkPlanner`). Results never touch ``.grad``.
+products reuse the graph (``retain_graph=True``); stacks of cotangents run batched in chunks
+whose size is a fixed rule of the device and of memory (:meth:`GradientGraph.chunk_size`), so
+the same call always computes the same numbers. The batching engine is a fixed choice per
+device (:data:`BATCHED_ENGINE`): ``is_grads_batched=True`` on the CPU, :func:`torch.func.vmap`
+around the same :func:`torch.autograd.grad` call on GPUs, where the legacy vmap behind
+``is_grads_batched`` lacks batching rules for common backward kernels (``tanh_backward``,
+``gelu_backward``, ``_log_softmax_backward_data``) and runs them once per vector. A graph
+with an operator that neither can batch falls back to a loop of single products. Results
+never touch ``.grad``.
 """
 
 import contextlib
 import functools
-import math
-import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +33,18 @@ Cotangents = list[Tensor | None]
 
 CHUNK_MEMORY_BYTES = 2**30
 """Estimated memory one batched chunk of products may use when ``chunk_size=None``."""
+
+DEFAULT_CHUNK_SIZE = {"cpu": 32}
+"""Most products per batched call when ``chunk_size=None``, by device type (others: 1024).
+
+On one CPU thread the time per product falls until chunks of about 32 and no further (a
+tanh MLP's diagonal: 485, 271, 239 us per product in chunks of 1, 8, 32; one call of 128
+was slower than chunks of 32); on GPUs larger chunks keep paying, as far as memory allows.
+"""
+GPU_CHUNK_SIZE = 1024
+
+BATCHED_ENGINE = {"cpu": "is_grads_batched"}
+"""How a chunk of products is batched, by device type (others: ``"vmap"``)."""
 
 
 def scalar_loss(fname: str, loss: object, source: str = "func") -> Tensor:
@@ -221,16 +235,21 @@ class GradientGraph:
             )
             ready = ready and all(t.requires_grad for t in self.differentiable)
             # entering requires_grad costs about a tenth of a small product: only if needed
+            outputs, grad_outputs = [g for g, _ in pairs], [u for _, u in pairs]
+            retain = retain_graph or create_graph
             with contextlib.nullcontext() if ready else requires_grad(self.differentiable):
-                results = torch.autograd.grad(
-                    [g for g, _ in pairs],
-                    inputs,
-                    grad_outputs=[u for _, u in pairs],
-                    retain_graph=retain_graph or create_graph,
-                    create_graph=create_graph,
-                    allow_unused=True,
-                    is_grads_batched=batched,
-                )
+                if batched and BATCHED_ENGINE.get(inputs[0].device.type, "vmap") == "vmap":
+                    results = _vmapped_grad(outputs, inputs, grad_outputs, retain, create_graph)
+                else:
+                    results = torch.autograd.grad(
+                        outputs,
+                        inputs,
+                        grad_outputs=grad_outputs,
+                        retain_graph=retain,
+                        create_graph=create_graph,
+                        allow_unused=True,
+                        is_grads_batched=batched,
+                    )
         return [
             r if r is not None else x.new_zeros((*lead, *x.shape)) for r, x in zip(results, inputs)
         ]
@@ -241,7 +260,6 @@ class GradientGraph:
         inputs: Sequence[Tensor],
         *,
         chunk_size: int | None = None,
-        planner: "ChunkPlanner | None" = None,
     ) -> list[Tensor]:
         """Products with ``k`` stacked cotangents (leading dimension ``k``), in chunks.
 
@@ -253,7 +271,6 @@ class GradientGraph:
             lambda start, stop: [u[start:stop] for u in cotangents],
             inputs,
             chunk_size=chunk_size,
-            planner=planner,
         )
         parts = [products for _, _, products in chunks]
         if len(parts) == 1:
@@ -268,7 +285,6 @@ class GradientGraph:
         *,
         chunk_size: int | None = None,
         create_graph: bool = False,
-        planner: "ChunkPlanner | None" = None,
     ) -> Iterator[tuple[int, int, list[Tensor]]]:
         """Run ``count`` products in chunks, yielding ``(start, stop, products)`` per chunk.
 
@@ -277,30 +293,35 @@ class GradientGraph:
             cotangents: ``cotangents(start, stop)`` returns the stacked cotangents of products
                 ``start`` to ``stop - 1`` (each with leading dimension ``stop - start``).
             inputs: Tensors to differentiate with respect to.
-            chunk_size: Products per batched call; ``1`` loops; ``None`` lets a planner choose
-                by timing, within a memory estimate.
+            chunk_size: Products per batched call; ``1`` loops; ``None`` applies
+                :meth:`chunk_size`.
             create_graph: Keep the graph of the results.
-            planner: A planner kept by the caller (e.g. an operator); otherwise the one shared
-                by products of this kind (:meth:`ChunkPlanner.shared`).
 
         Yields:
             ``(start, stop, products)`` with one tensor per input, leading dimension
             ``stop - start``.
         """
-        if chunk_size is None and planner is None:
-            cap = self.memory_cap(inputs)
-            planner = ChunkPlanner.shared(
-                self._kind(inputs, cap, create_graph), cap, _device(inputs)
+        size = chunk_size or self.chunk_size(count, inputs)
+        for start in range(0, count, size):
+            stop = min(start + size, count)
+            yield (
+                start,
+                stop,
+                self._chunk(cotangents(start, stop), inputs, stop - start, create_graph),
             )
-        start = 0
-        while start < count:
-            size = min(chunk_size or planner.next_size(), count - start)  # type: ignore[union-attr]
-            tic = planner.clock() if planner is not None else None
-            products = self._chunk(cotangents(start, start + size), inputs, size, create_graph)
-            if planner is not None:
-                planner.record(size, planner.elapsed(tic))  # type: ignore[arg-type]
-            yield start, start + size, products
-            start += size
+
+    def chunk_size(self, count: int, inputs: Sequence[Tensor]) -> int:
+        """Products per batched call for ``count`` products when the caller did not choose.
+
+        The smallest of ``count``, the device's default (:data:`DEFAULT_CHUNK_SIZE`) and the
+        largest chunk whose estimated memory fits :data:`CHUNK_MEMORY_BYTES`
+        (:meth:`memory_cap`): a rule of sizes only, so results never depend on timing.
+        """
+        if count <= 1:
+            return 1
+        device = inputs[0].device.type
+        default = DEFAULT_CHUNK_SIZE.get(device, GPU_CHUNK_SIZE)
+        return min(count, default, self.memory_cap(inputs))
 
     def dense(self, inputs: Sequence[Tensor], *, chunk_size: int | None = None) -> Tensor:
         r"""The matrix :math:`\partial g / \partial x`, one row per entry of the flat gradient.
@@ -350,7 +371,9 @@ class GradientGraph:
         if size > 1 and self.batching:
             try:
                 return self.vjp(cotangents, inputs, batched=True, create_graph=create_graph)
-            except RuntimeError:
+            except RuntimeError as err:
+                if not _unbatchable(err):
+                    raise
                 self.batching = False  # an operator without a batching rule: loop instead
         columns = [
             self.vjp(
@@ -361,18 +384,6 @@ class GradientGraph:
         if size == 1:
             return [r.unsqueeze(0) for r in columns[0]]
         return [torch.stack(parts) for parts in zip(*columns)]
-
-    def _kind(self, inputs: Sequence[Tensor], cap: int, create_graph: bool) -> Hashable:
-        """What makes products cost what they cost: graph size, parameters, inputs, options."""
-        position = {id(p): i for i, p in enumerate(self.params)}
-        return (
-            self.saved_bytes,
-            cap,
-            create_graph,
-            self.batching,
-            tuple((p.shape, p.dtype, p.device, g is None) for p, g in zip(self.params, self.grads)),
-            tuple(position.get(id(x), (x.shape, x.dtype)) for x in inputs),
-        )
 
     @property
     def saved_bytes(self) -> int:
@@ -393,136 +404,39 @@ class GradientGraph:
         return max(1, CHUNK_MEMORY_BYTES // max(1, self.saved_bytes + vector_bytes))
 
 
-class ChunkPlanner:
-    """Choose chunk sizes for batched products by timing the products themselves.
+def _vmapped_grad(
+    outputs: list[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: list[Tensor],
+    retain_graph: bool,
+    create_graph: bool,
+) -> tuple[Tensor, ...]:
+    """Batch :func:`torch.autograd.grad` over the cotangents' leading dimension with vmap.
 
-    Batched products (``is_grads_batched``) save per-call overhead, but their vmapped kernels
-    can be slower than plain ones (on CPU they often are, and some operators fall back to a
-    loop inside ``vmap``); which wins depends on the model, the device and the chunk. The
-    planner times two single products (a loop), then batched chunks of 2, 4, 8, ... products,
-    doubling up to ``cap`` while the time per product improves by ``GAIN`` on the best so
-    far (the first chunk only needs to stay within ``TOLERANCE`` of single products:
-    batching's fixed cost pays off only from a few products on), and from then on uses the
-    size with the best time per product, or the smallest within ``PREFER`` of it (less
-    memory; differences that small are noise on a shared machine). Each size counts with
-    the faster of its timings (load only ever slows a chunk down), and a chunk that breaks
-    off a steep gain (over ``STEEP``), or a first chunk that looks worse, is timed once more
-    before the search ends, so one slow outlier does not end it. Every timed product is a
-    useful one: exploring costs only the difference between the trial chunks and the best.
-
-    Args:
-        cap: Largest chunk allowed (a memory bound).
-        device: Device the products run on (CUDA is synchronised before reading the clock,
-            while exploring only).
+    Returns zeros where an input does not enter.
     """
 
-    FIRST_BATCH = 2
-    TOLERANCE = 0.25
-    """How much slower per product than single ones the first chunk may be: a chunk of 2 can
-    cost 10-20% more where chunks of 4 and more cost 20-30% less (a tanh MLP on CPU)."""
-    GAIN = 0.1
-    STEEP = 0.25
-    PREFER = 0.05
-    REUSES = 8
-    """Calls a shared planner serves before it is replaced by a fresh one (re-measured)."""
-    SHARED = 64
-    """Shared planners kept (the least recently used are dropped)."""
-    _shared: ClassVar[dict[Hashable, "ChunkPlanner"]] = {}
+    def single(*cotangents: Tensor) -> tuple[Tensor, ...]:
+        results = torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs=cotangents,
+            retain_graph=retain_graph,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        return tuple(torch.zeros_like(x) if r is None else r for r, x in zip(results, inputs))
 
-    def __init__(self, cap: int, device: torch.device) -> None:
-        self.cap = max(1, cap)
-        self.sync = device.type == "cuda"
-        self.times: dict[int, float] = {}  # fastest seconds per product, by chunk size
-        self.counts: dict[int, int] = {}  # timings taken, by chunk size
-        self.trial = 1
-        self.settled = self.cap == 1
-        self.best_size = 1
-        self.last_gain = 0.0  # how much the last accepted chunk improved on smaller ones
-        self.uses = 0
+    return torch.func.vmap(single)(*grad_outputs)
 
-    @classmethod
-    def shared(cls, key: Hashable, cap: int, device: torch.device) -> "ChunkPlanner":
-        """The planner kept for products of one kind (``key``), or a new one.
 
-        Calls that repeat the same products (same model, batch and parameters: the caller's
-        ``key``) continue one planner, as an autotuner would: a later call resumes the
-        search where an earlier, short one stopped, and once settled runs the best size,
-        with one more trial of the next size up at the second and fourth call (a search
-        that ended on a slow moment resumes). After :attr:`REUSES` calls the planner starts
-        afresh, so a choice made under other conditions (load on the machine) does not stay.
-        """
-        planner = cls._shared.pop(key, None)
-        if planner is None or planner.uses >= cls.REUSES:
-            planner = cls(cap, device)
-        planner.uses += 1
-        if planner.settled and planner.best_size < planner.cap and planner.uses in (2, 4):
-            # time the next size up once more: the search may have ended on a slow moment
-            planner.trial = min(
-                2 * planner.best_size if planner.best_size > 1 else planner.FIRST_BATCH,
-                planner.cap,
-            )
-            planner.settled = False
-        cls._shared[key] = planner  # most recently used last
-        while len(cls._shared) > cls.SHARED:
-            del cls._shared[next(iter(cls._shared))]
-        return planner
+def _unbatchable(err: RuntimeError) -> bool:
+    """Whether a batched product failed for want of a batching rule (then a loop works).
 
-    def clock(self) -> tuple[float, float]:
-        """Wall-clock and process CPU time now.
-
-        While exploring on CUDA, after the device finished its queued work.
-        """
-        if self.sync and not self.settled:
-            torch.cuda.synchronize()
-        return time.perf_counter(), time.process_time()
-
-    def elapsed(self, tic: tuple[float, float]) -> float:
-        """Seconds since ``tic = clock()``.
-
-        On CUDA the wall-clock time. On CPU the smaller of wall-clock and process CPU time:
-        on a loaded machine the process is preempted for milliseconds at a time, which
-        inflates wall-clock time (often tenfold for one product) but not CPU time; where
-        several threads work, CPU time is the larger and wall-clock time is used.
-        """
-        wall, cpu = self.clock()
-        if self.sync:
-            return wall - tic[0]
-        return min(wall - tic[0], cpu - tic[1])
-
-    def next_size(self) -> int:
-        """Size of the next chunk."""
-        return self.best_size if self.settled else self.trial
-
-    def record(self, size: int, seconds: float) -> None:
-        """Record how long a chunk of ``size`` products took.
-
-        Only the size asked for counts (a last, partial chunk is ignored).
-        """
-        if self.settled or size != self.trial:
-            return
-        self.times[size] = min(self.times.get(size, math.inf), seconds / size)
-        self.counts[size] = self.counts.get(size, 0) + 1
-        best = min(self.times.values())
-        self.best_size = min(s for s, t in self.times.items() if t <= (1 + self.PREFER) * best)
-        if size == 1:
-            if self.counts[size] == 2:
-                self.trial = min(self.FIRST_BATCH, self.cap)
-            return
-        before = min(t for s, t in self.times.items() if s < size)  # best of smaller chunks
-        gain = 1 - self.times[size] / before
-        if size == min(self.FIRST_BATCH, self.cap):
-            good = gain >= -self.TOLERANCE
-            suspect = True  # a small chunk: cheap to time again
-        else:
-            good = gain >= self.GAIN
-            suspect = self.last_gain > self.STEEP
-        if not good and suspect and self.counts[size] < 2:
-            return  # time it once more before giving up
-        if not good or size == self.cap:
-            self.settled = True
-        else:
-            self.last_gain = gain
-            self.trial = min(2 * size, self.cap)
+    Other errors, out-of-memory and in-place modifications among them, are not this.
+    """
+    message = str(err)
+    return "Batching rule not implemented" in message or message.startswith("vmap:")
 
 
 def unit_cotangents(params: Sequence[Tensor], start: int, stop: int) -> Cotangents:
@@ -544,10 +458,6 @@ def unit_cotangents(params: Sequence[Tensor], start: int, stop: int) -> Cotangen
             rows.append(None)
         offset += p.numel()
     return rows
-
-
-def _device(tensors: Sequence[Tensor]) -> torch.device:
-    return tensors[0].device
 
 
 def saved_bytes(roots: Sequence[Tensor | None]) -> int:

@@ -49,7 +49,8 @@ def hessian_block(
         col_params: Parameters :math:`\theta_C` indexing the columns; ``None`` means
             ``row_params`` (the rows' own diagonal block).
         max_bytes: Refuse, before any work, a block needing more memory (default 8 GiB).
-        chunk_size: Unit-vector products per batched call; ``None`` chooses by timing.
+        chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
+            (32 on CPU, 1024 on GPUs, fewer where memory needs).
 
     Returns:
         A ``(P_R, P_C)`` tensor.
@@ -110,7 +111,8 @@ def hessian_blocks(
         func: Zero-argument closure returning the scalar loss.
         params: Parameters, one block each.
         max_bytes: Refuse, before any work, blocks needing more memory together.
-        chunk_size: Unit-vector products per batched call; ``None`` chooses by timing.
+        chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
+            (32 on CPU, 1024 on GPUs, fewer where memory needs).
 
     Returns:
         A list of ``(n_i, n_i)`` tensors, one per parameter (a list also for one parameter).

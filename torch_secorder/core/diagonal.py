@@ -65,8 +65,8 @@ def hessian_diagonal(func, params, v=None, create_graph=False, strict=False, *, 
             ``F.layer_norm`` and training-mode ``F.batch_norm``, PyTorch's autograd gets
             third derivatives wrong, pytorch/pytorch#175754 and #186256; second order is right.)
         strict: Raise if the loss does not depend on one of ``params``.
-        chunk_size: Unit-vector products per batched call (bounds memory); ``None`` chooses
-            by timing within a memory estimate.
+        chunk_size: Unit-vector products per batched call (bounds memory); ``None`` applies
+            the fixed rule (32 on CPU, 1024 on GPUs, fewer where memory needs).
 
     Returns:
         The diagonal as a list like params; with ``v``, :math:`v \odot \operatorname{diag}(H)`

@@ -41,7 +41,8 @@ def hessian_matrix(
         func: Zero-argument closure returning the scalar loss.
         params: Parameters to differentiate with respect to (any iterable).
         max_bytes: Refuse, before any work, a matrix needing more memory (default 8 GiB).
-        chunk_size: Unit-vector products per batched call; ``None`` chooses by timing.
+        chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
+            (32 on CPU, 1024 on GPUs, fewer where memory needs).
 
     Returns:
         A ``(P, P)`` tensor with the params' dtype and device.
@@ -97,7 +98,8 @@ def model_hessian_matrix(
         targets: Passed to ``loss_fn`` unchanged.
         params: Parameter selection by names or glob patterns (``None``: all trainable).
         max_bytes: Refuse, before any work, a matrix needing more memory (default 8 GiB).
-        chunk_size: Unit-vector products per batched call; ``None`` chooses by timing.
+        chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
+            (32 on CPU, 1024 on GPUs, fewer where memory needs).
 
     Returns:
         A ``(P, P)`` tensor, the selected parameters in model order.

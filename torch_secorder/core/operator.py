@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from torch_secorder._checks import check_bool, check_callable, flat_layout
 from torch_secorder._types import LossClosure, Params, ParamSelection
-from torch_secorder.core._autograd import ChunkPlanner, GradientGraph
+from torch_secorder.core._autograd import GradientGraph
 from torch_secorder.core._model import (
     batch_loss,
     check_inputs,
@@ -301,14 +301,11 @@ class _ClosureProducts:
     def __init__(self, objective: Any) -> None:
         self.objective = objective
         self.graph: GradientGraph | None = None
-        self.planner: ChunkPlanner | None = None
 
     def products(self, cotangents: list[Tensor]) -> list[Tensor]:
-        params = self.objective.params
         if self.graph is None:
             self.graph = self.objective.gradient()
-            self.planner = ChunkPlanner(self.graph.memory_cap(params), params[0].device)
-        return self.graph.products(cotangents, params, planner=self.planner)
+        return self.graph.products(cotangents, self.objective.params)
 
     def release(self) -> None:
         self.graph = None
@@ -339,7 +336,6 @@ class _DataSetProducts:
         self.distributed = distributed
         self.progress = progress
         self.num_samples: int | None = None
-        self.planner: ChunkPlanner | None = None
         self.cached: tuple[GradientGraph, int] | None = None  # graph and size of a lone batch
 
     def products(self, cotangents: list[Tensor]) -> list[Tensor]:
@@ -348,9 +344,7 @@ class _DataSetProducts:
 
         def accumulate(graph: GradientGraph, size: int) -> None:
             nonlocal count
-            if self.planner is None:
-                self.planner = ChunkPlanner(graph.memory_cap(self.params), self.params[0].device)
-            products = graph.products(cotangents, self.params, planner=self.planner)
+            products = graph.products(cotangents, self.params)
             for acc, product in zip(total, products):
                 acc.add_(product, alpha=size)
             count += size
