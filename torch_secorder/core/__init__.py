@@ -1,7 +1,9 @@
 """Exact second-order primitives built on ``torch.autograd.grad`` double backward."""
 
 from torch_secorder.core.blocks import hessian_block, hessian_blocks
-from torch_secorder.core.diagonal import hessian_diagonal, model_hessian_diagonal
+
+# through the module path of the torch-secorder 0.0.1 documentation; the names stay functions
+from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.core.hvp import batched_hvp, hvp, model_hvp
 from torch_secorder.core.matrix import hessian_matrix, model_hessian_matrix
 from torch_secorder.core.operator import HessianOperator
