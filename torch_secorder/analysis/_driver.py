@@ -1,13 +1,30 @@
-r"""Run any number of analyses in lockstep over one operator, one batched product per step.
+r"""Run any number of analyses in lockstep over one operator, in memory-bounded products.
 
 Every algorithm is written as a generator that yields a block of vectors ``V`` of shape
 ``(n, j)`` (``n`` the size of its problem) and receives the products ``HV = yield V``; its
 return value is its result. :func:`run` advances several such generators together: each step
-it stacks all their requests, zero-padded outside each problem's rows, into one ``matmat``,
-restricts the products back to each problem's rows (so a problem on rows :math:`g` sees the
-diagonal block :math:`H_{gg}`), and counts each problem's products. A single analysis is the
-same driver with one problem. Over a data set, one step is one pass over the data for all
-problems.
+it collects all their requests and multiplies them with the operator, restricts the products
+back to each problem's rows (so a problem on rows :math:`g` sees the diagonal block
+:math:`H_{gg}`), and counts each problem's products. A single analysis is the same driver with
+one problem.
+
+The operator multiplies full-length columns, so a problem's vectors are zero-padded outside
+its rows, but only a chunk at a time: the step's columns (all problems' requests side by
+side) are cut into consecutive chunks of at most :func:`max_columns` columns of the
+operator's size (:data:`BLOCK_BYTES`), each chunk padded, multiplied with one ``matmat`` and
+scattered back to each problem at the problem's own size. Requests and products are never held
+at full length for more than one chunk, so problems over blocks of one operator take the
+memory of one problem over all of it plus one chunk (the algorithms size what they hold, such
+as chunks of probes or Lanczos bases, by the operator's size, their ``span``, not by their
+block's); a whole-operator request that fits one chunk goes to ``matmat`` unchanged. Over a
+data set every ``matmat`` is one pass over the data; a step takes as many passes as it has
+chunks, a rule of sizes only (results are reproducible bitwise).
+
+Cost: a product of a problem on rows :math:`g` is a full product with the operator, whatever
+the size of :math:`g`, so :math:`G` problems of :math:`s` products each cost :math:`G s`
+products, as :math:`G` analyses one after another would; what running them together saves is
+passes over the data (one per chunk of a step instead of one per problem and step) and what
+the lockstep bounds is memory.
 
 Along the way each problem's first two product vectors :math:`u, v` test symmetry for free:
 :math:`u^\top(Hv)` must equal :math:`v^\top(Hu)` up to rounding.
@@ -24,12 +41,24 @@ Steps = Generator[Tensor, Tensor, Any]
 """An algorithm: yields ``(n, j)`` blocks of vectors, receives their products, returns a result."""
 
 BLOCK_BYTES = 2**30
-"""Memory a block of independent probes may take; estimators with more probes yield chunks."""
+"""Memory a block of vectors may take: a block of independent probes an estimator yields, and
+a zero-padded chunk of columns :func:`run` hands to ``matmat``."""
 
 
 def max_columns(n: int, dtype: torch.dtype) -> int:
     """Most ``n``-vectors of ``dtype`` that fit in :data:`BLOCK_BYTES` (at least one)."""
     return max(1, BLOCK_BYTES // (n * torch.finfo(dtype).bits // 8))
+
+
+def chunk_widths(total: int, cap: int) -> list[int]:
+    """Split ``total`` columns into the fewest chunks of at most ``cap``, as even as possible.
+
+    Example:
+        >>> chunk_widths(50, 24), chunk_widths(24, 24), chunk_widths(0, 24)
+        ([17, 17, 16], [24], [])
+    """
+    count = -(-total // cap)
+    return [total // count + (i < total % count) for i in range(count)] if count else []
 
 
 class SymmetryCheck:
@@ -93,7 +122,11 @@ class Problem:
 
 
 def run(fname: str, operator: Any, problems: Sequence[Problem]) -> list[Any]:
-    """Advance every problem's generator to its end, all together, one ``matmat`` per step.
+    """Advance every problem's generator to its end, all together, in memory-bounded products.
+
+    Each step multiplies the requests of all active problems, in chunks of at most
+    :func:`max_columns` full-length columns (one ``matmat`` per chunk); see the module
+    docstring.
 
     Args:
         fname: Public function name, for messages.
@@ -107,46 +140,80 @@ def run(fname: str, operator: Any, problems: Sequence[Problem]) -> list[Any]:
         ValueError: If ``matmat`` returns the wrong shape or the operator is not symmetric.
     """
     size = int(operator.shape[0])
-    dtype = operator.dtype
-    checks = [SymmetryCheck(fname, dtype) for _ in problems]
+    cap = max_columns(size, operator.dtype)
+    checks = [SymmetryCheck(fname, operator.dtype) for _ in problems]
     for problem in problems:
         _advance(problem, None)
     active = [i for i, p in enumerate(problems) if p.request is not None]
     while active:
-        requests = [problems[i].request for i in active]
-        widths = [r.shape[1] for r in requests]  # type: ignore[union-attr]
-        total = sum(widths)
-        whole = len(active) == 1 and problems[active[0]].rows is None
-        if total == 0:
-            products = requests[0].new_zeros(size, 0)  # type: ignore[union-attr]
-        else:
-            if whole:
-                stacked = requests[0]
-            else:
-                stacked = requests[0].new_zeros(size, total)  # type: ignore[union-attr]
-                offset = 0
-                for i, request, width in zip(active, requests, widths):
-                    _put(stacked, problems[i].rows, offset, request)  # type: ignore[arg-type]
-                    offset += width
-            products = operator.matmat(stacked)
-            if not isinstance(products, Tensor) or tuple(products.shape) != (size, total):
-                got = tuple(products.shape) if isinstance(products, Tensor) else type(products)
-                raise ValueError(
-                    f"{fname}: func_or_operator.matmat returned {got} for a ({size}, {total}) "
-                    f"input; expected a tensor of shape ({size}, {total})."
-                )
-        offset = 0
-        for i, request, width in zip(active, requests, widths):
-            problem = problems[i]
-            block = products[:, offset : offset + width]
-            if not whole:
-                block = _take(block, problem.rows)
-            offset += width
-            problem.num_matvecs += width
-            checks[i].update(request, block)  # type: ignore[arg-type]
-            _advance(problem, block)
+        rows = [problems[i].rows for i in active]
+        requests: list[Tensor] = [problems[i].request for i in active]  # type: ignore[misc]
+        products = [r.new_empty(r.shape) for r in requests]
+        for chunk in _pieces([r.shape[1] for r in requests], cap):
+            _multiply(fname, operator, size, rows, requests, products, chunk)
+        for i, request, block in zip(active, requests, products):
+            problems[i].num_matvecs += request.shape[1]
+            checks[i].update(request, block)
+            _advance(problems[i], block)
+        del requests, products
         active = [i for i in active if problems[i].request is not None]
     return [p.result for p in problems]
+
+
+Piece = tuple[int, int, int, int]
+"""Part of a chunk: ``(problem, first column of its request, width, column in the chunk)``."""
+
+
+def _pieces(widths: list[int], cap: int) -> list[list[Piece]]:
+    """Cut the requests' columns, side by side, into chunks (see :func:`chunk_widths`)."""
+    chunks: list[list[Piece]] = []
+    problem, column = 0, 0
+    for width in chunk_widths(sum(widths), cap):
+        chunk: list[Piece] = []
+        filled = 0
+        while filled < width:
+            while column == widths[problem]:
+                problem, column = problem + 1, 0
+            take = min(width - filled, widths[problem] - column)
+            chunk.append((problem, column, take, filled))
+            column += take
+            filled += take
+        chunks.append(chunk)
+    return chunks
+
+
+def _multiply(
+    fname: str,
+    operator: Any,
+    size: int,
+    rows: list[slice | Tensor | None],
+    requests: list[Tensor],
+    products: list[Tensor],
+    chunk: list[Piece],
+) -> None:
+    """One ``matmat`` of a chunk: pad its pieces to full length, scatter the products back."""
+    width = sum(piece[2] for piece in chunk)
+    first, start, _, _ = chunk[0]
+    if len(chunk) == 1 and rows[first] is None:
+        padded = requests[first][:, start : start + width]  # a whole-operator request: as is
+        if width == requests[first].shape[1]:
+            padded = requests[first]
+    else:
+        padded = requests[first].new_zeros(size, width)
+        for index, begin, count, at in chunk:
+            block = requests[index][:, begin : begin + count]
+            _put(padded, rows[index], at, block)
+    result = operator.matmat(padded)
+    del padded
+    if not isinstance(result, Tensor) or tuple(result.shape) != (size, width):
+        got = tuple(result.shape) if isinstance(result, Tensor) else type(result)
+        raise ValueError(
+            f"{fname}: func_or_operator.matmat returned {got} for a ({size}, {width}) "
+            f"input; expected a tensor of shape ({size}, {width})."
+        )
+    for index, begin, count, at in chunk:
+        block = _take(result[:, at : at + count], rows[index])
+        products[index][:, begin : begin + count] = block
 
 
 def _advance(problem: Problem, products: Tensor | None) -> None:
