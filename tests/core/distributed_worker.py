@@ -1,7 +1,9 @@
 """One process of the two-process test of HessianOperator over torch.distributed (gloo).
 
-Usage: python distributed_worker.py RANK WORLD_SIZE PORT SHARDS OUT, where SHARDS is a
-JSON list with one list of batch sizes per rank. Writes the rank's products to OUT.
+Usage: python distributed_worker.py RANK WORLD_SIZE PORT SHARDS OUT [DIFFERS], where SHARDS is
+a JSON list with one list of batch sizes per rank. Writes the rank's products to OUT. With
+DIFFERS, the last rank's data changes with every pass, and every rank records the error
+its second product raises.
 """
 
 import json
@@ -35,14 +37,37 @@ def probe_columns(size):
     return torch.randn(size, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
 
-def main(rank, world_size, port, shards, out):
+class ChangingBatches:
+    """Batches whose inputs change with every pass over them."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        for x, y in self.batches:
+            yield (x + self.passes, y)
+
+
+def main(rank, world_size, port, shards, out, differs=False):
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
         model, batches = model_and_shards(shards)
-        H = HessianOperator.from_model(model, nn.MSELoss(), batches[rank])
+        data = batches[rank]
+        if differs and rank == world_size - 1:
+            data = ChangingBatches(data)
+        H = HessianOperator.from_model(model, nn.MSELoss(), data)
         V = probe_columns(H.shape[0])
+        if differs:
+            H @ V
+            try:
+                H @ V
+            except ValueError as err:
+                torch.save({"error": str(err)}, out)
+            return
         torch.save(
             {"product": H @ V, "num_samples": H.num_samples, "num_matvecs": H.num_matvecs}, out
         )
@@ -51,4 +76,11 @@ def main(rank, world_size, port, shards, out):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5])
+    main(
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        json.loads(sys.argv[4]),
+        sys.argv[5],
+        len(sys.argv) > 6,
+    )

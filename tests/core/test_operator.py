@@ -480,3 +480,90 @@ def test_one_batch_operator_keeps_its_graph_valid_across_products(mode):
     first = H.matvec(eye[0])
     assert_close(H.matmat(eye), expected)
     assert torch.equal(H.matvec(eye[0]), first)
+
+
+# ----------------------------------------------------------------------------- repeatable passes
+
+
+class _Reordered:
+    """A re-iterable data set whose order changes with every pass (a shuffle of its own)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        shift = self.passes % len(self.batches)
+        return iter(self.batches[shift:] + self.batches[:shift])
+
+
+class _NoisyModel(nn.Module):
+    """A forward pass random beyond torch's RNG (Python's), which the library cannot fix."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_mlp()
+        self.rng = __import__("random").Random(0)
+
+    def forward(self, x):
+        return self.net(x) * (1 + 0.1 * self.rng.random())
+
+
+def test_a_shuffling_dataloader_is_refused_before_any_work():
+    x, y = make_batches([12])[0]
+    loader = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="RandomSampler draws another order on every pass"):
+        HessianOperator.from_model(make_mlp(), nn.MSELoss(), loader)
+    fixed = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=4, shuffle=False)
+    HessianOperator.from_model(make_mlp(), nn.MSELoss(), fixed)
+
+
+def test_passes_that_see_other_batches_are_named():
+    H = HessianOperator.from_model(make_mlp(), nn.MSELoss(), _Reordered(make_batches([3, 5])))
+    v = torch.ones(H.shape[0], dtype=DTYPE)
+    H @ v
+    with pytest.raises(ValueError, match="data batch 0 differs between passes.*shuffle=False"):
+        H @ v
+
+
+def test_passes_with_a_random_forward_are_named():
+    H = HessianOperator.from_model(_NoisyModel().to(DTYPE), nn.MSELoss(), make_batches([3, 5]))
+    v = torch.ones(H.shape[0], dtype=DTYPE)
+    H @ v
+    with pytest.raises(ValueError, match="the loss of data batch 0 was .* in the first pass"):
+        H @ v
+
+
+def test_passes_with_another_number_of_batches_are_named():
+    batches = make_batches([3, 5])
+
+    class Growing:
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(batches[: 1 + self.passes % 2])  # 1 or 2 batches, alternating
+
+    H = HessianOperator.from_model(make_mlp(), nn.MSELoss(), Growing())
+    v = torch.ones(H.shape[0], dtype=DTYPE)
+    H @ v
+    with pytest.raises(ValueError, match=r"gave \d batches in the first pass and \d in a later one"):
+        H @ v
+
+
+def test_repeatable_passes_with_dropout_in_train_mode_are_accepted():
+    model = make_mlp(dropout=0.5)
+    H = HessianOperator.from_model(model, nn.MSELoss(), make_batches([3, 5]))
+    eye = torch.eye(H.shape[0], dtype=DTYPE)
+    first = H @ eye
+    assert torch.equal(H @ eye, first)
+    assert_close(first, first.T)
+
+
+def test_analyses_report_passes_that_differ_not_asymmetry():
+    from torch_secorder import model_top_eigenvalues
+
+    with pytest.raises(ValueError, match="model_top_eigenvalues: data batch 0 differs"):
+        model_top_eigenvalues(make_mlp(), nn.MSELoss(), _Reordered(make_batches([3, 5])))

@@ -24,12 +24,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_two_ranks(shards, tmp_path, timeout=120):
+def run_two_ranks(shards, tmp_path, timeout=120, extra=()):
     port = free_port()
     outs = [tmp_path / f"rank{rank}.pt" for rank in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), "2", str(port), json.dumps(shards), str(out)],
+            [
+                sys.executable,
+                str(WORKER),
+                str(rank),
+                "2",
+                str(port),
+                json.dumps(shards),
+                str(out),
+                *extra,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -58,3 +67,28 @@ def test_two_processes_match_one(shards, tmp_path):
         assert_close(result["product"], expected)
         assert result["num_samples"] == sum(map(sum, shards))
         assert result["num_matvecs"] == 3
+
+
+def test_passes_that_differ_on_one_process_raise_on_every_process(tmp_path):
+    first, second = run_two_ranks([[4], [3, 2]], tmp_path, extra=["differs"])
+    assert "data passes of another process differ" in first["error"]
+    assert "data batch 0 differs between passes" in second["error"]
+
+
+@pytest.mark.parametrize(("dtype", "samples"), [(torch.bfloat16, 1001), (torch.float16, 70000)])
+def test_samples_are_counted_exactly_in_any_dtype(dtype, samples):
+    # a count carried in the product's dtype rounds (bf16: 1001 -> 1000) or overflows (fp16)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        model = nn.Linear(2, 1, bias=False).to(dtype)
+        x = torch.ones(samples, 2, dtype=dtype)
+        H = HessianOperator.from_model(
+            model, nn.MSELoss(), [(x, torch.zeros(samples, 1, dtype=dtype))]
+        )
+        product = H @ torch.ones(2, dtype=dtype)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert H.num_samples == samples
+    assert_close(product, torch.full((2,), 4.0, dtype=dtype))  # H = 2 x^T x / N = 2 ones

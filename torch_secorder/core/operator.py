@@ -295,6 +295,23 @@ class HessianOperator:
         return flatten(products, batched=True).T
 
 
+_Fingerprint = tuple[int, tuple[float, ...], float]
+"""A batch as seen by one pass: its size, checksums of its tensors, its loss."""
+
+
+def _checksum(*objects: Any) -> tuple[float, ...]:
+    """The sums of the tensors in (nested) inputs and targets, in float64."""
+    sums: list[float] = []
+    for obj in objects:
+        if isinstance(obj, Tensor):
+            sums.append(float(obj.detach().sum(dtype=torch.float64)))
+        elif isinstance(obj, Mapping):
+            sums.extend(_checksum(*obj.values()))
+        elif isinstance(obj, (tuple, list)):
+            sums.extend(_checksum(*obj))
+    return tuple(sums)
+
+
 class _ClosureProducts:
     """Products of a closure's Hessian, reusing one gradient graph until released."""
 
@@ -337,40 +354,99 @@ class _DataSetProducts:
         self.progress = progress
         self.num_samples: int | None = None
         self.cached: tuple[GradientGraph, int] | None = None  # graph and size of a lone batch
+        self.fingerprints: list[_Fingerprint] | None = None  # of each batch in the first pass
 
     def products(self, cotangents: list[Tensor]) -> list[Tensor]:
-        total = [torch.zeros_like(u) for u in cotangents]
+        dtype = cotangents[0].dtype
+        # half precisions would overflow a sum weighted by batch sizes: accumulate in float32
+        accumulator = torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+        total = [torch.zeros_like(u, dtype=accumulator) for u in cotangents]
         count = 0
+        differs: str | None = None
 
         def accumulate(graph: GradientGraph, size: int) -> None:
             nonlocal count
             products = graph.products(cotangents, self.params)
             for acc, product in zip(total, products):
-                acc.add_(product, alpha=size)
+                acc.add_(product.to(accumulator), alpha=size)
             count += size
 
         if self.cached is not None:
             accumulate(*self.cached)
         else:
             lone = isinstance(self.batches, Sequence) and len(self.batches) == 1
+            fingerprints = []
             with preserved_state(self.model):
                 for index, batch in enumerate(self._iterate()):
-                    graph, size = self._gradient(index, batch)
+                    graph, size, fingerprint = self._gradient(index, batch)
+                    fingerprints.append(fingerprint)
+                    differs = self._compare(fingerprints)
+                    if differs is not None:
+                        break
                     accumulate(graph, size)
                     if lone:
                         self.cached = (graph, size)
                     else:
                         graph.release()  # before the next batch's forward pass
+            if differs is None and self.fingerprints is not None:
+                differs = self._compare(fingerprints, complete=True)
+            self.fingerprints = self.fingerprints or fingerprints
         if self._distributed():
+            if self.num_samples is None:  # counted once, exactly: the passes are checked equal
+                samples = torch.tensor([count], dtype=torch.int64, device=total[0].device)
+                torch.distributed.all_reduce(samples)
+                count = int(samples.item())
+            else:
+                count = self.num_samples
             packed = flatten(total, batched=True).reshape(-1)
-            packed = torch.cat([packed, packed.new_tensor([count])])
-            torch.distributed.all_reduce(packed)
-            count = round(packed[-1].item())
+            packed = torch.cat([packed, packed.new_tensor([float(differs is not None)])])
+            torch.distributed.all_reduce(packed)  # the flag: no process waits for one that raised
+            if differs is None and packed[-1].item() > 0:
+                differs = "the data passes of another process differ"
             total = unflatten(packed[:-1].reshape(len(total[0]), -1), self.params)
+        if differs is not None:
+            raise ValueError(
+                f"{self.fname}: {differs}. Every product runs the model over the data again, "
+                "and all passes must see the same batches in the same order and compute the "
+                "same losses; use a DataLoader with shuffle=False (a fixed order, data without "
+                "random augmentation), and for a model whose forward pass is random beyond "
+                "torch's RNG, eval mode."
+            )
         if count == 0:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
         self.num_samples = count
-        return [acc / count for acc in total]
+        return [(acc / count).to(dtype) for acc in total]
+
+    def _compare(self, fingerprints: list[_Fingerprint], complete: bool = False) -> str | None:
+        """How this pass differs from the first, so far (``None``: not at all).
+
+        Batch sizes and input checksums must agree exactly, losses to the square root of the
+        dtype's machine epsilon (GPU kernels may sum in another order).
+        """
+        if self.fingerprints is None:
+            return None
+        first = self.fingerprints
+        index = len(fingerprints) - 1
+        if complete or index >= len(first):
+            if len(fingerprints) != len(first):
+                return (
+                    f"the data gave {len(first)} batches in the first pass and "
+                    f"{len(fingerprints)} in a later one"
+                )
+            return None
+        (size, checksum, loss), (size0, checksum0, loss0) = fingerprints[index], first[index]
+        if size != size0 or checksum != checksum0:
+            return (
+                f"data batch {index} differs between passes over the data (its size or inputs "
+                "changed)"
+            )
+        tolerance = torch.finfo(self.params[0].dtype).eps ** 0.5 * max(abs(loss), abs(loss0))
+        if abs(loss - loss0) > tolerance:
+            return (
+                f"the loss of data batch {index} was {loss0:.8g} in the first pass over the data "
+                f"and {loss:.8g} in a later one"
+            )
+        return None
 
     def release(self) -> None:
         self.cached = None
@@ -380,8 +456,8 @@ class _DataSetProducts:
             return self.distributed
         return torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    def _gradient(self, index: int, batch: Any) -> tuple[GradientGraph, int]:
-        """The gradient graph of one batch, under the batch's RNG seed, and its size."""
+    def _gradient(self, index: int, batch: Any) -> tuple[GradientGraph, int, _Fingerprint]:
+        """The gradient graph of one batch, under the batch's RNG seed, its size and fingerprint."""
         inputs, targets = _to_device(_check_batch(self.fname, index, batch), self.params[0].device)
         graph = GradientGraph(
             batch_loss(self.model, self.loss_fn, inputs, targets),
@@ -391,7 +467,8 @@ class _DataSetProducts:
             seed=self.seed + index,
             source="loss_fn",
         )
-        return graph, _batch_size(self.fname, index, inputs)
+        size = _batch_size(self.fname, index, inputs)
+        return graph, size, (size, _checksum(inputs, targets), float(graph.loss))
 
     def _iterate(self) -> Iterable[Any]:
         if not self.progress:
@@ -400,6 +477,14 @@ class _DataSetProducts:
 
         total = len(self.batches) if isinstance(self.batches, Sequence) else None
         return tqdm(self.batches, total=total, desc="Hessian product", unit="batch", leave=False)
+
+
+_RANDOM_SAMPLERS = (
+    torch.utils.data.RandomSampler,
+    torch.utils.data.SubsetRandomSampler,
+    torch.utils.data.WeightedRandomSampler,
+)
+"""Samplers that draw a new order (or new samples) every time they are iterated."""
 
 
 def _check_data(fname: str, data: object) -> Iterable[Any]:
@@ -418,6 +503,13 @@ def _check_data(fname: str, data: object) -> Iterable[Any]:
         raise TypeError(
             f"{fname}: data must be an (inputs, targets) batch or an iterable of such batches; "
             f"got {type(data).__name__}."
+        )
+    sampler = getattr(getattr(batches, "batch_sampler", None), "sampler", None)
+    if isinstance(sampler, _RANDOM_SAMPLERS):
+        raise ValueError(
+            f"{fname}: data is a DataLoader whose {type(sampler).__name__} draws another order "
+            "on every pass; every product passes over the data again, and all passes must "
+            "see the same batches in the same order. Use shuffle=False (or a fixed sampler)."
         )
     to_check = batches if isinstance(batches, Sequence) else _first(batches)
     if not to_check:
