@@ -26,8 +26,11 @@ from torch_secorder.core import (
     hessian_matrix,
     hvp,
     model_hessian_diagonal,
+    model_hessian_dict,
     model_hessian_matrix,
     model_hvp,
+    output_hessian_dict,
+    output_hessian_matrix,
     select_params,
     unflatten,
 )
@@ -45,6 +48,10 @@ __all__ = [
     "hessian_blocks",
     "hessian_matrix",
     "model_hessian_matrix",
+    # core: output Hessians and named blocks (as hesse)
+    "output_hessian_matrix",
+    "output_hessian_dict",
+    "model_hessian_dict",
     # core: linear operator
     "HessianOperator",
     # core: parameter utilities

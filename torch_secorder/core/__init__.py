@@ -7,6 +7,11 @@ from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian
 from torch_secorder.core.hvp import batched_hvp, hvp, model_hvp
 from torch_secorder.core.matrix import hessian_matrix, model_hessian_matrix
 from torch_secorder.core.operator import HessianOperator
+from torch_secorder.core.output import (
+    model_hessian_dict,
+    output_hessian_dict,
+    output_hessian_matrix,
+)
 from torch_secorder.core.params import flatten, select_params, unflatten
 
 __all__ = [
@@ -22,6 +27,10 @@ __all__ = [
     "hessian_blocks",
     "hessian_matrix",
     "model_hessian_matrix",
+    # Output Hessians and named blocks
+    "output_hessian_matrix",
+    "output_hessian_dict",
+    "model_hessian_dict",
     # Linear operator
     "HessianOperator",
     # Parameter utilities
