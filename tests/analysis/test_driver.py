@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.analysis.operators import DTYPE, DenseOperator, dominant, generator, with_spectrum
-from torch_secorder.analysis._driver import Problem, SymmetryCheck, max_columns, run
+from torch_secorder.analysis._driver import Problem, SymmetryCheck, chunk_widths, max_columns, run
 from torch_secorder.analysis.diagonal_estimate import xdiag
 from torch_secorder.analysis.lanczos import lanczos_quadrature, thick_restart_lanczos
 from torch_secorder.analysis.trace import hutch_plus_plus, hutchinson
@@ -145,3 +145,73 @@ def test_max_columns_bounds_memory(monkeypatch):
     assert max_columns(100, torch.float64) == 3
     assert max_columns(100, torch.float32) == 6
     assert max_columns(10**9, torch.float64) == 1
+
+
+def test_chunk_widths_are_the_fewest_and_even():
+    assert chunk_widths(50, 24) == [17, 17, 16]
+    assert chunk_widths(48, 24) == [24, 24]
+    assert chunk_widths(7, 24) == [7]
+    assert chunk_widths(0, 24) == []
+    for total in range(60):
+        widths = chunk_widths(total, 7)
+        assert sum(widths) == total
+        assert all(1 <= w <= 7 for w in widths)
+        assert len(widths) == -(-total // 7)
+        assert max(widths, default=0) - min(widths, default=0) <= 1
+
+
+@pytest.mark.parametrize("kind", range(5))
+def test_chunks_of_full_length_columns_stay_under_the_cap(kind, monkeypatch):
+    # a cap of 2 columns of 80: every step of three groups is cut into padded chunks
+    A = with_spectrum(dominant(80))
+    unbounded = DenseOperator(A)
+    problems = [
+        Problem(algorithms(len(torch.arange(80)[rows]), seed)[kind], rows)
+        for seed, rows in enumerate(ROWS)
+    ]
+    expected = run("test", unbounded, problems)
+    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 2 * 80 * 8)
+    bounded = DenseOperator(A)
+    chunked = [
+        Problem(algorithms(len(torch.arange(80)[rows]), seed)[kind], rows)
+        for seed, rows in enumerate(ROWS)
+    ]
+    results = run("test", bounded, chunked)
+    assert max(bounded.widths) <= 2 < max(unbounded.widths)
+    # the same columns, in chunks: every group sees the same products and counts its own
+    assert bounded.num_matvecs == unbounded.num_matvecs
+    for one, other, got, want in zip(chunked, problems, results, expected):
+        assert one.num_matvecs == other.num_matvecs
+        for a, b in zip(flatten_result(got), flatten_result(want)):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_whole_request_wider_than_the_cap_is_split(monkeypatch):
+    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 3 * 40 * 8)
+    A = with_spectrum(dominant(40))
+    operator = DenseOperator(A)
+
+    def steps():
+        V = torch.randn(40, 7, generator=generator(0), dtype=DTYPE)
+        HV = yield V
+        return V, HV
+
+    problem = Problem(steps())
+    ((V, HV),) = run("test", operator, [problem])
+    assert operator.widths == [3, 2, 2]
+    torch.testing.assert_close(HV, A @ V)
+    assert problem.num_matvecs == 7
+
+
+def test_symmetry_is_checked_per_group_across_chunks(monkeypatch):
+    # group 1's block is asymmetric, the others are symmetric; chunks mix the groups
+    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 4 * 80 * 8)
+    A = with_spectrum(dominant(80))
+    index = torch.arange(80)[ROWS[1]]
+    A[index[:, None], index] += torch.triu(torch.ones(30, 30, dtype=DTYPE), 1)
+    problems = [
+        Problem(hutch_plus_plus(len(torch.arange(80)[rows]), 9, DTYPE, CPU, generator(seed)), rows)
+        for seed, rows in enumerate(ROWS)
+    ]
+    with pytest.raises(ValueError, match=r"test: func_or_operator is not symmetric"):
+        run("test", DenseOperator(A), problems)

@@ -1,10 +1,16 @@
+import warnings
+import weakref
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import torch_secorder as ts
 from tests.analysis.operators import DTYPE, tanh_mlp
-from torch_secorder.analysis._groups import resolve_groups, rows_of
+from torch_secorder.analysis import _driver, lanczos
+from torch_secorder.analysis._groups import ROOT, resolve_groups, rows_of
 from torch_secorder.core._model import model_params
 
 
@@ -31,10 +37,50 @@ def groups_of(model, groups, params=None):
 
 def test_module_groups_follow_named_modules():
     assert groups_of(Nested(), "module") == {
-        "": ["scale"],
+        "(root)": ["scale"],
         "body.0": ["body.0.weight", "body.0.bias"],
         "body.2": ["body.2.weight", "body.2.bias"],
     }
+
+
+def test_root_group_is_named_and_reported():
+    model = Nested()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    traces = ts.model_hessian_trace(model, nn.MSELoss(), (x, x), groups="module", method="exact")
+    assert list(traces) == [ROOT, "body.0", "body.2"]
+    assert ROOT == "(root)"
+    exact = ts.model_hessian_diagonal(model, nn.MSELoss(), x, x)
+    torch.testing.assert_close(traces[ROOT].value, exact[0].sum())
+
+
+class SharedWeight(nn.Module):
+    """Two linear layers holding the same weight parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 3).to(DTYPE)
+        self.second = nn.Linear(3, 3).to(DTYPE)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+def test_tied_parameters_count_once_under_their_first_name():
+    model = SharedWeight()
+    assert groups_of(model, "module") == {
+        "first": ["first.weight", "first.bias"],
+        "second": ["second.bias"],
+    }
+    assert list(groups_of(model, "parameter")) == ["first.weight", "first.bias", "second.bias"]
+    with pytest.raises(
+        ValueError,
+        match=r"test: groups\['b'\] entry 'second\.weight' matches no selected parameter; "
+        r"'second\.weight' is a parameter shared with 'first\.weight', the name it is selected "
+        r"and grouped under; the selected parameters are: first\.weight, first\.bias, "
+        r"second\.bias\.",
+    ):
+        groups_of(model, {"b": "second.weight"})
 
 
 def test_module_groups_within_a_selection():
@@ -176,3 +222,98 @@ def test_model_errors_come_before_any_forward_pass():
     with pytest.raises(ValueError, match=r"model_hessian_trace: data is empty"):
         ts.model_hessian_trace(model, loss_fn, [], groups="module")
     assert calls == []
+
+
+class PeakMemory(TorchDispatchMode):
+    """Track the bytes of live tensor storages created by operators; keep the peak.
+
+    Every operator's output storage is counted from its creation until it is freed (a
+    finalizer on the storage), so the figure is the largest total of tensor memory alive at
+    once, deterministic for a deterministic computation (unlike resident memory).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if storage.nbytes() == 0 or key in self.live:
+                continue
+            self.live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key)
+
+
+def deep_mlp(layers: int = 12, width: int = 16):
+    g = torch.Generator().manual_seed(0)
+    modules: list[nn.Module] = []
+    for _ in range(layers):
+        modules += [nn.Linear(width, width), nn.Tanh()]
+    model = nn.Sequential(*modules[:-1]).to(DTYPE)
+    data = [
+        (
+            torch.randn(8, width, generator=g, dtype=DTYPE),
+            torch.randn(8, width, generator=g, dtype=DTYPE),
+        )
+        for _ in range(2)
+    ]
+    return model, data
+
+
+ANALYSES = {
+    "hutch++": lambda m, d, g: ts.model_hessian_trace(m, nn.MSELoss(), d, groups=g, num_matvecs=30),
+    "hutchinson": lambda m, d, g: ts.model_hessian_trace(
+        m, nn.MSELoss(), d, groups=g, method="hutchinson", num_matvecs=40
+    ),
+    "lanczos": lambda m, d, g: ts.model_top_eigenvalues(
+        m, nn.MSELoss(), d, groups=g, max_matvecs=40
+    ),
+    "density": lambda m, d, g: ts.model_spectral_density(
+        m, nn.MSELoss(), d, groups=g, num_probes=2, num_matvecs=24
+    ),
+}
+
+
+@pytest.mark.parametrize("analysis", list(ANALYSES))
+def test_per_module_memory_stays_within_twice_the_whole_model(analysis, monkeypatch):
+    # 12 modules of 272 parameters; chunks of at most 8 full-length columns (the 1 GiB rule of
+    # a large model, scaled down), so the chunk is of the size of a whole-model analysis.
+    model, data = deep_mlp()
+    size = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(_driver, "BLOCK_BYTES", 8 * size * 8)
+    monkeypatch.setattr(lanczos, "BASIS_BYTES", 12 * size * 8)  # one density probe at a time
+    widths = []
+    matmat = ts.HessianOperator.matmat
+
+    def recording(self, V):
+        widths.append(V.shape[1])
+        return matmat(self, V)
+
+    monkeypatch.setattr(ts.HessianOperator, "matmat", recording)
+    peaks = {}
+    for groups in (None, "module"):
+        widths.clear()
+        with PeakMemory() as memory, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a budget left unconverged is fine
+            results = ANALYSES[analysis](model, data, groups)
+        peaks[groups] = memory.peak
+        assert max(widths) <= 8  # no block of all groups' columns at full length
+        if groups == "module":
+            assert len(results) == 12
+            # the count stays exact: every column handed to matmat belongs to one group
+            assert sum(widths) == sum(r.num_matvecs for r in results.values())
+    # the unchunked driver took 10x (Hutchinson, Hutch++), 2.6x (density) and 1.7x (Lanczos)
+    assert peaks["module"] <= 2 * peaks[None], peaks

@@ -2,8 +2,16 @@
 
 A model form builds one :class:`~torch_secorder.core.operator.HessianOperator` over the
 parameters of all groups and runs one problem per group through :func:`._driver.run`: every
-step is one batched product over the data whose columns are each group's vectors, zero-padded
-outside the group's rows; each group sees its own diagonal block :math:`H_{gg}`.
+step multiplies the groups' vectors, zero-padded outside each group's rows in memory-bounded
+chunks of columns, with the operator over the data; each group sees its own diagonal block
+:math:`H_{gg}`. Each group's vectors are held at the group's size, so all groups together
+hold what one analysis of the whole selection would, plus one chunk.
+
+Names: a module group is named by :meth:`~torch.nn.Module.named_modules` (``"body.0"``), and
+the parameters the model itself owns form the group :data:`ROOT`. A parameter shared by
+several modules (tied weights) is selected, grouped and reported once, under its first name in
+:meth:`~torch.nn.Module.named_parameters` and in the group of the first module owning it, as
+:func:`~torch_secorder.select_params` does.
 """
 
 import contextlib
@@ -20,6 +28,9 @@ from torch_secorder.core._model import model_params
 from torch_secorder.core.operator import HessianOperator
 
 GROUP_KINDS = ("module", "parameter")
+
+ROOT = "(root)"
+"""Name of the module group of parameters the model owns itself (its module name is empty)."""
 
 
 def resolve_groups(
@@ -52,7 +63,7 @@ def resolve_groups(
             )
         if groups == "parameter":
             return {name: [i] for i, name in enumerate(names)}
-        return _module_groups(model, tensors)
+        return module_groups(model, tensors)
     if not isinstance(groups, dict):
         raise TypeError(
             f"{fname}: groups must be None, 'module', 'parameter' or a dict of name -> "
@@ -78,15 +89,36 @@ def resolve_groups(
             if not matches:
                 raise ValueError(
                     f"{fname}: groups[{key!r}] entry {pattern!r} matches no selected parameter; "
-                    f"the selected parameters are: {_listing(names)}."
+                    f"{_tied_hint(model, pattern)}the selected parameters are: {_listing(names)}."
                 )
             chosen |= matches
         resolved[key] = sorted(chosen)
     return resolved
 
 
-def _module_groups(model: nn.Module, tensors: list[Tensor]) -> dict[str, list[int]]:
-    """One group per module owning selected parameters directly, by qualified module name."""
+def _tied_hint(model: nn.Module, pattern: str) -> str:
+    """Where ``pattern`` names only second names of shared parameters, say under which name."""
+    first = {id(p): name for name, p in model.named_parameters()}
+    tied = [
+        (name, first[id(p)])
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if first[id(p)] != name and fnmatch.fnmatchcase(name, pattern)
+    ]
+    if not tied:
+        return ""
+    name, shared = tied[0]
+    return (
+        f"{name!r} is a parameter shared with {shared!r}, the name it is selected and grouped "
+        "under; "
+    )
+
+
+def module_groups(model: nn.Module, tensors: list[Tensor]) -> dict[str, list[int]]:
+    """One group per module owning selected parameters directly, by qualified module name.
+
+    A shared parameter belongs to the first module owning it; the model's own parameters form
+    the group :data:`ROOT`.
+    """
     position = {id(t): i for i, t in enumerate(tensors)}
     seen: set[int] = set()
     grouped: dict[str, list[int]] = {}
@@ -97,7 +129,7 @@ def _module_groups(model: nn.Module, tensors: list[Tensor]) -> dict[str, list[in
                 seen.add(id(p))
                 own.append(position[id(p)])
         if own:
-            grouped[qualname] = sorted(own)
+            grouped[qualname or ROOT] = sorted(own)
     return grouped
 
 
@@ -123,7 +155,7 @@ def run_model(
     params: Any,
     groups: object,
     generator: torch.Generator | None,
-    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator], Steps],
+    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
     finish: Callable[[Any, int, list[Tensor]], Any],
     *,
     options: dict[str, Any],
@@ -139,8 +171,10 @@ def run_model(
         groups: Group specification (see :func:`resolve_groups`).
         generator: The caller's generator or ``None``; with groups, each group draws from its
             own generator derived from it in group order.
-        make_steps: ``make_steps(n, dtype, device, generator)``, the algorithm for a block of
-            size ``n``.
+        make_steps: ``make_steps(n, dtype, device, generator, span)``, the algorithm for a
+            block of size ``n`` of an operator of size ``span``, which sizes its memory (chunks
+            of probes, bases held at once) for ``span`` so that all groups together hold what
+            one analysis of the whole operator would.
         finish: ``finish(raw_result, num_matvecs, group_params)``, the public result.
         options: Keyword options of :meth:`HessianOperator.from_model` (``seed``,
             ``distributed``, ``progress``).
@@ -185,7 +219,7 @@ def _run_groups(
     resolved: dict[str, list[int]] | None,
     tensors: list[Tensor],
     generator: torch.Generator | None,
-    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator], Steps],
+    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
     options: dict[str, Any],
 ) -> tuple[list[Any], dict[Any, list[int]], list[Problem], HessianOperator]:
     operator = HessianOperator.from_model(model, loss_fn, data, params=selection, **options)
@@ -207,7 +241,7 @@ def _run_groups(
         for indices, gen in zip(members.values(), generators):
             rows = None if resolved is None else rows_of(indices, sizes, operator.device)
             count = sum(sizes[i] for i in indices)
-            steps = make_steps(count, operator.dtype, operator.device, gen)
+            steps = make_steps(count, operator.dtype, operator.device, gen, operator.shape[0])
             problems.append(Problem(steps, rows))
         raw = run(fname, operator, problems)
     return raw, members, problems, operator

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._arguments import check_generator, check_int, check_positive
-from torch_secorder.analysis._driver import Problem, run
+from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.lanczos import lanczos_quadrature
@@ -143,8 +143,10 @@ def model_spectral_density(
 
     The operator is :meth:`HessianOperator.from_model(model, loss_fn, data, params=params)
     <torch_secorder.HessianOperator.from_model>`. With ``groups``, each group's diagonal block
-    :math:`H_{gg}` gets its own density; all groups' probes advance together, one batched
-    product per Lanczos step.
+    :math:`H_{gg}` gets its own density; all groups' probes advance together, each Lanczos
+    step's vectors of all groups going to the operator in memory-bounded chunks (see
+    :func:`model_hessian_trace`). Each group's product is a full Hessian-vector product:
+    :math:`G` groups cost :math:`G` times ``num_matvecs``.
 
     Args:
         model: The model.
@@ -186,8 +188,10 @@ def model_spectral_density(
     fname = "model_spectral_density"
     steps = _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
 
-    def make_steps(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-        return lanczos_quadrature(n, steps, num_probes, dtype, device, gen)
+    def make_steps(
+        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+    ) -> Steps:
+        return lanczos_quadrature(n, steps, num_probes, dtype, device, gen, span=span)
 
     def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> DensityResult:
         return density_result(result[0], result[1], count, grid_size, sigma)

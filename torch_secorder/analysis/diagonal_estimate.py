@@ -127,7 +127,9 @@ def model_hessian_diagonal_estimate(
     The operator is :meth:`HessianOperator.from_model(model, loss_fn, data, params=params)
     <torch_secorder.HessianOperator.from_model>`. With ``groups``, each group's diagonal is
     estimated from its own block :math:`H_{gg}` (XDiag then sketches each block separately);
-    all groups advance together, one batched product per step.
+    all groups advance together, each step's vectors of all groups going to the operator in
+    memory-bounded chunks (see :func:`model_hessian_trace`). Each group's product is a full
+    Hessian-vector product: :math:`G` groups cost :math:`G` times ``num_matvecs``.
 
     Args:
         model: The model.
@@ -169,8 +171,10 @@ def model_hessian_diagonal_estimate(
     fname = "model_hessian_diagonal_estimate"
     check_estimator(fname, method, num_matvecs, generator, NEEDS)
 
-    def make_steps(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-        return diagonal_steps(method, n, num_matvecs, dtype, device, gen)
+    def make_steps(
+        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+    ) -> Steps:
+        return diagonal_steps(method, n, num_matvecs, dtype, device, gen, span=span)
 
     def finish(result: tuple[Tensor, Tensor], count: int, group: list[Tensor]) -> DiagonalEstimate:
         return DiagonalEstimate(unflatten(result[0], group), unflatten(result[1], group), count)
@@ -196,11 +200,17 @@ def diagonal_steps(
     dtype: torch.dtype,
     device: torch.device,
     generator: torch.Generator | None,
+    *,
+    span: int | None = None,
 ) -> Steps:
-    """The estimator ``method`` as a product-requesting generator returning (diagonal, stderr)."""
+    """The estimator ``method`` as a product-requesting generator returning (diagonal, stderr).
+
+    ``span`` (default ``n``) is the size of the operator whose block the estimator sees, for
+    the size of Hutchinson's chunks of probes.
+    """
     gen = make_generator(generator)
     if method == "hutchinson":
-        return hutchinson_diagonal(n, num_matvecs, dtype, device, gen)
+        return hutchinson_diagonal(n, num_matvecs, dtype, device, gen, span=span)
     return xdiag(n, num_matvecs, dtype, device, gen)
 
 
@@ -211,10 +221,19 @@ def _stderr(m2: Tensor, count: int) -> Tensor:
 
 
 def hutchinson_diagonal(
-    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+    n: int,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+    *,
+    span: int | None = None,
 ) -> Steps:
-    """Hutchinson's diagonal estimator, in memory-bounded chunks (Chan's running variance)."""
-    chunk = max_columns(n, dtype)
+    """Hutchinson's diagonal estimator, in memory-bounded chunks (Chan's running variance).
+
+    A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
+    """
+    chunk = max_columns(span or n, dtype)
     mean = torch.zeros(n, dtype=dtype, device=device)
     m2 = torch.zeros_like(mean)
     count = 0

@@ -197,7 +197,10 @@ def model_top_eigenvalues(
 
     The operator is :meth:`HessianOperator.from_model(model, loss_fn, data, params=params)
     <torch_secorder.HessianOperator.from_model>`. With ``groups``, each group's diagonal block
-    :math:`H_{gg}` is analysed; all groups advance together, one batched product per step.
+    :math:`H_{gg}` is analysed; all groups advance together, each step's vectors of all groups
+    going to the operator in memory-bounded chunks (see :func:`model_hessian_trace`). Each
+    group's product is a full Hessian-vector product: :math:`G` groups cost the sum of their
+    products, up to :math:`G` times ``max_matvecs``.
 
     Args:
         model: The model.
@@ -244,7 +247,9 @@ def model_top_eigenvalues(
     fname = "model_top_eigenvalues"
     budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
 
-    def make_steps(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    def make_steps(
+        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, _: int
+    ) -> Steps:
         _check_k(fname, k, n, "the size of a group" if groups is not None else "P")
         return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen)
 

@@ -303,6 +303,8 @@ def lanczos_quadrature(
     dtype: torch.dtype,
     device: torch.device,
     generator: torch.Generator,
+    *,
+    span: int | None = None,
 ) -> Steps:
     r"""Gauss quadrature nodes and weights of several random probes, run together.
 
@@ -315,7 +317,9 @@ def lanczos_quadrature(
     then exact and its rows are padded with weight zero.
 
     The bases take ``num_probes * steps`` vectors; when that exceeds :data:`BASIS_BYTES`, the
-    probes run in consecutive groups that fit (the same probes, drawn in the same order).
+    probes run in consecutive groups that fit (the same probes, drawn in the same order). The
+    groups are sized for vectors of the operator's size ``span`` (default ``n``), so that the
+    quadratures of all blocks of one operator together hold what one of the whole would.
 
     Args:
         n: Dimension of the operator.
@@ -324,6 +328,8 @@ def lanczos_quadrature(
         dtype: Dtype of the vectors.
         device: Device of the vectors.
         generator: Source of the probes.
+        span: Size of the operator whose block of size ``n`` this quadrature sees (default
+            ``n``), for the size of the groups of probes.
 
     Yields:
         ``(n, a)`` blocks of the ``a`` active probes' Lanczos vectors; receives their products.
@@ -332,7 +338,7 @@ def lanczos_quadrature(
         ``(nodes, weights)``, each ``(num_probes, steps)``, nodes ascending per probe.
     """
     steps = min(steps, n)
-    per_basis = steps * n * torch.finfo(dtype).bits // 8
+    per_basis = steps * (span or n) * torch.finfo(dtype).bits // 8
     group = max(1, min(num_probes, BASIS_BYTES // per_basis))
     nodes, weights = [], []
     for start in range(0, num_probes, group):

@@ -143,8 +143,12 @@ def model_hessian_trace(
 
     The operator is :meth:`HessianOperator.from_model(model, loss_fn, data, params=params)
     <torch_secorder.HessianOperator.from_model>`. With ``groups``, each group's trace
-    :math:`\operatorname{tr}(H_{gg})` is estimated, all groups advancing together in one
-    batched product per step (each group's probes zero-padded outside its block).
+    :math:`\operatorname{tr}(H_{gg})` is estimated, all groups advancing together: each step's
+    probes of all groups, zero-padded outside their blocks, go to the operator in chunks of
+    at most 1 GiB of full-length columns, one pass over the data per chunk. Each group's
+    product is a full Hessian-vector product, so :math:`G` groups cost :math:`G` times the
+    products of one estimate (``num_matvecs`` is per group, and each result counts its own);
+    memory stays that of one estimate of the whole selection plus one chunk.
 
     Args:
         model: The model.
@@ -152,8 +156,12 @@ def model_hessian_trace(
         data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
         params: Parameter selection by names or glob patterns (``None``: all trainable).
         groups: ``None`` (whole selection), ``"module"`` (one group per module owning
-            selected parameters, by :meth:`~torch.nn.Module.named_modules` name),
-            ``"parameter"`` (one per parameter), or a dict name -> parameter names/patterns.
+            selected parameters, by :meth:`~torch.nn.Module.named_modules` name; the
+            parameters the model owns itself form the group ``"(root)"``), ``"parameter"``
+            (one per parameter), or a dict name -> parameter names/patterns. A parameter
+            shared by several modules (tied weights) counts once, under its first name in
+            :meth:`~torch.nn.Module.named_parameters` and in the first module owning it;
+            patterns match those names.
         method: As for :func:`hessian_trace`.
         num_matvecs: Budget per group, as for :func:`hessian_trace`.
         generator: Source of randomness; with groups, each group draws from its own
@@ -186,8 +194,10 @@ def model_hessian_trace(
     fname = "model_hessian_trace"
     check_estimator(fname, method, num_matvecs, generator, NEEDS)
 
-    def make_steps(n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-        return trace_steps(method, n, num_matvecs, dtype, device, gen)
+    def make_steps(
+        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+    ) -> Steps:
+        return trace_steps(method, n, num_matvecs, dtype, device, gen, span=span)
 
     def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> TraceEstimate:
         return TraceEstimate(result[0], result[1], count)
@@ -213,16 +223,23 @@ def trace_steps(
     dtype: torch.dtype,
     device: torch.device,
     generator: torch.Generator | None,
+    *,
+    span: int | None = None,
 ) -> Steps:
-    """The estimator ``method`` as a product-requesting generator returning (value, stderr)."""
+    """The estimator ``method`` as a product-requesting generator returning (value, stderr).
+
+    ``span`` (default ``n``) is the size of the operator whose block of size ``n`` the
+    estimator sees: chunks of probes are sized for it, so that the estimators of all blocks
+    of one operator together hold what one estimator of the whole operator would.
+    """
     gen = make_generator(generator)
     if method == "hutchinson":
-        return hutchinson(n, num_matvecs, dtype, device, gen)
+        return hutchinson(n, num_matvecs, dtype, device, gen, span=span)
     if method == "hutch++":
         return hutch_plus_plus(n, num_matvecs, dtype, device, gen)
     if method == "xtrace":
         return xtrace(n, num_matvecs, dtype, device, gen)
-    return exact_trace(n, dtype, device)
+    return exact_trace(n, dtype, device, span=span)
 
 
 def _mean_and_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -233,10 +250,19 @@ def _mean_and_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def hutchinson(
-    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+    n: int,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+    *,
+    span: int | None = None,
 ) -> Steps:
-    r"""Hutchinson's estimator with ``num_matvecs`` Rademacher probes, in memory-bounded chunks."""
-    chunk = max_columns(n, dtype)
+    r"""Hutchinson's estimator with ``num_matvecs`` Rademacher probes, in memory-bounded chunks.
+
+    A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
+    """
+    chunk = max_columns(span or n, dtype)
     samples = []
     remaining = num_matvecs
     while remaining > 0:
@@ -320,9 +346,14 @@ def xtrace(
     return _mean_and_stderr(estimates)
 
 
-def exact_trace(n: int, dtype: torch.dtype, device: torch.device) -> Steps:
-    """The exact trace from products with unit vectors, in memory-bounded chunks."""
-    chunk = max_columns(n, dtype)
+def exact_trace(
+    n: int, dtype: torch.dtype, device: torch.device, *, span: int | None = None
+) -> Steps:
+    """The exact trace from products with unit vectors, in memory-bounded chunks.
+
+    A chunk holds :func:`max_columns` vectors of the operator's size ``span`` (default ``n``).
+    """
+    chunk = max_columns(span or n, dtype)
     total = torch.zeros((), dtype=dtype, device=device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
