@@ -87,7 +87,7 @@ def test_gradient_graph_attributes():
         assert graph.grads[1] is None  # constant gradient: linear
         assert graph.grads[2] is None  # no gradient: unused
         assert graph.saved_bytes > 0
-        assert graph.batching
+        assert graph.engine == "is_grads_batched"
         (hx, hb, hu) = graph.vjp([torch.ones(2, dtype=F64), None, None], graph.params)
         assert_close(hx, 6 * x.detach())
         assert_close(hb, torch.zeros(1, dtype=F64))
@@ -220,9 +220,9 @@ def test_operator_without_batching_rule_falls_back_to_a_loop():
     graph = GradientGraph(func, [x, y], fname="t")
     with pytest.raises(RuntimeError, match="Batching rule not implemented"):
         graph.vjp(unit_cotangents([x, y], 0, 2), [x, y], batched=True)
-    assert graph.batching
+    assert graph.engine == "is_grads_batched"
     assert_close(graph.dense([x, y], chunk_size=5), expected)
-    assert not graph.batching
+    assert graph.engine is None  # neither engine can batch .item(): a loop
     assert_close(hessian_matrix(func, [x, y], chunk_size=3), expected)
     assert_close(batched_hvp(func, [x, y], torch.eye(5, dtype=F64)), expected)
     assert_close(ref.flat(hessian_diagonal(func, [x, y], chunk_size=2)), torch.diagonal(expected))
@@ -243,7 +243,7 @@ def test_fallback_after_a_failing_batched_call(monkeypatch):
 
     monkeypatch.setattr(GradientGraph, "vjp", failing)
     result = batched_hvp(built.func, built.params, vs, chunk_size=4)
-    assert batched_calls == [1]  # tried once, then the loop for the rest
+    assert batched_calls == [1, 1]  # each engine tried once, then the loop for the rest
     for r, e in zip(result, expected):
         assert_close(r, e)
 
@@ -253,7 +253,7 @@ def test_batched_and_loop_chunks_agree():
     graph = GradientGraph(built.func, built.params, fname="t")
     cotangents = like(built.params, seed=2, k=3)
     batched = graph._chunk(cotangents, built.params, 3, False)
-    graph.batching = False
+    graph.engine = None
     loop = graph._chunk(cotangents, built.params, 3, False)
     for b, lo in zip(batched, loop):
         assert_close(b, lo)
@@ -350,7 +350,7 @@ def test_vmap_engine_falls_back_to_a_loop_without_a_batching_rule(monkeypatch):
     x = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
     graph = GradientGraph(lambda: _Cube.apply(x).sum(), [x], fname="t")
     assert_close(graph.dense([x], chunk_size=3), torch.diag(6 * x.detach()))
-    assert not graph.batching
+    assert graph.engine is None
 
 
 def test_vmap_engine_keeps_the_graph_for_third_derivatives(monkeypatch):
@@ -381,3 +381,23 @@ def test_other_errors_of_a_batched_product_are_not_swallowed(monkeypatch, messag
     monkeypatch.setattr(GradientGraph, "vjp", failing)
     with pytest.raises(RuntimeError, match=message[:20]):
         batched_hvp(built.func, built.params, like(built.params, seed=1, k=4))
+
+
+def test_a_batching_defect_of_is_grads_batched_moves_on_to_vmap():
+    # the legacy vmap behind is_grads_batched gets the shapes of GroupNorm's double backward
+    # wrong (a size mismatch); torch.func.vmap batches it correctly
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.GroupNorm(2, 4))
+    model = model.to(F64)
+    x = torch.randn(5, 3, 4, 4, dtype=F64)
+    params = list(model.parameters())
+    graph = GradientGraph(lambda: (model(x) ** 3).sum(), params, fname="t")
+    rows = graph.dense(params, chunk_size=8)
+    assert graph.engine == "vmap"
+    assert_close(rows, ref.hessian(lambda *p: _functional(model, p, x), params))
+
+
+def _functional(model, tensors, x):
+    names = [name for name, _ in model.named_parameters()]
+    out = torch.func.functional_call(model, dict(zip(names, tensors)), (x,))
+    return (out**3).sum()

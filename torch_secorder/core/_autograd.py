@@ -14,8 +14,10 @@ device (:data:`BATCHED_ENGINE`): ``is_grads_batched=True`` on the CPU, :func:`to
 around the same :func:`torch.autograd.grad` call on GPUs, where the legacy vmap behind
 ``is_grads_batched`` lacks batching rules for common backward kernels (``tanh_backward``,
 ``gelu_backward``, ``_log_softmax_backward_data``) and runs them once per vector. A graph
-with an operator that neither can batch falls back to a loop of single products. Results
-never touch ``.grad``.
+whose batched products fail for a reason of batching (the legacy vmap also miscomputes the
+shapes of GroupNorm's double backward) moves on to :func:`torch.func.vmap`, then to a loop
+of single products; other errors (out of memory, tensors modified in place, operators
+without a second derivative) are raised. Results never touch ``.grad``.
 """
 
 import contextlib
@@ -27,6 +29,12 @@ from torch import Tensor
 
 from torch_secorder._checks import param_label
 from torch_secorder._types import LossClosure
+from torch_secorder.core._forward import (
+    SecondDerivativeError,
+    forward_context,
+    requires_grad,
+    second_derivative_error,
+)
 
 Cotangents = list[Tensor | None]
 """One cotangent per gradient tensor; ``None`` where it is zero."""
@@ -65,75 +73,6 @@ def scalar_loss(fname: str, loss: object, source: str = "func") -> Tensor:
     return loss.reshape(())
 
 
-@contextlib.contextmanager
-def forward_context(params: Sequence[Tensor], seed: int | None = None) -> Iterator[None]:
-    """Run a forward pass that can be differentiated twice, leaving no trace.
-
-    Gradients are enabled (also under :func:`torch.no_grad`); the RNG of the CPU and of the
-    params' CUDA devices is forked, so dropout does not advance the global RNG, and seeded
-    with ``seed`` when given, so random draws repeat; attention runs on the math kernel,
-    because the fused ``scaled_dot_product_attention`` kernels have no double backward.
-    """
-    # Written out rather than with torch.random.fork_rng and sdpa_kernel, which cost more
-    # than the rest of a small model's gradient graph.
-    cuda = sorted({p.device.index or 0 for p in params if p.is_cuda})
-    cpu_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(index) for index in cuda]
-    attention = [(enabled(), enable) for enabled, enable, _ in _SDP_BACKENDS]
-    try:
-        for _, enable, use in _SDP_BACKENDS:
-            enable(use)
-        with requires_grad(params):
-            if seed is not None:
-                torch.default_generator.manual_seed(seed)
-                for index in cuda:
-                    torch.cuda.default_generators[index].manual_seed(seed)
-            yield
-    finally:
-        for was_enabled, enable in attention:
-            enable(was_enabled)
-        torch.set_rng_state(cpu_state)
-        for index, state in zip(cuda, cuda_states):
-            torch.cuda.set_rng_state(state, index)
-
-
-_SDP_BACKENDS = [
-    (torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp, True),
-    (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp, False),
-    (
-        torch.backends.cuda.mem_efficient_sdp_enabled,
-        torch.backends.cuda.enable_mem_efficient_sdp,
-        False,
-    ),
-    (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp, False),
-]
-"""``scaled_dot_product_attention`` backends (global flags, CPU included): getter, setter,
-and whether a forward pass to be differentiated twice may use it (only the math kernel has
-a double backward)."""
-
-
-@contextlib.contextmanager
-def requires_grad(params: Sequence[Tensor]) -> Iterator[None]:
-    """Enable gradients, and ``requires_grad`` on params lacking it, for the block's duration.
-
-    Also inside :func:`torch.no_grad` and :func:`torch.inference_mode` (where a forward pass
-    would otherwise build no graph and every curvature would silently be zero).
-    """
-    frozen = [p for p in params if not p.requires_grad]
-    inference = torch.is_inference_mode_enabled()  # the switch costs ~10 us per product
-    with (
-        torch.inference_mode(False) if inference else contextlib.nullcontext(),
-        torch.enable_grad(),
-    ):
-        try:
-            for p in frozen:
-                p.requires_grad_(True)
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
-
-
 class GradientGraph:
     r"""The differentiable gradient of one call of a loss closure, reused by many products.
 
@@ -147,6 +86,8 @@ class GradientGraph:
             made to require gradients like ``params``).
         seed: Seed for the random draws of the closure (e.g. dropout), in a forked RNG.
         source: The argument that computes the loss, for messages (``"loss_fn"`` for models).
+        locate: ``locate(op)`` names the module calling the torch function ``op``, for the
+            message when ``op`` turns out to have no second derivative (model forms).
 
     Attributes:
         loss: The loss value (detached).
@@ -155,7 +96,9 @@ class GradientGraph:
             constant (zero curvature: the parameter is unused or enters linearly).
         saved_bytes: Bytes the graph of the gradient saved for backward (forward and gradient
             nodes), measured on first access; a memory estimate per product.
-        batching: Whether batched products work (set to ``False`` after one failed).
+        engine: How chunks of products are batched (``"is_grads_batched"``, ``"vmap"``, or
+            ``None`` for a loop): the device's :data:`BATCHED_ENGINE` until a batched
+            product fails for a reason of batching, then the next.
     """
 
     def __init__(
@@ -169,10 +112,13 @@ class GradientGraph:
         extra: Sequence[Tensor] = (),
         seed: int | None = None,
         source: str = "func",
+        locate: Callable[[str], str | None] | None = None,
     ) -> None:
         self.params = params
+        self.fname = fname
+        self.locate = locate
         self.differentiable = [*params, *(t for t in extra if all(t is not p for p in params))]
-        self.batching = True
+        self.engine: str | None = BATCHED_ENGINE.get(params[0].device.type, "vmap")
         self._saved_bytes: int | None = None
         with forward_context(self.differentiable, seed):
             loss = scalar_loss(fname, func(), source)
@@ -238,18 +184,24 @@ class GradientGraph:
             outputs, grad_outputs = [g for g, _ in pairs], [u for _, u in pairs]
             retain = retain_graph or create_graph
             with contextlib.nullcontext() if ready else requires_grad(self.differentiable):
-                if batched and BATCHED_ENGINE.get(inputs[0].device.type, "vmap") == "vmap":
-                    results = _vmapped_grad(outputs, inputs, grad_outputs, retain, create_graph)
-                else:
-                    results = torch.autograd.grad(
-                        outputs,
-                        inputs,
-                        grad_outputs=grad_outputs,
-                        retain_graph=retain,
-                        create_graph=create_graph,
-                        allow_unused=True,
-                        is_grads_batched=batched,
-                    )
+                try:
+                    if batched and self.engine == "vmap":
+                        results = _vmapped_grad(outputs, inputs, grad_outputs, retain, create_graph)
+                    else:
+                        results = torch.autograd.grad(
+                            outputs,
+                            inputs,
+                            grad_outputs=grad_outputs,
+                            retain_graph=retain,
+                            create_graph=create_graph,
+                            allow_unused=True,
+                            is_grads_batched=batched,
+                        )
+                except RuntimeError as err:
+                    clear = second_derivative_error(self.fname, err, self.locate)
+                    if clear is None:
+                        raise
+                    raise clear from err
         return [
             r if r is not None else x.new_zeros((*lead, *x.shape)) for r, x in zip(results, inputs)
         ]
@@ -368,13 +320,13 @@ class GradientGraph:
     def _chunk(
         self, cotangents: Cotangents, inputs: Sequence[Tensor], size: int, create_graph: bool
     ) -> list[Tensor]:
-        if size > 1 and self.batching:
+        while size > 1 and self.engine is not None:
             try:
                 return self.vjp(cotangents, inputs, batched=True, create_graph=create_graph)
             except RuntimeError as err:
                 if not _unbatchable(err):
                     raise
-                self.batching = False  # an operator without a batching rule: loop instead
+                self.engine = "vmap" if self.engine == "is_grads_batched" else None
         columns = [
             self.vjp(
                 [None if u is None else u[j] for u in cotangents], inputs, create_graph=create_graph
@@ -431,12 +383,19 @@ def _vmapped_grad(
 
 
 def _unbatchable(err: RuntimeError) -> bool:
-    """Whether a batched product failed for want of a batching rule (then a loop works).
+    """Whether a batched product failed for a reason of batching (then a loop may work).
 
-    Other errors, out-of-memory and in-place modifications among them, are not this.
+    Running out of memory, a tensor modified in place, a freed graph and an operator without
+    a second derivative fail a single product as well: those are raised.
     """
     message = str(err)
-    return "Batching rule not implemented" in message or message.startswith("vmap:")
+    return not (
+        isinstance(err, torch.OutOfMemoryError)
+        or "out of memory" in message
+        or "modified by an inplace operation" in message
+        or "backward through the graph a second time" in message
+        or isinstance(err, SecondDerivativeError)
+    )
 
 
 def unit_cotangents(params: Sequence[Tensor], start: int, stop: int) -> Cotangents:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch_secorder._checks import as_params, check_callable
 from torch_secorder._types import LossClosure, ParamSelection
 from torch_secorder.core._autograd import GradientGraph
+from torch_secorder.core._forward import module_calling
 from torch_secorder.core.params import select_params
 
 
@@ -31,6 +32,8 @@ class Objective:
             ``0`` of :meth:`HessianOperator.from_model`, so dropout draws the same masks in
             every function); ``None`` draws from the global RNG's state, which is not
             advanced.
+        locate: ``locate(op)`` names the module calling the torch function ``op`` (model
+            forms), for errors about operators without a second derivative.
     """
 
     fname: str
@@ -39,6 +42,7 @@ class Objective:
     names: list[str] | None = None
     source: str = "func"
     seed: int | None = None
+    locate: Callable[[str], str | None] | None = None
 
     def gradient(self, *, strict: bool = False) -> GradientGraph:
         """Call the closure once and keep its differentiable gradient."""
@@ -50,6 +54,7 @@ class Objective:
             strict=strict,
             seed=self.seed,
             source=self.source,
+            locate=self.locate,
         )
 
 
@@ -74,7 +79,8 @@ def model_objective(
     check_inputs(fname, "inputs", inputs)
     func = batch_loss(model, loss_fn, inputs, targets)  # type: ignore[arg-type]
     with preserved_state(model):  # type: ignore[arg-type]
-        yield Objective(fname, func, tensors, names, source="loss_fn", seed=0)
+        locate = operator_locator(model, inputs)  # type: ignore[arg-type]
+        yield Objective(fname, func, tensors, names, "loss_fn", seed=0, locate=locate)
 
 
 def model_params(
@@ -125,6 +131,19 @@ def batch_loss(
             return loss_fn(call_model(model, inputs), targets)
 
     return func
+
+
+def operator_locator(model: nn.Module, inputs: object) -> Callable[[str], str | None]:
+    """Return ``locate(op)``, naming the module of ``model`` that calls ``op`` on ``inputs``."""
+
+    def locate(op: str) -> str | None:
+        def run() -> None:
+            with private_buffers(model):
+                call_model(model, inputs)
+
+        return module_calling(model, run, op)
+
+    return locate
 
 
 @contextlib.contextmanager

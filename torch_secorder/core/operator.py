@@ -25,6 +25,7 @@ from torch_secorder.core._model import (
     check_inputs,
     closure_objective,
     model_params,
+    operator_locator,
     preserved_state,
 )
 from torch_secorder.core.params import flatten, unflatten
@@ -466,6 +467,7 @@ class _DataSetProducts:
             names=self.names,
             seed=self.seed + index,
             source="loss_fn",
+            locate=operator_locator(self.model, inputs),
         )
         size = _batch_size(self.fname, index, inputs)
         return graph, size, (size, _checksum(inputs, targets), float(graph.loss))

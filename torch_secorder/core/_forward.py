@@ -1,0 +1,215 @@
+r"""The forward pass of a gradient graph: differentiable twice, repeatable, without a trace.
+
+:func:`forward_context` wraps every forward pass whose gradient the library differentiates
+again. It enables gradients (also under :func:`torch.no_grad`), makes the parameters require
+them for the pass, forks the RNG (and seeds it, so dropout draws the same masks in every
+pass) and routes operators that PyTorch cannot differentiate twice to equivalents that it
+can:
+
+* ``F.hardsigmoid`` (its backward has no derivative) runs as
+  :math:`\operatorname{relu6}(x + 3) / 6`, the same function;
+* ``scaled_dot_product_attention`` runs on its math kernel (the fused kernels have no double
+  backward);
+* recurrent layers on CUDA run without cuDNN (``_cudnn_rnn_backward`` has no derivative).
+
+The first is routed by a :class:`~torch.overrides.TorchFunctionMode`, which is local to the
+thread. PyTorch offers only process-wide switches for the other two (the SDPA backend flags,
+``torch.backends.cudnn.enabled``): they are set for the pass (attention) or for the call of a
+recurrent layer, and restored after, so another thread running attention or a CUDA RNN at
+that moment sees them too.
+
+An operator that remains without a second derivative is named in the error by
+:func:`second_derivative_error`, with the module that called it where a model is known.
+"""
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+
+@contextlib.contextmanager
+def forward_context(params: Sequence[Tensor], seed: int | None = None) -> Iterator[None]:
+    """Run a forward pass that can be differentiated twice, leaving no trace.
+
+    Gradients are enabled and ``params`` require them; the RNG of the CPU and of the
+    params' CUDA devices is forked, so dropout does not advance the global RNG, and seeded
+    with ``seed`` when given, so random draws repeat; operators without a double backward
+    are routed as the module docstring says.
+    """
+    # Written out rather than with torch.random.fork_rng and sdpa_kernel, which cost more
+    # than the rest of a small model's gradient graph.
+    cuda = sorted({p.device.index or 0 for p in params if p.is_cuda})
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(index) for index in cuda]
+    attention = [(enabled(), enable) for enabled, enable, _ in _SDP_BACKENDS]
+    try:
+        for _, enable, use in _SDP_BACKENDS:
+            enable(use)
+        with requires_grad(params), _TwiceDifferentiable():
+            if seed is not None:
+                torch.default_generator.manual_seed(seed)
+                for index in cuda:
+                    torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    finally:
+        for was_enabled, enable in attention:
+            enable(was_enabled)
+        torch.set_rng_state(cpu_state)
+        for index, state in zip(cuda, cuda_states):
+            torch.cuda.set_rng_state(state, index)
+
+
+_SDP_BACKENDS = [
+    (torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp, True),
+    (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp, False),
+    (
+        torch.backends.cuda.mem_efficient_sdp_enabled,
+        torch.backends.cuda.enable_mem_efficient_sdp,
+        False,
+    ),
+    (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp, False),
+]
+"""``scaled_dot_product_attention`` backends (global flags, CPU included): getter, setter,
+and whether a forward pass to be differentiated twice may use it (only the math kernel has
+a double backward)."""
+
+
+@contextlib.contextmanager
+def requires_grad(params: Sequence[Tensor]) -> Iterator[None]:
+    """Enable gradients, and ``requires_grad`` on params lacking it, for the block's duration.
+
+    Also inside :func:`torch.no_grad` and :func:`torch.inference_mode` (where a forward pass
+    would otherwise build no graph and every curvature would silently be zero).
+    """
+    frozen = [p for p in params if not p.requires_grad]
+    inference = torch.is_inference_mode_enabled()  # the switch costs ~10 us per product
+    with (
+        torch.inference_mode(False) if inference else contextlib.nullcontext(),
+        torch.enable_grad(),
+    ):
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+
+
+def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
+    out = F.relu6(input + 3) / 6
+    return input.copy_(out) if inplace else out
+
+
+def _without_cudnn(func: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not any(isinstance(a, Tensor) and a.is_cuda for a in args):
+            return func(*args, **kwargs)
+        with torch.backends.cudnn.flags(enabled=False):
+            return func(*args, **kwargs)
+
+    return run
+
+
+_ROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.hardsigmoid: _hardsigmoid,
+    **{
+        getattr(torch._VF, name): _without_cudnn(getattr(torch._VF, name))
+        for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")
+    },
+}
+"""Functions without a double backward, and twice-differentiable functions to run instead."""
+
+
+class _TwiceDifferentiable(TorchFunctionMode):
+    """Run the functions of :data:`_ROUTES` as their twice-differentiable equivalents."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        return _ROUTES.get(func, func)(*args, **(kwargs or {}))
+
+
+class SecondDerivativeError(RuntimeError):
+    """An operator on the loss's path has no second derivative in PyTorch."""
+
+
+_NO_DERIVATIVE = re.compile(
+    r"derivative for '?(?:aten::)?_?(\w+?)(?:_backward)?'? is not implemented"
+)
+
+
+def second_derivative_error(
+    fname: str, err: RuntimeError, locate: Callable[[str], str | None] | None = None
+) -> SecondDerivativeError | None:
+    """A clear error for ``err`` if it says an operator has no second derivative, else ``None``.
+
+    Args:
+        fname: Public function name, for the message.
+        err: The error a product raised.
+        locate: ``locate(op)`` names the module that calls the operator ``op``, where known.
+    """
+    match = _NO_DERIVATIVE.search(str(err))
+    if match is None:
+        return None
+    op = match.group(1)
+    where = locate(op) if locate is not None else None
+    return SecondDerivativeError(
+        f"{fname}: PyTorch cannot differentiate the operator {op!r} twice (its backward has no "
+        f"derivative){f', called in {where}' if where else ''}, so no Hessian can be computed "
+        "through it; write it with twice-differentiable operations (as hardsigmoid(x) = "
+        "relu6(x + 3) / 6), or leave it out of the parameters' path."
+    )
+
+
+def module_calling(model: nn.Module, run: Callable[[], object], op: str) -> str | None:
+    """The innermost module of ``model`` that calls the torch function ``op`` in ``run()``.
+
+    Runs ``run`` (a forward pass of ``model``) once more under hooks that track the module
+    stack and a mode that watches for ``op``; nothing is differentiated.
+
+    Returns:
+        ``"module 'name' (Type)"``, or ``None`` when no module calls it.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    stack: list[nn.Module] = []
+    found: list[nn.Module] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            if stack and getattr(func, "__name__", "").strip("_") in (op, f"{op}_"):
+                found.append(stack[-1])
+            return func(*args, **(kwargs or {}))
+
+    def enter(module: nn.Module, _: object) -> None:
+        stack.append(module)
+
+    def leave(module: nn.Module, _: object, __: object) -> None:
+        stack.pop()
+
+    handles = []
+    for module in names:
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.random.fork_rng(), torch.no_grad(), Watch():
+            run()
+    except Exception:  # noqa: BLE001 - only a diagnosis: the original error is what counts
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not found:
+        return None
+    name = names[found[0]] or "(root)"
+    return f"module {name!r} ({type(found[0]).__name__})"
