@@ -132,3 +132,23 @@ def test_closure_is_not_called_before_validation():
     with pytest.raises(ValueError, match=r"method must be one of"):
         ts.hessian_trace(func, [x], method="nope")
     assert calls == []
+
+
+def test_errors_of_the_closure_name_the_analysis_called():
+    from torch_secorder import hessian_trace, top_eigenvalues
+
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="^hessian_trace: func must return a scalar loss"):
+        hessian_trace(lambda: x * 2, [x])
+    with pytest.raises(ValueError, match="^top_eigenvalues: func must return a scalar loss"):
+        top_eigenvalues(lambda: x * 2, [x])
+
+
+def test_errors_about_model_and_data_name_the_analysis_called():
+    from torch_secorder import model_hessian_trace
+
+    model = torch.nn.Linear(2, 1).double()
+    with pytest.raises(ValueError, match="^model_hessian_trace: data is empty"):
+        model_hessian_trace(model, torch.nn.MSELoss(), [])
+    with pytest.raises(TypeError, match="^model_hessian_trace: seed must be an int"):
+        model_hessian_trace(model, torch.nn.MSELoss(), [], seed=1.5)

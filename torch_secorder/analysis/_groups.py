@@ -14,9 +14,8 @@ several modules (tied weights) is selected, grouped and reported once, under its
 :func:`~torch_secorder.select_params` does.
 """
 
-import contextlib
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis.sampling import make_generator, spawn
 from torch_secorder.core._model import model_params
-from torch_secorder.core.operator import HessianOperator
+from torch_secorder.core.operator import HessianOperator, model_operator
 
 GROUP_KINDS = ("module", "parameter")
 
@@ -190,19 +189,9 @@ def run_model(
         else sorted({i for indices in resolved.values() for i in indices})
     )
     selection = params if resolved is None else [names[i] for i in union]
-    with _renamed(fname):
-        raw, members, problems, operator = _run_groups(
-            fname,
-            model,
-            loss_fn,
-            data,
-            selection,
-            resolved,
-            tensors,
-            generator,
-            make_steps,
-            options,
-        )
+    raw, members, problems, operator = _run_groups(
+        fname, model, loss_fn, data, selection, resolved, tensors, generator, make_steps, options
+    )
     results = {
         key: finish(result, problem.num_matvecs, [operator.params[i] for i in indices])
         for (key, indices), result, problem in zip(members.items(), raw, problems)
@@ -222,7 +211,7 @@ def _run_groups(
     make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
     options: dict[str, Any],
 ) -> tuple[list[Any], dict[Any, list[int]], list[Problem], HessianOperator]:
-    operator = HessianOperator.from_model(model, loss_fn, data, params=selection, **options)
+    operator = model_operator(fname, model, loss_fn, data, params=selection, **options)
     base = make_generator(generator)
     with operator:
         position = {id(p): i for i, p in enumerate(operator.params)}
@@ -245,15 +234,3 @@ def _run_groups(
             problems.append(Problem(steps, rows))
         raw = run(fname, operator, problems)
     return raw, members, problems, operator
-
-
-@contextlib.contextmanager
-def _renamed(fname: str) -> Iterator[None]:
-    """Let errors the operator raises about the model and data name the public function."""
-    prefix = "HessianOperator.from_model:"
-    try:
-        yield
-    except (TypeError, ValueError) as err:
-        if not str(err).startswith(prefix):
-            raise
-        raise type(err)(str(err).replace(prefix, f"{fname}:", 1)) from None

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from torch_secorder._checks import as_params
-from torch_secorder.core.operator import HessianOperator
+from torch_secorder.core.operator import closure_operator
 from torch_secorder.core.params import unflatten
 
 _OPERATOR_ATTRIBUTES = ("matmat", "shape", "dtype", "device")
@@ -100,7 +100,7 @@ def resolve(fname: str, func_or_operator: object, params: object) -> Target:
                 f"{fname}: params must share one dtype and device, but params[0] is "
                 f"{first.dtype} on {first.device} and params[{i}] is {p.dtype} on {p.device}."
             )
-    operator = HessianOperator(func_or_operator, tensors)  # type: ignore[arg-type]
+    operator = closure_operator(fname, func_or_operator, tensors)
     size = operator.shape[0]
     return Target(operator, tensors, size, first.dtype, first.device, owned=True)
 

@@ -72,8 +72,7 @@ class HessianOperator:
     """
 
     def __init__(self, func: LossClosure, params: Params) -> None:
-        objective = closure_objective("HessianOperator", func, params)
-        self._setup(_ClosureProducts(objective), objective.params, None)
+        self._setup("HessianOperator", _closure_source("HessianOperator", func, params), None)
 
     @classmethod
     def from_model(
@@ -148,28 +147,19 @@ class HessianOperator:
             tensor([[4., 2.],
                     [2., 4.]], dtype=torch.float64)
         """
-        fname = "HessianOperator.from_model"
-        names, tensors = model_params(fname, model, params)
-        check_callable(fname, "loss_fn", loss_fn)
-        check_bool(fname, "progress", progress)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{fname}: seed must be an int; got {type(seed).__name__}.")
-        if distributed is not None:
-            check_bool(fname, "distributed", distributed)
-        batches = _check_data(fname, data)
-        if progress:
-            _require_tqdm(fname)
-        source = _DataSetProducts(
-            fname, model, loss_fn, batches, tensors, names, seed, distributed, progress
+        return model_operator(
+            "HessianOperator.from_model",
+            model,
+            loss_fn,
+            data,
+            params=params,
+            seed=seed,
+            distributed=distributed,
+            progress=progress,
         )
-        operator = cls.__new__(cls)
-        operator._setup(source, tensors, names)
-        return operator
 
-    def _setup(
-        self, source: "_ClosureProducts | _DataSetProducts", params: list[Tensor], names: Any
-    ) -> None:
-        fname = "HessianOperator" if names is None else "HessianOperator.from_model"
+    def _setup(self, fname: str, source: "_ClosureProducts | _DataSetProducts", names: Any) -> None:
+        params = source.params
         flat_layout(fname, "operator", params)
         self._source = source
         self.params = params
@@ -313,11 +303,53 @@ def _checksum(*objects: Any) -> tuple[float, ...]:
     return tuple(sums)
 
 
+def closure_operator(fname: str, func: object, params: object) -> HessianOperator:
+    """``HessianOperator(func, params)`` whose errors name the public function ``fname``."""
+    operator = HessianOperator.__new__(HessianOperator)
+    operator._setup(fname, _closure_source(fname, func, params), None)
+    return operator
+
+
+def model_operator(
+    fname: str,
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: ParamSelection = None,
+    seed: int = 0,
+    distributed: bool | None = None,
+    progress: bool = False,
+) -> HessianOperator:
+    """``HessianOperator.from_model(...)`` whose errors name the public function ``fname``."""
+    names, tensors = model_params(fname, model, params)
+    check_callable(fname, "loss_fn", loss_fn)
+    check_bool(fname, "progress", progress)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{fname}: seed must be an int; got {type(seed).__name__}.")
+    if distributed is not None:
+        check_bool(fname, "distributed", distributed)
+    batches = _check_data(fname, data)
+    if progress:
+        _require_tqdm(fname)
+    source = _DataSetProducts(
+        fname, model, loss_fn, batches, tensors, names, seed, distributed, progress
+    )
+    operator = HessianOperator.__new__(HessianOperator)
+    operator._setup(fname, source, names)
+    return operator
+
+
+def _closure_source(fname: str, func: object, params: object) -> "_ClosureProducts":
+    return _ClosureProducts(closure_objective(fname, func, params))
+
+
 class _ClosureProducts:
     """Products of a closure's Hessian, reusing one gradient graph until released."""
 
     def __init__(self, objective: Any) -> None:
         self.objective = objective
+        self.params = objective.params
         self.graph: GradientGraph | None = None
 
     def products(self, cotangents: list[Tensor]) -> list[Tensor]:
