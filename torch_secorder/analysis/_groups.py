@@ -212,25 +212,53 @@ def _run_groups(
     options: dict[str, Any],
 ) -> tuple[list[Any], dict[Any, list[int]], list[Problem], HessianOperator]:
     operator = model_operator(fname, model, loss_fn, data, params=selection, **options)
-    base = make_generator(generator)
     with operator:
         position = {id(p): i for i, p in enumerate(operator.params)}
-        sizes = [p.numel() for p in operator.params]
         members: dict[Any, list[int]]
         if resolved is None:
             members = {None: list(range(len(operator.params)))}
-            generators = [base]
         else:
             members = {
                 key: sorted(position[id(tensors[i])] for i in indices)
                 for key, indices in resolved.items()
             }
-            generators = spawn(base, len(members))
-        problems = []
-        for indices, gen in zip(members.values(), generators):
-            rows = None if resolved is None else rows_of(indices, sizes, operator.device)
-            count = sum(sizes[i] for i in indices)
-            steps = make_steps(count, operator.dtype, operator.device, gen, operator.shape[0])
-            problems.append(Problem(steps, rows))
+        sizes = [p.numel() for p in operator.params]
+        problems = group_problems(
+            operator, sizes, members, generator, make_steps, whole=resolved is None
+        )
         raw = run(fname, operator, problems)
     return raw, members, problems, operator
+
+
+def group_problems(
+    operator: Any,
+    sizes: list[int],
+    members: dict[Any, list[int]],
+    generator: torch.Generator | None,
+    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
+    *,
+    whole: bool = False,
+) -> list[Problem]:
+    """One problem per group of an operator's parameters, for :func:`._driver.run`.
+
+    Args:
+        operator: The operator over all groups' parameters.
+        sizes: Sizes of the operator's parameters, in flat order.
+        members: Group name -> sorted indices into the operator's parameters.
+        generator: The caller's generator or ``None``; each group draws from its own
+            generator derived from it in group order (unless ``whole``).
+        make_steps: As for :func:`run_model`.
+        whole: A single group spanning the whole operator (it uses ``generator`` itself).
+
+    Returns:
+        The problems, in group order.
+    """
+    base = make_generator(generator)
+    generators = [base] if whole else spawn(base, len(members))
+    problems = []
+    for indices, gen in zip(members.values(), generators):
+        rows = None if whole else rows_of(indices, sizes, operator.device)
+        count = sum(sizes[i] for i in indices)
+        steps = make_steps(count, operator.dtype, operator.device, gen, operator.shape[0])
+        problems.append(Problem(steps, rows))
+    return problems
