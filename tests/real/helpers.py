@@ -86,3 +86,15 @@ def assert_identical(a: object, b: object) -> None:
             assert_identical(getattr(a, field.name), getattr(b, field.name))
     else:
         assert a == b
+
+
+def own_modules(model, names):
+    """Module name -> its own parameters among ``names`` (each parameter once), model order."""
+    owned, seen = {}, set()
+    for qualname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{qualname}.{pname}" if qualname else pname
+            if full in names and id(p) not in seen:
+                seen.add(id(p))
+                owned.setdefault(qualname or "(root)", []).append(full)
+    return owned

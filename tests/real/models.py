@@ -140,7 +140,7 @@ class VisionTransformer(nn.Module):
 class LSTMLanguageModel(nn.Module):
     """Embedding, LSTM, decoder tied to the embedding (PyTorch's word-language-model example)."""
 
-    def __init__(self, dim: int = 5, layers: int = 2, dropout: float = 0.2) -> None:
+    def __init__(self, dim: int = 4, layers: int = 2, dropout: float = 0.2) -> None:
         super().__init__()
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(VOCAB, dim)
@@ -207,7 +207,7 @@ class InvertedResidual(nn.Module):
 class MobileNet(nn.Module):
     """A strided stem, one inverted residual block, pooling, a classifier with dropout."""
 
-    def __init__(self, width: int = 8, hidden: int = 12, dropout: float = 0.2) -> None:
+    def __init__(self, width: int = 8, hidden: int = 8, dropout: float = 0.2) -> None:
         super().__init__()
         self.stem = conv_norm_act(IMAGE[0], width, 3, stride=2)
         self.block = InvertedResidual(width, hidden, squeeze=4)
@@ -240,7 +240,7 @@ class Arch:
         batch: One ``(inputs, targets)`` batch of :data:`BATCH_SIZE` samples.
         batches: A data set: a list of batches of :data:`DATA_SIZES` samples.
         subset: Names of the parameters of the dense oracle (model order).
-        modules: The modules owning the subset, in model order (``groups="module"``).
+        small: A part of ``subset`` for the analyses (model order).
         stochastic: Whether the forward pass draws random numbers (dropout in train mode).
     """
 
@@ -251,12 +251,16 @@ class Arch:
     batch: tuple[Tensor, Tensor]
     batches: list[tuple[Tensor, Tensor]]
     subset: list[str]
-    modules: list[str]
+    small: list[str]
     stochastic: bool
 
     @property
     def id(self) -> str:
         return f"{self.name}-{self.mode}"
+
+    def modules(self, names: list[str]) -> list[str]:
+        """The modules owning the named parameters, in model order (``groups="module"``)."""
+        return list(dict.fromkeys(n.rpartition(".")[0] for n in names))
 
     def data(self, kind: str) -> list[tuple[Tensor, Tensor]]:
         """The batches of ``kind`` (``"batch"``: the one batch, ``"batches"``: the data set)."""
@@ -293,18 +297,22 @@ def _tokens(n: int) -> tuple[Tensor, Tensor]:
     return text[:, :-1], text[:, 1:]
 
 
-SPECS: dict[str, tuple[int, Callable[[], nn.Module], Callable[[int], tuple], list[str]]] = {
+SPECS: dict[
+    str, tuple[int, Callable[[], nn.Module], Callable[[int], tuple], list[str], list[str]]
+] = {
     "resnet": (
         10,
         ResNet,
         _images,
         [
             "layer1.0.conv2.weight",
+            "layer2.0.downsample.0.weight",
             "layer2.0.bn2.weight",
             "layer2.0.bn2.bias",
             "fc.weight",
             "fc.bias",
         ],
+        ["layer2.0.bn2.weight", "layer2.0.bn2.bias", "layer2.0.downsample.0.weight", "fc.bias"],
     ),
     "vit": (
         20,
@@ -313,9 +321,17 @@ SPECS: dict[str, tuple[int, Callable[[], nn.Module], Callable[[int], tuple], lis
         [
             "cls_token",
             "encoder.layers.0.self_attn.out_proj.weight",
+            "encoder.layers.0.self_attn.out_proj.bias",
             "encoder.layers.0.norm1.weight",
             "encoder.layers.0.norm1.bias",
             "head.weight",
+            "head.bias",
+        ],
+        [
+            "cls_token",
+            "encoder.layers.0.self_attn.out_proj.bias",
+            "encoder.layers.0.norm1.weight",
+            "encoder.layers.0.norm1.bias",
             "head.bias",
         ],
     ),
@@ -324,6 +340,7 @@ SPECS: dict[str, tuple[int, Callable[[], nn.Module], Callable[[int], tuple], lis
         LSTMLanguageModel,
         _tokens,
         ["encoder.weight", "rnn.bias_hh_l0", "rnn.weight_ih_l1", "decoder.bias"],
+        ["encoder.weight", "decoder.bias"],
     ),
     "mobilenet": (
         40,
@@ -337,9 +354,13 @@ SPECS: dict[str, tuple[int, Callable[[], nn.Module], Callable[[int], tuple], lis
             "classifier.3.weight",
             "classifier.3.bias",
         ],
+        ["block.dw.1.weight", "block.dw.1.bias", "block.se.fc1.weight", "classifier.3.bias"],
     ),
 }
-"""Per architecture: seed, model class, data factory ``f(n) -> (inputs, targets)``, subset."""
+"""Per architecture: seed, model class, data factory ``f(n) -> (inputs, targets)``, the
+oracle's subset, and a smaller part of it for the analyses (a few dozen parameters of three or
+four modules, so that Lanczos runs to exactness, and Hutch++ and XDiag sketches span the
+block, within a few dozen products over the data set)."""
 
 ARCHS = tuple(SPECS)
 MODES = ("train", "eval")
@@ -347,7 +368,7 @@ MODES = ("train", "eval")
 
 def make_model(name: str, mode: str = "train") -> nn.Module:
     """The model of architecture ``name`` (float64, in ``mode``), from its fixed seed."""
-    seed, cls, _, _ = SPECS[name]
+    seed, cls, *_ = SPECS[name]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = _perturbed(cls().to(DTYPE))
@@ -356,7 +377,7 @@ def make_model(name: str, mode: str = "train") -> nn.Module:
 
 def make_data(name: str) -> tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
     """One batch and a data set of several batches for architecture ``name``."""
-    seed, _, draw, _ = SPECS[name]
+    seed, _, draw, *_ = SPECS[name]
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
         batch = draw(BATCH_SIZE)
@@ -373,10 +394,10 @@ def build(name: str, mode: str) -> Arch:
     batch, batches = make_data(name)
     order = [n for n, _ in model.named_parameters()]
     subset = sorted(SPECS[name][3], key=order.index)  # a selection keeps model order
-    modules = list(dict.fromkeys(n.rpartition(".")[0] for n in subset))
+    small = sorted(SPECS[name][4], key=order.index)
     stochastic = mode == "train" and any(isinstance(m, nn.Dropout) for m in model.modules())
     loss_fn = sequence_loss if name == "lstm" else nn.CrossEntropyLoss()
-    return Arch(name, mode, model, loss_fn, batch, batches, subset, modules, stochastic)
+    return Arch(name, mode, model, loss_fn, batch, batches, subset, small, stochastic)
 
 
 # ----------------------------------------------------------------------------- report CLI
