@@ -37,6 +37,7 @@ __all__ = [
     "blocks",
     "case_hessian",
     "case_loss",
+    "case_output_hessians",
     "diagonal",
     "finite_difference_hessian",
     "flat",
@@ -220,6 +221,39 @@ def case_hessian(built: Built, names: Sequence[str] | None = None) -> Tensor:
     if key not in _CACHE:
         _CACHE[key] = hessian(case_loss(built, names), built.select(names))
     return _CACHE[key].clone()
+
+
+def case_output_hessians(
+    built: Built, names: Sequence[str] | None = None
+) -> tuple[Tensor, tuple[int, ...]]:
+    """The Hessians of every element of a case's model output, and the output's shape.
+
+    The flat output is differentiated twice with ``jacrev(jacrev(...))`` w.r.t. the parameters
+    ``names`` (default: trainable) through ``functional_call``, the other parameters as
+    constants, fresh buffer copies, and the forward pass under RNG seed 0 (the masks of the
+    library's model forms).
+
+    Returns:
+        The ``(M, P, P)`` Hessians of the ``M`` output elements (row-major), and the shape.
+    """
+    names = list(built.names if names is None else names)
+    model = built.model
+    tensors = [p.detach() for p in built.select(names)]
+    constants = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    args = built.inputs if isinstance(built.inputs, tuple) else (built.inputs,)
+    shape: list[tuple[int, ...]] = []
+
+    def f(theta: Tensor) -> Tensor:
+        params = {**constants, **dict(zip(names, unflat(theta, tensors)))}
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        out = functional_call(model, (params, buffers), args)
+        shape.append(tuple(out.shape))
+        return out.reshape(-1)
+
+    with oracle_context():
+        torch.manual_seed(0)
+        H = jacrev(jacrev(f))(flat(tensors))
+    return H, shape[0]
 
 
 def finite_difference_hessian(

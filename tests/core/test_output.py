@@ -1,15 +1,13 @@
 """Output Hessians and named block dictionaries against torch.func ground truth in float64.
 
-The oracle differentiates the model's flat output twice with ``jacrev(jacrev(...))`` over
-``torch.func.functional_call`` (parameters and buffer copies passed explicitly, the elementary
-normalization layers of ``tests/reference.py`` patched in), its forward pass under RNG seed 0:
-the masks the library's model forms draw.
+The oracle (:func:`tests.reference.case_output_hessians`) differentiates the model's flat
+output twice with ``jacrev(jacrev(...))`` over ``torch.func.functional_call``, its forward pass
+under RNG seed 0: the masks the library's model forms draw.
 """
 
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
 from torch.testing import assert_close
 
 from tests import reference as ref
@@ -23,28 +21,6 @@ from torch_secorder import (
 )
 
 F64 = torch.float64
-
-
-def output_oracle(built: Built, names: list[str] | None = None) -> tuple[Tensor, tuple[int, ...]]:
-    """The ``(M, P, P)`` Hessians of the flat output, and the output's shape."""
-    names = list(built.names if names is None else names)
-    model = built.model
-    tensors = [p.detach() for p in built.select(names)]
-    constants = {n: p.detach() for n, p in model.named_parameters() if n not in names}
-    args = built.inputs if isinstance(built.inputs, tuple) else (built.inputs,)
-    shape: list[tuple[int, ...]] = []
-
-    def f(theta: Tensor) -> Tensor:
-        params = {**constants, **dict(zip(names, ref.unflat(theta, tensors)))}
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        out = functional_call(model, (params, buffers), args)
-        shape.append(tuple(out.shape))
-        return out.reshape(-1)
-
-    with ref.oracle_context():
-        torch.manual_seed(0)
-        H = jacrev(jacrev(f))(ref.flat(tensors))
-    return H, shape[0]
 
 
 def built_of(model: nn.Module, inputs: Tensor) -> Built:
@@ -107,9 +83,24 @@ class Counted(nn.Module):
 # ----------------------------------------------------------------------------- ground truth
 
 
+def test_oracle_on_a_closed_form():
+    # y_k = w2 (W1 x_k) for W1 (2, 3) and w2 (1, 2): d2 y_k / dW1[i, j] dw2[i] = x_k[j], else 0
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 1, bias=False)).to(F64)
+    x = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]], dtype=F64)
+    H, shape = ref.case_output_hessians(built_of(model, x))
+    assert shape == (2, 1)
+    expected = torch.zeros(2, 8, 8, dtype=F64)
+    for k in range(2):
+        for i in range(2):
+            for j in range(3):
+                expected[k, 3 * i + j, 6 + i] = expected[k, 6 + i, 3 * i + j] = x[k, j]
+    assert_close(H, expected)
+    assert_close(output_hessian_matrix(model, x).reshape(2, 8, 8), expected)
+
+
 def test_matrix_matches_oracle(case):
     result = output_hessian_matrix(case.model, case.inputs)
-    H, shape = output_oracle(case)
+    H, shape = ref.case_output_hessians(case)
     P = sum(p.numel() for p in case.params)
     assert result.shape == (*shape, P, P)
     assert result.dtype == F64
@@ -122,7 +113,7 @@ def test_matrix_matches_oracle(case):
 def test_dict_matches_oracle_blocks(case_id):
     built = build(case_by_id(case_id))
     result = output_hessian_dict(built.model, built.inputs)
-    H, shape = output_oracle(built)
+    H, shape = ref.case_output_hessians(built)
     expected = blocks_of(H.reshape(*shape, *H.shape[-2:]), built.params, built.names)
     assert list(result) == built.names
     for a, p in zip(built.names, built.params):
@@ -173,7 +164,7 @@ def test_weights_and_biases_of_different_dimensions():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
     x = torch.randn(5, 3, dtype=F64)
     built = built_of(model, x)
-    H, shape = output_oracle(built)
+    H, shape = ref.case_output_hessians(built)
     result = output_hessian_dict(model, x, params=["0.weight", "0.bias"])
     assert result["0.weight"]["0.bias"].shape == (5, 2, 4, 3, 4)
     assert result["0.bias"]["0.weight"].shape == (5, 2, 4, 4, 3)
@@ -189,7 +180,7 @@ def test_outputs_with_several_non_batch_dimensions():
     x = torch.randn(3, 1, 4, 4, dtype=F64)
     built = built_of(model, x)
     result = output_hessian_matrix(model, x)
-    H, shape = output_oracle(built)
+    H, shape = ref.case_output_hessians(built)
     assert shape == (3, 2, 2, 2)
     assert result.shape == (3, 2, 2, 2, 28, 28)
     assert_close(result.reshape(-1, 28, 28), H)
@@ -201,7 +192,7 @@ def test_multi_input_as_tuple_and_as_keywords():
     by_position = output_hessian_matrix(built.model, (x1, x2))
     by_keyword = output_hessian_matrix(built.model, {"x1": x1, "x2": x2})
     assert torch.equal(by_position, by_keyword)
-    H, _ = output_oracle(built)
+    H, _ = ref.case_output_hessians(built)
     assert_close(by_position.reshape(H.shape), H)
 
 
@@ -244,7 +235,7 @@ def test_selection_and_frozen_parameters():
     default = output_hessian_dict(built.model, built.inputs)
     assert list(default) == ["0.weight", "2.weight", "2.bias"]
     named = output_hessian_matrix(built.model, built.inputs, params=["0.*"])
-    H, _ = output_oracle(built, ["0.weight", "0.bias"])
+    H, _ = ref.case_output_hessians(built, ["0.weight", "0.bias"])
     assert_close(named.reshape(H.shape), H)
     frozen = built.model.get_parameter("0.bias")
     assert not frozen.requires_grad
@@ -264,7 +255,7 @@ def test_unused_parameter_gives_zeros():
 def test_train_mode_dropout_draws_the_fixed_masks():
     built = build(case_by_id("dropout"))
     result = output_hessian_matrix(built.model, built.inputs)
-    H, _ = output_oracle(built)  # forward under seed 0
+    H, _ = ref.case_output_hessians(built)  # forward under seed 0
     assert_close(result.reshape(H.shape), H)
     # the loss form draws the same masks: one model, one Hessian
     entry = model_hessian_matrix(built.model, lambda out, _: out[4, 1], built.inputs, None)
@@ -289,12 +280,12 @@ def test_mode_is_used_as_found_and_left_alone():
     built = build(case_by_id("cnn-bn-train"))
     train = output_hessian_matrix(built.model, built.inputs)
     assert built.model.training
-    H, _ = output_oracle(built)
+    H, _ = ref.case_output_hessians(built)
     assert_close(train.reshape(H.shape), H)
     built.model.eval()
     evaluated = output_hessian_matrix(built.model, built.inputs)
     assert not built.model.training
-    H, _ = output_oracle(built)
+    H, _ = ref.case_output_hessians(built)
     assert_close(evaluated.reshape(H.shape), H)
     assert not torch.allclose(train, evaluated)  # batch statistics vs running statistics
 
@@ -323,7 +314,7 @@ def test_under_no_grad_and_reproducible():
 def test_chunk_sizes(chunk_size):
     built = build(case_by_id("attention"))
     result = output_hessian_matrix(built.model, built.inputs, chunk_size=chunk_size)
-    H, _ = output_oracle(built)
+    H, _ = ref.case_output_hessians(built)
     assert_close(result.reshape(H.shape), H)
 
 

@@ -16,8 +16,10 @@ from torch_secorder.analysis.results import (
     DensityResult,
     DiagonalEstimate,
     EigenResult,
+    SharpnessResult,
     TraceEstimate,
 )
+from torch_secorder.analysis.sharpness import model_sharpness, output_sharpness
 from torch_secorder.analysis.trace import hessian_trace, model_hessian_trace
 
 __all__ = [
@@ -34,9 +36,13 @@ __all__ = [
     # Diagonal estimates
     "hessian_diagonal_estimate",
     "model_hessian_diagonal_estimate",
+    # Sharpness
+    "output_sharpness",
+    "model_sharpness",
     # Result types
     "TraceEstimate",
     "EigenResult",
     "DensityResult",
     "DiagonalEstimate",
+    "SharpnessResult",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["DensityResult", "DiagonalEstimate", "EigenResult", "TraceEstimate"]
+__all__ = ["DensityResult", "DiagonalEstimate", "EigenResult", "SharpnessResult", "TraceEstimate"]
 
 
 @dataclass(frozen=True)
@@ -109,4 +109,27 @@ class DiagonalEstimate:
 
     diagonal: Tensor | list[Tensor]
     stderr: Tensor | list[Tensor]
+    num_matvecs: int
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    r"""The sharpness of the Hessian of every output element of a model.
+
+    Every tensor has the shape of the model's output, ``(b, *out)`` for a batch: entry
+    ``[k, o]`` belongs to :math:`H_{k,o}`, the Hessian of output element ``o`` of sample ``k``.
+
+    Attributes:
+        sharpness: The largest absolute eigenvalue :math:`\max_i |\lambda_i(H_{k,o})|`.
+        eigenvalues: The eigenvalue of largest magnitude, with its sign (``sharpness`` is its
+            absolute value).
+        residuals: Residual norms :math:`\|H_{k,o} x - \lambda x\|` of its unit eigenvector.
+        converged: Bool tensor: whether each met the tolerance within the budget.
+        num_matvecs: Hessian-vector products used, all output elements together.
+    """
+
+    sharpness: Tensor
+    eigenvalues: Tensor
+    residuals: Tensor
+    converged: Tensor
     num_matvecs: int

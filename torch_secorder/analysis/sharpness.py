@@ -1,0 +1,258 @@
+r"""Sharpness: the largest absolute eigenvalue of a Hessian, from products only.
+
+The sharpness of a symmetric matrix :math:`H` is :math:`\max_i |\lambda_i(H)|`. Both functions
+here find it with the library's thick-restart Lanczos
+(:func:`~torch_secorder.analysis.lanczos.thick_restart_lanczos`, ``k=1``,
+``which="magnitude"``), the algorithm of :func:`~torch_secorder.top_eigenvalues`, which stops
+when the Ritz pair's relative residual is at most ``tol`` (see
+:mod:`torch_secorder.analysis.eigen`). No matrix is formed: memory is the gradient graph and a
+Lanczos basis of about 20 vectors of length :math:`P`, so the sharpness is available where
+the :math:`P \times P` Hessian would not fit.
+
+* :func:`output_sharpness` runs the model once on the batch, as
+  :func:`~torch_secorder.output_hessian_matrix` does, and for each output element
+  :math:`y_{k,o}` builds its differentiable gradient from that pass (one backward pass) and
+  runs Lanczos on :math:`v \mapsto H_{k,o} v`: one gradient plus the Lanczos products per
+  element, :math:`b\,|out|` Lanczos runs in all (typically 5 to 30 products each), instead of
+  the :math:`b\,|out|\,P` products of the dense Hessians.
+* :func:`model_sharpness` runs Lanczos on the Hessian of the mean loss over a data set
+  (:meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`), as
+  :func:`~torch_secorder.model_top_eigenvalues` with ``k=1, which="magnitude"`` does, per
+  group with ``groups=``.
+
+References:
+    Lanczos, C. (1950). An iteration method for the solution of the eigenvalue problem of
+    linear differential and integral operators. J. Res. Nat. Bur. Standards 45(4), 255-282.
+    https://doi.org/10.6028/jres.045.026
+
+    Wu, K. and Simon, H. (2000). Thick-restart Lanczos method for large symmetric eigenvalue
+    problems. SIAM J. Matrix Anal. Appl. 22(2), 602-616.
+    https://doi.org/10.1137/S0895479898334605
+"""
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder._types import ParamSelection
+from torch_secorder.analysis._arguments import check_generator, check_int, check_positive
+from torch_secorder.analysis._driver import Problem, Steps, run
+from torch_secorder.analysis._groups import run_model
+from torch_secorder.analysis.eigen import default_max_matvecs
+from torch_secorder.analysis.lanczos import RitzPairs, thick_restart_lanczos
+from torch_secorder.analysis.results import EigenResult, SharpnessResult
+from torch_secorder.analysis.sampling import make_generator, spawn
+from torch_secorder.core.operator import HessianOperator
+from torch_secorder.core.output import model_outputs, select_outputs
+from torch_secorder.core.params import unflatten
+
+__all__ = ["model_sharpness", "output_sharpness"]
+
+
+def output_sharpness(
+    model: nn.Module,
+    inputs: object,
+    *,
+    params: ParamSelection = None,
+    batched: bool = True,
+    tol: float = 1e-4,
+    max_matvecs: int | None = None,
+    generator: torch.Generator | None = None,
+) -> SharpnessResult:
+    r"""Compute the sharpness of the Hessian of every output element of a model, matrix-free.
+
+    For outputs :math:`y = m_\theta(x)` of shape ``(b, *out)``, entry ``[k, o]`` of the result
+    is :math:`\max_i |\lambda_i(H_{k,o})|` for :math:`H_{k,o} = \nabla^2_\theta\, y_{k,o}`, the
+    Hessian that :func:`~torch_secorder.output_hessian_matrix` returns at ``[k, o]``. The model
+    runs once; each element then costs one gradient of that pass and one Lanczos run on
+    products with its Hessian (see :mod:`torch_secorder.analysis.sharpness`), and no
+    :math:`P \times P` matrix is formed. The model's mode is used (train-mode dropout draws
+    the masks of RNG seed ``0``) and, like its buffers, left as found.
+
+    Args:
+        model: The model, returning one tensor.
+        inputs: A tensor, a tuple of positional arguments (multi-input models), or a dict of
+            keyword arguments.
+        params: Parameter selection by names or glob patterns (``None``: all trainable ones;
+            frozen parameters take part only when named).
+        batched: Whether the output's leading dimension indexes samples (then the output must
+            have one); the result has the output's shape either way.
+        tol: Relative residual tolerance of each Lanczos run (as for
+            :func:`~torch_secorder.top_eigenvalues`).
+        max_matvecs: Budget of products per output element; ``None`` means 300, the default of
+            :func:`~torch_secorder.top_eigenvalues` for one eigenvalue.
+        generator: Source of the random starting vectors (each element draws from its own
+            generator derived from it, in order); ``None`` uses a private generator with a
+            fixed seed, the global RNG is never touched.
+
+    Returns:
+        A :class:`~torch_secorder.SharpnessResult` whose tensors have the output's shape:
+        ``sharpness``, the signed ``eigenvalues`` of largest magnitude, their ``residuals``
+        and ``converged`` flags, and ``num_matvecs``, the products of all elements together.
+
+    Raises:
+        TypeError: If ``model`` is not a module or returns no tensor, or an argument has the
+            wrong type.
+        ValueError: If the selection matches nothing, the parameters differ in dtype or
+            device, the output is not floating point (or 0-d with ``batched=True``), or
+            ``tol`` or ``max_matvecs`` is out of range.
+
+    Warns:
+        RuntimeWarning: If some output element's run did not converge within the budget.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(  # y = w2 * w1 * x: H = [[0, x], [x, 0]]
+        ...     torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        ... ).double()
+        >>> x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+        >>> result = output_sharpness(model, x)
+        >>> result.sharpness.round(decimals=10)  # |eigenvalues| of H: |x|
+        tensor([[1.],
+                [2.]], dtype=torch.float64)
+        >>> bool(result.converged.all()), result.num_matvecs > 0
+        (True, True)
+    """
+    fname = "output_sharpness"
+    names, tensors = select_outputs(fname, model, inputs, params, batched)
+    budget = _check_options(fname, tol, max_matvecs, generator)
+    base = make_generator(generator)
+    size = sum(p.numel() for p in tensors)
+    dtype, device = tensors[0].dtype, tensors[0].device
+    pairs: list[RitzPairs] = []
+    used = 0
+    with model_outputs(fname, model, inputs, names, tensors, batched) as outputs:
+        for index, gen in enumerate(spawn(base, outputs.numel)):
+            steps = thick_restart_lanczos(size, 1, "magnitude", tol, budget, dtype, device, gen)
+            problem = Problem(steps)
+            with HessianOperator(outputs.element(index), tensors) as operator:
+                run(fname, operator, [problem])
+            pairs.append(problem.result)
+            used += problem.num_matvecs
+        shape = outputs.shape
+    empty = tensors[0].new_zeros(0)  # an output without elements
+    values = torch.stack([p.values[0] for p in pairs]) if pairs else empty
+    residuals = torch.stack([p.residuals[0] for p in pairs]) if pairs else empty
+    converged = torch.tensor([p.converged for p in pairs], dtype=torch.bool, device=device)
+    missing = int((~converged).sum())
+    if missing:
+        what = f"{missing} of {converged.numel()} output elements"
+        warnings.warn(_not_converged(fname, what, tol, budget), RuntimeWarning, 2)
+    values, residuals, converged = (t.reshape(shape) for t in (values, residuals, converged))
+    return SharpnessResult(values.abs(), values, residuals, converged, used)
+
+
+def model_sharpness(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: ParamSelection = None,
+    groups: object = None,
+    tol: float = 1e-4,
+    max_matvecs: int | None = None,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+    distributed: bool | None = None,
+    progress: bool = False,
+) -> EigenResult | dict[str, EigenResult]:
+    r"""Compute the sharpness of the Hessian of a model's mean loss over a data set.
+
+    Returns the eigenpair of largest magnitude :math:`\lambda` of
+    :math:`H = \nabla^2_\theta \frac1N \sum_n \ell_n`, the operator of
+    :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`, found by
+    Lanczos on products only; the sharpness is :math:`|\lambda|`. This is
+    :func:`~torch_secorder.model_top_eigenvalues` with ``k=1, which="magnitude"``; with
+    ``groups``, each group's diagonal block is analysed, all groups together.
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
+        data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
+        params: Parameter selection by names or glob patterns (``None``: all trainable).
+        groups: ``None`` (whole selection), ``"module"``, ``"parameter"`` or a dict name ->
+            parameter names/patterns (see :func:`~torch_secorder.model_hessian_trace`).
+        tol: Relative residual tolerance (as for :func:`~torch_secorder.top_eigenvalues`).
+        max_matvecs: Budget of products per group; ``None`` means 300.
+        generator: Source of the random starting vector; with groups, each group draws from
+            its own generator derived from it, in group order.
+        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
+            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`.
+        distributed: Sum products over processes; ``None`` does so when
+            :mod:`torch.distributed` is initialized.
+        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
+
+    Returns:
+        An :class:`~torch_secorder.EigenResult` with one eigenpair: ``eigenvalues`` holds
+        :math:`\lambda` with its sign (the sharpness is ``result.eigenvalues.abs()[0]``), the
+        unit eigenvector like the parameters with a leading 1, its residual, the convergence
+        flag and the products used; a dict group name -> result with ``groups``.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``tol`` or ``max_matvecs`` is out of range, a selection or group
+            pattern matches nothing, or the data are empty.
+
+    Warns:
+        RuntimeWarning: If the run (of some group) did not converge within the budget.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.zeros(2, 1, dtype=torch.float64)
+        >>> result = model_sharpness(model, torch.nn.MSELoss(), (x, y))
+        >>> result.eigenvalues.round(decimals=10)  # H = 2/N x^T x = diag(1, 4)
+        tensor([4.], dtype=torch.float64)
+    """
+    fname = "model_sharpness"
+    budget = _check_options(fname, tol, max_matvecs, generator)
+
+    def make_steps(
+        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, *_: object
+    ) -> Steps:
+        return thick_restart_lanczos(n, 1, "magnitude", tol, budget, dtype, device, gen)
+
+    def finish(pairs: RitzPairs, count: int, group_params: list[Tensor]) -> EigenResult:
+        vectors = unflatten(pairs.vectors.T, group_params)
+        return EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
+
+    results = run_model(
+        fname,
+        model,
+        loss_fn,
+        data,
+        params,
+        groups,
+        generator,
+        make_steps,
+        finish,
+        options={"seed": seed, "distributed": distributed, "progress": progress},
+    )
+    if isinstance(results, dict):
+        missing = [name for name, result in results.items() if not result.converged]
+        if missing:
+            what = ("group " if len(missing) == 1 else "groups ") + ", ".join(map(repr, missing))
+            warnings.warn(_not_converged(fname, what, tol, budget), RuntimeWarning, 2)
+    elif not results.converged:
+        warnings.warn(_not_converged(fname, "the run", tol, budget), RuntimeWarning, 2)
+    return results
+
+
+def _check_options(fname: str, tol: object, max_matvecs: object, generator: object) -> int:
+    """Validate the Lanczos options; return the budget per run."""
+    check_positive(fname, "tol", tol)
+    check_generator(fname, generator)
+    if max_matvecs is None:
+        return default_max_matvecs("lanczos", 1, "magnitude")
+    return check_int(fname, "max_matvecs", max_matvecs, 1)
+
+
+def _not_converged(fname: str, what: str, tol: float, budget: int) -> str:
+    return (
+        f"{fname}: {what} did not reach tol={tol:g} (relative residual) within "
+        f"max_matvecs={budget}; the results are the best found (converged=False). Raise "
+        "max_matvecs or tol."
+    )
