@@ -8,6 +8,7 @@ package generates, so it runs on a fresh machine without downloads.
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +68,17 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--probes", type=int, default=4, help="spectral density probes")
     report.add_argument("--steps", type=int, default=100, help="Lanczos steps per probe")
     report.add_argument("--trace-matvecs", type=int, default=100, help="Hutch++ budget")
+    report.add_argument(
+        "--per-layer",
+        choices=("auto", "all", "trace", "none"),
+        default="auto",
+        help="per-layer table: each module's trace and top eigenvalue (all), its trace only, "
+        "none, or auto (default): all or trace when that costs at most twice the products of "
+        "the whole-model stages, else none",
+    )
+    report.add_argument(
+        "--layer-matvecs", type=int, help="Hutch++ budget per module (default: --trace-matvecs)"
+    )
     report.add_argument("--batch-size", type=int, default=256, help="batch size for a Dataset")
     report.add_argument("--seed", type=int, default=0, help="seed of the random probes")
     report.add_argument("--threads", type=int, help="torch CPU threads")
@@ -204,105 +216,203 @@ def _progress(enabled: bool, total: int) -> Any:
     return tqdm(total=total, unit="stage", leave=False)
 
 
-def demo(dtype: torch.dtype, device: torch.device, progress: bool) -> tuple[nn.Module, Any, dict]:
-    """Train the package's small network on generated spirals."""
-    from torch_secorder._demo import demo_model, spirals, train
+def check_device(spec: str) -> torch.device:
+    """Parse ``--device`` and check that this machine has it."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {spec!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device: {spec} is not available: this torch ({torch.__version__}) sees no "
+                "CUDA device; use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device: {spec} is not available: {count} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device: {spec} is not available on this machine")
+    elif device.type == "meta":
+        raise UsageError("--device: meta tensors hold no values; use cpu or an accelerator")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"--device: {spec} is not available ({first})") from None
+    return device
 
-    inputs, targets = spirals(dtype=dtype)
-    model = demo_model(dtype=dtype)
-    bar = _progress(progress, 1)
-    if bar is not None:
-        bar.set_description("training")
-    accuracy = train(model, inputs, targets)
-    if bar is not None:
-        bar.close()
-    model.to(device)
-    inputs, targets = inputs.to(device), targets.to(device)
-    data = list(zip(inputs.split(256), targets.split(256)))
-    setup = {
-        "model": "tanh MLP 2-32-32-3 (torch_secorder demo), trained with Adam",
-        "data": f"{len(inputs)} generated spiral points in {len(data)} batches",
-        "training accuracy": f"{accuracy:.3f}",
-        "loss": "cross-entropy",
-    }
-    return model, data, setup
+
+def check_out(out: Path) -> None:
+    """The output folder exists (it is created) and is writable."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out: cannot create {out} ({err.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out: {out} is not writable")
 
 
-def run_report(args: argparse.Namespace) -> list[Path]:
-    """Build and write the report for parsed arguments."""
-    from torch_secorder._report import STAGES, hessian_report, write_report
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be positive; got {args.threads}")
-        torch.set_num_threads(args.threads)
-    for option in ("k", "probes", "steps", "trace_matvecs", "batch_size"):
+def check_numbers(args: argparse.Namespace) -> None:
+    """Counts must be positive; Hutch++ budgets at least 3."""
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be positive; got {args.threads}")
+    for option in ("k", "probes", "steps", "batch_size"):
         if getattr(args, option) < 1:
             raise UsageError(
                 f"--{option.replace('_', '-')} must be positive; got {getattr(args, option)}"
             )
+    for option in ("trace_matvecs", "layer_matvecs"):
+        value = getattr(args, option)
+        if value is not None and value < 3:
+            raise UsageError(
+                f"--{option.replace('_', '-')} must be at least 3 (Hutch++ needs a sketch, its "
+                f"projection and a probe); got {value}"
+            )
+
+
+def plan_for(model: nn.Module, args: argparse.Namespace) -> Any:
+    """The report's plan; a selection that matches nothing is an error of ``--params``."""
+    from torch_secorder._report import make_plan
+
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {args.device!r}") from None
+        return make_plan(
+            model,
+            args.params,
+            k=args.k,
+            trace_matvecs=args.trace_matvecs,
+            layer_matvecs=args.layer_matvecs,
+            probes=args.probes,
+            steps=args.steps,
+            per_layer=args.per_layer,
+        )
+    except (TypeError, ValueError) as err:
+        message = str(err).replace("select_params: params ", "", 1)
+        raise UsageError(f"--params: {message}") from None
+
+
+def demo_setup(dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any, Any, dict]:
+    """The package's small network (untrained) on generated spirals."""
+    from torch_secorder._demo import demo_model, spirals
+
+    inputs, targets = spirals(dtype=dtype)
+    model = demo_model(dtype=dtype)
+    setup = {
+        "model": "tanh MLP 2-32-32-3 (torch_secorder demo), trained with Adam",
+        "data": f"{len(inputs)} generated spiral points in {-(-len(inputs) // 256)} batches",
+        "loss": "cross-entropy",
+    }
+    return model, inputs, targets, setup
+
+
+def demo_train(model: nn.Module, inputs: Any, targets: Any, progress: bool) -> float:
+    """Train the demo network; return its training accuracy."""
+    from torch_secorder._demo import train
+
+    bar = _progress(progress, 1)
+    if bar is not None:
+        bar.set_description("training")
+    try:
+        return train(model, inputs, targets)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def run_report(args: argparse.Namespace, log: Any = print) -> list[Path]:
+    """Check every argument, then build and write the report for parsed arguments."""
+    from torch_secorder._report import hessian_report
+
+    # Everything that can be wrong with the arguments is checked before any work.
+    check_numbers(args)
+    device = check_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
     progress = not args.no_progress
     if (args.model is None) != (args.data is None):
         raise UsageError("--model and --data go together (without both: the built-in demo)")
+    loss_fn = resolve_loss(args.loss)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise UsageError(f"--checkpoint: no such file {args.checkpoint}")
+    check_out(args.out)
     if args.model is None:
-        model, data, setup = demo(dtype or torch.float64, device, progress)
-        loss_fn = resolve_loss(args.loss)
+        model, inputs, targets, setup = demo_setup(dtype or torch.float64, device)
     else:
-        loss_fn = resolve_loss(args.loss)
         model = call_factory(args.model, "--model")
         if not isinstance(model, nn.Module):
             raise UsageError(
                 f"--model: {args.model} returned a {type(model).__name__}, not a Module"
             )
-        if args.checkpoint is not None:
-            load_checkpoint(model, args.checkpoint)
+        setup = {"model": args.model, "data": args.data, "loss": args.loss}
+    if args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint)
+        setup["checkpoint"] = str(args.checkpoint)
+    plan = plan_for(model, args)
+    if args.model is not None:
         model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
         data = as_batches(call_factory(args.data, "--data"), args.batch_size)
         data = _cast(data, device, dtype) if _is_pair(data) else _CastBatches(data, device, dtype)
-        setup = {"model": args.model, "data": args.data, "loss": args.loss}
-        if args.checkpoint is not None:
-            setup["checkpoint"] = str(args.checkpoint)
-    if args.checkpoint is not None and args.model is None:
-        load_checkpoint(model, args.checkpoint)
+    # The work: training the demo (unless a checkpoint gave its weights), then the stages.
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.model is None:
+        if args.checkpoint is None:
+            accuracy = demo_train(model, inputs, targets, progress)
+            setup["training accuracy"] = f"{accuracy:.3f}"
+        else:
+            setup["model"] = "tanh MLP 2-32-32-3 (torch_secorder demo), weights from checkpoint"
+        model.to(device)
+        data = list(zip(inputs.to(device).split(256), targets.to(device).split(256)))
     first = next(iter(model.parameters()), None)
     setup["dtype"] = str(first.dtype).removeprefix("torch.") if first is not None else "-"
     setup["device"] = str(device)
     setup["mode"] = "train" if model.training else "eval"
-    bar = _progress(progress, len(STAGES))
-    try:
-        report, density = hessian_report(
-            model,
-            loss_fn,
-            data,
-            params=args.params,
-            k=args.k,
-            trace_matvecs=args.trace_matvecs,
-            probes=args.probes,
-            steps=args.steps,
-            seed=args.seed,
-            progress=bar,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    report = {"setup": setup, **report, "torch_secorder": __version__, "torch": torch.__version__}
-    return write_report(report, density, args.out)
+    setup["torch_secorder"] = __version__
+    setup["torch"] = torch.__version__
+    return hessian_report(
+        model,
+        loss_fn,
+        data,
+        args.out,
+        plan,
+        params=args.params,
+        seed=args.seed,
+        setup=setup,
+        progress=progress,
+        log=log,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; errors are one line on stderr and a non-zero exit status."""
+    from torch_secorder._report import StageFailed, StageInterrupted
+
     args = parser().parse_args(argv)
     start = time.perf_counter()
     try:
         paths = run_report(args)
-    except KeyboardInterrupt:
-        print("torch-secorder: interrupted", file=sys.stderr)
+    except StageInterrupted as stop:
+        print(
+            f"torch-secorder report: interrupted during stage {stop.stage!r}; the finished "
+            f"stages are in {stop.paths[0]}",
+            file=sys.stderr,
+        )
         return 130
+    except KeyboardInterrupt:
+        print("torch-secorder report: interrupted", file=sys.stderr)
+        return 130
+    except StageFailed as failure:
+        if args.traceback:
+            raise failure.error from None
+        print(
+            f"torch-secorder report: error: {failure}; the finished stages are in "
+            f"{failure.paths[0]}",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as err:
         if args.traceback:
             raise
