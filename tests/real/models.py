@@ -46,10 +46,9 @@ CLASSES = 5
 IMAGE = (3, 8, 8)
 VOCAB = 11
 LENGTH = 6
-BATCH_SIZE = 6
-"""Samples in the one batch."""
-DATA_SIZES = (4, 3, 5)
-"""Samples in each batch of the data set (unequal, so the weighting by size matters)."""
+DATA_SIZES = (6, 3, 5)
+"""Samples in each batch of the data set (unequal, so the weighting by size matters); the
+first is also the one batch of the one-batch tests (seed 0 in both)."""
 
 
 # ----------------------------------------------------------------------------- ResNet
@@ -105,7 +104,7 @@ class VisionTransformer(nn.Module):
     """Patch convolution, class token, position embeddings, a pre-norm transformer encoder."""
 
     def __init__(
-        self, dim: int = 8, depth: int = 2, heads: int = 2, patch: int = 4, dropout: float = 0.2
+        self, dim: int = 8, depth: int = 1, heads: int = 2, patch: int = 4, dropout: float = 0.2
     ) -> None:
         super().__init__()
         patches = (IMAGE[1] // patch) * (IMAGE[2] // patch)
@@ -237,7 +236,7 @@ class Arch:
         model: The model (float64, in ``mode``); its last parameter has a ``.grad``, the
             others have none.
         loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
-        batch: One ``(inputs, targets)`` batch of :data:`BATCH_SIZE` samples.
+        batch: One ``(inputs, targets)`` batch, the first of ``batches``.
         batches: A data set: a list of batches of :data:`DATA_SIZES` samples.
         subset: Names of the parameters of the dense oracle (model order).
         small: A part of ``subset`` for the analyses (model order).
@@ -351,10 +350,11 @@ SPECS: dict[
             "block.dw.1.weight",
             "block.dw.1.bias",
             "block.se.fc1.weight",
+            "block.se.fc1.bias",
             "classifier.3.weight",
             "classifier.3.bias",
         ],
-        ["block.dw.1.weight", "block.dw.1.bias", "block.se.fc1.weight", "classifier.3.bias"],
+        ["block.dw.1.weight", "block.dw.1.bias", "block.se.fc1.bias", "classifier.3.bias"],
     ),
 }
 """Per architecture: seed, model class, data factory ``f(n) -> (inputs, targets)``, the
@@ -375,14 +375,12 @@ def make_model(name: str, mode: str = "train") -> nn.Module:
     return model.train(mode == "train")
 
 
-def make_data(name: str) -> tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
-    """One batch and a data set of several batches for architecture ``name``."""
+def make_data(name: str) -> list[tuple[Tensor, Tensor]]:
+    """The data set of architecture ``name``: batches of :data:`DATA_SIZES` samples."""
     seed, _, draw, *_ = SPECS[name]
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
-        batch = draw(BATCH_SIZE)
-        batches = [draw(n) for n in DATA_SIZES]
-    return batch, batches
+        return [draw(n) for n in DATA_SIZES]
 
 
 @functools.cache
@@ -391,13 +389,13 @@ def build(name: str, mode: str) -> Arch:
     model = make_model(name, mode)
     last = list(model.parameters())[-1]
     last.grad = torch.full_like(last, 0.25)  # a .grad must stay; the others must stay None
-    batch, batches = make_data(name)
+    batches = make_data(name)
     order = [n for n, _ in model.named_parameters()]
     subset = sorted(SPECS[name][3], key=order.index)  # a selection keeps model order
     small = sorted(SPECS[name][4], key=order.index)
     stochastic = mode == "train" and any(isinstance(m, nn.Dropout) for m in model.modules())
     loss_fn = sequence_loss if name == "lstm" else nn.CrossEntropyLoss()
-    return Arch(name, mode, model, loss_fn, batch, batches, subset, small, stochastic)
+    return Arch(name, mode, model, loss_fn, batches[0], batches, subset, small, stochastic)
 
 
 # ----------------------------------------------------------------------------- report CLI
@@ -430,12 +428,12 @@ def resnet_data() -> tuple[Tensor, Tensor]:
 
 def vit_data() -> list[tuple[Tensor, Tensor]]:
     """Several batches (for ``--data``)."""
-    return make_data("vit")[1]
+    return make_data("vit")
 
 
 def lstm_data() -> list[tuple[Tensor, Tensor]]:
     """Several batches of token sequences (for ``--data``)."""
-    return make_data("lstm")[1]
+    return make_data("lstm")
 
 
 def mobilenet_data() -> tuple[Tensor, Tensor]:

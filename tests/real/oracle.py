@@ -209,10 +209,18 @@ def gradient(
 
 
 @functools.cache
-def arch_hessian(name: str, mode: str, kind: str, whole: bool = False) -> Tensor:
-    """The oracle Hessian of an architecture's subset (or, ``whole``, all parameters), cached.
-
-    ``kind`` is ``"batch"`` (the one batch, seed 0) or ``"batches"`` (the data set).
-    """
+def batch_hessian(name: str, mode: str, index: int) -> Tensor:
+    """The oracle Hessian of an architecture's subset on batch ``index`` of its data set."""
     arch: Arch = build(name, mode)
-    return hessian(arch.model, arch.loss_fn, arch.data(kind), None if whole else arch.subset)
+    return hessian(arch.model, arch.loss_fn, [arch.batches[index]], arch.subset, seeds=[index])
+
+
+def arch_hessian(name: str, mode: str, kind: str) -> Tensor:
+    """The oracle Hessian of an architecture's subset: ``kind`` ``"batch"`` (the one batch,
+    the data set's first, seed 0) or ``"batches"`` (the mean over the data set)."""
+    arch: Arch = build(name, mode)
+    if kind == "batch":
+        return batch_hessian(name, mode, 0)
+    sizes = [inputs.shape[0] for inputs, _ in arch.batches]
+    total = sum(n * batch_hessian(name, mode, b) for b, n in enumerate(sizes))
+    return total / sum(sizes)

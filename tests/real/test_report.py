@@ -26,16 +26,6 @@ DATA = {"resnet": "batch", "vit": "batches", "lstm": "batches", "mobilenet": "ba
 
 EPS13 = torch.finfo(torch.float64).eps ** (1 / 3)
 
-ROOT_GROUP = pytest.mark.xfail(
-    reason="report: the per-layer table looks the group '(root)' (parameters the model owns "
-    "itself) up in dict(model.named_modules()), whose key for the model is '': KeyError",
-    strict=True,
-)
-
-
-def report_marks(name):
-    return [*marks_of(name), *([ROOT_GROUP] if name == "vit" else [])]
-
 
 def run_report(name, out, capsys, *options):
     loss = "tests.real.models:sequence_loss" if name == "lstm" else "cross-entropy"
@@ -46,6 +36,7 @@ def run_report(name, out, capsys, *options):
         "--model", f"tests.real.models:make_{name}",
         "--data", f"tests.real.models:{name}_data",
         "--loss", loss,
+        "--per-layer", "all",
         *options,
     ]  # fmt: skip
     status = main(args)
@@ -54,12 +45,14 @@ def run_report(name, out, capsys, *options):
     assert (out / "density.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Per layer" in (out / "report.md").read_text()
     report = json.loads((out / "report.json").read_text())
+    assert report["complete"]
+    assert report["plan"]["per_layer"]["chosen"] == "all"
     assert report["setup"]["mode"] == "train"
     assert report["setup"]["dtype"] == "float64"
     return report
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=report_marks(n)) for n in ARCHS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=marks_of(n)) for n in ARCHS])
 def test_report_against_oracle(name, tmp_path, capsys):
     arch = build(name, "train")
     named = dict(arch.model.named_parameters())
@@ -110,8 +103,10 @@ def test_report_against_oracle(name, tmp_path, capsys):
         atol=1e-7 * scale,
     )
     owned = own_modules(arch.model, arch.small)
-    assert [row["module"] for row in report["per_layer"]] == list(owned)
-    for row in report["per_layer"]:
+    rows = report["per_layer"]
+    assert [row["module"] for row in rows] == list(owned)
+    for row in rows:
+        assert row["converged"]
         matrix = block(owned[row["module"]])
         assert row["parameters"] == matrix.shape[0]
         assert_close(row["trace"], float(matrix.trace()))
@@ -120,13 +115,18 @@ def test_report_against_oracle(name, tmp_path, capsys):
 
 def test_report_resnet_one_batch_all_parameters(tmp_path, capsys):
     """BatchNorm in train mode on a one-batch data set, every parameter (this used to crash)."""
-    report = run_report("resnet", tmp_path, capsys, "--k", "2", "--probes", "2", "--steps", "15")
+    report = run_report(
+        "resnet", tmp_path, capsys, "--k", "2", "--probes", "2", "--steps", "15",
+        "--trace-matvecs", "30",
+    )  # fmt: skip
     arch = build("resnet", "train")
     names = [n for n, _ in arch.model.named_parameters()]
     assert report["parameters"]["count"] == sum(p.numel() for p in arch.model.parameters())
     owned = own_modules(arch.model, names)
-    assert [row["module"] for row in report["per_layer"]] == list(owned)
-    assert [row["parameters"] for row in report["per_layer"]] == [
+    rows = report["per_layer"]
+    assert [row["module"] for row in rows] == list(owned)
+    assert all(row["converged"] for row in rows)
+    assert [row["parameters"] for row in rows] == [
         sum(dict(arch.model.named_parameters())[n].numel() for n in owned[m]) for m in owned
     ]
     assert report["top_eigenvalues"]["converged"]
