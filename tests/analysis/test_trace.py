@@ -186,7 +186,9 @@ def test_model_groups_estimate_each_diagonal_block():
     diagonal = H.diagonal().split([p.numel() for p in named.values()])
     for (name, result), block in zip(results.items(), diagonal):
         torch.testing.assert_close(result.value, block.sum(), msg=name)
-        assert result.num_matvecs == named[name].numel()
+        assert result.num_matvecs <= named[name].numel()
+    # the linear layers are read off their outputs: fewer products than elements in all
+    assert 0 < sum(r.num_matvecs for r in results.values()) < H.shape[0]
 
 
 def test_defaults_are_reproducible_and_generators_independent():

@@ -88,6 +88,9 @@ class GradientGraph:
         source: The argument that computes the loss, for messages (``"loss_fn"`` for models).
         locate: ``locate(op)`` names the module calling the torch function ``op``, for the
             message when ``op`` turns out to have no second derivative (model forms).
+        probes: Zero tensors the closure adds to intermediate results (layer outputs), to be
+            differentiated like parameters: their gradients follow the params' (the graph's
+            :attr:`params` list both); ``strict`` does not apply to them.
 
     Attributes:
         loss: The loss value (detached).
@@ -96,6 +99,9 @@ class GradientGraph:
             constant (zero curvature: the parameter is unused or enters linearly).
         saved_bytes: Bytes the graph of the gradient saved for backward (forward and gradient
             nodes), measured on first access; a memory estimate per product.
+        num_products: Products computed so far (each unit of a chunk counts one).
+        on_products: Called with the size of every chunk of products (a progress bar's
+            ``update``), or ``None``.
         engine: How chunks of products are batched (``"is_grads_batched"``, ``"vmap"``, or
             ``None`` for a loop): the device's :data:`BATCHED_ENGINE` until a batched
             product fails for a reason of batching, then the next.
@@ -113,21 +119,27 @@ class GradientGraph:
         seed: int | None = None,
         source: str = "func",
         locate: Callable[[str], str | None] | None = None,
+        probes: Sequence[Tensor] = (),
     ) -> None:
-        self.params = params
+        self.params = [*params, *probes]
         self.fname = fname
         self.locate = locate
-        self.differentiable = [*params, *(t for t in extra if all(t is not p for p in params))]
+        self.differentiable = [
+            *self.params,
+            *(t for t in extra if all(t is not p for p in params)),
+        ]
         self.engine: str | None = BATCHED_ENGINE.get(params[0].device.type, "vmap")
         self._saved_bytes: int | None = None
+        self.num_products = 0
+        self.on_products: Callable[[int], object] | None = None
         with forward_context(self.differentiable, seed):
             loss = scalar_loss(fname, func(), source)
             if loss.requires_grad:
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             else:
-                grads = (None,) * len(params)
+                grads = (None,) * len(self.params)
         if strict:
-            for i, g in enumerate(grads):
+            for i, g in enumerate(grads[: len(params)]):
                 if g is None:
                     raise ValueError(
                         f"{fname}: the loss does not depend on {param_label(i, names)}; "
@@ -317,9 +329,21 @@ class GradientGraph:
         for start, stop, (rows,) in chunks:
             yield start, rows.reshape(stop - start, p.numel())
 
+    def own_diagonal(
+        self, index: int, *, chunk_size: int | None = None, create_graph: bool = False
+    ) -> Tensor:
+        r"""The diagonal of :math:`H_{ii}`, the block of ``params[index]``, shaped like it."""
+        p = self.params[index]
+        rows = self.own_block_rows(index, chunk_size=chunk_size, create_graph=create_graph)
+        parts = [block.diagonal(offset=start) for start, block in rows]
+        return torch.cat(parts).view(p.shape) if parts else torch.zeros_like(p)
+
     def _chunk(
         self, cotangents: Cotangents, inputs: Sequence[Tensor], size: int, create_graph: bool
     ) -> list[Tensor]:
+        self.num_products += size
+        if self.on_products is not None:
+            self.on_products(size)
         while size > 1 and self.engine is not None:
             try:
                 return self.vjp(cotangents, inputs, batched=True, create_graph=create_graph)

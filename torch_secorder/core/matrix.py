@@ -8,6 +8,7 @@ calls. A request whose result would not fit in ``max_bytes`` is refused before a
 from torch import Tensor, nn
 
 from torch_secorder._checks import (
+    check_bool,
     check_chunk_size,
     check_dense_size,
     check_layout,
@@ -16,6 +17,7 @@ from torch_secorder._checks import (
 )
 from torch_secorder._types import LossClosure, Params, ParamSelection
 from torch_secorder.core._model import Objective, closure_objective, model_objective
+from torch_secorder.core._progress import counted, require_tqdm, warn_if_long
 from torch_secorder.core.blocks import DEFAULT_MAX_BYTES
 
 __all__ = ["hessian_matrix", "model_hessian_matrix"]
@@ -30,6 +32,7 @@ def hessian_matrix(
     *,
     max_bytes: float = DEFAULT_MAX_BYTES,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> Tensor:
     r"""Compute the full Hessian matrix of a scalar loss.
 
@@ -43,6 +46,7 @@ def hessian_matrix(
         max_bytes: Refuse, before any work, a matrix needing more memory (default 8 GiB).
         chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
             (32 on CPU, 1024 on GPUs, fewer where memory needs).
+        progress: Show a progress bar over the :math:`P` products (needs ``tqdm``).
 
     Returns:
         A ``(P, P)`` tensor with the params' dtype and device.
@@ -51,6 +55,10 @@ def hessian_matrix(
         TypeError: If an argument has the wrong type.
         ValueError: If the matrix would exceed ``max_bytes`` (the message gives its size), the
             params differ in dtype or device, or ``func`` does not return a scalar.
+        ImportError: If ``progress=True`` and ``tqdm`` is missing.
+
+    Warns:
+        UserWarning: If the matrix takes over 100,000 products (one per row).
 
     Example:
         >>> import torch
@@ -59,19 +67,26 @@ def hessian_matrix(
         tensor([[4., 2.],
                 [2., 0.]], dtype=torch.float64)
     """
-    return _hessian_matrix(closure_objective("hessian_matrix", func, params), max_bytes, chunk_size)
+    objective = closure_objective("hessian_matrix", func, params)
+    return _hessian_matrix(objective, max_bytes, chunk_size, progress)
 
 
-def _hessian_matrix(objective: Objective, max_bytes: float, chunk_size: int | None) -> Tensor:
+def _hessian_matrix(
+    objective: Objective, max_bytes: float, chunk_size: int | None, progress: bool
+) -> Tensor:
     fname, params = objective.fname, objective.params
     check_max_bytes(fname, max_bytes)
     check_chunk_size(fname, chunk_size)
+    check_bool(fname, "progress", progress)
+    if progress:
+        require_tqdm(fname)
     labels = [param_label(i, objective.names) for i in range(len(params))]
     check_layout(fname, "a dense Hessian", list(zip(labels, params)), _LAYOUT_HINT)
     size = sum(p.numel() for p in params)
     what = f"the {size} x {size} Hessian"
     check_dense_size(fname, what, size * size, params[0].dtype, max_bytes, _HINT)
-    with objective.gradient() as graph:
+    warn_if_long(fname, size, "Hessian", "HessianOperator multiplies with it matrix-free.")
+    with objective.gradient() as graph, counted(graph, size, progress, "Hessian"):
         return graph.dense(params, chunk_size=chunk_size)
 
 
@@ -84,6 +99,7 @@ def model_hessian_matrix(
     params: ParamSelection = None,
     max_bytes: float = DEFAULT_MAX_BYTES,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> Tensor:
     r"""Compute the full Hessian of a model's loss on one batch.
 
@@ -100,6 +116,7 @@ def model_hessian_matrix(
         max_bytes: Refuse, before any work, a matrix needing more memory (default 8 GiB).
         chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
             (32 on CPU, 1024 on GPUs, fewer where memory needs).
+        progress: Show a progress bar over the :math:`P` products (needs ``tqdm``).
 
     Returns:
         A ``(P, P)`` tensor, the selected parameters in model order.
@@ -108,6 +125,10 @@ def model_hessian_matrix(
         TypeError: If an argument has the wrong type.
         ValueError: If the selection matches nothing, the matrix would exceed ``max_bytes``,
             the parameters differ in dtype or device, or the loss is not a scalar.
+        ImportError: If ``progress=True`` and ``tqdm`` is missing.
+
+    Warns:
+        UserWarning: If the matrix takes over 100,000 products (one per row).
 
     Example:
         >>> import torch
@@ -121,4 +142,4 @@ def model_hessian_matrix(
     with model_objective(
         "model_hessian_matrix", model, loss_fn, inputs, targets, params
     ) as objective:
-        return _hessian_matrix(objective, max_bytes, chunk_size)
+        return _hessian_matrix(objective, max_bytes, chunk_size, progress)

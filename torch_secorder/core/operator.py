@@ -28,6 +28,8 @@ from torch_secorder.core._model import (
     operator_locator,
     preserved_state,
 )
+from torch_secorder.core._progress import require_tqdm
+from torch_secorder.core._structure import structured_diagonal
 from torch_secorder.core.params import flatten, unflatten
 
 __all__ = ["HessianOperator"]
@@ -214,6 +216,28 @@ class HessianOperator:
             return self.matvec(other)
         return self.matmat(other)
 
+    def diagonal(self) -> Tensor:
+        r"""Compute the exact diagonal of the operator.
+
+        From a closure: one unit-vector product per row, on the kept gradient graph. Over a
+        data set: each batch's exact diagonal, under the batch's RNG seed, weighted by its
+        size (summed over processes); each batch's is computed as
+        :func:`~torch_secorder.model_hessian_diagonal` does, reading layers off products
+        with respect to their outputs where that is proven exact and cheaper. The products
+        count in :attr:`num_matvecs`.
+
+        Returns:
+            :math:`\operatorname{diag}(H)`, a ``(P,)`` tensor.
+
+        Example:
+            >>> import torch
+            >>> x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+            >>> H = HessianOperator(lambda: x[0] ** 2 + 3 * x[0] * x[1] + 2 * x[1] ** 2, [x])
+            >>> H.diagonal(), H.num_matvecs
+            (tensor([2., 4.], dtype=torch.float64), 2)
+        """
+        return flatten(exact_diagonal(self)[0])
+
     def release(self) -> None:
         """Free the kept gradient graph; the next product rebuilds it."""
         self._source.release()
@@ -303,6 +327,13 @@ def _checksum(*objects: Any) -> tuple[float, ...]:
     return tuple(sums)
 
 
+def exact_diagonal(operator: HessianOperator) -> tuple[list[Tensor], list[int]]:
+    """The exact diagonal like params and the products each parameter took (counted)."""
+    diagonal, costs = operator._source.diagonal()
+    operator.num_matvecs += sum(costs)
+    return diagonal, costs
+
+
 def closure_operator(fname: str, func: object, params: object) -> HessianOperator:
     """``HessianOperator(func, params)`` whose errors name the public function ``fname``."""
     operator = HessianOperator.__new__(HessianOperator)
@@ -331,7 +362,7 @@ def model_operator(
         check_bool(fname, "distributed", distributed)
     batches = _check_data(fname, data)
     if progress:
-        _require_tqdm(fname)
+        require_tqdm(fname)
     source = _DataSetProducts(
         fname, model, loss_fn, batches, tensors, names, seed, distributed, progress
     )
@@ -356,6 +387,16 @@ class _ClosureProducts:
         if self.graph is None:
             self.graph = self.objective.gradient()
         return self.graph.products(cotangents, self.objective.params)
+
+    def diagonal(self) -> tuple[list[Tensor], list[int]]:
+        if self.graph is None:
+            self.graph = self.objective.gradient()
+        diagonal, costs = [], []
+        for i in range(len(self.params)):
+            before = self.graph.num_products
+            diagonal.append(self.graph.own_diagonal(i))
+            costs.append(self.graph.num_products - before)
+        return diagonal, costs
 
     def release(self) -> None:
         self.graph = None
@@ -481,6 +522,44 @@ class _DataSetProducts:
             )
         return None
 
+    def diagonal(self) -> tuple[list[Tensor], list[int]]:
+        """The size-weighted sum of the batches' exact diagonals, and each one's products."""
+        total = [torch.zeros_like(p) for p in self.params]
+        costs = [0] * len(self.params)
+        count = 0
+        with preserved_state(self.model):
+            for index, batch in enumerate(self._iterate()):
+                inputs, targets = _to_device(
+                    _check_batch(self.fname, index, batch), self.params[0].device
+                )
+                diagonal, used = structured_diagonal(
+                    batch_loss(self.model, self.loss_fn, inputs, targets),
+                    self.model,
+                    self.params,
+                    fname=self.fname,
+                    names=self.names,
+                    strict=False,
+                    seed=self.seed + index,
+                    locate=operator_locator(self.model, inputs),
+                    chunk_size=None,
+                    progress=False,
+                )
+                size = _batch_size(self.fname, index, inputs)
+                for acc, d in zip(total, diagonal):
+                    acc.add_(d, alpha=size)
+                count += size
+                costs = [c + u for c, u in zip(costs, used)]
+        if self._distributed():
+            packed = flatten(total)
+            torch.distributed.all_reduce(packed)
+            samples = torch.tensor([count], dtype=torch.int64, device=total[0].device)
+            torch.distributed.all_reduce(samples)
+            count = int(samples.item())
+            total = unflatten(packed, self.params)
+        if count == 0:
+            raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
+        return [acc / count for acc in total], costs
+
     def release(self) -> None:
         self.cached = None
 
@@ -604,13 +683,3 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to_device(value, device) for value in obj)
     return obj
-
-
-def _require_tqdm(fname: str) -> None:
-    try:
-        import tqdm  # noqa: F401
-    except ImportError as err:
-        raise ImportError(
-            f"{fname}: progress=True needs tqdm; install it with "
-            "pip install 'torch-secorder[progress]'."
-        ) from err

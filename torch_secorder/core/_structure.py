@@ -1,0 +1,536 @@
+r"""The exact Hessian diagonal of a model's loss from the structure of its layers.
+
+A ``Linear``, ``Conv1d/2d/3d`` or ``Embedding`` layer computes an output :math:`z` linear in
+its parameters. Index :math:`z` by a *position* :math:`a` (sample, token, pixel: every axis
+but the unit axis) and a *unit* :math:`u` (output feature or channel), and write
+:math:`z_{au} = \sum_f W_{uf} X^{(u)}_{af} + b_u`, with :math:`X^{(u)}` the layer's input as
+unit :math:`u` sees it (the input itself for ``Linear``, its patches for a convolution, one-hot
+rows for an embedding, whose weight is indexed the other way round). If the parameters enter
+the loss :math:`L` only through :math:`z`, then exactly
+
+.. math::
+    \frac{\partial^2 L}{\partial W_{uf}^2} = \sum_{a,b} X^{(u)}_{af} X^{(u)}_{bf} B^{(u)}_{ab},
+    \qquad \frac{\partial^2 L}{\partial b_u^2} = \sum_{a,b} B^{(u)}_{ab},
+    \qquad B^{(u)}_{ab} = \frac{\partial^2 L}{\partial z_{au}\,\partial z_{bu}} ,
+
+and :math:`B` is read off Hessian-vector products with respect to a zero *probe* tensor
+:math:`\varepsilon` added to :math:`z` (the Hessian with respect to :math:`\varepsilon` is the
+one with respect to :math:`z`, downstream curvature included). Along an *independent* axis
+(samples of a model without batch statistics, tokens of a per-token model) :math:`B` vanishes
+between different indices; one product with the cotangent 1 at unit :math:`u` and at a
+position :math:`c` of the *coupled* axes, at every index of the independent axes, then gives
+the rows of :math:`B^{(u)}` of all independent indices at once. A layer costs
+:math:`U \cdot C` products (:math:`U` units, :math:`C` coupled positions) instead of one per
+parameter element: :math:`U` for a ``Linear`` layer on independent samples, tokens times
+:math:`U` for one over attending tokens, pixels times channels for a convolution.
+
+Nothing is assumed; for this model and batch each layer is checked, and takes the generic
+path of one unit-vector product per element whenever a check fails or the rule would cost
+more products:
+
+* the layer is called exactly once in the forward pass;
+* each of its parameters is used by exactly one operation of the graph (not shared with
+  another module or used elsewhere, as tied weights are);
+* its recorded output equals the linear map of its recorded input (no hook, subclass or
+  padding the rule does not know changed it), to :math:`\sqrt{\epsilon}` relative;
+* an axis counts as independent only if, for every bit of its index, a product with a random
+  probe vector on the positions whose bit is 0 leaves exact zeros on those whose bit is 1
+  (:math:`\lceil \log_2 n \rceil` products for an axis of length :math:`n`): train-mode
+  BatchNorm couples samples, attention couples tokens, and then the coupled rule or the
+  generic path is taken.
+"""
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torch_secorder.core._autograd import GradientGraph
+from torch_secorder.core._forward import forward_context
+from torch_secorder.core._progress import counted, warn_if_long
+
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+"""Layers with a structured rule."""
+
+CONTRACTION_ELEMENTS = 2**25
+"""Most elements of one intermediate of the contraction (chunks of products are split)."""
+
+
+@dataclass(eq=False)
+class _Layer:
+    """A layer with a rule, and what one forward pass showed of it."""
+
+    module: nn.Module
+    indices: list[int]  # of its weight and bias among the selected parameters
+    calls: int = 0
+    probe: Tensor | None = None  # zeros of the output's shape, added to the output
+    input: Tensor | None = None
+    version: int = 0
+    output: Tensor | None = None
+    unit: int = -1  # axis of the units in the output
+    axes: list[int] = field(default_factory=list)  # the other axes of the output
+    features: Tensor | None = None  # (*axes, G, F) input as units see it; (*axes,) indices
+
+    @property
+    def is_embedding(self) -> bool:
+        return isinstance(self.module, nn.Embedding)
+
+
+def structured_diagonal(
+    func: Callable[[], Tensor],
+    model: nn.Module,
+    params: list[Tensor],
+    *,
+    fname: str,
+    names: list[str],
+    strict: bool,
+    seed: int | None,
+    locate: Callable[[str], str | None] | None,
+    chunk_size: int | None,
+    progress: bool,
+) -> tuple[list[Tensor], list[int]]:
+    """The exact diagonal of the Hessian of ``func`` (a loss of ``model``) w.r.t. ``params``.
+
+    Layers whose rule is proven exact and cheaper use it; every other parameter takes the
+    generic path (unit-vector products of its own block). See the module docstring.
+
+    Returns:
+        The diagonal like ``params``, and the products each parameter took: a layer's
+        products (checks included) count for its weight, or its bias when the weight is not
+        selected; checks of layers that take the generic path count for their parameters'.
+    """
+    layers = _candidates(model, params)
+    if layers:
+        _trace_calls(func, params, seed, layers)
+        layers = [layer for layer in layers if layer.calls == 1 and layer.probe is not None]
+    roots: list[Tensor] = []
+
+    def probed() -> Tensor:
+        loss = func()
+        roots.append(loss)
+        return loss
+
+    with _probing(layers):
+        graph = GradientGraph(
+            probed if layers else func,
+            params,
+            fname=fname,
+            names=names,
+            strict=strict,
+            seed=seed,
+            source="loss_fn",
+            locate=locate,
+            probes=[layer.probe for layer in layers],  # type: ignore[misc]
+        )
+    with graph:
+        uses = _uses(roots[0], params) if roots and roots[0].grad_fn is not None else None
+        roots.clear()
+        rules = {}
+        costs = [0] * len(params)
+        for position, layer in enumerate(layers):
+            probe_index = len(params) + position
+            if uses is None or not _exact(layer, params, uses):
+                continue
+            if graph.grads[probe_index] is None:  # the loss is linear in the layer's output
+                rules[position] = None
+            else:
+                before = graph.num_products
+                rule = _plan(graph, layer, probe_index, params, chunk_size)
+                costs[layer.indices[0]] += graph.num_products - before
+                if rule is not None:
+                    rules[position] = rule
+        covered = {i for position in rules for i in layers[position].indices}
+        generic = [i for i in range(len(params)) if i not in covered]
+        remaining = sum(rule.count for rule in rules.values() if rule is not None)
+        remaining += sum(params[i].numel() for i in generic if graph.grads[i] is not None)
+        warn_if_long(
+            fname,
+            graph.num_products + remaining,
+            "diagonal",
+            "hessian_diagonal_estimate estimates it from far fewer products.",
+        )
+        diagonal: list[Tensor | None] = [None] * len(params)
+        with counted(graph, remaining, progress, "diagonal"):
+            for position, rule in rules.items():
+                layer = layers[position]
+                if rule is None:
+                    values = [torch.zeros_like(params[i]) for i in layer.indices]
+                else:
+                    before = graph.num_products
+                    values = _apply(graph, layer, len(params) + position, rule, chunk_size)
+                    costs[layer.indices[0]] += graph.num_products - before
+                for i, value in zip(layer.indices, values):
+                    diagonal[i] = value
+            for i in generic:
+                before = graph.num_products
+                diagonal[i] = graph.own_diagonal(i, chunk_size=chunk_size)
+                costs[i] += graph.num_products - before
+    return diagonal, costs  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- the forward pass
+
+
+def _candidates(model: nn.Module, params: list[Tensor]) -> list[_Layer]:
+    """Layers of known type owning selected parameters that no other module owns."""
+    position = {id(p): i for i, p in enumerate(params)}
+    owners: dict[int, int] = defaultdict(int)
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] += 1
+    layers = []
+    for module in model.modules():
+        if not isinstance(module, LAYER_TYPES):
+            continue
+        if isinstance(module, nn.Embedding) and (
+            module.max_norm is not None or module.scale_grad_by_freq or module.sparse
+        ):
+            continue  # renormalised rows, rescaled or sparse gradients: no simple rule
+        own = [getattr(module, name, None) for name in ("weight", "bias")]
+        indices = [position[id(p)] for p in own if p is not None and id(p) in position]
+        if indices and all(owners[id(params[i])] == 1 for i in indices):
+            layers.append(_Layer(module, indices))
+    return layers
+
+
+def _trace_calls(
+    func: Callable[[], Tensor], params: list[Tensor], seed: int | None, layers: list[_Layer]
+) -> None:
+    """Count each layer's calls and make its probe, in one forward pass without a graph."""
+
+    def hook(layer: _Layer) -> Callable[..., None]:
+        def record(module: nn.Module, args: object, output: object) -> None:
+            layer.calls += 1
+            floating = isinstance(output, Tensor) and output.is_floating_point()
+            layer.probe = torch.zeros_like(output) if floating else None  # type: ignore[arg-type]
+
+        return record
+
+    handles = [layer.module.register_forward_hook(hook(layer)) for layer in layers]
+    try:
+        with forward_context(params, seed), torch.no_grad():
+            func()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _probing:
+    """Add each layer's probe to its output and record the input and output, while active."""
+
+    def __init__(self, layers: list[_Layer]) -> None:
+        self.layers = layers
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> None:
+        for layer in self.layers:
+            self.handles.append(
+                layer.module.register_forward_hook(self._hook(layer), with_kwargs=True)
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    @staticmethod
+    def _hook(layer: _Layer) -> Callable[..., Tensor]:
+        def add_probe(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, Tensor):
+                layer.input, layer.version = x.detach(), x._version
+            layer.output = output.detach()
+            return output + layer.probe
+
+        return add_probe
+
+
+def _uses(root: Tensor, tensors: list[Tensor]) -> dict[int, int]:
+    """How many operations of the graph behind ``root`` use each of ``tensors``.
+
+    An operation whose only input is the tensor (a transpose, a view) passes its own uses on.
+    """
+    consumers: dict[object, list[object]] = defaultdict(list)
+    leaves: dict[int, object] = {}
+    stack, seen = [root.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for following, _ in node.next_functions:
+            if following is None:
+                continue
+            consumers[following].append(node)
+            variable = getattr(following, "variable", None)
+            if variable is not None:
+                leaves[id(variable)] = following
+            stack.append(following)
+
+    def count(node: object) -> int:
+        total = 0
+        for consumer in consumers[node]:
+            inputs = [n for n, _ in consumer.next_functions if n is not None]  # type: ignore[attr-defined]
+            total += count(consumer) if len(inputs) == 1 else 1
+        return total
+
+    return {id(t): count(leaves[id(t)]) if id(t) in leaves else 0 for t in tensors}
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _exact(layer: _Layer, params: list[Tensor], uses: dict[int, int]) -> bool:
+    """Whether the rule is exact for this layer: one use of each parameter, linear output."""
+    if any(uses[id(params[i])] != 1 for i in layer.indices):
+        return False
+    x, z = layer.input, layer.output
+    if x is None or z is None or x._version != layer.version:
+        return False
+    module = layer.module
+    with torch.no_grad():
+        if isinstance(module, nn.Embedding):
+            if x.dtype not in (torch.int32, torch.int64) or not torch.equal(module.weight[x], z):
+                return False
+            layer.unit, layer.features = z.dim() - 1, x
+        else:
+            if isinstance(module, nn.Linear):
+                unit, features = z.dim() - 1, x.unsqueeze(-2)  # (*axes, 1, F)
+            else:
+                unit, features = _conv_features(module, x)  # type: ignore[arg-type]
+                if features is None:
+                    return False
+            layer.unit, layer.features = unit, features
+            if not _reproduces(layer, module.weight, module.bias):  # type: ignore[arg-type]
+                return False
+    layer.axes = [a for a in range(z.dim()) if a != layer.unit]
+    return True
+
+
+def _conv_features(conv: nn.Module, x: Tensor) -> tuple[int, Tensor | None]:
+    """The unit axis of a convolution's output and its input patches ``(*axes, G, F)``."""
+    d = len(conv.kernel_size)  # type: ignore[arg-type]
+    batched = x.dim() == d + 2
+    if not batched:
+        x = x.unsqueeze(0)
+    if x.dim() != d + 2:
+        return 0, None
+    k, stride, dilation = conv.kernel_size, conv.stride, conv.dilation  # type: ignore[attr-defined]
+    padding = conv.padding  # type: ignore[attr-defined]
+    if isinstance(padding, str):
+        totals = [0] * d if padding == "valid" else [dilation[i] * (k[i] - 1) for i in range(d)]
+        pads = [(t // 2, t - t // 2) for t in totals]
+    else:
+        pads = [(p, p) for p in padding]
+    flat = [v for pair in reversed(pads) for v in pair]
+    if any(flat):
+        mode = conv.padding_mode  # type: ignore[attr-defined]
+        x = F.pad(x, flat, mode="constant" if mode == "zeros" else mode)
+    for i in range(d):
+        x = x.unfold(2 + i, dilation[i] * (k[i] - 1) + 1, stride[i])
+    x = x[(Ellipsis, *(slice(None, None, dilation[i]) for i in range(d)))]
+    n, c = x.shape[:2]
+    spatial = x.shape[2 : 2 + d]
+    groups = conv.groups  # type: ignore[attr-defined]
+    x = x.reshape(n, groups, c // groups, *spatial, *k)
+    kernel_axes = list(range(3 + d, 3 + 2 * d))
+    x = x.permute(0, 1, 2, *kernel_axes, *range(3, 3 + d))
+    x = x.reshape(n, groups, -1, *spatial)  # (N, G, F, *S)
+    x = x.permute(0, *range(3, 3 + d), 1, 2)  # (N, *S, G, F)
+    return (1, x) if batched else (0, x[0])
+
+
+def _reproduces(layer: _Layer, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether ``W X + b`` from the recorded features gives the recorded output."""
+    z, features = layer.output, layer.features
+    groups = features.shape[-2]  # type: ignore[union-attr]
+    units = weight.shape[0]
+    w = weight.detach().reshape(groups, units // groups, -1)
+    rebuilt = torch.einsum("...gf,gvf->...gv", features, w).flatten(-2)  # (*axes, U)
+    if bias is not None:
+        rebuilt = rebuilt + bias.detach()
+    rebuilt = rebuilt.movedim(-1, layer.unit)
+    if rebuilt.shape != z.shape:  # type: ignore[union-attr]
+        return False
+    tolerance = torch.finfo(z.dtype).eps ** 0.5  # type: ignore[union-attr]
+    scale = float(z.abs().max()) if z.numel() else 0.0  # type: ignore[union-attr]
+    return bool((rebuilt - z).abs().max() <= tolerance * max(scale, 1.0))  # type: ignore[operator]
+
+
+# ----------------------------------------------------------------------------- products
+
+
+@dataclass
+class _Rule:
+    """How a layer's curvature blocks are read: which output axes are independent."""
+
+    independent: list[int]
+    coupled: list[int]
+    units: int
+    count: int  # products
+
+
+def _plan(
+    graph: GradientGraph,
+    layer: _Layer,
+    probe_index: int,
+    params: list[Tensor],
+    chunk_size: int | None,
+) -> _Rule | None:
+    """The rule for a layer if it takes fewer products than its generic path, else ``None``."""
+    shape = layer.probe.shape  # type: ignore[union-attr]
+    generic = sum(params[i].numel() for i in layer.indices)
+    units = shape[layer.unit]  # type: ignore[index]
+    testable = [a for a in layer.axes if shape[a] > 1]  # type: ignore[index]
+    tests = [(a, bit) for a in testable for bit in range(math.ceil(math.log2(shape[a])))]  # type: ignore[index]
+    if units + len(tests) >= generic:
+        return None
+    coupled = set(_coupled_axes(graph, layer, probe_index, tests, chunk_size))
+    independent = [a for a in layer.axes if a not in coupled]
+    positions = math.prod(shape[a] for a in coupled)  # type: ignore[index]
+    if positions * units >= generic:
+        return None
+    return _Rule(independent, sorted(coupled), units, positions * units)
+
+
+def _coupled_axes(
+    graph: GradientGraph,
+    layer: _Layer,
+    probe_index: int,
+    tests: list[tuple[int, int]],
+    chunk_size: int | None,
+) -> Iterator[int]:
+    """Axes along which a random probe on half the positions reaches the other half."""
+    probe = layer.probe
+    generator = torch.Generator().manual_seed(0)
+    random = torch.randn((len(tests), *probe.shape), generator=generator, dtype=probe.dtype)  # type: ignore[union-attr]
+    random = random.to(probe.device)  # type: ignore[union-attr]
+    halves = []
+    for k, (axis, bit) in enumerate(tests):
+        index = torch.arange(probe.shape[axis], device=probe.device)  # type: ignore[union-attr]
+        half = ((index >> bit) & 1) == 0
+        shape = [1] * probe.dim()  # type: ignore[union-attr]
+        shape[axis] = -1
+        half = half.reshape(shape)
+        random[k] = random[k] * half
+        halves.append(half)
+
+    def cotangents(start: int, stop: int) -> list[Tensor | None]:
+        return _only(graph, probe_index, random[start:stop])
+
+    coupled = set()
+    chunks = graph.product_chunks(len(tests), cotangents, [probe], chunk_size=chunk_size)  # type: ignore[list-item]
+    for start, stop, (products,) in chunks:
+        for k in range(start, stop):
+            reached = torch.where(halves[k], 0, products[k - start])
+            if bool(reached.ne(0).any()):
+                coupled.add(tests[k][0])
+    return iter(sorted(coupled))
+
+
+def _only(graph: GradientGraph, index: int, cotangent: Tensor) -> list[Tensor | None]:
+    """Cotangents like the graph's params: ``cotangent`` at ``index``, ``None`` elsewhere."""
+    return [cotangent if j == index else None for j in range(len(graph.params))]
+
+
+def _apply(
+    graph: GradientGraph, layer: _Layer, probe_index: int, rule: _Rule, chunk_size: int | None
+) -> list[Tensor]:
+    """Run the layer's products and contract them into the diagonal of its parameters."""
+    probe, module = layer.probe, layer.module
+    order = [*rule.independent, *rule.coupled]
+    sizes = [probe.shape[a] for a in order]  # type: ignore[union-attr]
+    inner = math.prod(sizes[: len(rule.independent)])
+    outer = math.prod(sizes[len(rule.independent) :])
+    permutation = [*order, layer.unit]
+    inverse = [0] + [1 + permutation.index(a) for a in range(probe.dim())]  # type: ignore[union-attr]
+    if layer.is_embedding:
+        tokens = layer.features.permute(order).reshape(inner, outer)  # type: ignore[union-attr]
+        values = torch.zeros_like(module.weight)  # (V, U)
+    else:
+        axes = [layer.axes.index(a) for a in order]
+        features = layer.features.permute(*axes, -2, -1)  # type: ignore[union-attr]
+        features = features.reshape(inner, outer, *features.shape[-2:])  # (I, C, G, F)
+        groups = features.shape[2]
+        per_group = rule.units // groups
+        weight = probe.new_zeros(rule.units, features.shape[3])  # type: ignore[union-attr]
+        bias = probe.new_zeros(rule.units)  # type: ignore[union-attr]
+
+    def cotangents(start: int, stop: int) -> list[Tensor | None]:
+        k = torch.arange(stop - start, device=probe.device)  # type: ignore[union-attr]
+        products = torch.arange(start, stop, device=probe.device)  # type: ignore[union-attr]
+        units = probe.new_zeros(stop - start, inner, outer, rule.units)  # type: ignore[union-attr]
+        units[k, :, products // rule.units, products % rule.units] = 1
+        stacked = units.reshape(stop - start, *(probe.shape[a] for a in permutation))  # type: ignore[union-attr]
+        return _only(graph, probe_index, stacked.permute(inverse))
+
+    chunks = graph.product_chunks(rule.count, cotangents, [probe], chunk_size=chunk_size)  # type: ignore[list-item]
+    with torch.no_grad():
+        for start, stop, (products,) in chunks:
+            rows = products.permute(0, *(1 + a for a in permutation))
+            rows = rows.reshape(stop - start, inner, outer, rule.units)
+            index = torch.arange(start, stop, device=rows.device)
+            positions, units = index // rule.units, index % rule.units
+            selected = rows[torch.arange(stop - start, device=rows.device), :, :, units]
+            if layer.is_embedding:
+                _embedding_rows(values, tokens, selected, positions, units)
+            else:
+                for part in _parts(stop - start, inner * outer * features.shape[3]):
+                    g = units[part] // per_group
+                    _linear_rows(
+                        weight, bias, features, selected[part], positions[part], units[part], g
+                    )
+    if layer.is_embedding:
+        if module.padding_idx is not None:  # type: ignore[union-attr]
+            values[module.padding_idx] = 0  # its gradient is masked: no curvature
+        return [values]
+    results = []
+    for p, name in ((module.weight, "weight"), (module.bias, "bias")):
+        if p is not None and any(p is graph.params[i] for i in layer.indices):
+            results.append((weight if name == "weight" else bias).reshape(p.shape))
+    return results
+
+
+def _parts(count: int, per_product: int) -> list[slice]:
+    """Split ``count`` products so that one part's intermediates stay bounded."""
+    size = max(1, CONTRACTION_ELEMENTS // max(1, per_product))
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _linear_rows(
+    weight: Tensor,
+    bias: Tensor,
+    features: Tensor,
+    rows: Tensor,
+    positions: Tensor,
+    units: Tensor,
+    groups: Tensor,
+) -> None:
+    r"""Add products' contributions to the weight's and bias's diagonals.
+
+    ``rows`` is ``(k, I, C)``: row ``positions[k]`` of the block of ``units[k]``, for every
+    independent index; each adds :math:`X_{cf} \sum_{c'} B_{cc'} X_{c'f}` summed over the
+    independent indices.
+    """
+    seen = features.index_select(2, groups)  # (I, C, k, F)
+    k = torch.arange(len(units), device=rows.device)
+    paired = torch.einsum("kic,ickf->kif", rows, seen)
+    own = seen[:, positions, k, :]  # (I, k, F)
+    weight.index_add_(0, units, torch.einsum("ikf,kif->kf", own, paired))
+    bias.index_add_(0, units, rows.sum(dim=(1, 2)))
+
+
+def _embedding_rows(
+    values: Tensor, tokens: Tensor, rows: Tensor, positions: Tensor, units: Tensor
+) -> None:
+    """Add products' contributions to an embedding's diagonal: pairs of equal tokens."""
+    own = tokens[:, positions]  # (I, k): the row each product's position looks up
+    same = tokens.unsqueeze(1) == own.unsqueeze(-1)  # (I, k, C)
+    sums = torch.einsum("kic,ikc->ki", rows, same.to(rows.dtype))
+    k, inner = sums.shape
+    values.index_put_(
+        (own.T.reshape(-1), units.repeat_interleave(inner)), sums.reshape(-1), accumulate=True
+    )
