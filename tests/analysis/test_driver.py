@@ -215,3 +215,24 @@ def test_symmetry_is_checked_per_group_across_chunks(monkeypatch):
     ]
     with pytest.raises(ValueError, match=r"test: func_or_operator is not symmetric"):
         run("test", DenseOperator(A), problems)
+
+
+def test_empty_requests_between_others_under_a_cap(monkeypatch):
+    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 2 * 30 * 8)
+    A = with_spectrum(dominant(30))
+
+    def steps(n, width):
+        V = torch.randn(n, width, generator=generator(width), dtype=DTYPE)
+        HV = yield V
+        return V, HV
+
+    # (rows, request width): empty requests before, between and after the others
+    layout = [(slice(0, 5), 0), (slice(10, 20), 3), (slice(20, 25), 0), (torch.arange(25, 30), 2)]
+    problems = [Problem(steps(len(torch.arange(30)[r]), w), r) for r, w in layout]
+    operator = DenseOperator(A)
+    results = run("test", operator, problems)
+    assert operator.widths == [2, 2, 1]
+    for problem, (V, HV) in zip(problems, results):
+        index = torch.arange(30)[problem.rows]
+        torch.testing.assert_close(HV, A[index][:, index] @ V)
+        assert problem.num_matvecs == V.shape[1]
