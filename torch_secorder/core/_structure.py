@@ -382,7 +382,7 @@ def _plan(
 ) -> _Rule | None:
     """The rule for a layer if it takes fewer products than its generic path, else ``None``."""
     shape = layer.probe.shape  # type: ignore[union-attr]
-    generic = sum(params[i].numel() for i in layer.indices)
+    generic = _generic_products(layer, params)
     units = shape[layer.unit]  # type: ignore[index]
     testable = [a for a in layer.axes if shape[a] > 1]  # type: ignore[index]
     tests = [(a, bit) for a in testable for bit in range(math.ceil(math.log2(shape[a])))]  # type: ignore[index]
@@ -394,6 +394,11 @@ def _plan(
     if positions * units >= generic:
         return None
     return _Rule(independent, sorted(coupled), units, positions * units)
+
+
+def _generic_products(layer: _Layer, params: list[Tensor]) -> int:
+    """Products of the generic path for the layer's parameters: one per element."""
+    return sum(params[i].numel() for i in layer.indices)
 
 
 def _coupled_axes(
