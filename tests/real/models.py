@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 __all__ = [
     "ARCHS",
@@ -153,8 +154,40 @@ class LSTMLanguageModel(nn.Module):
 
 
 def sequence_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over all positions of a ``(batch, length)`` target."""
+    """Mean next-token cross-entropy over the positions of a ``(batch, length)`` target
+    (those with target ``-100``, padding, left out)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class PackedLanguageModel(LSTMLanguageModel):
+    """The language model on padded sequences of different lengths: ``model(tokens, lengths)``.
+
+    The embeddings are packed (unsorted lengths) before the LSTM and padded again after it.
+    """
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:  # type: ignore[override]
+        emb = self.drop(self.encoder(tokens))
+        packed = pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        return self.decoder(self.drop(out))
+
+
+def make_packed(mode: str) -> tuple[nn.Module, list]:
+    """The packed language model (the LSTM's weights) and its data set of padded batches.
+
+    Each batch is ``((tokens, lengths), targets)`` with targets ``-100`` past each length.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(SPECS["lstm"][0])
+        model = _perturbed(PackedLanguageModel().to(DTYPE))
+    batches = []
+    g = torch.Generator().manual_seed(50)
+    for tokens, targets in make_data("lstm"):
+        lengths = torch.randint(2, LENGTH + 1, (tokens.shape[0],), generator=g)
+        padding = torch.arange(LENGTH)[None, :] >= lengths[:, None]
+        batches.append(((tokens, lengths), targets.masked_fill(padding, -100)))
+    return model.train(mode == "train"), batches
 
 
 # ----------------------------------------------------------------------------- MobileNet

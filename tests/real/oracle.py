@@ -44,7 +44,8 @@ __all__ = [
     "unflat",
 ]
 
-Batch = tuple[Tensor, Tensor]
+Batch = tuple[Tensor | tuple[Tensor, ...], Tensor]
+"""``(inputs, targets)``; a tuple of inputs is the model's positional arguments."""
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -102,7 +103,8 @@ def random_like(model: nn.Module, names: Sequence[str] | None, seed: int) -> lis
 
 
 def _batch_size(batch: Batch) -> int:
-    return batch[0].shape[0]
+    inputs = batch[0]
+    return (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
 
 
 def _loss_and_gradient(
@@ -125,7 +127,8 @@ def _loss_and_gradient(
                 p.add_(s)
     inputs, targets = batch
     with forward_context(seed):
-        loss = loss_fn(twin(inputs), targets)
+        outputs = twin(*inputs) if isinstance(inputs, tuple) else twin(inputs)
+        loss = loss_fn(outputs, targets)
         grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     return params, grads
