@@ -10,7 +10,13 @@ c. the exact diagonal (``hessian_diagonal``) vs a per-element double-backward lo
    backward per element, as torch-secorder 0.0.1 does) and vs ``torch.func`` (vmapped
    forward-over-reverse products with unit vectors); both baselines are timed on a
    stratified subset of the elements and extrapolated linearly, as the table says;
-d. the full Hessian (``hessian_matrix``) vs ``torch.func.hessian`` over ``functional_call``.
+d. the full Hessian (``hessian_matrix``) vs ``torch.func.hessian`` over ``functional_call``;
+o. (``--sections o``) Hessians of a small MLP's and CNN's outputs, per sample and output
+   element (``output_hessian_matrix``, ``output_hessian_dict``, with ``diagonal_only``, and
+   ``output_sharpness``) vs ``torch.func.hessian`` over ``functional_call`` as hesse calls it,
+   timed and with the peak memory of each method; for comparison also
+   ``output_hessian_matrix`` with the engine batching products by ``torch.func.vmap`` (its
+   choice on GPUs) on the CPU.
 
 Every time is the median over repeats; the methods of one measurement alternate within each
 repeat so that load on a shared machine hits them alike; ratios come from the same run. Each
@@ -32,15 +38,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import importlib
 import json
 import math
+import multiprocessing
+import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +58,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vmap
 
 import torch_secorder as ts
+import torch_secorder.core._autograd as autograd_engine
 from torch_secorder.core._autograd import GradientGraph
 
 
@@ -113,6 +123,101 @@ def cnn(channels: int, batch: int, size: int, dtype: torch.dtype, device: torch.
     ).to(device, dtype)
     inputs = torch.randn(batch, 1, size, size, dtype=dtype).to(device)
     return Workload("cnn", model, inputs, torch.randint(0, 10, (batch,)).to(device))
+
+
+class _BasicBlock(nn.Module):
+    """A CIFAR ResNet block: two 3x3 convolutions with BatchNorm, in-place ReLU, a shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return self.relu(out)
+
+
+def resnet(width: int, batch: int, size: int, dtype: torch.dtype, device: torch.device) -> Workload:
+    """A CIFAR-style ResNet-8 (three stages of one block), in eval mode."""
+    widths = [width, 2 * width, 4 * width]
+    model = nn.Sequential(
+        nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(inplace=True),
+        _BasicBlock(widths[0], widths[0], 1),
+        _BasicBlock(widths[0], widths[1], 2),
+        _BasicBlock(widths[1], widths[2], 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[2], 10),
+    ).to(device, dtype)
+    for m in model.modules():  # trained-looking statistics, then eval mode
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    inputs = torch.randn(batch, 3, size, size, dtype=dtype).to(device)
+    return Workload("resnet", model, inputs, torch.randint(0, 10, (batch,)).to(device))
+
+
+class _EncoderLayer(nn.Module):
+    """A pre-norm transformer encoder layer with Linear projections (as timm and HF write them)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (
+            f(h).view(b, t, self.heads, -1).transpose(1, 2)
+            for f in (self.query, self.key, self.value)
+        )
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        attended = (weights @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.out(attended)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, features: int, width: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.layers = nn.Sequential(*(_EncoderLayer(width, heads) for _ in range(layers)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.layers(self.embed(x))).mean(1))
+
+
+def transformer(
+    width: int, tokens: int, batch: int, dtype: torch.dtype, device: torch.device
+) -> Workload:
+    """A 2-layer transformer encoder over ``tokens`` tokens of 16 features, 4 heads."""
+    model = _Encoder(16, width, 4, 2).to(device, dtype)
+    inputs = torch.randn(batch, tokens, 16, dtype=dtype).to(device)
+    return Workload("transformer", model, inputs, torch.randint(0, 10, (batch,)).to(device))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -416,8 +521,42 @@ def func_diagonal(w: Workload, rows: list[list[int]], chunk: int) -> tuple[float
     return seconds, values
 
 
+def backpack_diagonal(w: Workload) -> Callable[[], tuple[float, object]] | None:
+    """BackPACK's exact DiagHessian, where it is installed and supports the model."""
+    try:
+        import backpack
+        from backpack.extensions import DiagHessian
+    except ImportError:
+        return None
+    import copy
+
+    model = backpack.extend(copy.deepcopy(w.model))
+    loss_fn = backpack.extend(nn.CrossEntropyLoss())
+
+    def run() -> tuple[float, object]:
+        tic = clock()
+        loss = loss_fn(model(w.inputs), w.targets)
+        with backpack.backpack(DiagHessian()):
+            loss.backward()
+        values = [p.diag_h.detach().clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return clock() - tic, values
+
+    try:
+        run()
+    except Exception as err:  # noqa: BLE001 - a layer BackPACK does not support
+        print(f"  {w.name}: BackPACK DiagHessian fails: {type(err).__name__}: {err}"[:200])
+        return None
+    return run
+
+
 def bench_diagonal(
-    w: Workload, repeats: int, subset: int, func_chunk: int, impls: Sequence[Impl]
+    w: Workload,
+    repeats: int,
+    subset: int,
+    func_chunk: int,
+    impls: Sequence[Impl],
+    with_func: bool = True,
 ) -> None:
     params, func = w.params, w.loss
     rows = stratified_rows(params, subset)
@@ -432,15 +571,27 @@ def bench_diagonal(
 
         return run
 
+    def structured() -> tuple[float, object]:
+        tic = clock()
+        values = ts.model_hessian_diagonal(w.model, nn.CrossEntropyLoss(), w.inputs, w.targets)
+        return clock() - tic, values
+
     methods: dict[str, Callable[[], tuple[float, object]]] = {
         loop_name: lambda: per_element_loop(w, rows),
         func_name: lambda: func_diagonal(w, rows, func_chunk),
     }
+    if with_func is False:
+        del methods[func_name]
     for impl in impls:
         if "hessian_diagonal" in impl.functions:
             methods[method_name(impl, "hessian_diagonal")] = timed(
                 impl.functions["hessian_diagonal"]
             )
+    structured_name = "torch_secorder.model_hessian_diagonal"
+    methods[structured_name] = structured
+    backpack = backpack_diagonal(w)
+    if backpack is not None:
+        methods["BackPACK DiagHessian (peer)"] = backpack
     names = list(methods)
     times: dict[str, list[float]] = {name: [] for name in names}
     values: dict[str, object] = {}
@@ -458,6 +609,8 @@ def bench_diagonal(
         if subset_of_all:  # all elements: compare the sampled ones
             result = [d.reshape(-1)[idx] for d, idx in zip(result, rows)]  # type: ignore[attr-defined]
         target = " (target >= 5)" if name == "torch_secorder.hessian_diagonal" else ""
+        if name == structured_name:
+            target = " (target >= 10)"
         report(
             Row(
                 "c",
@@ -543,6 +696,210 @@ def bench_matrix(w: Workload, repeats: int, impls: Sequence[Impl]) -> None:
                 rel_diff(last[name], last[func_name]),
             )
         )
+
+
+# ----------------------------------------------------------------------------- (o) output Hessians
+OUTPUT_METHODS = [
+    # (torch.func method, as hesse computes it; torch_secorder method; result compared)
+    ("torch.func.hessian, flat (b, out, P, P)", "torch_secorder.output_hessian_matrix"),
+    ("torch.func.hessian, dict (hesse)", "torch_secorder.output_hessian_dict"),
+    (
+        "torch.func.hessian per parameter (hesse diagonal_only)",
+        "torch_secorder.output_hessian_dict, diagonal_only",
+    ),
+    ("eigvalsh of torch.func.hessian", "torch_secorder.output_sharpness"),
+]
+
+
+OUTPUT_VMAP = "torch_secorder.output_hessian_matrix, vmap batching"
+"""For comparison: the engine batching products with torch.func.vmap, as on GPUs."""
+
+
+@contextlib.contextmanager
+def vmap_engine(device: torch.device) -> Iterator[None]:
+    """Let the engine batch products with ``torch.func.vmap`` on ``device`` for the block."""
+    engines = autograd_engine.BATCHED_ENGINE
+    saved = engines.get(device.type)
+    engines[device.type] = "vmap"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del engines[device.type]
+        else:
+            engines[device.type] = saved
+
+
+def output_model(
+    kind: str, width: int, batch: int, size: int, dtype: torch.dtype, device: torch.device
+) -> tuple[nn.Module, Tensor]:
+    """A small model with 3 outputs per sample and its batch, built from seed 0."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if kind == "mlp":
+            model = nn.Sequential(
+                nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                nn.Linear(width, 3),
+            )  # fmt: skip
+            inputs = torch.randn(batch, 8, generator=gen)
+        else:
+            model = nn.Sequential(
+                nn.Conv2d(1, width, 3, padding=1), nn.Tanh(),
+                nn.Conv2d(width, width, 3, padding=1), nn.Tanh(),
+                nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 3),
+            )  # fmt: skip
+            inputs = torch.randn(batch, 1, size, size, generator=gen)
+    return model.to(device, dtype), inputs.to(device, dtype)
+
+
+def output_methods(model: nn.Module, inputs: Tensor) -> dict[str, Callable[[], object]]:
+    """Every method of (o) by name; each returns what its counterpart's result is checked with."""
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    sizes = [p.numel() for p in named.values()]
+    theta = torch.cat([p.reshape(-1) for p in named.values()])
+    count = sum(sizes)
+
+    def flat_output(t: Tensor) -> Tensor:
+        pieces = {n: x.view(p.shape) for (n, p), x in zip(named.items(), t.split(sizes))}
+        return functional_call(model, pieces, (inputs,))
+
+    def func_flat() -> Tensor:
+        return hessian(flat_output)(theta)
+
+    def func_dict() -> list[Tensor]:
+        H = hessian(lambda p: functional_call(model, p, (inputs,)))(named)
+        return [H[a][b] for a in named for b in named]
+
+    def func_diagonal() -> list[Tensor]:
+        blocks = []
+        for n in named:  # hesse: one torch.func.hessian per parameter
+            H = hessian(lambda p: functional_call(model, p, (inputs,)))({n: named[n]})
+            blocks.append(H[n][n])
+        return blocks
+
+    def func_sharpness() -> Tensor:
+        H = func_flat()
+        return torch.linalg.eigvalsh(H.reshape(-1, count, count)).abs().amax(-1)
+
+    def ours_dict(diagonal_only: bool) -> list[Tensor]:
+        H = ts.output_hessian_dict(model, inputs, diagonal_only=diagonal_only)
+        return [block for row in H.values() for block in row.values()]
+
+    def ours_sharpness() -> Tensor:
+        return ts.output_sharpness(model, inputs).sharpness.reshape(-1)
+
+    def ours_vmapped() -> Tensor:
+        with vmap_engine(inputs.device):
+            return ts.output_hessian_matrix(model, inputs)
+
+    return {
+        OUTPUT_METHODS[0][0]: func_flat,
+        OUTPUT_METHODS[0][1]: lambda: ts.output_hessian_matrix(model, inputs),
+        OUTPUT_VMAP: ours_vmapped,
+        OUTPUT_METHODS[1][0]: func_dict,
+        OUTPUT_METHODS[1][1]: lambda: ours_dict(False),
+        OUTPUT_METHODS[2][0]: func_diagonal,
+        OUTPUT_METHODS[2][1]: lambda: ours_dict(True),
+        OUTPUT_METHODS[3][0]: func_sharpness,
+        OUTPUT_METHODS[3][1]: ours_sharpness,
+    }
+
+
+def output_peak_memory(spec: tuple, method: str, threads: int) -> float | None:
+    """Peak memory of one call of ``method`` (after a warm-up call), in bytes.
+
+    CUDA: the allocator's peak above what was allocated before the call. CPU (Linux only): the
+    peak resident size (VmHWM) above the resident size before the call, in a fresh process
+    whose allocator returns every block of 64 KiB or more to the system when it is freed
+    (``mallopt(M_MMAP_THRESHOLD)``), so memory freed by an earlier call cannot hide a peak.
+    """
+    device = spec[-1]
+    if device.type == "cuda":
+        fn = output_methods(*output_model(*spec))[method]
+        fn()
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_output_peak_in_child, (spec, method, threads))
+
+
+def _output_peak_in_child(spec: tuple, method: str, threads: int) -> float:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD, fixed
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    fn = output_methods(*output_model(*spec))[method]
+    fn()
+    gc.collect()
+    base = _proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return float(_proc_status("VmHWM") - base)
+
+
+def bench_output(spec: tuple, repeats: int, threads: int) -> None:
+    """Output Hessians of a small model: time, peak memory and results against torch.func."""
+    model, inputs = output_model(*spec)
+    name = spec[0]
+    count = sum(p.numel() for p in model.parameters())
+    print(
+        f"{name} (o): {count} parameters, inputs {tuple(inputs.shape)}, "
+        f"{inputs.shape[0] * 3} output elements",
+        flush=True,
+    )
+    methods = output_methods(model, inputs)
+    times, last = measure(methods, repeats)
+    t = {method: median(values) for method, values in times.items()}
+    peak = {method: output_peak_memory(spec, method, threads) for method in methods}
+
+    def memory(method: str, baseline: str | None) -> str:
+        if peak[method] is None:
+            return ""
+        size = peak[method] / 2**20
+        text = f"peak {size:.1f} MiB" if size >= 0.1 else f"peak {peak[method] / 1024:.0f} KiB"
+        if baseline is not None and peak[baseline]:
+            text += f" ({peak[method] / peak[baseline]:.2f}x torch.func)"
+        return text
+
+    for func_name, ours_name in OUTPUT_METHODS:
+        note = memory(func_name, None)
+        report(Row("o", name, func_name, t[func_name], spread(times[func_name]), note=note))
+        report(
+            Row(
+                "o",
+                name,
+                ours_name,
+                t[ours_name],
+                spread(times[ours_name]),
+                t[ours_name] / t[func_name],
+                "torch.func",
+                rel_diff(last[ours_name], last[func_name]),
+                memory(ours_name, func_name),
+            )
+        )
+        if func_name == OUTPUT_METHODS[0][0]:
+            report(
+                Row(
+                    "o",
+                    name,
+                    OUTPUT_VMAP,
+                    t[OUTPUT_VMAP],
+                    spread(times[OUTPUT_VMAP]),
+                    t[OUTPUT_VMAP] / t[func_name],
+                    "torch.func",
+                    rel_diff(last[OUTPUT_VMAP], last[func_name]),
+                    memory(OUTPUT_VMAP, func_name),
+                )
+            )
 
 
 # ----------------------------------------------------------------------------- (m) memory
@@ -642,7 +999,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="(c) per parameter: per-element loop vs library chunk sizes",
     )
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["mlp", "cnn"],
+        choices=["mlp", "cnn", "resnet", "transformer"],
+        help="workloads; resnet and transformer serve (c), the diagonal",
+    )
+    parser.add_argument("--resnet-width", type=int, default=8, help="channels of the first stage")
+    parser.add_argument("--resnet-batch", type=int, default=8)
+    parser.add_argument("--resnet-size", type=int, default=16, help="image side")
+    parser.add_argument("--tf-width", type=int, default=64)
+    parser.add_argument("--tf-tokens", type=int, default=8)
+    parser.add_argument("--tf-batch", type=int, default=8)
+    parser.add_argument(
+        "--no-func", action="store_true", help="(c) leave out torch.func (slow on large models)"
+    )
+    parser.add_argument(
+        "--out-width", type=int, default=16, help="(o) MLP width; the CNN has a quarter as channels"
+    )
+    parser.add_argument("--out-batch", type=int, default=8, help="(o) samples")
+    parser.add_argument("--out-size", type=int, default=8, help="(o) CNN image side")
     parser.add_argument("--peer-0.0.1", dest="peer", help="unpacked torch-secorder 0.0.1 wheel")
     parser.add_argument(
         "--baseline", help="a directory holding another torch_secorder source tree to compare"
@@ -654,6 +1031,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.mlp_width, args.mlp_batch = 12, 32
         args.cnn_channels, args.cnn_batch, args.cnn_size = 2, 4, 6
         args.diag_subset = 32
+        args.resnet_width, args.resnet_batch, args.resnet_size = 2, 2, 8
+        args.tf_width, args.tf_tokens, args.tf_batch = 8, 4, 2
 
     global clock
     device = torch.device(args.device)
@@ -677,6 +1056,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     workloads = {
         "mlp": mlp(args.mlp_width, args.mlp_batch, dtype, device),
         "cnn": cnn(args.cnn_channels, args.cnn_batch, args.cnn_size, dtype, device),
+        "resnet": resnet(args.resnet_width, args.resnet_batch, args.resnet_size, dtype, device),
+        "transformer": transformer(args.tf_width, args.tf_tokens, args.tf_batch, dtype, device),
     }
     gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
     header = (
@@ -700,11 +1081,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             for k in args.k:
                 bench_batched(w, k, args.repeats if k <= 32 else max(3, args.repeats // 3), impls)
         if "c" in args.sections:
-            bench_diagonal(w, args.heavy_repeats, args.diag_subset, args.func_chunk, impls)
+            bench_diagonal(
+                w, args.heavy_repeats, args.diag_subset, args.func_chunk, impls, not args.no_func
+            )
             if args.diag_detail:
                 bench_diagonal_detail(w, args.heavy_repeats, args.diag_subset)
         if "d" in args.sections:
             bench_matrix(w, args.heavy_repeats, impls)
+        if "o" in args.sections:
+            width = args.out_width if name == "mlp" else max(1, args.out_width // 4)
+            spec = (name, width, args.out_batch, args.out_size, dtype, device)
+            bench_output(spec, args.heavy_repeats, args.threads)
 
     print()
     print(header)

@@ -42,7 +42,7 @@ more products:
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -129,21 +129,17 @@ def structured_diagonal(
     with graph:
         uses = _uses(roots[0], params) if roots and roots[0].grad_fn is not None else None
         roots.clear()
-        rules = {}
         costs = [0] * len(params)
-        for position, layer in enumerate(layers):
-            probe_index = len(params) + position
-            if uses is None or not _exact(layer, params, uses):
-                continue
-            if graph.grads[probe_index] is None:  # the loss is linear in the layer's output
-                rules[position] = None
-            else:
-                before = graph.num_products
-                rule = _plan(graph, layer, probe_index, params, chunk_size)
-                costs[layer.indices[0]] += graph.num_products - before
-                if rule is not None:
-                    rules[position] = rule
-        covered = {i for position in rules for i in layers[position].indices}
+        exact = {
+            len(params) + position: layer
+            for position, layer in enumerate(layers)
+            if uses is not None and _exact(layer, params, uses)
+        }
+        linear = {i: layer for i, layer in exact.items() if graph.grads[i] is None}
+        curved = {i: layer for i, layer in exact.items() if i not in linear}
+        rules: dict[int, _Rule | None] = dict.fromkeys(linear)  # zero curvature
+        rules.update(_plans(graph, curved, params, costs, chunk_size))
+        covered = {i for probe in rules for i in exact[probe].indices}
         generic = [i for i in range(len(params)) if i not in covered]
         remaining = sum(rule.count for rule in rules.values() if rule is not None)
         remaining += sum(params[i].numel() for i in generic if graph.grads[i] is not None)
@@ -155,13 +151,13 @@ def structured_diagonal(
         )
         diagonal: list[Tensor | None] = [None] * len(params)
         with counted(graph, remaining, progress, "diagonal"):
-            for position, rule in rules.items():
-                layer = layers[position]
+            for probe, rule in rules.items():
+                layer = exact[probe]
                 if rule is None:
                     values = [torch.zeros_like(params[i]) for i in layer.indices]
                 else:
                     before = graph.num_products
-                    values = _apply(graph, layer, len(params) + position, rule, chunk_size)
+                    values = _apply(graph, layer, probe, rule, chunk_size)
                     costs[layer.indices[0]] += graph.num_products - before
                 for i, value in zip(layer.indices, values):
                     diagonal[i] = value
@@ -373,27 +369,68 @@ class _Rule:
     count: int  # products
 
 
-def _plan(
+def _plans(
     graph: GradientGraph,
-    layer: _Layer,
-    probe_index: int,
+    layers: dict[int, _Layer],
     params: list[Tensor],
+    costs: list[int],
     chunk_size: int | None,
-) -> _Rule | None:
-    """The rule for a layer if it takes fewer products than its generic path, else ``None``."""
+) -> dict[int, _Rule]:
+    """The rules of the layers (by probe index) that take fewer products than their generic path.
+
+    Axis 0 (the samples, for batched inputs) of all layers of one length is checked jointly:
+    one product per bit whose cotangent is random on every layer's first half; a layer whose
+    second half it leaves at exact zeros is independent along it (the zeros hold for its
+    blocks with every other layer, its own among them). The other axes, and axis 0 of a layer
+    the joint check does not clear, are checked layer by layer.
+    """
+    generic = {i: _generic_products(layer, params) for i, layer in layers.items()}
+    candidates = {
+        i: layer
+        for i, layer in layers.items()
+        if _units(layer)
+        + len(_bits(layer, layer.axes[1:] if layer.axes[:1] == [0] else layer.axes))
+        < generic[i]
+    }
+    lengths = [layer.probe.shape[0] for layer in candidates.values() if layer.axes[:1] == [0]]  # type: ignore[union-attr]
+    common = max(set(lengths), key=lengths.count) if lengths else 1
+    joint = {
+        i: layer
+        for i, layer in candidates.items()
+        if layer.axes[:1] == [0] and layer.probe.shape[0] == common
+    }  # type: ignore[union-attr]
+    cleared: set[int] = set()
+    if common > 1 and joint:
+        before = graph.num_products
+        members = [(i, layer.probe, 0) for i, layer in joint.items()]
+        reached = _reached(graph, members, range(math.ceil(math.log2(common))), chunk_size)
+        cleared = {i for i in joint if i not in reached}
+        costs[next(iter(joint.values())).indices[0]] += graph.num_products - before
+    rules = {}
+    for i, layer in candidates.items():
+        axes = [a for a in layer.axes if not (a == 0 and i in cleared)]
+        before = graph.num_products
+        coupled = set()
+        for axis in axes:
+            bits = range(math.ceil(math.log2(layer.probe.shape[axis])))  # type: ignore[union-attr]
+            if _reached(graph, [(i, layer.probe, axis)], bits, chunk_size):
+                coupled.add(axis)
+        costs[layer.indices[0]] += graph.num_products - before
+        positions = math.prod(layer.probe.shape[a] for a in coupled)  # type: ignore[union-attr]
+        if positions * _units(layer) < generic[i]:
+            independent = [a for a in layer.axes if a not in coupled]
+            rules[i] = _Rule(independent, sorted(coupled), _units(layer), positions * _units(layer))
+    return rules
+
+
+def _units(layer: _Layer) -> int:
+    return layer.probe.shape[layer.unit]  # type: ignore[union-attr]
+
+
+def _bits(layer: _Layer, axes: list[int]) -> list[tuple[int, int]]:
+    """The checks of ``axes``: one per bit of each axis's index."""
     shape = layer.probe.shape  # type: ignore[union-attr]
-    generic = _generic_products(layer, params)
-    units = shape[layer.unit]  # type: ignore[index]
-    testable = [a for a in layer.axes if shape[a] > 1]  # type: ignore[index]
-    tests = [(a, bit) for a in testable for bit in range(math.ceil(math.log2(shape[a])))]  # type: ignore[index]
-    if units + len(tests) >= generic:
-        return None
-    coupled = set(_coupled_axes(graph, layer, probe_index, tests, chunk_size))
-    independent = [a for a in layer.axes if a not in coupled]
-    positions = math.prod(shape[a] for a in coupled)  # type: ignore[index]
-    if positions * units >= generic:
-        return None
-    return _Rule(independent, sorted(coupled), units, positions * units)
+    return [(a, bit) for a in axes if shape[a] > 1 for bit in range(math.ceil(math.log2(shape[a])))]
 
 
 def _generic_products(layer: _Layer, params: list[Tensor]) -> int:
@@ -401,39 +438,45 @@ def _generic_products(layer: _Layer, params: list[Tensor]) -> int:
     return sum(params[i].numel() for i in layer.indices)
 
 
-def _coupled_axes(
+def _reached(
     graph: GradientGraph,
-    layer: _Layer,
-    probe_index: int,
-    tests: list[tuple[int, int]],
+    members: list[tuple[int, Tensor, int]],
+    bits: range,
     chunk_size: int | None,
-) -> Iterator[int]:
-    """Axes along which a random probe on half the positions reaches the other half."""
-    probe = layer.probe
+) -> set[int]:
+    """Members ``(probe index, probe, axis)`` whose other half a random first half reaches.
+
+    For each bit, one product whose cotangent is random on every member's positions with
+    that bit of the axis index 0; a member is reached when the product is not exactly zero
+    where the bit is 1.
+    """
     generator = torch.Generator().manual_seed(0)
-    random = torch.randn((len(tests), *probe.shape), generator=generator, dtype=probe.dtype)  # type: ignore[union-attr]
-    random = random.to(probe.device)  # type: ignore[union-attr]
-    halves = []
-    for k, (axis, bit) in enumerate(tests):
-        index = torch.arange(probe.shape[axis], device=probe.device)  # type: ignore[union-attr]
-        half = ((index >> bit) & 1) == 0
-        shape = [1] * probe.dim()  # type: ignore[union-attr]
+    halves, randoms = [], []
+    for _, probe, axis in members:
+        index = torch.arange(probe.shape[axis], device=probe.device)
+        shape = [1] * probe.dim()
         shape[axis] = -1
-        half = half.reshape(shape)
-        random[k] = random[k] * half
+        half = torch.stack([((index >> bit) & 1) == 0 for bit in bits]).reshape(len(bits), *shape)
+        random = torch.randn((len(bits), *probe.shape), generator=generator, dtype=probe.dtype)
+        randoms.append(random.to(probe.device) * half)
         halves.append(half)
+    position = {index: k for k, (index, _, _) in enumerate(members)}
 
     def cotangents(start: int, stop: int) -> list[Tensor | None]:
-        return _only(graph, probe_index, random[start:stop])
+        return [
+            randoms[position[j]][start:stop] if j in position else None
+            for j in range(len(graph.params))
+        ]
 
-    coupled = set()
-    chunks = graph.product_chunks(len(tests), cotangents, [probe], chunk_size=chunk_size)  # type: ignore[list-item]
-    for start, stop, (products,) in chunks:
-        for k in range(start, stop):
-            reached = torch.where(halves[k], 0, products[k - start])
-            if bool(reached.ne(0).any()):
-                coupled.add(tests[k][0])
-    return iter(sorted(coupled))
+    probes = [probe for _, probe, _ in members]
+    reached = set()
+    for start, stop, products in graph.product_chunks(
+        len(bits), cotangents, probes, chunk_size=chunk_size
+    ):
+        for (index, _, _), half, product in zip(members, halves, products):
+            if bool(torch.where(half[start:stop], 0, product).ne(0).any()):
+                reached.add(index)
+    return reached
 
 
 def _only(graph: GradientGraph, index: int, cotangent: Tensor) -> list[Tensor | None]:
