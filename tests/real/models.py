@@ -372,7 +372,7 @@ SPECS: dict[
         LSTMLanguageModel,
         _tokens,
         ["encoder.weight", "rnn.bias_hh_l0", "rnn.weight_ih_l1", "decoder.bias"],
-        ["encoder.weight", "decoder.bias"],
+        ["rnn.bias_hh_l0", "decoder.bias"],
     ),
     "mobilenet": (
         40,
@@ -391,7 +391,7 @@ SPECS: dict[
     ),
 }
 """Per architecture: seed, model class, data factory ``f(n) -> (inputs, targets)``, the
-oracle's subset, and a smaller part of it for the analyses (a few dozen parameters of three or
+oracle's subset, and a smaller part of it for the analyses (a few dozen parameters of two to
 four modules, so that Lanczos runs to exactness, and Hutch++ and XDiag sketches span the
 block, within a few dozen products over the data set)."""
 

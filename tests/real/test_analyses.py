@@ -18,7 +18,7 @@ from torch.testing import assert_close
 
 import torch_secorder as ts
 from tests.real import oracle
-from tests.real.helpers import arch_params, checked, reproducible
+from tests.real.helpers import checked, reproducible
 
 GROUPS = pytest.mark.parametrize("groups", [None, "module"])
 EPS13 = torch.finfo(torch.float64).eps ** (1 / 3)
@@ -89,38 +89,10 @@ def test_trace(arch, kind, groups):
         assert result.num_matvecs <= budget
 
 
-PER_BATCH_COUNT = pytest.mark.xfail(
-    reason="the exact trace over a data set counts every batch's products of the structured "
-    "diagonal (num_matvecs = products per batch x batches, e.g. 24 for 8 parameters over 3 "
-    "batches): more than the P unit-vector products it promises at most, where one product "
-    "over the data set counts 1",
-    strict=True,
-)
-CONV_COUNT = pytest.mark.xfail(
-    reason="the structured diagonal of the ResNet's 1x1 downsample convolution (24 parameters) "
-    "takes 31 products, more than the 24 unit-vector products the exact trace promises at most",
-    strict=True,
-)
-
-
-def count_params():
-    params = []
-    for case in arch_params():
-        name, mode = case.values[0]
-        for kind in ("batch", "batches"):
-            marks = [*case.marks]
-            if kind == "batches":
-                marks.append(PER_BATCH_COUNT)
-            elif name == "resnet":
-                marks.append(CONV_COUNT)
-            params.append(pytest.param((name, mode), kind, id=f"{case.id}-{kind}", marks=marks))
-    return params
-
-
 @GROUPS
-@pytest.mark.parametrize(("arch", "kind"), count_params(), indirect=["arch"])
 def test_exact_trace_products(arch, kind, groups):
-    """The exact trace takes a block's unit-vector products, or fewer (layer structure)."""
+    """The exact trace takes a block's unit-vector products, or fewer (layer structure); a
+    product over the data set counts one."""
     for result, block in analyse(
         ts.model_hessian_trace, arch, kind, groups, arch.small, repeat=False, method="exact"
     ):
