@@ -181,14 +181,35 @@ def test_convolution_of_an_unbatched_image(ruled):
     assert ruled[0][0] is model[0]
 
 
-def test_train_mode_batch_norm_couples_the_samples_before_it(ruled):
+def test_train_mode_batch_norm_couples_the_samples(ruled):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
     model = _check(model, CE, _randn(9, 5), _labels(9, 3))
     rules = {module: rule for module, rule in ruled}
     assert rules[model[0]].coupled == [0]
     assert rules[model[0]].count == 9 * 6
-    assert rules[model[3]].coupled == []
+    assert rules[model[3]].coupled == [0]  # taken as coupled under batch statistics
+
+
+class _Centred(nn.Module):
+    """Samples coupled without BatchNorm: the batch mean is subtracted before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        return self.head(h - h.mean(0))
+
+
+def test_the_joint_check_finds_samples_coupled_without_batch_norm(ruled):
+    torch.manual_seed(0)
+    model = _check(_Centred(), CE, _randn(9, 5), _labels(9, 3))
+    rules = {module: rule for module, rule in ruled}
+    assert rules[model.inner].coupled == [0]  # reaches the other samples through the mean
+    assert rules[model.head].coupled == [0]  # its blocks with the inner layer's reach them
 
 
 def test_eval_mode_batch_norm_keeps_samples_independent(ruled):

@@ -138,7 +138,7 @@ def structured_diagonal(
         linear = {i: layer for i, layer in exact.items() if graph.grads[i] is None}
         curved = {i: layer for i, layer in exact.items() if i not in linear}
         rules: dict[int, _Rule | None] = dict.fromkeys(linear)  # zero curvature
-        rules.update(_plans(graph, curved, params, costs, chunk_size))
+        rules.update(_plans(graph, curved, params, costs, chunk_size, _batch_statistics(model)))
         covered = {i for probe in rules for i in exact[probe].indices}
         generic = [i for i in range(len(params)) if i not in covered]
         remaining = sum(rule.count for rule in rules.values() if rule is not None)
@@ -375,52 +375,86 @@ def _plans(
     params: list[Tensor],
     costs: list[int],
     chunk_size: int | None,
+    batch_statistics: bool,
 ) -> dict[int, _Rule]:
     """The rules of the layers (by probe index) that take fewer products than their generic path.
 
-    Axis 0 (the samples, for batched inputs) of all layers of one length is checked jointly:
-    one product per bit whose cotangent is random on every layer's first half; a layer whose
+    Taken as coupled without a check: a convolution's pixels (they meet in later layers) and,
+    in a model normalising with batch statistics (BatchNorm in train mode), the samples.
+    Otherwise the samples (axis 0) of all layers of one length are checked jointly, with one
+    product per bit whose cotangent is random on every layer's first half: a layer whose
     second half it leaves at exact zeros is independent along it (the zeros hold for its
-    blocks with every other layer, its own among them). The other axes, and axis 0 of a layer
-    the joint check does not clear, are checked layer by layer.
+    blocks with every layer, its own among them), one that it does not is taken as coupled. A
+    ``Linear`` or ``Embedding`` layer's other axes (tokens) are checked one by one where that
+    can save more products than it takes.
     """
+    rules: dict[int, _Rule] = {}
+    coupled = {i: _assumed_coupled(layer, batch_statistics) for i, layer in layers.items()}
     generic = {i: _generic_products(layer, params) for i, layer in layers.items()}
     candidates = {
         i: layer
         for i, layer in layers.items()
-        if _units(layer)
-        + len(_bits(layer, layer.axes[1:] if layer.axes[:1] == [0] else layer.axes))
-        < generic[i]
+        if _cost(layer, coupled[i]) + len(_bits(layer, _token_axes(layer, coupled[i]))) < generic[i]
     }
-    lengths = [layer.probe.shape[0] for layer in candidates.values() if layer.axes[:1] == [0]]  # type: ignore[union-attr]
+    joint = [i for i, layer in candidates.items() if layer.axes[:1] == [0] and 0 not in coupled[i]]
+    lengths = [candidates[i].probe.shape[0] for i in joint]  # type: ignore[union-attr]
     common = max(set(lengths), key=lengths.count) if lengths else 1
-    joint = {
-        i: layer
-        for i, layer in candidates.items()
-        if layer.axes[:1] == [0] and layer.probe.shape[0] == common
-    }  # type: ignore[union-attr]
-    cleared: set[int] = set()
-    if common > 1 and joint:
+    joint = [i for i in joint if candidates[i].probe.shape[0] == common]  # type: ignore[union-attr]
+    spent = 0
+    if common > 1:
         before = graph.num_products
-        members = [(i, layer.probe, 0) for i, layer in joint.items()]
-        reached = _reached(graph, members, range(math.ceil(math.log2(common))), chunk_size)
-        cleared = {i for i in joint if i not in reached}
-        costs[next(iter(joint.values())).indices[0]] += graph.num_products - before
-    rules = {}
+        members = [(i, candidates[i].probe, 0) for i in joint]
+        bits = range(math.ceil(math.log2(common)))
+        for i in _reached(graph, members, bits, chunk_size):  # type: ignore[arg-type]
+            coupled[i].add(0)
+        spent = graph.num_products - before
     for i, layer in candidates.items():
-        axes = [a for a in layer.axes if not (a == 0 and i in cleared)]
+        if i not in joint and layer.axes[:1] == [0] and layer.probe.shape[0] > 1:  # type: ignore[union-attr]
+            coupled[i].add(0)  # a length of its own: not checked
         before = graph.num_products
-        coupled = set()
-        for axis in axes:
+        for axis in _token_axes(layer, coupled[i]):
             bits = range(math.ceil(math.log2(layer.probe.shape[axis])))  # type: ignore[union-attr]
-            if _reached(graph, [(i, layer.probe, axis)], bits, chunk_size):
-                coupled.add(axis)
+            saving = _cost(layer, coupled[i] | {axis}) - _cost(layer, coupled[i])
+            members = [(i, layer.probe, axis)]
+            if saving <= len(bits) or _reached(graph, members, bits, chunk_size):  # type: ignore[arg-type]
+                coupled[i].add(axis)
         costs[layer.indices[0]] += graph.num_products - before
-        positions = math.prod(layer.probe.shape[a] for a in coupled)  # type: ignore[union-attr]
-        if positions * _units(layer) < generic[i]:
-            independent = [a for a in layer.axes if a not in coupled]
-            rules[i] = _Rule(independent, sorted(coupled), _units(layer), positions * _units(layer))
+        count = _cost(layer, coupled[i])
+        if count < generic[i]:
+            independent = [a for a in layer.axes if a not in coupled[i]]
+            rules[i] = _Rule(independent, sorted(coupled[i]), _units(layer), count)
+    if spent:  # the joint check counts for the first layer that gained by it
+        gainer = next((i for i in joint if i in rules), joint[0])
+        costs[layers[gainer].indices[0]] += spent
     return rules
+
+
+def _assumed_coupled(layer: _Layer, batch_statistics: bool) -> set[int]:
+    """Axes taken as coupled without a check: a convolution's pixels, samples under BatchNorm."""
+    coupled = set()
+    if isinstance(layer.module, nn.modules.conv._ConvNd):
+        coupled.update(layer.axes[1:] if layer.axes[:1] == [0] else layer.axes)
+    if batch_statistics and layer.axes[:1] == [0]:
+        coupled.add(0)
+    return coupled
+
+
+def _token_axes(layer: _Layer, coupled: set[int]) -> list[int]:
+    """Axes after the first that are not taken as coupled (checked one by one)."""
+    return [a for a in layer.axes[1:] if a not in coupled and layer.probe.shape[a] > 1]  # type: ignore[union-attr]
+
+
+def _cost(layer: _Layer, coupled: set[int]) -> int:
+    """Products of the rule when ``coupled`` are the coupled axes."""
+    return _units(layer) * math.prod(layer.probe.shape[a] for a in coupled)  # type: ignore[union-attr]
+
+
+def _batch_statistics(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer of the model normalises with the batch's statistics."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+        for m in model.modules()
+    )
 
 
 def _units(layer: _Layer) -> int:

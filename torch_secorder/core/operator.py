@@ -523,7 +523,11 @@ class _DataSetProducts:
         return None
 
     def diagonal(self) -> tuple[list[Tensor], list[int]]:
-        """The size-weighted sum of the batches' exact diagonals, and each one's products."""
+        """The size-weighted sum of the batches' exact diagonals, and each one's products.
+
+        A product over the data set counts one, as for :meth:`products`: a parameter's count
+        is the most products any batch took for it.
+        """
         total = [torch.zeros_like(p) for p in self.params]
         costs = [0] * len(self.params)
         count = 0
@@ -548,7 +552,7 @@ class _DataSetProducts:
                 for acc, d in zip(total, diagonal):
                     acc.add_(d, alpha=size)
                 count += size
-                costs = [c + u for c, u in zip(costs, used)]
+                costs = [max(c, u) for c, u in zip(costs, used)]
         if self._distributed():
             packed = flatten(total)
             torch.distributed.all_reduce(packed)
