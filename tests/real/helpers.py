@@ -1,4 +1,4 @@
-"""Helpers of the real-architecture tier: the MobileNet mark and checked library calls.
+"""Helpers of the real-architecture tier: parameters, checked library calls, module groups.
 
 Every library call of the tier goes through :func:`checked` (the no-side-effect snapshot after
 the call, also when it raises) or :func:`reproducible` (the same, twice, bitwise equal).
@@ -9,46 +9,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import torch_secorder as ts
 from tests.core.helpers import assert_unchanged, snapshot
 from tests.real.models import ARCHS, MODES
 
 
-def _library_differentiates_hardsigmoid() -> bool:
-    x = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
-    try:
-        ts.hvp(lambda: F.hardsigmoid(x * x).sum(), [x], [torch.ones_like(x)])
-    except RuntimeError:
-        return False
-    return True
-
-
-HARDSIGMOID = pytest.mark.xfail(
-    not _library_differentiates_hardsigmoid(),
-    reason="F.hardsigmoid has no double backward yet",
-    raises=RuntimeError,
-    strict=True,
-)
-"""PyTorch has no double backward for ``F.hardsigmoid`` (``derivative for
-aten::hardsigmoid_backward is not implemented``): every Hessian of the MobileNet's
-squeeze-excite block fails until the library routes hardsigmoid to an exact equivalent. The
-mark lifts itself once the library differentiates hardsigmoid twice; remove it then."""
-
-
 def arch_params(names=ARCHS, modes=MODES) -> list:
-    """``pytest.param((name, mode))`` for each architecture and mode, MobileNet marked."""
-    return [
-        pytest.param((name, mode), id=f"{name}-{mode}", marks=marks_of(name))
-        for name in names
-        for mode in modes
-    ]
-
-
-def marks_of(name: str) -> list:
-    return [HARDSIGMOID] if name == "mobilenet" else []
+    """``pytest.param((name, mode))`` for each architecture and mode."""
+    return [pytest.param((name, mode), id=f"{name}-{mode}") for name in names for mode in modes]
 
 
 def checked(model: nn.Module, fn: Callable[..., object], *args: object, **kwargs: object):

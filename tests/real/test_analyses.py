@@ -130,6 +130,8 @@ def test_top_eigenvalues(arch, kind, groups):
         assert_close((X * (block @ X)).sum(dim=0), result.eigenvalues)
         residuals = (block @ X - X * result.eigenvalues).norm(dim=0)
         assert (residuals <= bound).all()
+        # a residual is a difference of nearly equal products (|theta| ~ 1e4 its size at
+        # tol=1e-4): rounding of the products, ~1e-16 ||H||, is a larger part of it
         assert_close(result.residuals, residuals, rtol=1e-6, atol=1e-13 * norm)
 
 
@@ -185,4 +187,6 @@ def test_top_eigenvalues_all_parameters(arch, kind):
         residual = (oracle.flat(Hx) - theta * oracle.flat(x)).norm()
         # the default tol=1e-4 is relative to max(|theta|, eps^(1/3) ||H||), ||H|| >= |theta_1|
         assert residual <= 1e-4 * max(abs(float(theta)), EPS13 * top)
+        # the reported residual is of the library's products, this one of the oracle's: they
+        # differ by rounding, ~1e-16 ||H|| per entry, a larger part of a small residual
         assert_close(result.residuals[j], residual, rtol=1e-6, atol=1e-12 * top)

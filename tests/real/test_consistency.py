@@ -12,13 +12,11 @@ from torch.testing import assert_close
 
 import torch_secorder as ts
 from tests.real import oracle
-from tests.real.helpers import checked, marks_of, own_modules
+from tests.real.helpers import checked, own_modules
 from tests.real.models import ARCHS, build
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=marks_of(n)) for n in ARCHS if build(n, "train").stochastic]
-)
+@pytest.mark.parametrize("name", [n for n in ARCHS if build(n, "train").stochastic])
 def test_exact_trace_diagonal_and_matrix_agree(name):
     arch = build(name, "train")
     model, loss_fn, batch = arch.model, arch.loss_fn, arch.batch

@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 import torch_secorder as ts
 from tests.real import oracle
-from tests.real.helpers import checked, marks_of, own_modules
+from tests.real.helpers import checked, own_modules
 from tests.real.models import ARCHS, build
 from torch_secorder.__main__ import main
 
@@ -52,7 +52,7 @@ def run_report(name, out, capsys, *options):
     return report
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=marks_of(n)) for n in ARCHS])
+@pytest.mark.parametrize("name", ARCHS)
 def test_report_against_oracle(name, tmp_path, capsys):
     arch = build(name, "train")
     named = dict(arch.model.named_parameters())
