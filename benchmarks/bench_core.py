@@ -1088,7 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 bench_diagonal_detail(w, args.heavy_repeats, args.diag_subset)
         if "d" in args.sections:
             bench_matrix(w, args.heavy_repeats, impls)
-        if "o" in args.sections:
+        if "o" in args.sections and name in ("mlp", "cnn"):
             width = args.out_width if name == "mlp" else max(1, args.out_width // 4)
             spec = (name, width, args.out_batch, args.out_size, dtype, device)
             bench_output(spec, args.heavy_repeats, args.threads)

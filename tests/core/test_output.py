@@ -555,3 +555,45 @@ def test_loss_dict_errors():
     ):
         model_hessian_dict(model, lambda out, _: out, x, None)
     assert model.backwards == 0
+
+
+class _Distances(nn.Module):
+    """Distances to learned centres through ``torch.cdist``, which has no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.centres = nn.Parameter(torch.randn(2, 3, dtype=F64))
+
+    def forward(self, x):
+        return torch.cdist(x, self.centres)
+
+
+def test_an_operator_without_second_derivative_is_named_with_its_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), _Distances()).to(F64)
+    x = torch.randn(4, 3, dtype=F64)
+    before = snapshot(model)
+    with pytest.raises(
+        RuntimeError,
+        match=r"^output_hessian_matrix: PyTorch cannot differentiate the operator 'cdist' twice "
+        r".*, called in module '2' \(_Distances\)",
+    ):
+        output_hessian_matrix(model, x)
+    assert_unchanged(before, model)
+
+
+class _Relu6Gate(nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.relu6(x + 3) / 6  # hardsigmoid, differentiable twice
+
+
+def test_hardsigmoid_is_differentiated_twice():
+    # hardsigmoid's backward has no derivative; the engine routes it to relu6(x + 3) / 6
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Hardsigmoid(), nn.Linear(4, 2)).to(F64)
+    x = 2 * torch.randn(5, 3, dtype=F64)
+    result = output_hessian_matrix(model, x)
+    twin = nn.Sequential(model[0], _Relu6Gate(), model[2])  # the same parameters
+    H, _ = ref.case_output_hessians(built_of(twin, x))
+    assert torch.count_nonzero(H) > 0
+    assert_close(result.reshape(H.shape), H)

@@ -32,7 +32,7 @@ dimensions of the output.
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +54,7 @@ from torch_secorder.core._model import (
     check_inputs,
     model_objective,
     model_params,
+    operator_locator,
     preserved_state,
     private_buffers,
 )
@@ -79,12 +80,15 @@ class ModelOutputs:
         names: Names of the selected parameters.
         params: The selected parameters.
         outputs: The model's output, with its graph.
+        locate: ``locate(op)`` names the module calling ``op``, for errors about operators
+            without a second derivative.
     """
 
     fname: str
     names: list[str]
     params: list[Tensor]
     outputs: Tensor
+    locate: Callable[[str], str | None] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -106,7 +110,14 @@ class ModelOutputs:
 
     def gradient(self, index: int) -> GradientGraph:
         """The differentiable gradient of output element ``index``; the forward is not rerun."""
-        return GradientGraph(self.element(index), self.params, fname=self.fname, names=self.names)
+        return GradientGraph(
+            self.element(index),
+            self.params,
+            fname=self.fname,
+            names=self.names,
+            source="model",
+            locate=self.locate,
+        )
 
 
 def select_outputs(
@@ -163,7 +174,7 @@ def model_outputs(
                 f"{fname}: batched=True but the model returned a 0-d output, which has no batch "
                 "dimension; pass batched=False for one unbatched sample."
             )
-        yield ModelOutputs(fname, names, params, outputs)
+        yield ModelOutputs(fname, names, params, outputs, operator_locator(model, inputs))
 
 
 # ----------------------------------------------------------------------------- row blocks
