@@ -6,15 +6,18 @@
 * :class:`VisionTransformer`: a patch convolution, a class token, learned position
   embeddings and ``nn.TransformerEncoder`` (pre-norm LayerNorm, GELU, dropout everywhere).
 * :class:`LSTMLanguageModel`: PyTorch's word-language-model example in small: embedding,
-  two-layer LSTM with dropout between the layers, a decoder whose weight is the embedding's.
+  two-layer LSTM with dropout between the layers, a decoder whose weight is the embedding's;
+  :class:`PackedLanguageModel` runs it on packed sequences of unequal lengths
+  (``model(tokens, lengths)``, :func:`make_packed`).
 * :class:`MobileNet`: a MobileNetV3-style CNN: GroupNorm, Hardswish, an inverted residual
   block with a depthwise convolution and squeeze-excite gated by ``nn.Hardsigmoid`` (as
   torchvision's ``SqueezeExcitation`` in MobileNetV3), a classifier with dropout.
 
-:func:`build` makes an :class:`Arch` in train or eval mode: the model, its loss function, one
-batch and a data set of several batches of different sizes, and the names of a parameter
-subset (the last layer, a normalization layer and a convolution or linear layer inside a
-block) small enough for a dense oracle. Everything is drawn from fixed seeds in a forked RNG,
+:func:`build` makes an :class:`Arch` in train or eval mode: the model, its loss function, a
+data set of several batches of different sizes (the first is also the one batch), the names
+of a parameter subset (the last layer, a normalization layer or the tied embedding, and a
+convolution or linear layer inside a block) small enough for a dense oracle, and a smaller
+part of it for the analyses. Everything is drawn from fixed seeds in a forked RNG,
 so building never touches the global RNG.
 
 The ``make_*`` and ``*_data`` functions take no arguments, for the report command
@@ -36,9 +39,13 @@ __all__ = [
     "Arch",
     "LSTMLanguageModel",
     "MobileNet",
+    "PackedLanguageModel",
     "ResNet",
     "VisionTransformer",
     "build",
+    "make_data",
+    "make_model",
+    "make_packed",
     "sequence_loss",
 ]
 

@@ -17,6 +17,8 @@ holds for the MobileNet.
 * :func:`hvp`: a Hessian-vector product over a data set by double backward, for whole-model
   results (eigen-residuals, products with all parameters).
 * :func:`gradient`: the gradient at shifted parameters, for finite differences of the oracle.
+* :func:`arch_hessian`: an architecture's subset Hessian on its one batch or its data set,
+  from per-batch Hessians cached for the session (:func:`batch_hessian`).
 """
 
 import contextlib
@@ -34,7 +36,9 @@ from tests.real.models import Arch, build
 
 __all__ = [
     "arch_hessian",
+    "batch_hessian",
     "flat",
+    "forward_context",
     "gradient",
     "hardsigmoid",
     "hessian",
