@@ -63,14 +63,6 @@ def test_shuffling_dataloader_is_refused(arch):
         checked_but_rng(arch.model, ts.model_top_eigenvalues, arch.model, arch.loss_fn, loader)
 
 
-@pytest.mark.xfail(
-    reason="iterating a DataLoader draws its base seed from the global RNG (torch's "
-    "_BaseDataLoaderIter), and the library iterates data outside a forked RNG: "
-    "HessianOperator.from_model (its re-iterability check iter(data)), every product over a "
-    "DataLoader, and the analyses over one advance the global RNG, also when they refuse it",
-    raises=AssertionError,
-    strict=True,
-)
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_dataloaders_leave_the_global_rng(shuffle):
     arch = build("resnet", "train")

@@ -11,6 +11,7 @@ mean loss :math:`f_b` of a batch, the operator is the Hessian of the mean loss o
 summed over the batches of every process when :mod:`torch.distributed` is initialized.
 """
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -450,7 +451,7 @@ class _DataSetProducts:
         else:
             lone = isinstance(self.batches, Sequence) and len(self.batches) == 1
             fingerprints = []
-            with preserved_state(self.model):
+            with preserved_state(self.model), _rng_kept():
                 for index, batch in enumerate(self._iterate()):
                     graph, size, fingerprint = self._gradient(index, batch)
                     fingerprints.append(fingerprint)
@@ -531,7 +532,7 @@ class _DataSetProducts:
         total = [torch.zeros_like(p) for p in self.params]
         costs = [0] * len(self.params)
         count = 0
-        with preserved_state(self.model):
+        with preserved_state(self.model), _rng_kept():
             for index, batch in enumerate(self._iterate()):
                 inputs, targets = _to_device(
                     _check_batch(self.fname, index, batch), self.params[0].device
@@ -609,7 +610,9 @@ def _check_data(fname: str, data: object) -> Iterable[Any]:
     if _is_batch(data):
         batches: Iterable[Any] = [data]
     elif isinstance(data, Iterable) and not isinstance(data, (Tensor, Mapping, str)):
-        if iter(data) is data:  # type: ignore[comparison-overlap]
+        with _rng_kept():
+            once = iter(data) is data  # type: ignore[comparison-overlap]
+        if once:
             raise TypeError(
                 f"{fname}: data must be re-iterable (each product passes over it); got a "
                 f"{type(data).__name__} that can be iterated only once. Pass a list of batches "
@@ -638,9 +641,20 @@ def _check_data(fname: str, data: object) -> Iterable[Any]:
 
 
 def _first(batches: Iterable[Any]) -> list[Any]:
-    for batch in batches:
-        return [batch]
+    with _rng_kept():
+        for batch in batches:
+            return [batch]
     return []
+
+
+def _rng_kept() -> contextlib.AbstractContextManager[None]:
+    """Keep iterating data from advancing the global RNG.
+
+    A DataLoader draws the base seed of its workers from the global RNG whenever an iterator
+    is made; the library's passes over data restore the RNG state after, so that they leave
+    no trace and every pass draws the same seeds.
+    """
+    return torch.random.fork_rng(devices=[])
 
 
 def _is_batch(data: object) -> bool:
