@@ -8,12 +8,15 @@ can:
 
 * ``F.hardsigmoid`` (its backward has no derivative) runs as
   :math:`\operatorname{relu6}(x + 3) / 6`, the same function;
+* ``F.group_norm`` of a ``channels_last`` input runs on a contiguous copy (PyTorch 2.13's
+  CPU double backward of GroupNorm with respect to its bias crashes the process on
+  ``channels_last`` inputs);
 * ``scaled_dot_product_attention`` runs on its math kernel (the fused kernels have no double
   backward);
 * recurrent layers on CUDA run without cuDNN (``_cudnn_rnn_backward`` has no derivative).
 
-The first is routed by a :class:`~torch.overrides.TorchFunctionMode`, which is local to the
-thread. PyTorch offers only process-wide switches for the other two (the SDPA backend flags,
+The first two are routed by a :class:`~torch.overrides.TorchFunctionMode`, which is local to
+the thread. PyTorch offers only process-wide switches for the other two (the SDPA backend flags,
 ``torch.backends.cudnn.enabled``): they are set for the pass (attention) or for the call of a
 recurrent layer, and restored after, so another thread running attention or a CUDA RNN at
 that moment sees them too.
@@ -107,6 +110,10 @@ def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
     return input.copy_(out) if inplace else out
 
 
+def _group_norm(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return F.group_norm(input.contiguous(), *args, **kwargs)
+
+
 def _without_cudnn(func: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not any(isinstance(a, Tensor) and a.is_cuda for a in args):
@@ -119,6 +126,7 @@ def _without_cudnn(func: Callable[..., Any]) -> Callable[..., Any]:
 
 _ROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.hardsigmoid: _hardsigmoid,
+    F.group_norm: _group_norm,
     **{
         getattr(torch._VF, name): _without_cudnn(getattr(torch._VF, name))
         for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")
