@@ -597,11 +597,20 @@ def _linear_rows(
     independent index; each adds :math:`X_{cf} \sum_{c'} B_{cc'} X_{c'f}` summed over the
     independent indices.
     """
-    seen = features.index_select(2, groups)  # (I, C, k, F)
-    k = torch.arange(len(units), device=rows.device)
-    paired = torch.einsum("kic,ickf->kif", rows, seen)
-    own = seen[:, positions, k, :]  # (I, k, F)
-    weight.index_add_(0, units, torch.einsum("ikf,kif->kf", own, paired))
+    if features.shape[2] == 1:  # one group: every unit sees the same input
+        x = features[:, :, 0, :]  # (I, C, F)
+        if x.shape[1] == 1:  # no coupled positions: a matrix product
+            contributions = rows[:, :, 0] @ x[:, 0, :].square()
+        else:
+            paired = torch.bmm(rows.transpose(0, 1), x)  # (I, k, F)
+            contributions = (x[:, positions, :] * paired).sum(dim=0)
+    else:
+        seen = features.index_select(2, groups)  # (I, C, k, F)
+        k = torch.arange(len(units), device=rows.device)
+        paired = torch.einsum("kic,ickf->kif", rows, seen)
+        own = seen[:, positions, k, :]  # (I, k, F)
+        contributions = torch.einsum("ikf,kif->kf", own, paired)
+    weight.index_add_(0, units, contributions)
     bias.index_add_(0, units, rows.sum(dim=(1, 2)))
 
 
