@@ -3,10 +3,8 @@
 A DataLoader with a fixed order gives the oracle's data-set Hessian. Data whose passes differ
 (a shuffling DataLoader, augmentation drawing fresh noise on every pass) is refused with an
 error that says so, and the refusal leaves the model as it was, like every other call.
-
-Iterating a DataLoader draws its base seed from the global RNG, so the calls over DataLoaders
-are checked for side effects in two parts: :func:`checked_but_rng` (everything else, on every
-architecture) and :func:`test_dataloaders_leave_the_global_rng` (the global RNG).
+Iterating a DataLoader draws its base seed from the global RNG; the library's passes over
+data must not let that show (:func:`test_dataloaders_leave_the_global_rng`).
 """
 
 import pytest
@@ -15,20 +13,9 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader, TensorDataset
 
 import torch_secorder as ts
-from tests.core.helpers import assert_unchanged, snapshot
 from tests.real import oracle
 from tests.real.helpers import arch_params, checked
 from tests.real.models import build
-
-
-def checked_but_rng(model, fn, *args, **kwargs):
-    """:func:`~tests.real.helpers.checked` without the global RNG (restored after the call)."""
-    before = snapshot(model)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_rng_state(before["rng"])
-        assert_unchanged(before, model)
 
 
 def _dataset(arch):
@@ -43,7 +30,7 @@ def test_dataloader_in_a_fixed_order(arch):
     order = [list(range(start, start + n)) for start, n in zip(starts, sizes)]
     loader = DataLoader(_dataset(arch), batch_sampler=order)
     H = oracle.arch_hessian(arch.name, arch.mode, "batches")
-    operator = checked_but_rng(
+    operator = checked(
         arch.model,
         ts.HessianOperator.from_model,
         arch.model,
@@ -52,15 +39,15 @@ def test_dataloader_in_a_fixed_order(arch):
         params=arch.subset,
     )
     V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(7), dtype=H.dtype)
-    assert_close(checked_but_rng(arch.model, operator.matmat, V), H @ V)
+    assert_close(checked(arch.model, operator.matmat, V), H @ V)
 
 
 def test_shuffling_dataloader_is_refused(arch):
     loader = DataLoader(_dataset(arch), batch_size=5, shuffle=True)
     with pytest.raises(ValueError, match=r"RandomSampler draws another order.*shuffle=False"):
-        checked_but_rng(arch.model, ts.HessianOperator.from_model, arch.model, arch.loss_fn, loader)
+        checked(arch.model, ts.HessianOperator.from_model, arch.model, arch.loss_fn, loader)
     with pytest.raises(ValueError, match=r"model_top_eigenvalues: data is a DataLoader whose"):
-        checked_but_rng(arch.model, ts.model_top_eigenvalues, arch.model, arch.loss_fn, loader)
+        checked(arch.model, ts.model_top_eigenvalues, arch.model, arch.loss_fn, loader)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
