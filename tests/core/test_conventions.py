@@ -59,7 +59,7 @@ def test_float32_keeps_dtype_and_device(name):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(CALLS))
-@pytest.mark.parametrize("case_id", ["cnn-bn-train", "attention", "dropout"])
+@pytest.mark.parametrize("case_id", ["cnn-bn-train", "attention", "dropout", "gru"])
 def test_cuda_results_stay_on_the_device_and_match_cpu(name, case_id):
     gpu = build(case_by_id(case_id), device="cuda")
     cpu = build(case_by_id(case_id))
