@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 
@@ -236,3 +238,21 @@ def test_empty_requests_between_others_under_a_cap(monkeypatch):
         index = torch.arange(30)[problem.rows]
         torch.testing.assert_close(HV, A[index][:, index] @ V)
         assert problem.num_matvecs == V.shape[1]
+
+
+def test_the_driver_lets_an_algorithm_free_its_last_request():
+    released = []
+
+    def steps(n):
+        V = torch.ones(n, 2, dtype=DTYPE)
+        request = weakref.ref(V)
+        yield V
+        del V
+        released.append(request() is None)  # no reference left but the algorithm's
+        yield torch.ones(n, 1, dtype=DTYPE)
+        return None
+
+    operator = DenseOperator(torch.eye(20, dtype=DTYPE))
+    run("test", operator, [Problem(steps(20))])
+    run("test", operator, [Problem(steps(10), slice(0, 10)), Problem(steps(10), slice(10, 20))])
+    assert released == [True, True, True]

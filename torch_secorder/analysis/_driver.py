@@ -151,11 +151,19 @@ def run(fname: str, operator: Any, problems: Sequence[Problem]) -> list[Any]:
         products = [r.new_empty(r.shape) for r in requests]
         for chunk in _pieces([r.shape[1] for r in requests], cap):
             _multiply(fname, operator, size, rows, requests, products, chunk)
-        for i, request, block in zip(active, requests, products):
+        held: list[tuple[Tensor, Tensor] | None] = list(zip(requests, products))
+        del requests, products
+        for position, i in enumerate(active):
+            # Hold no reference to a request while its algorithm computes the next one, so
+            # that the algorithm can free it (products stay referenced during the send).
+            request, block = held[position]  # type: ignore[misc]
+            held[position] = None
+            problems[i].request = None
             problems[i].num_matvecs += request.shape[1]
             checks[i].update(request, block)
+            del request
             _advance(problems[i], block)
-        del requests, products
+            del block
         active = [i for i in active if problems[i].request is not None]
     return [p.result for p in problems]
 

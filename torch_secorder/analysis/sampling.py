@@ -55,8 +55,12 @@ def rademacher(
     Returns:
         A tensor of ``shape`` with entries :math:`\pm 1`.
     """
-    bits = torch.randint(0, 2, shape, generator=generator, device=generator.device)
-    return (2 * bits - 1).to(device=device, dtype=dtype)
+    # One byte per draw (the same draws as int64, whose temporaries took six times the
+    # result: 8.5 GiB for 34 float32 probes of a ResNet-18's 11.2M parameters).
+    bits = torch.randint(
+        0, 2, shape, generator=generator, device=generator.device, dtype=torch.int8
+    )
+    return bits.to(device=device, dtype=dtype).mul_(2).sub_(1)
 
 
 def gaussian(

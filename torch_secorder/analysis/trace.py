@@ -322,12 +322,16 @@ def hutch_plus_plus(
     r"""Hutch++ with :math:`s = \lfloor m/3 \rfloor` sketch vectors and :math:`m - 2s` probes.
 
     When the sketch spans the whole space (:math:`s \ge n`) the trace
-    :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent.
+    :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent. Holds at most
+    :math:`2(m - s)` vectors of size :math:`n` with their products: the sketch and its products
+    are freed once :math:`Q` is known, and :math:`Q` and the probes go out as one block.
     """
     sketch = min(num_matvecs // 3, n)
     S = rademacher_columns(gen, n, sketch, dtype, device)
     HS = yield S
+    del S
     Q, _ = torch.linalg.qr(HS)
+    del HS
     if sketch == n:
         HQ = yield Q
         value = (Q * HQ).sum()
@@ -335,9 +339,11 @@ def hutch_plus_plus(
     probes = num_matvecs - 2 * sketch
     G = rademacher_columns(gen, n, probes, dtype, device)
     G = G - Q @ (Q.T @ G)
-    products = yield torch.cat([Q, G], dim=1)
-    low_rank = (Q * products[:, :sketch]).sum()
-    mean, stderr = _mean_and_stderr((G * products[:, sketch:]).sum(dim=0))
+    block = torch.cat([Q, G], dim=1)
+    del Q, G
+    products = yield block
+    low_rank = (block[:, :sketch] * products[:, :sketch]).sum()
+    mean, stderr = _mean_and_stderr((block[:, sketch:] * products[:, sketch:]).sum(dim=0))
     return low_rank + mean, stderr
 
 
