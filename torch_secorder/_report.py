@@ -275,10 +275,13 @@ def time_one_product(operator: HessianOperator, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(operator.shape[0], generator=g, dtype=torch.float64)
     v = v.to(dtype=operator.dtype, device=operator.device)
+    cuda = operator.device.type == "cuda"
     operator.matvec(v)
+    if cuda:
+        torch.cuda.synchronize(operator.device)
     start = time.perf_counter()
     operator.matvec(v)
-    if operator.device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(operator.device)
     return time.perf_counter() - start
 
