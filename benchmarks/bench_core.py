@@ -921,8 +921,8 @@ def bench_memory(dtype: torch.dtype, chunk: int) -> None:
         *[nn.Sequential(nn.Linear(128, 128), nn.Tanh()) for _ in range(20)], nn.Linear(128, 10)
     ).to(dtype)
     cases = [
-        mlp(256, 1024, dtype),
-        cnn(16, 64, 16, dtype),
+        mlp(256, 1024, dtype, torch.device("cpu")),
+        cnn(16, 64, 16, dtype, torch.device("cpu")),
         Workload("deep", deep, torch.randn(512, 128, dtype=dtype), torch.randint(0, 10, (512,))),
     ]
     for w in cases:

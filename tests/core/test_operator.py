@@ -549,7 +549,8 @@ def test_passes_with_another_number_of_batches_are_named():
     H = HessianOperator.from_model(make_mlp(), nn.MSELoss(), Growing())
     v = torch.ones(H.shape[0], dtype=DTYPE)
     H @ v
-    with pytest.raises(ValueError, match=r"gave \d batches in the first pass and \d in a later one"):
+    match = r"gave \d batches in the first pass and \d in a later one"
+    with pytest.raises(ValueError, match=match):
         H @ v
 
 
