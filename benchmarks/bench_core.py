@@ -711,23 +711,19 @@ OUTPUT_METHODS = [
 ]
 
 
-OUTPUT_VMAP = "torch_secorder.output_hessian_matrix, vmap batching"
-"""For comparison: the engine batching products with torch.func.vmap, as on GPUs."""
+OUTPUT_VMAP = "torch_secorder.output_hessian_matrix, is_grads_batched batching"
+"""For comparison: the engine batching products with is_grads_batched (its former CPU choice)."""
 
 
 @contextlib.contextmanager
-def vmap_engine(device: torch.device) -> Iterator[None]:
-    """Let the engine batch products with ``torch.func.vmap`` on ``device`` for the block."""
-    engines = autograd_engine.BATCHED_ENGINE
-    saved = engines.get(device.type)
-    engines[device.type] = "vmap"
+def is_grads_batched_engine() -> Iterator[None]:
+    """Let the engine batch products with ``is_grads_batched`` for the block."""
+    saved = autograd_engine.ENGINES
+    autograd_engine.ENGINES = ("is_grads_batched",)
     try:
         yield
     finally:
-        if saved is None:
-            del engines[device.type]
-        else:
-            engines[device.type] = saved
+        autograd_engine.ENGINES = saved
 
 
 def output_model(
@@ -790,7 +786,7 @@ def output_methods(model: nn.Module, inputs: Tensor) -> dict[str, Callable[[], o
         return ts.output_sharpness(model, inputs).sharpness.reshape(-1)
 
     def ours_vmapped() -> Tensor:
-        with vmap_engine(inputs.device):
+        with is_grads_batched_engine():
             return ts.output_hessian_matrix(model, inputs)
 
     return {

@@ -9,19 +9,19 @@ parameter) with respect to tensors :math:`x` is the vector-Jacobian product
 which for :math:`x = \theta` is :math:`(H u)_j` because the Hessian is symmetric. Many
 products reuse the graph (``retain_graph=True``); stacks of cotangents run batched in chunks
 whose size is a fixed rule of the device and of memory (:meth:`GradientGraph.chunk_size`), so
-the same call always computes the same numbers. The batching engine is a fixed choice per
-device (:data:`BATCHED_ENGINE`): ``is_grads_batched=True`` on the CPU, :func:`torch.func.vmap`
-around the same :func:`torch.autograd.grad` call on GPUs, where the legacy vmap behind
-``is_grads_batched`` lacks batching rules for common backward kernels (``tanh_backward``,
-``gelu_backward``, ``_log_softmax_backward_data``) and runs them once per vector. A graph
-whose batched products fail for a reason of batching (the legacy vmap also miscomputes the
-shapes of GroupNorm's double backward) moves on to :func:`torch.func.vmap`, then to a loop
-of single products; other errors (out of memory, tensors modified in place, operators
-without a second derivative) are raised. Results never touch ``.grad``.
+the same call always computes the same numbers. A chunk is batched by :func:`torch.func.vmap`
+around the :func:`torch.autograd.grad` call; the legacy vmap behind ``is_grads_batched=True``
+lacks batching rules for common backward kernels (``tanh_backward``, ``gelu_backward``,
+``_log_softmax_backward_data``, convolution and BatchNorm backward) and runs them once per
+vector. A graph whose batched products fail for a reason of batching moves on to the next
+engine of :data:`ENGINES`, then to a loop of single products; other errors (out of memory,
+tensors modified in place, operators without a second derivative) are raised. Results never
+touch ``.grad``.
 """
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -43,16 +43,14 @@ CHUNK_MEMORY_BYTES = 2**30
 """Estimated memory one batched chunk of products may use when ``chunk_size=None``."""
 
 DEFAULT_CHUNK_SIZE = {"cpu": 32}
-"""Most products per batched call when ``chunk_size=None``, by device type (others: 1024).
-
-On one CPU thread the time per product falls until chunks of about 32 and no further (a
-tanh MLP's diagonal: 485, 271, 239 us per product in chunks of 1, 8, 32; one call of 128
-was slower than chunks of 32); on GPUs larger chunks keep paying, as far as memory allows.
-"""
+"""Most products per batched call when ``chunk_size=None``, by device type (others: 1024):
+on one CPU thread the time per product stops falling at a few dozen products per call, on
+GPUs larger chunks keep paying as far as memory allows (``benchmarks/README.md``)."""
 GPU_CHUNK_SIZE = 1024
 
-BATCHED_ENGINE = {"cpu": "is_grads_batched"}
-"""How a chunk of products is batched, by device type (others: ``"vmap"``)."""
+ENGINES = ("vmap", "is_grads_batched")
+"""How chunks of products are batched, in the order a graph tries them: ``torch.func.vmap``
+around ``torch.autograd.grad``, then ``is_grads_batched=True``; after both, a loop."""
 
 
 def scalar_loss(fname: str, loss: object, source: str = "func") -> Tensor:
@@ -102,9 +100,9 @@ class GradientGraph:
         num_products: Products computed so far (each unit of a chunk counts one).
         on_products: Called with the size of every chunk of products (a progress bar's
             ``update``), or ``None``.
-        engine: How chunks of products are batched (``"is_grads_batched"``, ``"vmap"``, or
-            ``None`` for a loop): the device's :data:`BATCHED_ENGINE` until a batched
-            product fails for a reason of batching, then the next.
+        engine: How chunks of products are batched (one of :data:`ENGINES`, or ``None`` for a
+            loop): the first until a batched product fails for a reason of batching, then
+            the next.
     """
 
     def __init__(
@@ -128,7 +126,7 @@ class GradientGraph:
             *self.params,
             *(t for t in extra if all(t is not p for p in params)),
         ]
-        self.engine: str | None = BATCHED_ENGINE.get(params[0].device.type, "vmap")
+        self.engine: str | None = ENGINES[0]
         self._saved_bytes: int | None = None
         self.num_products = 0
         self.on_products: Callable[[int], object] | None = None
@@ -350,7 +348,8 @@ class GradientGraph:
             except RuntimeError as err:
                 if not _unbatchable(err):
                     raise
-                self.engine = "vmap" if self.engine == "is_grads_batched" else None
+                following = ENGINES.index(self.engine) + 1
+                self.engine = ENGINES[following] if following < len(ENGINES) else None
         columns = [
             self.vjp(
                 [None if u is None else u[j] for u in cotangents], inputs, create_graph=create_graph
@@ -403,7 +402,11 @@ def _vmapped_grad(
         )
         return tuple(torch.zeros_like(x) if r is None else r for r, x in zip(results, inputs))
 
-    return torch.func.vmap(single)(*grad_outputs)
+    with warnings.catch_warnings():
+        # an operator without a vmap batching rule runs once per vector, correctly; the
+        # warning that says so is for PyTorch developers, not for users of this library
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have")
+        return torch.func.vmap(single)(*grad_outputs)
 
 
 def _unbatchable(err: RuntimeError) -> bool:

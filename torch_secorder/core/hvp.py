@@ -112,8 +112,8 @@ def batched_hvp(func, params, vs, *, chunk_size=None, strict=False):
 
     The loss and its differentiable gradient are computed once; the ``k`` products
     :math:`Hv_1, \dots, Hv_k` then run as batched vector-Jacobian products
-    (``is_grads_batched=True``) in chunks of ``chunk_size`` vectors, or as a loop where an
-    operator has no batching rule.
+    (:func:`torch.func.vmap` around :func:`torch.autograd.grad`) in chunks of ``chunk_size``
+    vectors, or as a loop where an operator cannot be batched.
 
     Args:
         func: Zero-argument closure returning the scalar loss.
