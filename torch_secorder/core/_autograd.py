@@ -132,6 +132,7 @@ class GradientGraph:
         self.on_products: Callable[[int], object] | None = None
         with forward_context(self.differentiable, seed):
             loss = scalar_loss(fname, func(), source)
+        with requires_grad(self.differentiable):  # outside the forward's function mode
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             else:
