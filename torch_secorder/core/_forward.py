@@ -16,7 +16,8 @@ can:
 * recurrent layers on CUDA run without cuDNN (``_cudnn_rnn_backward`` has no derivative).
 
 The first two are routed by a :class:`~torch.overrides.TorchFunctionMode`, which is local to
-the thread. PyTorch offers only process-wide switches for the other two (the SDPA backend flags,
+the thread (and costs a few microseconds per torch call of the forward pass, its only
+overhead). PyTorch offers only process-wide switches for the other two (the SDPA backend flags,
 ``torch.backends.cudnn.enabled``): they are set for the pass (attention) or for the call of a
 recurrent layer, and restored after, so another thread running attention or a CUDA RNN at
 that moment sees them too.
