@@ -33,11 +33,14 @@ more products:
   another module or used elsewhere, as tied weights are);
 * its recorded output equals the linear map of its recorded input (no hook, subclass or
   padding the rule does not know changed it), to :math:`\sqrt{\epsilon}` relative;
-* an axis counts as independent only if, for every bit of its index, a product with a random
-  probe vector on the positions whose bit is 0 leaves exact zeros on those whose bit is 1
-  (:math:`\lceil \log_2 n \rceil` products for an axis of length :math:`n`): train-mode
-  BatchNorm couples samples, attention couples tokens, and then the coupled rule or the
-  generic path is taken.
+* the samples count as independent only if, for every bit of the sample index, a product
+  with a random probe vector on the samples whose bit is 0 leaves exact zeros on those whose
+  bit is 1 (:math:`\lceil \log_2 N \rceil` products for all layers together); the tokens
+  of a ``Linear`` or ``Embedding`` layer are checked the same way, layer by layer, where that
+  can save more products than it takes. A convolution's pixels are taken as coupled (they
+  meet in later layers), and so are the samples under BatchNorm with batch statistics
+  (train mode); attention couples tokens, and then the coupled rule or the generic path is
+  taken.
 """
 
 import math
