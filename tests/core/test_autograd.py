@@ -12,7 +12,7 @@ from tests import reference as ref
 from tests.cases import build, case_by_id
 from tests.core.helpers import CALLS, CLOSURE_FORMS, Recorder, like, tensors_of
 from torch_secorder import batched_hvp, hessian_diagonal, hessian_matrix, hvp
-from torch_secorder.core import _autograd
+from torch_secorder.core import _autograd, _chunks
 from torch_secorder.core._autograd import GradientGraph, unit_cotangents
 
 F64 = torch.float64
@@ -265,17 +265,17 @@ def test_batched_and_loop_chunks_agree():
 def test_memory_cap_is_at_least_one_and_shrinks_with_saved_bytes(monkeypatch):
     built = build(case_by_id("mlp-tanh-ce"))
     graph = GradientGraph(built.func, built.params, fname="t")
-    cap = graph.memory_cap(built.params)
+    cap = _chunks.memory_cap(graph, built.params)
     assert cap >= 1
-    monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", graph.saved_bytes * 8)
-    assert 1 <= graph.memory_cap(built.params) < 8  # saved bytes and vectors per product
-    monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", 1)
-    assert graph.memory_cap(built.params) == 1
+    monkeypatch.setattr(_chunks, "CHUNK_MEMORY_BYTES", graph.saved_bytes * 8)
+    assert 1 <= _chunks.memory_cap(graph, built.params) < 8  # saved bytes and vectors per product
+    monkeypatch.setattr(_chunks, "CHUNK_MEMORY_BYTES", 1)
+    assert _chunks.memory_cap(graph, built.params) == 1
 
 
 def test_a_cap_of_one_runs_single_products(monkeypatch):
     built = build(case_by_id("mse-mean"))
-    monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", 1)
+    monkeypatch.setattr(_chunks, "CHUNK_MEMORY_BYTES", 1)
     sizes = []
     chunk = GradientGraph._chunk
 
@@ -311,7 +311,7 @@ def test_default_chunks_follow_the_device_rule(monkeypatch):
     assert sizes == [32, 32, 32, 22]
     assert_close(H, ref.case_hessian(built))
     sizes.clear()
-    monkeypatch.setitem(_autograd.DEFAULT_CHUNK_SIZE, "cpu", 50)
+    monkeypatch.setitem(_chunks.DEFAULT_CHUNK_SIZE, "cpu", 50)
     hessian_matrix(built.func, built.params)
     assert sizes == [50, 50, 18]
 
@@ -320,10 +320,10 @@ def test_memory_bounds_the_default_chunk(monkeypatch):
     built = build(case_by_id("gru"))
     graph = GradientGraph(built.func, built.params, fname="t")
     per_vector = graph.saved_bytes + 2 * sum(p.numel() * p.element_size() for p in built.params)
-    monkeypatch.setattr(_autograd, "CHUNK_MEMORY_BYTES", 5 * per_vector)
-    assert graph.chunk_size(100, built.params) == 5
-    assert graph.chunk_size(3, built.params) == 3
-    assert graph.chunk_size(1, built.params) == 1
+    monkeypatch.setattr(_chunks, "CHUNK_MEMORY_BYTES", 5 * per_vector)
+    assert _chunks.chunk_size(graph, 100, built.params) == 5
+    assert _chunks.chunk_size(graph, 3, built.params) == 3
+    assert _chunks.chunk_size(graph, 1, built.params) == 1
 
 
 @pytest.mark.parametrize("name", ["batched_hvp", "hessian_diagonal", "hessian_matrix"])

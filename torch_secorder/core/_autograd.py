@@ -8,8 +8,8 @@ parameter) with respect to tensors :math:`x` is the vector-Jacobian product
 
 which for :math:`x = \theta` is :math:`(H u)_j` because the Hessian is symmetric. Many
 products reuse the graph (``retain_graph=True``); stacks of cotangents run batched in chunks
-whose size is a fixed rule of the device and of memory (:meth:`GradientGraph.chunk_size`), so
-the same call always computes the same numbers. A chunk is batched by :func:`torch.func.vmap`
+whose size is a fixed rule of the device and of memory (:mod:`._chunks`), so the same call
+always computes the same numbers. A chunk is batched by :func:`torch.func.vmap`
 around the :func:`torch.autograd.grad` call; the legacy vmap behind ``is_grads_batched=True``
 lacks batching rules for common backward kernels (``tanh_backward``, ``gelu_backward``,
 ``_log_softmax_backward_data``, convolution and BatchNorm backward) and runs them once per
@@ -20,7 +20,6 @@ touch ``.grad``.
 """
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from torch_secorder._checks import param_label
 from torch_secorder._types import LossClosure
+from torch_secorder.core import _chunks
 from torch_secorder.core._forward import (
     SecondDerivativeError,
     forward_context,
@@ -38,15 +38,6 @@ from torch_secorder.core._forward import (
 
 Cotangents = list[Tensor | None]
 """One cotangent per gradient tensor; ``None`` where it is zero."""
-
-CHUNK_MEMORY_BYTES = 2**30
-"""Estimated memory one batched chunk of products may use when ``chunk_size=None``."""
-
-DEFAULT_CHUNK_SIZE = {"cpu": 32}
-"""Most products per batched call when ``chunk_size=None``, by device type (others: 1024):
-on one CPU thread the time per product stops falling at a few dozen products per call, on
-GPUs larger chunks keep paying as far as memory allows (``benchmarks/README.md``)."""
-GPU_CHUNK_SIZE = 1024
 
 ENGINES = ("vmap", "is_grads_batched")
 """How chunks of products are batched, in the order a graph tries them: ``torch.func.vmap``
@@ -191,7 +182,7 @@ class GradientGraph:
                 torch.is_grad_enabled() or not create_graph
             )
             ready = ready and all(t.requires_grad for t in self.differentiable)
-            # entering requires_grad costs about a tenth of a small product: only if needed
+            # entering requires_grad is not free next to a small product: only if needed
             outputs, grad_outputs = [g for g, _ in pairs], [u for _, u in pairs]
             retain = retain_graph or create_graph
             with contextlib.nullcontext() if ready else requires_grad(self.differentiable):
@@ -256,15 +247,15 @@ class GradientGraph:
             cotangents: ``cotangents(start, stop)`` returns the stacked cotangents of products
                 ``start`` to ``stop - 1`` (each with leading dimension ``stop - start``).
             inputs: Tensors to differentiate with respect to.
-            chunk_size: Products per batched call; ``1`` loops; ``None`` applies
-                :meth:`chunk_size`.
+            chunk_size: Products per batched call; ``1`` loops; ``None`` applies the rule
+                of :func:`._chunks.chunk_size`.
             create_graph: Keep the graph of the results.
 
         Yields:
             ``(start, stop, products)`` with one tensor per input, leading dimension
             ``stop - start``.
         """
-        size = chunk_size or self.chunk_size(count, inputs)
+        size = chunk_size or _chunks.chunk_size(self, count, inputs)
         for start in range(0, count, size):
             stop = min(start + size, count)
             yield (
@@ -272,19 +263,6 @@ class GradientGraph:
                 stop,
                 self._chunk(cotangents(start, stop), inputs, stop - start, create_graph),
             )
-
-    def chunk_size(self, count: int, inputs: Sequence[Tensor]) -> int:
-        """Products per batched call for ``count`` products when the caller did not choose.
-
-        The smallest of ``count``, the device's default (:data:`DEFAULT_CHUNK_SIZE`) and the
-        largest chunk whose estimated memory fits :data:`CHUNK_MEMORY_BYTES`
-        (:meth:`memory_cap`): a rule of sizes only, so results never depend on timing.
-        """
-        if count <= 1:
-            return 1
-        device = inputs[0].device.type
-        default = DEFAULT_CHUNK_SIZE.get(device, GPU_CHUNK_SIZE)
-        return min(count, default, self.memory_cap(inputs))
 
     def dense(self, inputs: Sequence[Tensor], *, chunk_size: int | None = None) -> Tensor:
         r"""The matrix :math:`\partial g / \partial x`, one row per entry of the flat gradient.
@@ -365,19 +343,8 @@ class GradientGraph:
     def saved_bytes(self) -> int:
         """Bytes the graph of the gradient saved for backward, measured on first access."""
         if self._saved_bytes is None:
-            self._saved_bytes = saved_bytes(self.grads)
+            self._saved_bytes = _chunks.saved_bytes(self.grads)
         return self._saved_bytes
-
-    def memory_cap(self, inputs: Sequence[Tensor]) -> int:
-        """Largest chunk whose estimated memory stays under :data:`CHUNK_MEMORY_BYTES`.
-
-        A batched product holds, per vector, intermediates of the size of what the graph of
-        the gradient saved (:attr:`saved_bytes`, forward and gradient nodes) and one
-        cotangent and one result. Measured peaks of one chunk (CPU, float32) were 0.3 (a
-        20-layer MLP, whose backward frees as it goes) to 0.95 (a CNN) times this estimate.
-        """
-        vector_bytes = sum(t.numel() * t.element_size() for t in (*self.params, *inputs))
-        return max(1, CHUNK_MEMORY_BYTES // max(1, self.saved_bytes + vector_bytes))
 
 
 def _vmapped_grad(
@@ -445,39 +412,3 @@ def unit_cotangents(params: Sequence[Tensor], start: int, stop: int) -> Cotangen
             rows.append(None)
         offset += p.numel()
     return rows
-
-
-def saved_bytes(roots: Sequence[Tensor | None]) -> int:
-    """Bytes of the distinct storages that the graph behind ``roots`` saved for backward.
-
-    Walks the autograd graph once and reads each node's saved tensors (``_saved_*`` fields,
-    ``saved_tensors`` of custom functions). Costs about one backward pass in Python; unlike
-    saved-tensor hooks, it adds nothing to the products themselves.
-    """
-    stack = [t.grad_fn for t in roots if t is not None and t.grad_fn is not None]
-    seen = set()
-    storages: dict[int, int] = {}
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for field in _saved_fields(type(node)):
-            try:
-                value = getattr(node, field)
-            except RuntimeError:  # freed, or not available: nothing to count
-                continue
-            for t in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(t, Tensor) and t.layout == torch.strided:
-                    storage = t.untyped_storage()
-                    storages[storage.data_ptr()] = storage.nbytes()
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-    return sum(storages.values())
-
-
-@functools.cache
-def _saved_fields(node_type: type) -> tuple[str, ...]:
-    names = [name for name in dir(node_type) if name.startswith("_saved_")]
-    if hasattr(node_type, "saved_tensors"):
-        names.append("saved_tensors")
-    return tuple(names)

@@ -1,10 +1,12 @@
 r"""The forward pass of a gradient graph: differentiable twice, repeatable, without a trace.
 
-:func:`forward_context` wraps every forward pass whose gradient the library differentiates
-again. It enables gradients (also under :func:`torch.no_grad`), makes the parameters require
-them for the pass, forks the RNG (and seeds it, so dropout draws the same masks in every
-pass) and routes operators that PyTorch cannot differentiate twice to equivalents that it
-can:
+This module owns what happens around every forward pass whose gradient the library
+differentiates again, and the errors of operators that cannot be: :func:`forward_context`
+enables gradients (also under :func:`torch.no_grad`), makes the parameters require them for
+the pass (:func:`requires_grad`), forks the RNG (and seeds it, so dropout draws the same
+masks in every pass) and routes operators that PyTorch cannot differentiate twice to
+equivalents that it can; :func:`second_derivative_error` names an operator that remains
+without a second derivative, and :func:`module_calling` the module that calls it. The routes:
 
 * ``F.hardsigmoid`` (its backward has no derivative) runs as
   :math:`\operatorname{relu6}(x + 3) / 6`, the same function;
@@ -16,14 +18,12 @@ can:
 * recurrent layers on CUDA run without cuDNN (``_cudnn_rnn_backward`` has no derivative).
 
 The first two are routed by a :class:`~torch.overrides.TorchFunctionMode`, which is local to
-the thread (and costs a few microseconds per torch call of the forward pass, its only
-overhead). PyTorch offers only process-wide switches for the other two (the SDPA backend flags,
+the thread (its only overhead is one Python call per torch call of the forward pass, measured
+in ``benchmarks/README.md``). The other two have only **global switches** in PyTorch,
+process-wide flags (the SDPA backend flags, :data:`_SDP_BACKENDS`, and
 ``torch.backends.cudnn.enabled``): they are set for the pass (attention) or for the call of a
 recurrent layer, and restored after, so another thread running attention or a CUDA RNN at
 that moment sees them too.
-
-An operator that remains without a second derivative is named in the error by
-:func:`second_derivative_error`, with the module that called it where a model is known.
 """
 
 import contextlib
@@ -44,7 +44,8 @@ def forward_context(params: Sequence[Tensor], seed: int | None = None) -> Iterat
     Gradients are enabled and ``params`` require them; the RNG of the CPU and of the
     params' CUDA devices is forked, so dropout does not advance the global RNG, and seeded
     with ``seed`` when given, so random draws repeat; operators without a double backward
-    are routed as the module docstring says.
+    are routed as the module docstring says, attention by setting the global SDPA backend
+    flags for the pass.
     """
     # Written out rather than with torch.random.fork_rng and sdpa_kernel, which cost more
     # than the rest of a small model's gradient graph.
@@ -92,7 +93,7 @@ def requires_grad(params: Sequence[Tensor]) -> Iterator[None]:
     would otherwise build no graph and every curvature would silently be zero).
     """
     frozen = [p for p in params if not p.requires_grad]
-    inference = torch.is_inference_mode_enabled()  # the switch costs ~10 us per product
+    inference = torch.is_inference_mode_enabled()  # switching is not free: only when on
     with (
         torch.inference_mode(False) if inference else contextlib.nullcontext(),
         torch.enable_grad(),

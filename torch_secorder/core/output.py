@@ -48,7 +48,9 @@ from torch_secorder._checks import (
     param_label,
 )
 from torch_secorder._types import LossClosure, ParamSelection
-from torch_secorder.core._autograd import GradientGraph, forward_context, unit_cotangents
+from torch_secorder.core import _chunks
+from torch_secorder.core._autograd import GradientGraph, unit_cotangents
+from torch_secorder.core._forward import forward_context
 from torch_secorder.core._model import (
     call_model,
     check_inputs,
@@ -293,7 +295,7 @@ def element_graphs(
     for index in range(outputs.numel):
         with outputs.gradient(index) as graph:
             if chunk is None:
-                chunk = graph.chunk_size(size, outputs.params)
+                chunk = _chunks.chunk_size(graph, size, outputs.params)
             yield index, graph, chunk
 
 

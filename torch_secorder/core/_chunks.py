@@ -1,0 +1,104 @@
+"""How many products run in one batched call, and the memory estimate behind that choice.
+
+This module owns the chunk-size rule of :class:`~torch_secorder.core._autograd.GradientGraph`
+when a caller does not choose (``chunk_size=None``): the smallest of the number of products,
+a default per device type (:data:`DEFAULT_CHUNK_SIZE`, :data:`GPU_CHUNK_SIZE`) and the largest
+chunk whose estimated memory fits :data:`CHUNK_MEMORY_BYTES` (:func:`memory_cap`). The
+estimate of one product is what the graph of the gradient saved for backward
+(:func:`saved_bytes`, read off the autograd graph once) plus one cotangent and one result.
+Nothing here is timed, so the same call always makes the same chunks and computes the same
+numbers.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+CHUNK_MEMORY_BYTES = 2**30
+"""Estimated memory one batched chunk of products may use when ``chunk_size=None``."""
+
+DEFAULT_CHUNK_SIZE = {"cpu": 32}
+"""Most products per batched call when ``chunk_size=None``, by device type (others:
+:data:`GPU_CHUNK_SIZE`): on one CPU thread the time per product stops falling at a few dozen
+products per call, on GPUs larger chunks keep paying as far as memory allows
+(``benchmarks/README.md``)."""
+
+GPU_CHUNK_SIZE = 1024
+"""Most products per batched call on a device type without an entry in
+:data:`DEFAULT_CHUNK_SIZE`."""
+
+
+class Measured(Protocol):
+    """A gradient graph as the rule sees it: its parameters and the bytes it saved."""
+
+    params: list[Tensor]
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes the graph of the gradient saved for backward."""
+        ...
+
+
+def chunk_size(graph: Measured, count: int, inputs: Sequence[Tensor]) -> int:
+    """Products per batched call for ``count`` products when the caller did not choose.
+
+    The smallest of ``count``, the device's default (:data:`DEFAULT_CHUNK_SIZE`) and
+    :func:`memory_cap`: a rule of sizes only, so results never depend on timing. A single
+    product does not measure the graph.
+    """
+    if count <= 1:
+        return 1
+    default = DEFAULT_CHUNK_SIZE.get(inputs[0].device.type, GPU_CHUNK_SIZE)
+    return min(count, default, memory_cap(graph, inputs))
+
+
+def memory_cap(graph: Measured, inputs: Sequence[Tensor]) -> int:
+    """Largest chunk whose estimated memory stays under :data:`CHUNK_MEMORY_BYTES`.
+
+    A batched product holds, per vector, intermediates of the size of what the graph of the
+    gradient saved (``graph.saved_bytes``, forward and gradient nodes) and one cotangent
+    (like the graph's params) and one result (like ``inputs``). The estimate errs on the
+    safe side: a backward pass frees intermediates as it goes (``benchmarks/README.md``
+    gives measured peaks against it).
+    """
+    vector_bytes = sum(t.numel() * t.element_size() for t in (*graph.params, *inputs))
+    return max(1, CHUNK_MEMORY_BYTES // max(1, graph.saved_bytes + vector_bytes))
+
+
+def saved_bytes(roots: Sequence[Tensor | None]) -> int:
+    """Bytes of the distinct storages that the graph behind ``roots`` saved for backward.
+
+    Walks the autograd graph once and reads each node's saved tensors (``_saved_*`` fields,
+    ``saved_tensors`` of custom functions). Costs about one backward pass in Python; unlike
+    saved-tensor hooks, it adds nothing to the products themselves.
+    """
+    stack = [t.grad_fn for t in roots if t is not None and t.grad_fn is not None]
+    seen = set()
+    storages: dict[int, int] = {}
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for field in _saved_fields(type(node)):
+            try:
+                value = getattr(node, field)
+            except RuntimeError:  # freed, or not available: nothing to count
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, Tensor) and t.layout == torch.strided:
+                    storage = t.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return sum(storages.values())
+
+
+@functools.cache
+def _saved_fields(node_type: type) -> tuple[str, ...]:
+    names = [name for name in dir(node_type) if name.startswith("_saved_")]
+    if hasattr(node_type, "saved_tensors"):
+        names.append("saved_tensors")
+    return tuple(names)
