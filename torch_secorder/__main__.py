@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from torch_secorder import __version__
+from torch_secorder._data import is_batch, to_device
 
 LOSSES: dict[str, Callable[..., Any]] = {
     "cross-entropy": nn.CrossEntropyLoss,
@@ -158,21 +159,15 @@ def as_batches(data: Any, batch_size: int) -> Any:
         data, torch.utils.data.IterableDataset
     ):
         data = torch.utils.data.DataLoader(data, batch_size=batch_size)
-    first = data if _is_pair(data) else next(iter(data), None)
+    first = data if is_batch(data) else next(iter(data), None)
     if first is None:
         raise UsageError("--data: the data set is empty")
-    if not _is_pair(first) or not _holds_tensor(first[0]):
+    if not is_batch(first) or not _holds_tensor(first[0]):
         raise UsageError(
             "--data: batches must be (inputs, targets) pairs of tensors; got "
             f"{type(first).__name__}"
         )
     return data
-
-
-def _is_pair(batch: Any) -> bool:
-    return (
-        isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)
-    )
 
 
 def _holds_tensor(inputs: Any) -> bool:
@@ -184,18 +179,6 @@ def _holds_tensor(inputs: Any) -> bool:
     )
 
 
-def _cast(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Move tensors to ``device``; cast floating ones to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        cast = dtype if dtype is not None and obj.is_floating_point() else obj.dtype
-        return obj.to(device=device, dtype=cast)
-    if isinstance(obj, dict):
-        return {key: _cast(value, device, dtype) for key, value in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast(value, device, dtype) for value in obj)
-    return obj
-
-
 class _CastBatches:
     """Re-iterable view of batches moved and cast on the fly."""
 
@@ -203,7 +186,7 @@ class _CastBatches:
         self.batches, self.device, self.dtype = batches, device, dtype
 
     def __iter__(self) -> Any:
-        return (_cast(batch, self.device, self.dtype) for batch in self.batches)
+        return (to_device(batch, self.device, self.dtype) for batch in self.batches)
 
 
 def _progress(enabled: bool, total: int) -> Any:
@@ -354,7 +337,10 @@ def run_report(args: argparse.Namespace, log: Any = print) -> list[Path]:
     if args.model is not None:
         model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
         data = as_batches(call_factory(args.data, "--data"), args.batch_size)
-        data = _cast(data, device, dtype) if _is_pair(data) else _CastBatches(data, device, dtype)
+        if is_batch(data):
+            data = to_device(data, device, dtype)
+        else:
+            data = _CastBatches(data, device, dtype)
     # The work: training the demo (unless a checkpoint gave its weights), then the stages.
     if args.threads is not None:
         torch.set_num_threads(args.threads)

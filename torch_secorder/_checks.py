@@ -1,13 +1,28 @@
-"""Argument validation shared by all public functions.
+"""Argument validation shared by all public functions, core and analysis alike.
 
 Every helper receives the public function's name (``fname``) and the argument's name so
-that messages read ``<function>: <argument> <what is wrong>; expected <x>, got <y>.``
+that messages read ``<function>: <argument> <what is wrong>; expected <x>, got <y>.``, and
+every check runs before the first forward pass or Hessian-vector product. This module needs
+nothing but torch and the leaf modules :mod:`torch_secorder._flat` and
+:mod:`torch_secorder._data`; the core and the analyses import it, never the other way round.
 """
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from torch_secorder import _flat
+from torch_secorder._data import is_batch, rng_kept
+
+# ----------------------------------------------------------------------------- names
+
+
+def type_name(obj: object) -> str:
+    """The name of ``obj``'s type, as messages give it (``got float``)."""
+    return type(obj).__name__
 
 
 def param_label(index: int, names: Sequence[str] | None = None, argname: str = "params") -> str:
@@ -31,20 +46,66 @@ def format_bytes(num_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _type_name(obj: object) -> str:
-    return type(obj).__name__
+# ----------------------------------------------------------------------------- plain values
 
 
 def check_callable(fname: str, argname: str, obj: object) -> None:
     """Raise ``TypeError`` unless ``obj`` is callable."""
     if not callable(obj):
-        raise TypeError(f"{fname}: {argname} must be callable; got {_type_name(obj)}.")
+        raise TypeError(f"{fname}: {argname} must be callable; got {type_name(obj)}.")
 
 
 def check_bool(fname: str, argname: str, value: object) -> None:
     """Raise ``TypeError`` unless ``value`` is a ``bool``."""
     if not isinstance(value, bool):
-        raise TypeError(f"{fname}: {argname} must be a bool; got {_type_name(value)}.")
+        raise TypeError(f"{fname}: {argname} must be a bool; got {type_name(value)}.")
+
+
+def check_tensor(fname: str, argname: str, obj: object) -> None:
+    """Raise ``TypeError`` unless ``obj`` is a tensor."""
+    if not isinstance(obj, Tensor):
+        raise TypeError(f"{fname}: {argname} must be a Tensor; got {type_name(obj)}.")
+
+
+def check_int(
+    fname: str, argname: str, value: object, minimum: int | None = None, why: str = ""
+) -> int:
+    """Raise unless ``value`` is an ``int`` (not a ``bool``), of at least ``minimum`` if given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fname}: {argname} must be an int; got {type_name(value)}.")
+    if minimum is not None and value < minimum:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{fname}: {argname} must be at least {minimum}{reason}; got {value}.")
+    return value
+
+
+def check_positive(fname: str, argname: str, value: object) -> float:
+    """Raise unless ``value`` is a finite positive real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fname}: {argname} must be a positive number; got {type_name(value)}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{fname}: {argname} must be a finite positive number; got {value}.")
+    return float(value)
+
+
+def check_choice(fname: str, argname: str, value: object, choices: Sequence[str]) -> str:
+    """Raise unless ``value`` is one of ``choices`` (the message lists them)."""
+    listed = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{fname}: {argname} must be a str, one of {listed}; got {type_name(value)}."
+        )
+    if value not in choices:
+        raise ValueError(f"{fname}: {argname} must be one of {listed}; got {value!r}.")
+    return value
+
+
+def check_generator(fname: str, generator: object) -> None:
+    """Raise unless ``generator`` is ``None`` or a :class:`torch.Generator`."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{fname}: generator must be None or a torch.Generator; got {type_name(generator)}."
+        )
 
 
 def check_chunk_size(fname: str, chunk_size: object) -> None:
@@ -53,10 +114,38 @@ def check_chunk_size(fname: str, chunk_size: object) -> None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
-            f"{fname}: chunk_size must be None or a positive int; got {_type_name(chunk_size)}."
+            f"{fname}: chunk_size must be None or a positive int; got {type_name(chunk_size)}."
         )
     if chunk_size < 1:
         raise ValueError(f"{fname}: chunk_size must be a positive int; got {chunk_size}.")
+
+
+def check_max_bytes(fname: str, max_bytes: object) -> None:
+    """Raise unless ``max_bytes`` is a positive number."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)):
+        raise TypeError(f"{fname}: max_bytes must be a number; got {type_name(max_bytes)}.")
+    if not max_bytes > 0:
+        raise ValueError(f"{fname}: max_bytes must be positive; got {max_bytes}.")
+
+
+def check_estimator(
+    fname: str,
+    method: object,
+    num_matvecs: object,
+    generator: object,
+    needs: dict[str, tuple[int, str]],
+) -> None:
+    """Check an estimator's ``method``, its budget and its generator.
+
+    ``needs`` maps every method to the fewest products it can run with and why.
+    """
+    check_choice(fname, "method", method, tuple(needs))
+    minimum, why = needs[method]  # type: ignore[index]
+    check_int(fname, "num_matvecs", num_matvecs, minimum, f"method={method!r} needs {why}")
+    check_generator(fname, generator)
+
+
+# ----------------------------------------------------------------------------- parameters
 
 
 def as_params(
@@ -77,15 +166,14 @@ def as_params(
         params = list(params)  # type: ignore[call-overload]
     except TypeError:
         raise TypeError(
-            f"{fname}: {argname} must be an iterable of tensors; got {_type_name(params)}."
+            f"{fname}: {argname} must be an iterable of tensors; got {type_name(params)}."
         ) from None
     if not params:
         raise ValueError(f"{fname}: {argname} is empty; expected at least one tensor.")
     seen: dict[int, int] = {}
     for i, p in enumerate(params):
         label = param_label(i, names, argname)
-        if not isinstance(p, Tensor):
-            raise TypeError(f"{fname}: {label} must be a Tensor; got {_type_name(p)}.")
+        check_tensor(fname, label, p)
         if not p.is_floating_point():
             raise ValueError(
                 f"{fname}: {label} has dtype {p.dtype}; expected a floating-point tensor."
@@ -101,13 +189,7 @@ def as_params(
 
 def check_layout(fname: str, what: str, labelled: Sequence[tuple[str, Tensor]], hint: str) -> None:
     """Raise unless the tensors of ``(label, tensor)`` pairs share one dtype and device."""
-    first_label, first = labelled[0]
-    for label, t in labelled[1:]:
-        if t.dtype != first.dtype or t.device != first.device:
-            raise ValueError(
-                f"{fname}: {what} needs params of one dtype and device, but {first_label} is "
-                f"{first.dtype} on {first.device} and {label} is {t.dtype} on {t.device}; {hint}"
-            )
+    _one_layout(fname, f"{what} needs params of one dtype and device", labelled, f"; {hint}")
 
 
 def flat_layout(fname: str, argname: str, params: Sequence[Tensor]) -> None:
@@ -118,6 +200,19 @@ def flat_layout(fname: str, argname: str, params: Sequence[Tensor]) -> None:
         [(f"params[{i}]", p) for i, p in enumerate(params)],
         f"pass {argname} as a list like params instead.",
     )
+
+
+def _one_layout(fname: str, need: str, labelled: Sequence[tuple[str, Tensor]], ending: str) -> None:
+    first_label, first = labelled[0]
+    for label, t in labelled[1:]:
+        if t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(
+                f"{fname}: {need}, but {first_label} is {first.dtype} on {first.device} and "
+                f"{label} is {t.dtype} on {t.device}{ending}"
+            )
+
+
+# ----------------------------------------------------------------------------- vectors
 
 
 def check_vector(
@@ -153,13 +248,11 @@ def check_vector(
                 f"of shape {flat_shape} or a list with one tensor per parameter."
             )
         _match_dtype_device(fname, argname, v, params[0], param_label(0, names))
-        from torch_secorder.core.params import unflatten
-
-        return unflatten(v, params), True
+        return _flat.split(v, params), True
     if not isinstance(v, (list, tuple)):
         raise TypeError(
             f"{fname}: {argname} must be a Tensor of shape {flat_shape} or a list of tensors "
-            f"like params; got {_type_name(v)}."
+            f"like params; got {type_name(v)}."
         )
     if len(v) != len(params):
         raise ValueError(
@@ -169,8 +262,7 @@ def check_vector(
     k = None
     for i, (t, p) in enumerate(zip(v, params)):
         label = param_label(i, names)
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{fname}: {argname}[{i}] must be a Tensor; got {_type_name(t)}.")
+        check_tensor(fname, f"{argname}[{i}]", t)
         expected = tuple(p.shape)
         got = tuple(t.shape)
         if batched:
@@ -209,12 +301,43 @@ def _match_dtype_device(fname: str, argname: str, t: Tensor, p: Tensor, label: s
         )
 
 
-def check_max_bytes(fname: str, max_bytes: object) -> None:
-    """Raise unless ``max_bytes`` is a positive number."""
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)):
-        raise TypeError(f"{fname}: max_bytes must be a number; got {_type_name(max_bytes)}.")
-    if not max_bytes > 0:
-        raise ValueError(f"{fname}: max_bytes must be positive; got {max_bytes}.")
+def check_columns(fname: str, argname: str, v: object, dim: int, operator: Any) -> None:
+    """Check a ``(P,)`` vector (``dim=1``) or ``(P, k)`` columns for an operator's products.
+
+    ``operator`` gives ``shape``, ``dtype`` and ``device``.
+    """
+    check_tensor(fname, argname, v)
+    t: Tensor = v  # type: ignore[assignment]
+    size = operator.shape[0]
+    if t.dim() != dim or t.shape[0] != size:
+        expected = f"({size},)" if dim == 1 else f"({size}, k)"
+        raise ValueError(f"{fname}: {argname} has shape {tuple(t.shape)}; expected {expected}.")
+    if t.dtype != operator.dtype or t.device != operator.device:
+        raise ValueError(
+            f"{fname}: {argname} is {t.dtype} on {t.device}; expected {operator.dtype} on "
+            f"{operator.device}, as the operator."
+        )
+
+
+# ----------------------------------------------------------------------------- losses and sizes
+
+
+def check_loss(fname: str, loss: object, source: str = "func") -> Tensor:
+    """Check that a closure returned a one-element floating tensor and make it 0-d.
+
+    ``source`` names the argument that computed the loss (``func``, or ``loss_fn`` for the
+    model forms).
+    """
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{fname}: {source} must return a Tensor; got {type_name(loss)}.")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"{fname}: {source} must return a scalar loss; got a tensor of shape "
+            f"{tuple(loss.shape)}. Reduce it, e.g. with .mean() or .sum()."
+        )
+    if not loss.is_floating_point():
+        raise ValueError(f"{fname}: {source} must return a floating-point loss; got {loss.dtype}.")
+    return loss.reshape(())
 
 
 def check_dense_size(
@@ -228,3 +351,196 @@ def check_dense_size(
             f"{fname}: {what} ({dtype_name}) needs {format_bytes(need)}, more than "
             f"max_bytes={format_bytes(max_bytes)}; {hint}"
         )
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+def check_module(fname: str, argname: str, model: object) -> None:
+    """Raise ``TypeError`` unless ``model`` is a :class:`torch.nn.Module`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fname}: {argname} must be a torch.nn.Module; got {type_name(model)}.")
+
+
+def check_inputs(fname: str, argname: str, inputs: object) -> None:
+    """Inputs are a tensor, a tuple or list of positional arguments, or a dict of keywords."""
+    if not isinstance(inputs, (Tensor, tuple, list, Mapping)):
+        raise TypeError(
+            f"{fname}: {argname} must be a Tensor, a tuple of model arguments or a dict of "
+            f"keyword arguments; got {type_name(inputs)}."
+        )
+
+
+_RANDOM_SAMPLERS = (
+    torch.utils.data.RandomSampler,
+    torch.utils.data.SubsetRandomSampler,
+    torch.utils.data.WeightedRandomSampler,
+)
+"""Samplers that draw a new order (or new samples) every time they are iterated."""
+
+
+def check_data(fname: str, data: object) -> Iterable[Any]:
+    """Turn ``data`` into a re-iterable collection of batches and check what is cheap to check.
+
+    A single batch becomes a list of one; every batch of a sequence (the first of another
+    iterable) is checked with :func:`check_batch` and :func:`batch_size`.
+    """
+    if is_batch(data):
+        batches: Iterable[Any] = [data]
+    elif isinstance(data, Iterable) and not isinstance(data, (Tensor, Mapping, str)):
+        with rng_kept():
+            once = iter(data) is data  # type: ignore[comparison-overlap]
+        if once:
+            raise TypeError(
+                f"{fname}: data must be re-iterable (each product passes over it); got a "
+                f"{type_name(data)} that can be iterated only once. Pass a list of batches "
+                "or a DataLoader."
+            )
+        batches = data
+    else:
+        raise TypeError(
+            f"{fname}: data must be an (inputs, targets) batch or an iterable of such batches; "
+            f"got {type_name(data)}."
+        )
+    sampler = getattr(getattr(batches, "batch_sampler", None), "sampler", None)
+    if isinstance(sampler, _RANDOM_SAMPLERS):
+        raise ValueError(
+            f"{fname}: data is a DataLoader whose {type_name(sampler)} draws another order "
+            "on every pass; every product passes over the data again, and all passes must "
+            "see the same batches in the same order. Use shuffle=False (or a fixed sampler)."
+        )
+    to_check = batches if isinstance(batches, Sequence) else _first(batches)
+    if not to_check:
+        raise ValueError(f"{fname}: data is empty; expected at least one (inputs, targets) batch.")
+    for index, batch in enumerate(to_check):
+        inputs, _ = check_batch(fname, index, batch)
+        batch_size(fname, index, inputs)
+    return batches
+
+
+def _first(batches: Iterable[Any]) -> list[Any]:
+    with rng_kept():
+        for batch in batches:
+            return [batch]
+    return []
+
+
+def check_batch(fname: str, index: int, batch: object) -> tuple[Any, Any]:
+    """Check that batch ``index`` is an ``(inputs, targets)`` pair; return the pair."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = f"a {type_name(batch)}"
+        if isinstance(batch, (tuple, list)):
+            got += f" of length {len(batch)}"
+        raise TypeError(
+            f"{fname}: data batch {index} must be a pair (inputs, targets); got {got}. "
+            "Wrap several model inputs in a tuple, ((x1, x2), targets); a single batch is a "
+            "pair whose targets are a tensor."
+        )
+    check_inputs(fname, f"the inputs of data batch {index}", batch[0])
+    return batch[0], batch[1]
+
+
+def batch_size(fname: str, index: int, inputs: object) -> int:
+    """The leading dimension of the first input tensor of batch ``index`` (which must have one)."""
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    tensors = (
+        [inputs] if isinstance(inputs, Tensor) else [t for t in values if isinstance(t, Tensor)]
+    )  # type: ignore[union-attr]
+    if not tensors or tensors[0].dim() == 0:
+        raise ValueError(
+            f"{fname}: the inputs of data batch {index} hold no tensor with a batch dimension; "
+            "expected the first input tensor's leading dimension to count the samples."
+        )
+    return tensors[0].shape[0]
+
+
+# ----------------------------------------------------------------------------- analysis forms
+
+OPERATOR_ATTRIBUTES = ("matmat", "shape", "dtype", "device")
+"""What an analysis needs of an operator."""
+
+
+def is_operator(obj: object) -> bool:
+    """Whether ``obj`` looks like an operator (has every attribute of the protocol)."""
+    return all(hasattr(obj, name) for name in OPERATOR_ATTRIBUTES)
+
+
+def check_analysis_form(
+    fname: str, func_or_operator: object, params: object
+) -> list[Tensor] | None:
+    """Check the closure or operator form of an analysis function.
+
+    Returns:
+        The params of a closure (one dtype and device), or ``None`` for an operator (whose
+        attributes :func:`check_operator` checks).
+
+    Raises:
+        TypeError: If ``func_or_operator`` is neither callable nor an operator, or if
+            ``params`` is missing for a closure or given with an operator.
+        ValueError: If the params mix dtypes or devices.
+    """
+    if is_operator(func_or_operator):
+        if params is not None:
+            raise TypeError(
+                f"{fname}: params must be None when func_or_operator is an operator; got "
+                f"{type_name(params)}. The operator already fixes the parameters."
+            )
+        return None
+    if not callable(func_or_operator):
+        raise TypeError(
+            f"{fname}: func_or_operator must be a loss closure (with params) or an operator "
+            f"with matmat, shape, dtype and device; got {type_name(func_or_operator)}."
+        )
+    if params is None:
+        raise TypeError(
+            f"{fname}: params is required with a loss closure; expected an iterable of tensors, "
+            "got None."
+        )
+    tensors = as_params(fname, params)
+    labelled = [(f"params[{i}]", p) for i, p in enumerate(tensors)]
+    _one_layout(fname, "params must share one dtype and device", labelled, ".")
+    return tensors
+
+
+def check_operator(fname: str, operator: Any) -> tuple[int, torch.dtype, torch.device]:
+    """Check an operator's ``matmat``, ``shape``, ``dtype`` and ``device``.
+
+    Returns:
+        Its size ``P``, dtype and device.
+
+    Raises:
+        TypeError: On malformed attributes.
+        ValueError: If the operator is not square, empty or not floating point.
+    """
+    if not callable(operator.matmat):
+        raise TypeError(f"{fname}: func_or_operator.matmat must be callable.")
+    shape = operator.shape
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{fname}: func_or_operator.shape must be a pair of ints; got {shape!r}."
+        ) from None
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(
+            f"{fname}: func_or_operator has shape {shape}; expected a square operator (P, P)."
+        )
+    if shape[0] < 1:
+        raise ValueError(f"{fname}: func_or_operator has shape {shape}; expected P >= 1.")
+    dtype = operator.dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"{fname}: func_or_operator.dtype must be a torch.dtype; got {type_name(dtype)}."
+        )
+    if not dtype.is_floating_point:
+        raise ValueError(
+            f"{fname}: func_or_operator has dtype {dtype}; expected a floating-point operator."
+        )
+    try:
+        device = torch.device(operator.device)
+    except (TypeError, RuntimeError):
+        raise TypeError(
+            f"{fname}: func_or_operator.device must be a torch.device; got "
+            f"{type_name(operator.device)}."
+        ) from None
+    return shape[0], dtype, device

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_secorder._checks import check_estimator
 from torch_secorder._types import ParamSelection
-from torch_secorder.analysis._arguments import check_estimator
 from torch_secorder.analysis._driver import Problem, Steps, max_columns, run
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve

@@ -48,13 +48,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder._types import ParamSelection
-from torch_secorder.analysis._arguments import (
+from torch_secorder._checks import (
     check_choice,
     check_generator,
     check_int,
     check_positive,
 )
+from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from torch_secorder._checks import param_label
+from torch_secorder._checks import check_loss, param_label
 from torch_secorder._types import LossClosure
 from torch_secorder.core import _chunks
 from torch_secorder.core._forward import (
@@ -42,24 +42,6 @@ Cotangents = list[Tensor | None]
 ENGINES = ("vmap", "is_grads_batched")
 """How chunks of products are batched, in the order a graph tries them: ``torch.func.vmap``
 around ``torch.autograd.grad``, then ``is_grads_batched=True``; after both, a loop."""
-
-
-def scalar_loss(fname: str, loss: object, source: str = "func") -> Tensor:
-    """Check that a closure returned a one-element floating tensor and make it 0-d.
-
-    ``source`` names the argument that computed the loss (``func``, or ``loss_fn`` for the
-    model forms).
-    """
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"{fname}: {source} must return a Tensor; got {type(loss).__name__}.")
-    if loss.numel() != 1:
-        raise ValueError(
-            f"{fname}: {source} must return a scalar loss; got a tensor of shape "
-            f"{tuple(loss.shape)}. Reduce it, e.g. with .mean() or .sum()."
-        )
-    if not loss.is_floating_point():
-        raise ValueError(f"{fname}: {source} must return a floating-point loss; got {loss.dtype}.")
-    return loss.reshape(())
 
 
 class GradientGraph:
@@ -122,7 +104,7 @@ class GradientGraph:
         self.num_products = 0
         self.on_products: Callable[[int], object] | None = None
         with forward_context(self.differentiable, seed):
-            loss = scalar_loss(fname, func(), source)
+            loss = check_loss(fname, func(), source)
         with requires_grad(self.differentiable):  # outside the forward's function mode
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from torch_secorder._checks import as_params, check_callable
+from torch_secorder._checks import as_params, check_callable, check_inputs, check_module
 from torch_secorder._types import LossClosure, ParamSelection
 from torch_secorder.core._autograd import GradientGraph
 from torch_secorder.core._forward import module_calling
@@ -87,23 +87,13 @@ def model_params(
     fname: str, model: object, params: ParamSelection
 ) -> tuple[list[str], list[Tensor]]:
     """Select the parameters of a model, with messages naming the public function."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fname}: model must be a torch.nn.Module; got {type(model).__name__}.")
+    check_module(fname, "model", model)
     try:
         selected = select_params(model, params)
     except (TypeError, ValueError) as err:
         raise type(err)(str(err).replace("select_params:", f"{fname}:", 1)) from None
     names = list(selected)
     return names, as_params(fname, selected.values(), names)
-
-
-def check_inputs(fname: str, argname: str, inputs: object) -> None:
-    """Inputs are a tensor, a tuple or list of positional arguments, or a dict of keywords."""
-    if not isinstance(inputs, (Tensor, tuple, list, Mapping)):
-        raise TypeError(
-            f"{fname}: {argname} must be a Tensor, a tuple of model arguments or a dict of "
-            f"keyword arguments; got {type(inputs).__name__}."
-        )
 
 
 def call_model(model: Callable[..., object], inputs: object) -> object:

@@ -11,19 +11,27 @@ mean loss :math:`f_b` of a batch, the operator is the Hessian of the mean loss o
 summed over the batches of every process when :mod:`torch.distributed` is initialized.
 """
 
-import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from torch_secorder._checks import check_bool, check_callable, flat_layout
+from torch_secorder._checks import (
+    batch_size,
+    check_batch,
+    check_bool,
+    check_callable,
+    check_columns,
+    check_data,
+    check_int,
+    flat_layout,
+)
+from torch_secorder._data import rng_kept, to_device
 from torch_secorder._types import LossClosure, Params, ParamSelection
 from torch_secorder.core._autograd import GradientGraph
 from torch_secorder.core._model import (
     batch_loss,
-    check_inputs,
     closure_objective,
     model_params,
     operator_locator,
@@ -193,7 +201,7 @@ class HessianOperator:
         Raises:
             ValueError: If ``v`` has the wrong shape, dtype or device.
         """
-        self._check("matvec", "v", v, 1)
+        check_columns("HessianOperator.matvec", "v", v, 1, self)
         return self._apply(v.unsqueeze(1)).squeeze(1)
 
     def matmat(self, V: Tensor) -> Tensor:
@@ -208,7 +216,7 @@ class HessianOperator:
         Raises:
             ValueError: If ``V`` has the wrong shape, dtype or device.
         """
-        self._check("matmat", "V", V, 2)
+        check_columns("HessianOperator.matmat", "V", V, 2, self)
         return self._apply(V)
 
     def __matmul__(self, other: Tensor) -> Tensor:
@@ -288,20 +296,6 @@ class HessianOperator:
             self.shape, matvec=vector, rmatvec=vector, matmat=columns, rmatmat=columns, dtype=dtype
         )
 
-    def _check(self, fname: str, argname: str, v: object, dim: int) -> None:
-        name = f"HessianOperator.{fname}"
-        if not isinstance(v, Tensor):
-            raise TypeError(f"{name}: {argname} must be a Tensor; got {type(v).__name__}.")
-        size = self.shape[0]
-        if v.dim() != dim or v.shape[0] != size:
-            expected = f"({size},)" if dim == 1 else f"({size}, k)"
-            raise ValueError(f"{name}: {argname} has shape {tuple(v.shape)}; expected {expected}.")
-        if v.dtype != self.dtype or v.device != self.device:
-            raise ValueError(
-                f"{name}: {argname} is {v.dtype} on {v.device}; expected {self.dtype} on "
-                f"{self.device}, as the operator."
-            )
-
     def _apply(self, V: Tensor) -> Tensor:
         k = V.shape[1]
         if k == 0:
@@ -357,11 +351,10 @@ def model_operator(
     names, tensors = model_params(fname, model, params)
     check_callable(fname, "loss_fn", loss_fn)
     check_bool(fname, "progress", progress)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{fname}: seed must be an int; got {type(seed).__name__}.")
+    check_int(fname, "seed", seed)
     if distributed is not None:
         check_bool(fname, "distributed", distributed)
-    batches = _check_data(fname, data)
+    batches = check_data(fname, data)
     if progress:
         require_tqdm(fname)
     source = _DataSetProducts(
@@ -451,7 +444,7 @@ class _DataSetProducts:
         else:
             lone = isinstance(self.batches, Sequence) and len(self.batches) == 1
             fingerprints = []
-            with preserved_state(self.model), _rng_kept():
+            with preserved_state(self.model), rng_kept():
                 for index, batch in enumerate(self._iterate()):
                     graph, size, fingerprint = self._gradient(index, batch)
                     fingerprints.append(fingerprint)
@@ -532,10 +525,10 @@ class _DataSetProducts:
         total = [torch.zeros_like(p) for p in self.params]
         costs = [0] * len(self.params)
         count = 0
-        with preserved_state(self.model), _rng_kept():
+        with preserved_state(self.model), rng_kept():
             for index, batch in enumerate(self._iterate()):
-                inputs, targets = _to_device(
-                    _check_batch(self.fname, index, batch), self.params[0].device
+                inputs, targets = to_device(
+                    check_batch(self.fname, index, batch), self.params[0].device
                 )
                 diagonal, used = structured_diagonal(
                     batch_loss(self.model, self.loss_fn, inputs, targets),
@@ -549,7 +542,7 @@ class _DataSetProducts:
                     chunk_size=None,
                     progress=False,
                 )
-                size = _batch_size(self.fname, index, inputs)
+                size = batch_size(self.fname, index, inputs)
                 for acc, d in zip(total, diagonal):
                     acc.add_(d, alpha=size)
                 count += size
@@ -575,7 +568,7 @@ class _DataSetProducts:
 
     def _gradient(self, index: int, batch: Any) -> tuple[GradientGraph, int, _Fingerprint]:
         """The gradient graph of one batch, under the batch's RNG seed, its size and fingerprint."""
-        inputs, targets = _to_device(_check_batch(self.fname, index, batch), self.params[0].device)
+        inputs, targets = to_device(check_batch(self.fname, index, batch), self.params[0].device)
         graph = GradientGraph(
             batch_loss(self.model, self.loss_fn, inputs, targets),
             self.params,
@@ -585,7 +578,7 @@ class _DataSetProducts:
             source="loss_fn",
             locate=operator_locator(self.model, inputs),
         )
-        size = _batch_size(self.fname, index, inputs)
+        size = batch_size(self.fname, index, inputs)
         return graph, size, (size, _checksum(inputs, targets), float(graph.loss))
 
     def _iterate(self) -> Iterable[Any]:
@@ -595,109 +588,3 @@ class _DataSetProducts:
 
         total = len(self.batches) if isinstance(self.batches, Sequence) else None
         return tqdm(self.batches, total=total, desc="Hessian product", unit="batch", leave=False)
-
-
-_RANDOM_SAMPLERS = (
-    torch.utils.data.RandomSampler,
-    torch.utils.data.SubsetRandomSampler,
-    torch.utils.data.WeightedRandomSampler,
-)
-"""Samplers that draw a new order (or new samples) every time they are iterated."""
-
-
-def _check_data(fname: str, data: object) -> Iterable[Any]:
-    """Turn ``data`` into a re-iterable collection of batches and check what is cheap to check."""
-    if _is_batch(data):
-        batches: Iterable[Any] = [data]
-    elif isinstance(data, Iterable) and not isinstance(data, (Tensor, Mapping, str)):
-        with _rng_kept():
-            once = iter(data) is data  # type: ignore[comparison-overlap]
-        if once:
-            raise TypeError(
-                f"{fname}: data must be re-iterable (each product passes over it); got a "
-                f"{type(data).__name__} that can be iterated only once. Pass a list of batches "
-                "or a DataLoader."
-            )
-        batches = data
-    else:
-        raise TypeError(
-            f"{fname}: data must be an (inputs, targets) batch or an iterable of such batches; "
-            f"got {type(data).__name__}."
-        )
-    sampler = getattr(getattr(batches, "batch_sampler", None), "sampler", None)
-    if isinstance(sampler, _RANDOM_SAMPLERS):
-        raise ValueError(
-            f"{fname}: data is a DataLoader whose {type(sampler).__name__} draws another order "
-            "on every pass; every product passes over the data again, and all passes must "
-            "see the same batches in the same order. Use shuffle=False (or a fixed sampler)."
-        )
-    to_check = batches if isinstance(batches, Sequence) else _first(batches)
-    if not to_check:
-        raise ValueError(f"{fname}: data is empty; expected at least one (inputs, targets) batch.")
-    for index, batch in enumerate(to_check):
-        inputs, _ = _check_batch(fname, index, batch)
-        _batch_size(fname, index, inputs)
-    return batches
-
-
-def _first(batches: Iterable[Any]) -> list[Any]:
-    with _rng_kept():
-        for batch in batches:
-            return [batch]
-    return []
-
-
-def _rng_kept() -> contextlib.AbstractContextManager[None]:
-    """Keep iterating data from advancing the global RNG.
-
-    A DataLoader draws the base seed of its workers from the global RNG whenever an iterator
-    is made; the library's passes over data restore the RNG state after, so that they leave
-    no trace and every pass draws the same seeds.
-    """
-    return torch.random.fork_rng(devices=[])
-
-
-def _is_batch(data: object) -> bool:
-    """A single batch is a pair ``(inputs, targets)`` whose targets are a tensor."""
-    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
-
-
-def _check_batch(fname: str, index: int, batch: object) -> tuple[Any, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        got = f"a {type(batch).__name__}"
-        if isinstance(batch, (tuple, list)):
-            got += f" of length {len(batch)}"
-        raise TypeError(
-            f"{fname}: data batch {index} must be a pair (inputs, targets); got {got}. "
-            "Wrap several model inputs in a tuple, ((x1, x2), targets); a single batch is a "
-            "pair whose targets are a tensor."
-        )
-    check_inputs(fname, f"the inputs of data batch {index}", batch[0])
-    return batch[0], batch[1]
-
-
-def _batch_size(fname: str, index: int, inputs: object) -> int:
-    """The leading dimension of the first input tensor."""
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    tensors = (
-        [inputs] if isinstance(inputs, Tensor) else [t for t in values if isinstance(t, Tensor)]
-    )  # type: ignore[union-attr]
-    if not tensors or tensors[0].dim() == 0:
-        raise ValueError(
-            f"{fname}: the inputs of data batch {index} hold no tensor with a batch dimension; "
-            "expected the first input tensor's leading dimension to count the samples."
-        )
-    return tensors[0].shape[0]
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """Move the tensors of a (nested) batch to ``device``."""
-    if isinstance(obj, Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {key: _to_device(value, device) for key, value in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
-        return type(obj)(*(_to_device(value, device) for value in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(value, device) for value in obj)
-    return obj

@@ -42,6 +42,7 @@ from torch_secorder._checks import (
     check_bool,
     check_chunk_size,
     check_dense_size,
+    check_inputs,
     check_layout,
     check_max_bytes,
     format_shape,
@@ -53,7 +54,6 @@ from torch_secorder.core._autograd import GradientGraph, unit_cotangents
 from torch_secorder.core._forward import forward_context
 from torch_secorder.core._model import (
     call_model,
-    check_inputs,
     model_objective,
     model_params,
     operator_locator,

@@ -7,13 +7,12 @@ parameters in order, each flattened row-major (the order of
 """
 
 import fnmatch
-import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
-from torch_secorder._checks import as_params
+from torch_secorder import _flat
+from torch_secorder._checks import as_params, check_module, check_tensor, type_name
 from torch_secorder._types import ParamSelection
 
 __all__ = ["flatten", "select_params", "unflatten"]
@@ -47,10 +46,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
         >>> list(select_params(model, ["1.*", "0.bias"]))
         ['0.bias', '1.weight', '1.bias']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"select_params: model must be a torch.nn.Module; got {type(model).__name__}."
-        )
+    check_module("select_params", "model", model)
     named = dict(model.named_parameters())
     if params is None:
         selected = {name: p for name, p in named.items() if p.requires_grad}
@@ -110,24 +106,22 @@ def flatten(tensors: Sequence[Tensor], *, batched: bool = False) -> Tensor:
     fname = "flatten"
     if not isinstance(tensors, (list, tuple)):
         raise TypeError(
-            f"{fname}: tensors must be a list or tuple of tensors; got {type(tensors).__name__}."
+            f"{fname}: tensors must be a list or tuple of tensors; got {type_name(tensors)}."
         )
     if not tensors:
         raise ValueError(f"{fname}: tensors is empty; expected at least one tensor.")
     for i, t in enumerate(tensors):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{fname}: tensors[{i}] must be a Tensor; got {type(t).__name__}.")
-    if not batched:
-        return torch.cat([t.reshape(-1) for t in tensors])
-    k = tensors[0].shape[0] if tensors[0].dim() else None
-    for i, t in enumerate(tensors):
-        if not t.dim() or t.shape[0] != k:
-            raise ValueError(
-                f"{fname}: tensors[{i}] has shape {tuple(t.shape)} but tensors[0] has shape "
-                f"{tuple(tensors[0].shape)}; with batched=True every tensor needs the same "
-                "leading dimension k."
-            )
-    return torch.cat([t.reshape(k, math.prod(t.shape[1:])) for t in tensors], dim=1)
+        check_tensor(fname, f"tensors[{i}]", t)
+    if batched:
+        k = tensors[0].shape[0] if tensors[0].dim() else None
+        for i, t in enumerate(tensors):
+            if not t.dim() or t.shape[0] != k:
+                raise ValueError(
+                    f"{fname}: tensors[{i}] has shape {tuple(t.shape)} but tensors[0] has shape "
+                    f"{tuple(tensors[0].shape)}; with batched=True every tensor needs the same "
+                    "leading dimension k."
+                )
+    return _flat.join(tensors, batched=batched)
 
 
 def unflatten(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
@@ -151,16 +145,12 @@ def unflatten(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
         [torch.Size([2, 2]), torch.Size([1])]
     """
     fname = "unflatten"
-    if not isinstance(vector, Tensor):
-        raise TypeError(f"{fname}: vector must be a Tensor; got {type(vector).__name__}.")
+    check_tensor(fname, "vector", vector)
     params = as_params(fname, params)
-    sizes = [p.numel() for p in params]
-    numel = sum(sizes)
+    numel = sum(p.numel() for p in params)
     if vector.dim() not in (1, 2) or vector.shape[-1] != numel:
         raise ValueError(
             f"{fname}: vector has shape {tuple(vector.shape)}; expected ({numel},) or "
             f"(k, {numel}) for params with {numel} elements in total."
         )
-    lead = tuple(vector.shape[:-1])
-    parts = vector.split(sizes, dim=-1)
-    return [part.reshape((*lead, *p.shape)) for part, p in zip(parts, params)]
+    return _flat.split(vector, params)
