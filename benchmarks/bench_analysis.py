@@ -518,7 +518,7 @@ def count_search():
     ``thick_restart_lanczos`` runs ``_restarted_lanczos`` once for the wanted pairs, then in
     their orthogonal complement (``locked`` given) until no more wanted pair turns up.
     """
-    module = importlib.import_module("torch_secorder.analysis.lanczos")
+    module = importlib.import_module("torch_secorder.analysis._lanczos")
     inner = getattr(module, "_restarted_lanczos", None)
     if inner is None:  # another version of the library: no split
         yield

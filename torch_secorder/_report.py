@@ -26,9 +26,9 @@ from torch_secorder.analysis import (
     top_eigenvalues,
 )
 from torch_secorder.analysis._driver import run
+from torch_secorder.analysis._eigensolvers import default_max_matvecs, eigen_steps
+from torch_secorder.analysis._estimators import trace_steps
 from torch_secorder.analysis._groups import ROOT, group_problems, module_groups
-from torch_secorder.analysis.eigen import default_max_matvecs, eigen_steps
-from torch_secorder.analysis.trace import trace_steps
 from torch_secorder.core.operator import HessianOperator
 from torch_secorder.core.params import select_params
 

@@ -14,7 +14,7 @@ from tests.analysis.operators import (
     tanh_mlp,
     with_spectrum,
 )
-from torch_secorder.analysis.density import density_result
+from torch_secorder.analysis.density import _density_result
 
 SPECTRA = {"dominant": dominant(300), "clustered": clustered(), "indefinite": indefinite(300)}
 
@@ -125,7 +125,7 @@ def test_sigma_and_grid_size():
 
 
 def test_point_spectrum_gets_a_nonzero_width():
-    result = density_result(
+    result = _density_result(
         torch.full((1, 3), 2.0, dtype=DTYPE), torch.full((1, 3), 1 / 3, dtype=DTYPE), 3, 101, None
     )
     assert result.sigma > 0

@@ -5,9 +5,8 @@ import torch
 
 from tests.analysis.operators import DTYPE, DenseOperator, dominant, generator, with_spectrum
 from torch_secorder.analysis._driver import Problem, SymmetryCheck, chunk_widths, max_columns, run
-from torch_secorder.analysis.diagonal_estimate import xdiag
-from torch_secorder.analysis.lanczos import lanczos_quadrature, thick_restart_lanczos
-from torch_secorder.analysis.trace import hutch_plus_plus, hutchinson
+from torch_secorder.analysis._estimators import hutch_plus_plus, hutchinson, xdiag
+from torch_secorder.analysis._lanczos import lanczos_quadrature, thick_restart_lanczos
 
 CPU = torch.device("cpu")
 ROWS = [slice(0, 30), torch.cat([torch.arange(30, 50), torch.arange(70, 80)]), slice(50, 70)]

@@ -11,7 +11,7 @@ from tests.analysis.operators import (
     with_spectrum,
 )
 from torch_secorder.analysis._driver import Problem, run
-from torch_secorder.analysis.lanczos import (
+from torch_secorder.analysis._lanczos import (
     _restarted_lanczos,
     default_basis_size,
     lanczos_quadrature,
@@ -154,7 +154,7 @@ def test_quadrature_runs_probes_in_groups_when_memory_is_short(monkeypatch):
     (expected,) = run(
         "test", whole, [Problem(lanczos_quadrature(40, 8, 5, DTYPE, CPU, generator(0)))]
     )
-    monkeypatch.setattr("torch_secorder.analysis.lanczos.BASIS_BYTES", 2 * 8 * 40 * 8)
+    monkeypatch.setattr("torch_secorder.analysis._lanczos.BASIS_BYTES", 2 * 8 * 40 * 8)
     grouped = Recording(A)
     (got,) = run("test", grouped, [Problem(lanczos_quadrature(40, 8, 5, DTYPE, CPU, generator(0)))])
     assert [c.shape[1] for c in whole.columns] == [5] * 8

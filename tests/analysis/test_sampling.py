@@ -1,6 +1,6 @@
 import torch
 
-from torch_secorder.analysis.sampling import (
+from torch_secorder.analysis._sampling import (
     DEFAULT_SEED,
     gaussian,
     make_generator,

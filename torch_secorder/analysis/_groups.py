@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.analysis._driver import Problem, Steps, run
-from torch_secorder.analysis.sampling import make_generator, spawn
+from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.core._model import model_params
 from torch_secorder.core.operator import HessianOperator, model_operator
 

@@ -42,10 +42,10 @@ from torch_secorder._checks import check_generator, check_int, check_positive
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._groups import run_model
+from torch_secorder.analysis._lanczos import lanczos_quadrature, work_dtype
 from torch_secorder.analysis._operator import resolve
-from torch_secorder.analysis.lanczos import lanczos_quadrature
+from torch_secorder.analysis._sampling import make_generator
 from torch_secorder.analysis.results import DensityResult
-from torch_secorder.analysis.sampling import make_generator
 
 __all__ = ["model_spectral_density", "spectral_density"]
 
@@ -120,7 +120,7 @@ def spectral_density(
         )
         run(fname, operator, [problem])
     nodes, weights = problem.result
-    return density_result(nodes, weights, problem.num_matvecs, grid_size, sigma)
+    return _density_result(nodes, weights, problem.num_matvecs, grid_size, sigma)
 
 
 def model_spectral_density(
@@ -194,7 +194,7 @@ def model_spectral_density(
         return lanczos_quadrature(n, steps, num_probes, dtype, device, gen, span=span)
 
     def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> DensityResult:
-        return density_result(result[0], result[1], count, grid_size, sigma)
+        return _density_result(result[0], result[1], count, grid_size, sigma)
 
     return run_model(
         fname,
@@ -234,7 +234,7 @@ def _check_options(
     return num_matvecs // num_probes  # type: ignore[operator]
 
 
-def default_sigma(nodes: Tensor) -> float:
+def _default_sigma(nodes: Tensor) -> float:
     """Half the range of the nodes per Lanczos step (a nonzero fallback for a point spectrum)."""
     low, high = float(nodes.min()), float(nodes.max())
     return SIGMA_PER_STEP * _span(low, high) / nodes.shape[1]
@@ -247,14 +247,14 @@ def _span(low: float, high: float) -> float:
     return 1e-2 * max(abs(low), abs(high)) or 1.0
 
 
-def density_result(
+def _density_result(
     nodes: Tensor, weights: Tensor, num_matvecs: int, grid_size: int, sigma: float | None
 ) -> DensityResult:
     """Broaden Ritz nodes and weights into a density on a grid integrating to 1."""
-    sigma = default_sigma(nodes) if sigma is None else float(sigma)
+    sigma = _default_sigma(nodes) if sigma is None else float(sigma)
     low, high = float(nodes.min()), float(nodes.max())
     pad = 4 * sigma + 0.01 * _span(low, high)
-    work = torch.float64 if nodes.device.type != "mps" else nodes.dtype
+    work = work_dtype(nodes.device, nodes.dtype)
     grid = torch.linspace(low - pad, high + pad, grid_size, dtype=work, device=nodes.device)
     centres = nodes.reshape(-1).to(work)
     mass = weights.reshape(-1).to(work) / nodes.shape[0]

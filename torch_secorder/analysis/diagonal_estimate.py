@@ -11,10 +11,8 @@ For models too large for the exact diagonal (:math:`P` products), with :math:`m`
   :math:`d_i = \operatorname{diag}(Q_{(i)}Q_{(i)}^\top H) + \omega_i \odot (I - Q_{(i)}
   Q_{(i)}^\top) H\omega_i`. The estimate is the mean of the exchangeable :math:`d_i`. The
   sketch captures the dominant eigen-directions exactly, so XDiag wins clearly when a few
-  eigenvalues dominate (five times smaller errors than Hutchinson at 100 products on such a
-  spectrum); on a flat spectrum Hutchinson, which spends the whole budget on probes, has
-  errors about 1.5 times smaller. On a small tanh network's Hessian the two are on par at
-  100 products, XDiag ahead with larger budgets.
+  eigenvalues dominate; on a flat spectrum Hutchinson, which spends the whole budget on
+  probes, has the smaller errors.
 
 Per-entry standard errors are the sample standard deviation of the averaged terms over the
 square root of their number.
@@ -29,7 +27,6 @@ References:
     arXiv:2301.07825.
 """
 
-import math
 from typing import Any
 
 import torch
@@ -37,11 +34,11 @@ from torch import Tensor, nn
 
 from torch_secorder._checks import check_estimator
 from torch_secorder._types import ParamSelection
-from torch_secorder.analysis._driver import Problem, Steps, max_columns, run
+from torch_secorder.analysis._driver import Problem, Steps, run
+from torch_secorder.analysis._estimators import diagonal_steps
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import DiagonalEstimate
-from torch_secorder.analysis.sampling import make_generator, rademacher_columns
 from torch_secorder.core.params import unflatten
 
 __all__ = ["hessian_diagonal_estimate", "model_hessian_diagonal_estimate"]
@@ -191,101 +188,3 @@ def model_hessian_diagonal_estimate(
         finish,
         options={"seed": seed, "distributed": distributed, "progress": progress},
     )
-
-
-def diagonal_steps(
-    method: str,
-    n: int,
-    num_matvecs: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None,
-    *,
-    span: int | None = None,
-) -> Steps:
-    """The estimator ``method`` as a product-requesting generator returning (diagonal, stderr).
-
-    ``span`` (default ``n``) is the size of the operator whose block the estimator sees, for
-    the size of Hutchinson's chunks of probes.
-    """
-    gen = make_generator(generator)
-    if method == "hutchinson":
-        return hutchinson_diagonal(n, num_matvecs, dtype, device, gen, span=span)
-    return xdiag(n, num_matvecs, dtype, device, gen)
-
-
-def _stderr(m2: Tensor, count: int) -> Tensor:
-    if count < 2:
-        return torch.full_like(m2, math.nan)
-    return (m2 / (count - 1)).sqrt() / math.sqrt(count)
-
-
-def hutchinson_diagonal(
-    n: int,
-    num_matvecs: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    gen: torch.Generator,
-    *,
-    span: int | None = None,
-) -> Steps:
-    """Hutchinson's diagonal estimator, in memory-bounded chunks (Chan's running variance).
-
-    A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
-    """
-    chunk = max_columns(span or n, dtype)
-    mean = torch.zeros(n, dtype=dtype, device=device)
-    m2 = torch.zeros_like(mean)
-    count = 0
-    while count < num_matvecs:
-        size = min(chunk, num_matvecs - count)
-        Z = rademacher_columns(gen, n, size, dtype, device)
-        samples = Z * (yield Z)
-        chunk_mean = samples.mean(dim=1)
-        delta = chunk_mean - mean
-        total = count + size
-        m2 = (
-            m2 + ((samples - chunk_mean[:, None]) ** 2).sum(dim=1) + delta**2 * count * size / total
-        )
-        mean = mean + delta * size / total
-        count = total
-    return mean, _stderr(m2, count)
-
-
-def xdiag(
-    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
-) -> Steps:
-    r"""XDiag with :math:`s = \lfloor m/2 \rfloor` Rademacher test vectors.
-
-    With :math:`Y = H\Omega = QR`, :math:`Z = HQ` and :math:`s_i` the normalised columns of
-    :math:`R^{-\top}`, each exchangeable estimate is
-
-    .. math::
-        d_i = \operatorname{diag}(QZ^\top) - (Qs_i) \odot (Zs_i)
-              + \omega_i \odot \big(y_i - Q(r_i - s_i\, s_i^\top r_i)\big),
-
-    with :math:`r_i = Re_i = Q^\top y_i`. When the sketch spans the space (:math:`s \ge n`)
-    the diagonal :math:`\operatorname{diag}(QZ^\top)` is exact.
-    """
-    size = min(num_matvecs // 2, n)
-    Omega = rademacher_columns(gen, n, size, dtype, device)
-    Y = yield Omega
-    Q, R = torch.linalg.qr(Y)
-    Z = yield Q
-    low_rank = (Q * Z).sum(dim=1)
-    if size == n:
-        return low_rank, torch.zeros_like(low_rank)
-    diagonal = R.diagonal()
-    tiny = torch.finfo(dtype).eps * max(float(diagonal.abs().max()), torch.finfo(dtype).tiny)
-    pivots = torch.where(diagonal.abs() < tiny, torch.where(diagonal < 0, -tiny, tiny), diagonal)
-    guarded = R - torch.diag(diagonal) + torch.diag(pivots)
-    identity = torch.eye(size, dtype=dtype, device=device)
-    S = torch.linalg.solve_triangular(guarded.T, identity, upper=False)
-    S = S / S.norm(dim=0)
-    left_out = (Q @ S) * (Z @ S)
-    residual = Y - Q @ (R - S * (S * R).sum(dim=0))
-    estimates = low_rank[:, None] - left_out + Omega * residual
-    mean = estimates.mean(dim=1)
-    if size < 2:
-        return mean, torch.full_like(mean, math.nan)
-    return mean, estimates.std(dim=1) / math.sqrt(size)

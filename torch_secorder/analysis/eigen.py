@@ -1,6 +1,6 @@
 r"""Extreme eigenpairs of the Hessian: thick-restart Lanczos, and power iteration for comparison.
 
-``method="lanczos"`` (default) runs :func:`~torch_secorder.analysis.lanczos.thick_restart_lanczos`
+``method="lanczos"`` (default) runs :func:`~torch_secorder.analysis._lanczos.thick_restart_lanczos`
 until every wanted Ritz pair has a relative residual
 
 .. math:: \frac{\|Hx - \theta x\|}{\max(|\theta|,\ \varepsilon^{1/3}\|H\|)} \le \texttt{tol},
@@ -22,12 +22,9 @@ and the remaining pairs come from :math:`H + |\lambda_u| I` (:math:`H - |\lambda
 whose dominant eigenvalues are the wanted ones. (Shifting from the start would slow every
 run: the ratios of consecutive eigenvalues move towards 1.)
 
-On the Hessians of two trained tanh networks (``benchmarks/bench_analysis.py``: 4023
-parameters in float64, 33795 in float32), the cheapest ``tol`` that gave the top eigenvalue to
-:math:`10^{-3}` relative on five seeds took Lanczos 11 and 14 products, the top five 23 and 17
-(3 to 7 of them in the search for further copies of repeated eigenvalues); power iteration
-took 11 and 32, and 159 and 132. With its default ``tol=1e-3`` (PyHessian's), power
-iteration stopped at errors up to 2% for the top five.
+Power iteration's test stops when the Rayleigh quotient stalls, which can be well before
+it is accurate to ``tol``; the products both methods took on trained networks, and their
+errors, are in the benchmarks' README (``bench_analysis.py``).
 
 References:
     Lanczos, C. (1950). An iteration method for the solution of the eigenvalue problem of
@@ -56,30 +53,17 @@ from torch_secorder._checks import (
 )
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
+from torch_secorder.analysis._eigensolvers import default_max_matvecs, eigen_steps, power_runs
 from torch_secorder.analysis._groups import run_model
+from torch_secorder.analysis._lanczos import WHICH, RitzPairs
 from torch_secorder.analysis._operator import resolve
-from torch_secorder.analysis.lanczos import WHICH, RitzPairs, thick_restart_lanczos
+from torch_secorder.analysis._sampling import make_generator
 from torch_secorder.analysis.results import EigenResult
-from torch_secorder.analysis.sampling import gaussian, make_generator
 from torch_secorder.core.params import unflatten
 
 __all__ = ["model_top_eigenvalues", "top_eigenvalues"]
 
 METHODS = ("lanczos", "power")
-
-POWER_ITERATIONS = 100
-"""Power iterations per eigenpair in the default budget (PyHessian's ``maxIter``)."""
-
-
-def default_max_matvecs(method: str, k: int, which: str) -> int:
-    """Default budget: :math:`100k + 200` for Lanczos; 100 per power run (PyHessian)."""
-    if method == "lanczos":
-        return 100 * k + 200
-    return POWER_ITERATIONS * _power_runs(k, which)
-
-
-def _power_runs(k: int, which: str) -> int:
-    return k if which == "magnitude" else k + 1
 
 
 def top_eigenvalues(
@@ -97,11 +81,11 @@ def top_eigenvalues(
 
     Lanczos (default) needs fewer products than power iteration for the same accuracy, far
     fewer for several eigenpairs or close eigenvalues: it uses the whole Krylov space instead
-    of its last vector (see the module docstring for both methods, their stopping rules and
-    measured costs). It keeps a basis of :math:`\max(20, 2k + 2)`
-    vectors of size :math:`P`. Once the wanted pairs converge, it searches their orthogonal
-    complement from a fresh random vector, so an exactly repeated eigenvalue is reported with
-    all its copies (a single Krylov space holds only one of them).
+    of its last vector (see the module docstring for both methods and their stopping rules).
+    It keeps a basis of :math:`\max(20, 2k + 2)` vectors of size :math:`P`. Once the wanted
+    pairs converge, it searches their orthogonal complement from a fresh random vector, so an
+    exactly repeated eigenvalue is reported with all its copies (a single Krylov space holds
+    only one of them).
 
     Args:
         func_or_operator: A zero-argument loss closure (then ``params`` is required) or an
@@ -299,7 +283,7 @@ def _check_options(
     if method == "lanczos":
         why = f"Lanczos needs k={k} products"
         return check_int(fname, "max_matvecs", max_matvecs, k, why)  # type: ignore[arg-type]
-    runs = _power_runs(k, which)  # type: ignore[arg-type]
+    runs = power_runs(k, which)  # type: ignore[arg-type]
     return check_int(
         fname, "max_matvecs", max_matvecs, 2 * runs, f"power iteration needs 2 per run, {runs} runs"
     )
@@ -308,23 +292,6 @@ def _check_options(
 def _check_k(fname: str, k: int, size: int, what: str) -> None:
     if k > size:
         raise ValueError(f"{fname}: k must be at most {what}={size}; got k={k}.")
-
-
-def eigen_steps(
-    method: str,
-    n: int,
-    k: int,
-    which: str,
-    tol: float,
-    budget: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    gen: torch.Generator,
-) -> Steps:
-    """The eigen-solver ``method`` as a product-requesting generator returning RitzPairs."""
-    if method == "lanczos":
-        return thick_restart_lanczos(n, k, which, tol, budget, dtype, device, gen)
-    return power_iteration(n, k, which, tol, budget, dtype, device, gen)
 
 
 def _not_converged(
@@ -339,78 +306,3 @@ def _not_converged(
         f"{fname}: {what} not reach tol={tol:g} ({criterion}) within max_matvecs={budget}; "
         "the results are the best found (converged=False). Raise max_matvecs or tol."
     )
-
-
-def power_iteration(
-    n: int,
-    k: int,
-    which: str,
-    tol: float,
-    max_matvecs: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    gen: torch.Generator,
-) -> Steps:
-    r"""Power iteration with deflation (PyHessian), shifted once the other end dominates.
-
-    Runs are unshifted while each converges to an eigenvalue of the wanted sign (then the most
-    wanted one left); a run that converges to one of the other sign is dropped and the rest
-    run on :math:`H \pm |\lambda_u| I`. For ``which != "magnitude"`` one run is held in
-    reserve for such an unwanted eigenvalue until it is found; each run gets an equal share
-    of the remaining budget. Returns :class:`RitzPairs` sorted by ``which``.
-    """
-    values: list[Tensor] = []
-    vectors: list[Tensor] = []
-    residuals: list[Tensor] = []
-    converged = True
-    remaining = max_matvecs
-    shift = 0.0
-    reserve = which != "magnitude"  # a run for an eigenvalue of the other sign, if it dominates
-    sign = -1.0 if which == "smallest" else 1.0
-    while len(values) < k:
-        found = torch.stack(vectors, dim=1) if vectors else None
-        iterations = remaining // (k - len(values) + reserve)
-        v = gaussian(gen, (n,), dtype, device)
-        theta_prev = None
-        done = False
-        for _ in range(iterations):
-            if found is not None:
-                v = v - found @ (found.T @ v)
-            v = v / v.norm()
-            Hv = (yield v[:, None])[:, 0]
-            remaining -= 1
-            theta = v @ Hv
-            pair = (theta, v, (Hv - theta * v).norm())
-            if theta_prev is not None and abs(theta - theta_prev) <= tol * abs(theta_prev):
-                done = True
-                break
-            theta_prev = theta
-            w = Hv - shift * v
-            norm = w.norm()
-            if norm == 0:  # v spans a null direction of H - shift I: an exact eigenvector
-                done = True
-                break
-            v = w / norm
-        if reserve and sign * float(pair[0]) < 0:
-            reserve = False  # the other end dominates: shift it below the wanted end
-            shift = -sign * abs(float(pair[0]))
-            continue
-        converged = converged and done
-        values.append(pair[0])
-        vectors.append(pair[1])
-        residuals.append(pair[2])
-    order = _sort(torch.stack(values), which)
-    return RitzPairs(
-        torch.stack(values)[order],
-        torch.stack(vectors, dim=1)[:, order],
-        torch.stack(residuals)[order],
-        converged,
-    )
-
-
-def _sort(values: Tensor, which: str) -> Tensor:
-    if which == "largest":
-        return torch.argsort(values, descending=True)
-    if which == "smallest":
-        return torch.argsort(values)
-    return torch.argsort(values.abs(), descending=True)

@@ -2,7 +2,7 @@ r"""Sharpness: the largest absolute eigenvalue of a Hessian, from products only.
 
 The sharpness of a symmetric matrix :math:`H` is :math:`\max_i |\lambda_i(H)|`. Both functions
 here find it with the library's thick-restart Lanczos
-(:func:`~torch_secorder.analysis.lanczos.thick_restart_lanczos`, ``k=1``,
+(:func:`~torch_secorder.analysis._lanczos.thick_restart_lanczos`, ``k=1``,
 ``which="magnitude"``), the algorithm of :func:`~torch_secorder.top_eigenvalues`, which stops
 when the Ritz pair's relative residual is at most ``tol`` (see
 :mod:`torch_secorder.analysis.eigen`). No matrix is formed: memory is the gradient graph and a
@@ -39,11 +39,11 @@ from torch import Tensor, nn
 from torch_secorder._checks import check_generator, check_int, check_positive
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
+from torch_secorder.analysis._eigensolvers import default_max_matvecs
 from torch_secorder.analysis._groups import run_model
-from torch_secorder.analysis.eigen import default_max_matvecs
-from torch_secorder.analysis.lanczos import RitzPairs, thick_restart_lanczos
+from torch_secorder.analysis._lanczos import RitzPairs, thick_restart_lanczos
+from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.analysis.results import EigenResult, SharpnessResult
-from torch_secorder.analysis.sampling import make_generator, spawn
 from torch_secorder.core.operator import HessianOperator
 from torch_secorder.core.output import model_outputs, select_outputs
 from torch_secorder.core.params import unflatten

@@ -9,8 +9,7 @@ With :math:`m` products and Rademacher probes :math:`z` (:math:`\mathbb E\, zz^\
   :math:`(I - QQ^\top) H (I - QQ^\top)` by Hutchinson; the error falls like :math:`1/m`
   instead of :math:`1/\sqrt m` when a few eigenvalues dominate. When many eigenvalues are
   comparable and the diagonal carries most of the trace, plain Hutchinson, which spends every
-  product on probes, can be the more accurate (it was on a small trained tanh network, whose
-  trace Hutchinson estimated with 0.8% error at 100 products, Hutch++ with 1.2%).
+  product on probes, can be the more accurate.
 * **XTrace**: half the products sketch :math:`Y = H\Omega`, half give :math:`HQ`; every probe
   :math:`\omega_i` is used both in the sketch and, leaving it out of the sketch
   (:math:`Q_{(i)} = \operatorname{orth}(Y_{-i})`), as a Hutchinson probe of the deflated rest:
@@ -18,10 +17,7 @@ With :math:`m` products and Rademacher probes :math:`z` (:math:`\mathbb E\, zz^\
   H (I - Q_{(i)}Q_{(i)}^\top) \omega_i`. The estimate is the mean of the exchangeable
   :math:`t_i`, its standard error their standard deviation over :math:`\sqrt{m/2}`; all
   leave-one-out bases come from one QR factorisation. The :math:`t_i` share most of their
-  sketch and are positively correlated, so this standard error runs low: on a trained
-  network's Hessian it was 0.6-0.75 times the actual error over 100 seeds at 12 to 192
-  products, where Hutchinson's and Hutch++'s were 0.88-1.05 times
-  (``benchmarks/bench_analysis.py``).
+  sketch and are positively correlated, so this standard error runs low.
 * **Exact**: the sum of the exact diagonal (:meth:`HessianOperator.diagonal
   <torch_secorder.HessianOperator.diagonal>`): :math:`P` unit-vector products for a closure
   or an operator without ``diagonal``, fewer for a model whose layers' structure gives their
@@ -40,7 +36,6 @@ References:
     arXiv:2301.07825.
 """
 
-import math
 from typing import Any
 
 import torch
@@ -48,11 +43,11 @@ from torch import Tensor, nn
 
 from torch_secorder._checks import check_estimator
 from torch_secorder._types import ParamSelection
-from torch_secorder.analysis._driver import Problem, Steps, max_columns, run
+from torch_secorder.analysis._driver import Problem, Steps, run
+from torch_secorder.analysis._estimators import trace_steps
 from torch_secorder.analysis._groups import resolve_groups, run_model
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import TraceEstimate
-from torch_secorder.analysis.sampling import make_generator, rademacher_columns
 from torch_secorder.core._model import model_params
 from torch_secorder.core.operator import HessianOperator, exact_diagonal, model_operator
 
@@ -78,8 +73,10 @@ def hessian_trace(
 ) -> TraceEstimate:
     r"""Estimate the trace of the Hessian, :math:`\operatorname{tr}(H) = \sum_i \lambda_i`.
 
-    All probes of a stage run as one batched product (in chunks of about 1 GiB of vectors).
-    See the module docstring for the estimators.
+    Each stage's vectors go to the operator as one block, multiplied in chunks of at most
+    1 GiB of vectors. Hutchinson and ``"exact"`` also draw their vectors chunk by chunk;
+    Hutch++ and XTrace hold their whole sketch, :math:`m/3` and :math:`m/2` vectors of size
+    :math:`P` with their products. See the module docstring for the estimators.
 
     Args:
         func_or_operator: A zero-argument loss closure (then ``params`` is required) or an
@@ -256,158 +253,3 @@ def _exact_model_trace(
     if resolved is None:
         return trace(list(range(len(tensors))))
     return {key: trace(indices) for key, indices in resolved.items()}
-
-
-def trace_steps(
-    method: str,
-    n: int,
-    num_matvecs: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None,
-    *,
-    span: int | None = None,
-) -> Steps:
-    """The estimator ``method`` as a product-requesting generator returning (value, stderr).
-
-    ``span`` (default ``n``) is the size of the operator whose block of size ``n`` the
-    estimator sees: chunks of probes are sized for it, so that the estimators of all blocks
-    of one operator together hold what one estimator of the whole operator would.
-    """
-    gen = make_generator(generator)
-    if method == "hutchinson":
-        return hutchinson(n, num_matvecs, dtype, device, gen, span=span)
-    if method == "hutch++":
-        return hutch_plus_plus(n, num_matvecs, dtype, device, gen)
-    if method == "xtrace":
-        return xtrace(n, num_matvecs, dtype, device, gen)
-    return exact_trace(n, dtype, device, span=span)
-
-
-def _mean_and_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
-    count = samples.numel()
-    if count < 2:
-        return samples.mean(), samples.new_tensor(math.nan)
-    return samples.mean(), samples.std() / math.sqrt(count)
-
-
-def hutchinson(
-    n: int,
-    num_matvecs: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    gen: torch.Generator,
-    *,
-    span: int | None = None,
-) -> Steps:
-    r"""Hutchinson's estimator with ``num_matvecs`` Rademacher probes, in memory-bounded chunks.
-
-    A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
-    """
-    chunk = max_columns(span or n, dtype)
-    samples = []
-    remaining = num_matvecs
-    while remaining > 0:
-        count = min(chunk, remaining)
-        Z = rademacher_columns(gen, n, count, dtype, device)
-        HZ = yield Z
-        samples.append((Z * HZ).sum(dim=0))
-        remaining -= count
-    return _mean_and_stderr(torch.cat(samples))
-
-
-def hutch_plus_plus(
-    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
-) -> Steps:
-    r"""Hutch++ with :math:`s = \lfloor m/3 \rfloor` sketch vectors and :math:`m - 2s` probes.
-
-    When the sketch spans the whole space (:math:`s \ge n`) the trace
-    :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent. Holds at most
-    :math:`2(m - s)` vectors of size :math:`n` with their products: the sketch and its products
-    are freed once :math:`Q` is known, and :math:`Q` and the probes go out as one block.
-    """
-    sketch = min(num_matvecs // 3, n)
-    S = rademacher_columns(gen, n, sketch, dtype, device)
-    HS = yield S
-    del S
-    Q, _ = torch.linalg.qr(HS)
-    del HS
-    if sketch == n:
-        HQ = yield Q
-        value = (Q * HQ).sum()
-        return value, torch.zeros_like(value)
-    probes = num_matvecs - 2 * sketch
-    G = rademacher_columns(gen, n, probes, dtype, device)
-    G = G - Q @ (Q.T @ G)
-    block = torch.cat([Q, G], dim=1)
-    del Q, G
-    products = yield block
-    low_rank = (block[:, :sketch] * products[:, :sketch]).sum()
-    mean, stderr = _mean_and_stderr((block[:, sketch:] * products[:, sketch:]).sum(dim=0))
-    return low_rank + mean, stderr
-
-
-def xtrace(
-    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
-) -> Steps:
-    r"""XTrace with :math:`s = \lfloor m/2 \rfloor` Rademacher test vectors.
-
-    With :math:`Y = H\Omega = QR`, :math:`Z = HQ`, the leave-one-out projector is
-    :math:`Q_{(i)}Q_{(i)}^\top = Q(I - s_is_i^\top)Q^\top` with :math:`s_i` the normalised
-    :math:`i`-th column of :math:`R^{-\top}`. Writing :math:`H_Q = Q^\top Z`,
-    :math:`W = Q^\top\Omega`, :math:`u_i = w_i - s_i(s_i^\top w_i)`, each exchangeable
-    estimate is
-
-    .. math::
-        t_i = \operatorname{tr} H_Q - s_i^\top H_Q s_i + \omega_i^\top y_i
-              - (Z^\top\omega_i)^\top u_i - u_i^\top R e_i + u_i^\top H_Q u_i .
-
-    When the sketch spans the whole space (:math:`s \ge n`) the trace is exact.
-    """
-    size = min(num_matvecs // 2, n)
-    Omega = rademacher_columns(gen, n, size, dtype, device)
-    Y = yield Omega
-    Q, R = torch.linalg.qr(Y)
-    Z = yield Q
-    HQ = Q.T @ Z
-    if size == n:
-        value = HQ.trace()
-        return value, torch.zeros_like(value)
-    # Guard exactly singular sketches (low-rank H): tiny pivots make s_i the missing direction.
-    diagonal = R.diagonal()
-    tiny = torch.finfo(dtype).eps * max(float(diagonal.abs().max()), torch.finfo(dtype).tiny)
-    pivots = torch.where(diagonal.abs() < tiny, torch.where(diagonal < 0, -tiny, tiny), diagonal)
-    guarded = R - torch.diag(diagonal) + torch.diag(pivots)
-    identity = torch.eye(size, dtype=dtype, device=device)
-    S = torch.linalg.solve_triangular(guarded.T, identity, upper=False)
-    S = S / S.norm(dim=0)
-    W = Q.T @ Omega
-    U = W - S * (S * W).sum(dim=0)
-    estimates = (
-        HQ.trace()
-        - (S * (HQ @ S)).sum(dim=0)
-        + (Omega * Y).sum(dim=0)
-        - ((Z.T @ Omega) * U).sum(dim=0)
-        - (U * R).sum(dim=0)
-        + (U * (HQ @ U)).sum(dim=0)
-    )
-    return _mean_and_stderr(estimates)
-
-
-def exact_trace(
-    n: int, dtype: torch.dtype, device: torch.device, *, span: int | None = None
-) -> Steps:
-    """The exact trace from products with unit vectors, in memory-bounded chunks.
-
-    A chunk holds :func:`max_columns` vectors of the operator's size ``span`` (default ``n``).
-    """
-    chunk = max_columns(span or n, dtype)
-    total = torch.zeros((), dtype=dtype, device=device)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        index = torch.arange(stop - start, device=device)
-        E = torch.zeros(n, stop - start, dtype=dtype, device=device)
-        E[start + index, index] = 1
-        HE = yield E
-        total = total + HE[start + index, index].sum()
-    return total, torch.zeros_like(total)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from torch_secorder.analysis._driver import Steps
-from torch_secorder.analysis.sampling import gaussian, rademacher
+from torch_secorder.analysis._sampling import gaussian, rademacher
 
 __all__ = ["RitzPairs", "default_basis_size", "lanczos_quadrature", "thick_restart_lanczos"]
 

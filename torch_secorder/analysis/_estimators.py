@@ -1,0 +1,272 @@
+r"""The trace and diagonal estimators, written as product-requesting generators.
+
+Each generator yields blocks of vectors and receives their products with the symmetric
+operator (:func:`._driver.run`); its return value is the estimate and its standard error.
+The estimators and their references are described in :mod:`torch_secorder.analysis.trace`
+and :mod:`torch_secorder.analysis.diagonal_estimate`, which hold the public functions.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from torch_secorder.analysis._driver import Steps, max_columns
+from torch_secorder.analysis._sampling import make_generator, rademacher_columns
+
+
+def trace_steps(
+    method: str,
+    n: int,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None,
+    *,
+    span: int | None = None,
+) -> Steps:
+    """The estimator ``method`` as a product-requesting generator returning (value, stderr).
+
+    ``span`` (default ``n``) is the size of the operator whose block of size ``n`` the
+    estimator sees: chunks of probes are sized for it, so that the estimators of all blocks
+    of one operator together hold what one estimator of the whole operator would.
+    """
+    gen = make_generator(generator)
+    if method == "hutchinson":
+        return hutchinson(n, num_matvecs, dtype, device, gen, span=span)
+    if method == "hutch++":
+        return hutch_plus_plus(n, num_matvecs, dtype, device, gen)
+    if method == "xtrace":
+        return xtrace(n, num_matvecs, dtype, device, gen)
+    return exact_trace(n, dtype, device, span=span)
+
+
+def _mean_and_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
+    count = samples.numel()
+    if count < 2:
+        return samples.mean(), samples.new_tensor(math.nan)
+    return samples.mean(), samples.std() / math.sqrt(count)
+
+
+def hutchinson(
+    n: int,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+    *,
+    span: int | None = None,
+) -> Steps:
+    r"""Hutchinson's estimator with ``num_matvecs`` Rademacher probes, in memory-bounded chunks.
+
+    A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
+    """
+    chunk = max_columns(span or n, dtype)
+    samples = []
+    remaining = num_matvecs
+    while remaining > 0:
+        count = min(chunk, remaining)
+        Z = rademacher_columns(gen, n, count, dtype, device)
+        HZ = yield Z
+        samples.append((Z * HZ).sum(dim=0))
+        remaining -= count
+    return _mean_and_stderr(torch.cat(samples))
+
+
+def hutch_plus_plus(
+    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> Steps:
+    r"""Hutch++ with :math:`s = \lfloor m/3 \rfloor` sketch vectors and :math:`m - 2s` probes.
+
+    When the sketch spans the whole space (:math:`s \ge n`) the trace
+    :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent. Holds at most
+    :math:`2(m - s)` vectors of size :math:`n` with their products: the sketch and its products
+    are freed once :math:`Q` is known, and :math:`Q` and the probes go out as one block.
+    """
+    sketch = min(num_matvecs // 3, n)
+    S = rademacher_columns(gen, n, sketch, dtype, device)
+    HS = yield S
+    del S
+    Q, _ = torch.linalg.qr(HS)
+    del HS
+    if sketch == n:
+        HQ = yield Q
+        value = (Q * HQ).sum()
+        return value, torch.zeros_like(value)
+    probes = num_matvecs - 2 * sketch
+    G = rademacher_columns(gen, n, probes, dtype, device)
+    G = G - Q @ (Q.T @ G)
+    block = torch.cat([Q, G], dim=1)
+    del Q, G
+    products = yield block
+    low_rank = (block[:, :sketch] * products[:, :sketch]).sum()
+    mean, stderr = _mean_and_stderr((block[:, sketch:] * products[:, sketch:]).sum(dim=0))
+    return low_rank + mean, stderr
+
+
+def xtrace(
+    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> Steps:
+    r"""XTrace with :math:`s = \lfloor m/2 \rfloor` Rademacher test vectors.
+
+    With :math:`Y = H\Omega = QR`, :math:`Z = HQ`, the leave-one-out projector is
+    :math:`Q_{(i)}Q_{(i)}^\top = Q(I - s_is_i^\top)Q^\top` with :math:`s_i` the normalised
+    :math:`i`-th column of :math:`R^{-\top}`. Writing :math:`H_Q = Q^\top Z`,
+    :math:`W = Q^\top\Omega`, :math:`u_i = w_i - s_i(s_i^\top w_i)`, each exchangeable
+    estimate is
+
+    .. math::
+        t_i = \operatorname{tr} H_Q - s_i^\top H_Q s_i + \omega_i^\top y_i
+              - (Z^\top\omega_i)^\top u_i - u_i^\top R e_i + u_i^\top H_Q u_i .
+
+    When the sketch spans the whole space (:math:`s \ge n`) the trace is exact.
+    """
+    size = min(num_matvecs // 2, n)
+    Omega = rademacher_columns(gen, n, size, dtype, device)
+    Y = yield Omega
+    Q, R = torch.linalg.qr(Y)
+    Z = yield Q
+    HQ = Q.T @ Z
+    if size == n:
+        value = HQ.trace()
+        return value, torch.zeros_like(value)
+    S = _left_out_directions(R)
+    W = Q.T @ Omega
+    U = W - S * (S * W).sum(dim=0)
+    estimates = (
+        HQ.trace()
+        - (S * (HQ @ S)).sum(dim=0)
+        + (Omega * Y).sum(dim=0)
+        - ((Z.T @ Omega) * U).sum(dim=0)
+        - (U * R).sum(dim=0)
+        + (U * (HQ @ U)).sum(dim=0)
+    )
+    return _mean_and_stderr(estimates)
+
+
+def exact_trace(
+    n: int, dtype: torch.dtype, device: torch.device, *, span: int | None = None
+) -> Steps:
+    """The exact trace from products with unit vectors, in memory-bounded chunks.
+
+    A chunk holds :func:`max_columns` vectors of the operator's size ``span`` (default ``n``).
+    """
+    chunk = max_columns(span or n, dtype)
+    total = torch.zeros((), dtype=dtype, device=device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        index = torch.arange(stop - start, device=device)
+        E = torch.zeros(n, stop - start, dtype=dtype, device=device)
+        E[start + index, index] = 1
+        HE = yield E
+        total = total + HE[start + index, index].sum()
+    return total, torch.zeros_like(total)
+
+
+def _left_out_directions(R: Tensor) -> Tensor:
+    r"""The normalised columns :math:`s_i` of :math:`R^{-\top}`, for leave-one-out projectors.
+
+    :math:`Q_{(i)}Q_{(i)}^\top = Q(I - s_is_i^\top)Q^\top` projects onto the sketch without its
+    :math:`i`-th vector. An exactly singular sketch (a low-rank :math:`H`) has tiny pivots in
+    :math:`R`; they are raised to :math:`\varepsilon \max_j |R_{jj}|` with their sign, which
+    makes :math:`s_i` the missing direction.
+    """
+    diagonal = R.diagonal()
+    tiny = torch.finfo(R.dtype).eps * max(float(diagonal.abs().max()), torch.finfo(R.dtype).tiny)
+    pivots = torch.where(diagonal.abs() < tiny, torch.where(diagonal < 0, -tiny, tiny), diagonal)
+    guarded = R - torch.diag(diagonal) + torch.diag(pivots)
+    identity = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    S = torch.linalg.solve_triangular(guarded.T, identity, upper=False)
+    return S / S.norm(dim=0)
+
+
+def diagonal_steps(
+    method: str,
+    n: int,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None,
+    *,
+    span: int | None = None,
+) -> Steps:
+    """The estimator ``method`` as a product-requesting generator returning (diagonal, stderr).
+
+    ``span`` (default ``n``) is the size of the operator whose block the estimator sees, for
+    the size of Hutchinson's chunks of probes.
+    """
+    gen = make_generator(generator)
+    if method == "hutchinson":
+        return hutchinson_diagonal(n, num_matvecs, dtype, device, gen, span=span)
+    return xdiag(n, num_matvecs, dtype, device, gen)
+
+
+def _stderr(m2: Tensor, count: int) -> Tensor:
+    if count < 2:
+        return torch.full_like(m2, math.nan)
+    return (m2 / (count - 1)).sqrt() / math.sqrt(count)
+
+
+def hutchinson_diagonal(
+    n: int,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+    *,
+    span: int | None = None,
+) -> Steps:
+    """Hutchinson's diagonal estimator, in memory-bounded chunks (Chan's running variance).
+
+    A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
+    """
+    chunk = max_columns(span or n, dtype)
+    mean = torch.zeros(n, dtype=dtype, device=device)
+    m2 = torch.zeros_like(mean)
+    count = 0
+    while count < num_matvecs:
+        size = min(chunk, num_matvecs - count)
+        Z = rademacher_columns(gen, n, size, dtype, device)
+        samples = Z * (yield Z)
+        chunk_mean = samples.mean(dim=1)
+        delta = chunk_mean - mean
+        total = count + size
+        m2 = (
+            m2 + ((samples - chunk_mean[:, None]) ** 2).sum(dim=1) + delta**2 * count * size / total
+        )
+        mean = mean + delta * size / total
+        count = total
+    return mean, _stderr(m2, count)
+
+
+def xdiag(
+    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> Steps:
+    r"""XDiag with :math:`s = \lfloor m/2 \rfloor` Rademacher test vectors.
+
+    With :math:`Y = H\Omega = QR`, :math:`Z = HQ` and :math:`s_i` the normalised columns of
+    :math:`R^{-\top}`, each exchangeable estimate is
+
+    .. math::
+        d_i = \operatorname{diag}(QZ^\top) - (Qs_i) \odot (Zs_i)
+              + \omega_i \odot \big(y_i - Q(r_i - s_i\, s_i^\top r_i)\big),
+
+    with :math:`r_i = Re_i = Q^\top y_i`. When the sketch spans the space (:math:`s \ge n`)
+    the diagonal :math:`\operatorname{diag}(QZ^\top)` is exact.
+    """
+    size = min(num_matvecs // 2, n)
+    Omega = rademacher_columns(gen, n, size, dtype, device)
+    Y = yield Omega
+    Q, R = torch.linalg.qr(Y)
+    Z = yield Q
+    low_rank = (Q * Z).sum(dim=1)
+    if size == n:
+        return low_rank, torch.zeros_like(low_rank)
+    S = _left_out_directions(R)
+    left_out = (Q @ S) * (Z @ S)
+    residual = Y - Q @ (R - S * (S * R).sum(dim=0))
+    estimates = low_rank[:, None] - left_out + Omega * residual
+    mean = estimates.mean(dim=1)
+    if size < 2:
+        return mean, torch.full_like(mean, math.nan)
+    return mean, estimates.std(dim=1) / math.sqrt(size)
