@@ -5,6 +5,7 @@ marked ``slow``.
 """
 
 import doctest
+import inspect
 import re
 import runpy
 import subprocess
@@ -90,6 +91,24 @@ def test_api_pages_exist():
 def test_every_public_name_has_exactly_one_api_entry(name):
     count = Counter(documented_names())[name]
     assert count == 1, f"{name} has {count} entries in docs/api/*.rst; expected exactly 1"
+
+
+def _described_arguments(doc: str) -> set[str]:
+    """Names of the arguments in a Google-style docstring's ``Args:`` section."""
+    section = re.search(r"^( *)Args:\n(.*?)(?=^\1\S|\Z)", doc, re.M | re.S)
+    return set(re.findall(r"^ +(\w+): ", section.group(2), re.M)) if section else set()
+
+
+@pytest.mark.parametrize("name", sorted(public_names()))
+def test_every_public_function_describes_every_argument(name):
+    """The docstrings as users read them (shared descriptions filled in), for every argument."""
+    obj = getattr(torch_secorder, name)
+    if not inspect.isfunction(obj):
+        pytest.skip("not a function")
+    arguments = set(inspect.signature(obj).parameters)
+    missing = arguments - _described_arguments(obj.__doc__)
+    assert not missing, f"{name}'s docstring does not describe {sorted(missing)}"
+    assert "{" + "model_data}" not in obj.__doc__  # no placeholder left unfilled
 
 
 def test_every_api_entry_is_public():

@@ -27,7 +27,7 @@ from torch_secorder.analysis import (
 )
 from torch_secorder.analysis._driver import run
 from torch_secorder.analysis._eigensolvers import default_max_matvecs, eigen_steps
-from torch_secorder.analysis._estimators import trace_steps
+from torch_secorder.analysis._estimators import estimator_steps
 from torch_secorder.analysis._groups import ROOT, group_problems, module_groups
 from torch_secorder.core.operator import HessianOperator
 from torch_secorder.core.params import select_params
@@ -471,7 +471,7 @@ def per_layer_rows(operator: Any, plan: Plan, model: nn.Module, seed: int) -> li
     budget = plan.layer_matvecs
 
     def trace_problem(n: int, dtype: Any, device: Any, gen: Any, span: int) -> Any:
-        return trace_steps("hutch++", n, budget, dtype, device, gen, span=span)
+        return estimator_steps("hutch++", n, budget, dtype, device, gen, span=span)
 
     def eigen_problem(n: int, dtype: Any, device: Any, gen: Any, span: int) -> Any:
         return eigen_steps(

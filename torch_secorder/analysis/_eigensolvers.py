@@ -2,16 +2,24 @@ r"""The eigen-solvers of :func:`~torch_secorder.top_eigenvalues` as product-requ
 
 Power iteration with deflation lives here, thick-restart Lanczos in :mod:`._lanczos`;
 :func:`eigen_steps` picks one by name and :func:`default_max_matvecs` gives their default
-budgets. The methods and their stopping rules are described in
-:mod:`torch_secorder.analysis.eigen`, which holds the public functions.
+budgets; :func:`model_eigenpairs` runs them over a model's data, as
+:func:`~torch_secorder.model_top_eigenvalues` and :func:`~torch_secorder.model_sharpness` do.
+The methods and their stopping rules are described in :mod:`torch_secorder.analysis.eigen`,
+which holds the public functions.
 """
 
+import warnings
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from torch_secorder.analysis._driver import Steps
+from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._lanczos import RitzPairs, thick_restart_lanczos, wanted_order
 from torch_secorder.analysis._sampling import gaussian
+from torch_secorder.analysis.results import EigenResult
+from torch_secorder.core.params import unflatten
 
 POWER_ITERATIONS = 100
 """Power iterations per eigenpair in the default budget (PyHessian's ``maxIter``)."""
@@ -110,3 +118,63 @@ def power_iteration(
         torch.stack(residuals)[order],
         converged,
     )
+
+
+def check_k(fname: str, k: int, size: int, what: str) -> None:
+    """Refuse more eigenpairs than the problem's size."""
+    if k > size:
+        raise ValueError(f"{fname}: k must be at most {what}={size}; got k={k}.")
+
+
+def warn_not_converged(
+    fname: str, what: str, method: str, tol: float, budget: int, stacklevel: int = 3
+) -> None:
+    """Warn that ``what`` did not converge, at the caller of the public function ``fname``."""
+    criterion = "relative residual" if method == "lanczos" else "relative eigenvalue change"
+    message = (
+        f"{fname}: {what} did not reach tol={tol:g} ({criterion}) within max_matvecs={budget}; "
+        "the results are the best found (converged=False). Raise max_matvecs or tol."
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel)
+
+
+def model_eigenpairs(
+    fname: str,
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    params: Any,
+    groups: object,
+    generator: torch.Generator | None,
+    options: dict[str, Any],
+    solver: tuple[str, int, str, float, int],
+) -> EigenResult | dict[str, EigenResult]:
+    """Eigenpairs of a model's loss Hessian, or of each group's block, warning if unconverged.
+
+    ``solver`` is ``(method, k, which, tol, budget)``, checked by the caller; the other
+    arguments are those of :func:`._groups.run_model`.
+    """
+    method, k, which, tol, budget = solver
+
+    def make_steps(
+        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, _: int
+    ) -> Steps:
+        check_k(fname, k, n, "the size of a group" if groups is not None else "P")
+        return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen)
+
+    def finish(pairs: RitzPairs, count: int, group_params: list[Tensor]) -> EigenResult:
+        vectors = unflatten(pairs.vectors.T, group_params)
+        return EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
+
+    results = run_model(
+        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options
+    )
+    if isinstance(results, dict):
+        missing = [name for name, result in results.items() if not result.converged]
+        if missing:
+            listed = ", ".join(map(repr, missing))
+            what = ("group " if len(missing) == 1 else "groups ") + listed
+            warn_not_converged(fname, what, method, tol, budget, 4)
+    elif not results.converged:
+        warn_not_converged(fname, "the eigenpairs", method, tol, budget, 4)
+    return results

@@ -15,7 +15,7 @@ from torch_secorder.analysis._driver import Steps, max_columns
 from torch_secorder.analysis._sampling import make_generator, rademacher_columns
 
 
-def trace_steps(
+def estimator_steps(
     method: str,
     n: int,
     num_matvecs: int,
@@ -24,14 +24,20 @@ def trace_steps(
     generator: torch.Generator | None,
     *,
     span: int | None = None,
+    diagonal: bool = False,
 ) -> Steps:
-    """The estimator ``method`` as a product-requesting generator returning (value, stderr).
+    """The trace (or, with ``diagonal``, diagonal) estimator ``method`` as a generator.
 
-    ``span`` (default ``n``) is the size of the operator whose block of size ``n`` the
-    estimator sees: chunks of probes are sized for it, so that the estimators of all blocks
-    of one operator together hold what one estimator of the whole operator would.
+    It returns the estimate and its standard error. ``span`` (default ``n``) is the size of
+    the operator whose block of size ``n`` the estimator sees: chunks of probes are sized for
+    it, so that the estimators of all blocks of one operator together hold what one estimator
+    of the whole operator would.
     """
     gen = make_generator(generator)
+    if diagonal:
+        if method == "hutchinson":
+            return hutchinson_diagonal(n, num_matvecs, dtype, device, gen, span=span)
+        return xdiag(n, num_matvecs, dtype, device, gen)
     if method == "hutchinson":
         return hutchinson(n, num_matvecs, dtype, device, gen, span=span)
     if method == "hutch++":
@@ -178,27 +184,6 @@ def _left_out_directions(R: Tensor) -> Tensor:
     identity = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
     S = torch.linalg.solve_triangular(guarded.T, identity, upper=False)
     return S / S.norm(dim=0)
-
-
-def diagonal_steps(
-    method: str,
-    n: int,
-    num_matvecs: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None,
-    *,
-    span: int | None = None,
-) -> Steps:
-    """The estimator ``method`` as a product-requesting generator returning (diagonal, stderr).
-
-    ``span`` (default ``n``) is the size of the operator whose block the estimator sees, for
-    the size of Hutchinson's chunks of probes.
-    """
-    gen = make_generator(generator)
-    if method == "hutchinson":
-        return hutchinson_diagonal(n, num_matvecs, dtype, device, gen, span=span)
-    return xdiag(n, num_matvecs, dtype, device, gen)
 
 
 def _stderr(m2: Tensor, count: int) -> Tensor:

@@ -156,7 +156,6 @@ def run_model(
     generator: torch.Generator | None,
     make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
     finish: Callable[[Any, int, list[Tensor]], Any],
-    *,
     options: dict[str, Any],
 ) -> Any:
     """Run one problem per group (or one for the whole selection) over the data's Hessian.

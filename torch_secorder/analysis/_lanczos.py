@@ -19,20 +19,12 @@ yields blocks of vectors and receives their products with the symmetric operator
   of stochastic Lanczos quadrature.
 
 References:
-    Lanczos, C. (1950). An iteration method for the solution of the eigenvalue problem of
-    linear differential and integral operators. J. Res. Nat. Bur. Standards 45(4), 255-282.
-    https://doi.org/10.6028/jres.045.026
-
-    Wu, K. and Simon, H. (2000). Thick-restart Lanczos method for large symmetric eigenvalue
-    problems. SIAM J. Matrix Anal. Appl. 22(2), 602-616.
-    https://doi.org/10.1137/S0895479898334605
+    Those cited by :mod:`torch_secorder.analysis.eigen` (Lanczos 1950; Wu and Simon 2000)
+    and :mod:`torch_secorder.analysis.density` (Golub and Meurant 2010), and
 
     Stathopoulos, A., Saad, Y. and Wu, K. (1998). Dynamic thick restarting of the Davidson,
     and the implicitly restarted Arnoldi methods. SIAM J. Sci. Comput. 19(1), 227-245.
     https://doi.org/10.1137/S1064827596304162
-
-    Golub, G. H. and Meurant, G. (2010). Matrices, Moments and Quadrature with Applications.
-    Princeton University Press. https://doi.org/10.1515/9781400833887
 """
 
 from dataclasses import dataclass

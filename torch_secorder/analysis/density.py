@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder._checks import check_generator, check_int, check_positive
+from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._groups import run_model
@@ -53,6 +54,7 @@ SIGMA_PER_STEP = 0.5
 r"""Default broadening: :math:`\sigma` = ``SIGMA_PER_STEP`` times the node range over the steps."""
 
 
+@shared_arguments
 def spectral_density(
     func_or_operator: Any,
     params: Any = None,
@@ -71,9 +73,7 @@ def spectral_density(
     module docstring).
 
     Args:
-        func_or_operator: A zero-argument loss closure (then ``params`` is required) or an
-            operator with ``matmat``, ``shape``, ``dtype`` and ``device``.
-        params: Parameters of the closure (any iterable of tensors); ``None`` for an operator.
+        {closure_or_operator}
         num_matvecs: Budget of Hessian-vector products (default 400), at least ``num_probes``.
         num_probes: Number of random probes (default 4; 100 steps each by default, as
             PyHessian's ``iter=100``).
@@ -123,6 +123,7 @@ def spectral_density(
     return _density_result(nodes, weights, problem.num_matvecs, grid_size, sigma)
 
 
+@shared_arguments
 def model_spectral_density(
     model: nn.Module,
     loss_fn: Any,
@@ -149,24 +150,12 @@ def model_spectral_density(
     :math:`G` groups cost :math:`G` times ``num_matvecs``.
 
     Args:
-        model: The model.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
-        data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
-        params: Parameter selection by names or glob patterns (``None``: all trainable).
-        groups: ``None`` (whole selection), ``"module"``, ``"parameter"`` or a dict name ->
-            parameter names/patterns (see :func:`model_hessian_trace`).
+        {model_data}
         num_matvecs: Budget per group, as for :func:`spectral_density`.
         num_probes: As for :func:`spectral_density`.
         grid_size: As for :func:`spectral_density`.
         sigma: As for :func:`spectral_density` (``None``: per group).
-        generator: Source of randomness; with groups, each group draws from its own generator
-            derived from it, in group order.
-        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
-            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`
-            and the core model forms (seed ``0`` for their one batch).
-        distributed: Sum products over processes; ``None`` does so when
-            :mod:`torch.distributed` is initialized.
-        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
+        {model_run}
 
     Returns:
         A :class:`DensityResult`, or a dict group name -> :class:`DensityResult`.
@@ -196,17 +185,9 @@ def model_spectral_density(
     def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> DensityResult:
         return _density_result(result[0], result[1], count, grid_size, sigma)
 
+    options = {"seed": seed, "distributed": distributed, "progress": progress}
     return run_model(
-        fname,
-        model,
-        loss_fn,
-        data,
-        params,
-        groups,
-        generator,
-        make_steps,
-        finish,
-        options={"seed": seed, "distributed": distributed, "progress": progress},
+        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options
     )
 
 

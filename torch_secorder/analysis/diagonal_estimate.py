@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder._checks import check_estimator
+from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
-from torch_secorder.analysis._estimators import diagonal_steps
+from torch_secorder.analysis._estimators import estimator_steps
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import DiagonalEstimate
@@ -48,6 +49,7 @@ NEEDS = {"xdiag": (2, "one probe and its projection"), "hutchinson": (1, "one pr
 METHODS = tuple(NEEDS)
 
 
+@shared_arguments
 def hessian_diagonal_estimate(
     func_or_operator: Any,
     params: Any = None,
@@ -62,9 +64,7 @@ def hessian_diagonal_estimate(
     use :func:`~torch_secorder.hessian_diagonal`.
 
     Args:
-        func_or_operator: A zero-argument loss closure (then ``params`` is required) or an
-            operator with ``matmat``, ``shape``, ``dtype`` and ``device``.
-        params: Parameters of the closure (any iterable of tensors); ``None`` for an operator.
+        {closure_or_operator}
         method: ``"xdiag"`` (default) or ``"hutchinson"``.
         num_matvecs: Budget of Hessian-vector products: Hutchinson uses exactly this many
             (at least 1), XDiag at most this many (at least 2).
@@ -94,9 +94,8 @@ def hessian_diagonal_estimate(
     check_estimator(fname, method, num_matvecs, generator, NEEDS)
     target = resolve(fname, func_or_operator, params)
     with target.open() as operator:
-        steps = diagonal_steps(
-            method, target.size, num_matvecs, target.dtype, target.device, generator
-        )
+        size, dtype, device = target.size, target.dtype, target.device
+        steps = estimator_steps(method, size, num_matvecs, dtype, device, generator, diagonal=True)
         problem = Problem(steps)
         run(fname, operator, [problem])
     diagonal, stderr = problem.result
@@ -105,6 +104,7 @@ def hessian_diagonal_estimate(
     )
 
 
+@shared_arguments
 def model_hessian_diagonal_estimate(
     model: nn.Module,
     loss_fn: Any,
@@ -129,22 +129,10 @@ def model_hessian_diagonal_estimate(
     Hessian-vector product: :math:`G` groups cost :math:`G` times ``num_matvecs``.
 
     Args:
-        model: The model.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
-        data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
-        params: Parameter selection by names or glob patterns (``None``: all trainable).
-        groups: ``None`` (whole selection), ``"module"``, ``"parameter"`` or a dict name ->
-            parameter names/patterns (see :func:`model_hessian_trace`).
+        {model_data}
         method: As for :func:`hessian_diagonal_estimate`.
         num_matvecs: Budget per group, as for :func:`hessian_diagonal_estimate`.
-        generator: Source of randomness; with groups, each group draws from its own generator
-            derived from it, in group order.
-        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
-            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`
-            and the core model forms (seed ``0`` for their one batch).
-        distributed: Sum products over processes; ``None`` does so when
-            :mod:`torch.distributed` is initialized.
-        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
+        {model_run}
 
     Returns:
         A :class:`DiagonalEstimate` (lists like the group's parameters), or a dict group
@@ -171,20 +159,12 @@ def model_hessian_diagonal_estimate(
     def make_steps(
         n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
     ) -> Steps:
-        return diagonal_steps(method, n, num_matvecs, dtype, device, gen, span=span)
+        return estimator_steps(method, n, num_matvecs, dtype, device, gen, span=span, diagonal=True)
 
     def finish(result: tuple[Tensor, Tensor], count: int, group: list[Tensor]) -> DiagonalEstimate:
         return DiagonalEstimate(unflatten(result[0], group), unflatten(result[1], group), count)
 
+    options = {"seed": seed, "distributed": distributed, "progress": progress}
     return run_model(
-        fname,
-        model,
-        loss_fn,
-        data,
-        params,
-        groups,
-        generator,
-        make_steps,
-        finish,
-        options={"seed": seed, "distributed": distributed, "progress": progress},
+        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options
     )

@@ -39,11 +39,10 @@ References:
     through the lens of the Hessian. IEEE BigData 2020. arXiv:1912.07145.
 """
 
-import warnings
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from torch_secorder._checks import (
     check_choice,
@@ -51,21 +50,28 @@ from torch_secorder._checks import (
     check_int,
     check_positive,
 )
+from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
-from torch_secorder.analysis._driver import Problem, Steps, run
-from torch_secorder.analysis._eigensolvers import default_max_matvecs, eigen_steps, power_runs
-from torch_secorder.analysis._groups import run_model
+from torch_secorder.analysis._driver import Problem, run
+from torch_secorder.analysis._eigensolvers import (
+    check_k,
+    default_max_matvecs,
+    eigen_steps,
+    model_eigenpairs,
+    power_runs,
+    warn_not_converged,
+)
 from torch_secorder.analysis._lanczos import WHICH, RitzPairs
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis._sampling import make_generator
 from torch_secorder.analysis.results import EigenResult
-from torch_secorder.core.params import unflatten
 
 __all__ = ["model_top_eigenvalues", "top_eigenvalues"]
 
 METHODS = ("lanczos", "power")
 
 
+@shared_arguments
 def top_eigenvalues(
     func_or_operator: Any,
     params: Any = None,
@@ -88,9 +94,7 @@ def top_eigenvalues(
     only one of them).
 
     Args:
-        func_or_operator: A zero-argument loss closure (then ``params`` is required) or an
-            operator with ``matmat``, ``shape``, ``dtype`` and ``device``.
-        params: Parameters of the closure (any iterable of tensors); ``None`` for an operator.
+        {closure_or_operator}
         k: Number of eigenpairs, ``1 <= k <= P``.
         which: ``"largest"`` (algebraically), ``"smallest"`` (algebraically) or
             ``"magnitude"`` (largest :math:`|\lambda|`).
@@ -133,7 +137,7 @@ def top_eigenvalues(
     fname = "top_eigenvalues"
     budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
     target = resolve(fname, func_or_operator, params)
-    _check_k(fname, k, target.size, "P")
+    check_k(fname, k, target.size, "P")
     with target.open() as operator:
         steps = eigen_steps(
             method,
@@ -150,7 +154,7 @@ def top_eigenvalues(
         run(fname, operator, [problem])
     pairs: RitzPairs = problem.result
     if not pairs.converged:
-        warnings.warn(_not_converged(fname, method, tol, budget, None), RuntimeWarning, 2)
+        warn_not_converged(fname, "the eigenpairs", method, tol, budget)
     return EigenResult(
         pairs.values,
         target.columns_like_params(pairs.vectors),
@@ -160,6 +164,7 @@ def top_eigenvalues(
     )
 
 
+@shared_arguments
 def model_top_eigenvalues(
     model: nn.Module,
     loss_fn: Any,
@@ -187,25 +192,13 @@ def model_top_eigenvalues(
     products, up to :math:`G` times ``max_matvecs``.
 
     Args:
-        model: The model.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
-        data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
-        params: Parameter selection by names or glob patterns (``None``: all trainable).
-        groups: ``None`` (whole selection), ``"module"``, ``"parameter"`` or a dict name ->
-            parameter names/patterns (see :func:`model_hessian_trace`).
+        {model_data}
         k: Eigenpairs per group, at most the group's size.
         which: As for :func:`top_eigenvalues`.
         method: As for :func:`top_eigenvalues`.
         tol: As for :func:`top_eigenvalues`.
         max_matvecs: Budget per group, as for :func:`top_eigenvalues`.
-        generator: Source of randomness; with groups, each group draws from its own generator
-            derived from it, in group order.
-        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
-            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`
-            and the core model forms (seed ``0`` for their one batch).
-        distributed: Sum products over processes; ``None`` does so when
-            :mod:`torch.distributed` is initialized.
-        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
+        {model_run}
 
     Returns:
         An :class:`EigenResult` (eigenvectors like the group's parameters, with a leading
@@ -230,37 +223,9 @@ def model_top_eigenvalues(
     """
     fname = "model_top_eigenvalues"
     budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
-
-    def make_steps(
-        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, _: int
-    ) -> Steps:
-        _check_k(fname, k, n, "the size of a group" if groups is not None else "P")
-        return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen)
-
-    def finish(pairs: RitzPairs, count: int, group_params: list[Tensor]) -> EigenResult:
-        vectors = unflatten(pairs.vectors.T, group_params)
-        return EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
-
-    results = run_model(
-        fname,
-        model,
-        loss_fn,
-        data,
-        params,
-        groups,
-        generator,
-        make_steps,
-        finish,
-        options={"seed": seed, "distributed": distributed, "progress": progress},
-    )
-    if isinstance(results, dict):
-        missing = [name for name, result in results.items() if not result.converged]
-        if missing:
-            message = _not_converged(fname, method, tol, budget, missing)
-            warnings.warn(message, RuntimeWarning, 2)
-    elif not results.converged:
-        warnings.warn(_not_converged(fname, method, tol, budget, None), RuntimeWarning, 2)
-    return results
+    options = {"seed": seed, "distributed": distributed, "progress": progress}
+    solver = (method, k, which, tol, budget)
+    return model_eigenpairs(fname, model, loss_fn, data, params, groups, generator, options, solver)
 
 
 def _check_options(
@@ -286,23 +251,4 @@ def _check_options(
     runs = power_runs(k, which)  # type: ignore[arg-type]
     return check_int(
         fname, "max_matvecs", max_matvecs, 2 * runs, f"power iteration needs 2 per run, {runs} runs"
-    )
-
-
-def _check_k(fname: str, k: int, size: int, what: str) -> None:
-    if k > size:
-        raise ValueError(f"{fname}: k must be at most {what}={size}; got k={k}.")
-
-
-def _not_converged(
-    fname: str, method: str, tol: float, budget: int, groups: list[str] | None
-) -> str:
-    criterion = "relative residual" if method == "lanczos" else "relative eigenvalue change"
-    if groups is None:
-        what = "the eigenpairs did"
-    else:
-        what = ("group " if len(groups) == 1 else "groups ") + ", ".join(map(repr, groups)) + " did"
-    return (
-        f"{fname}: {what} not reach tol={tol:g} ({criterion}) within max_matvecs={budget}; "
-        "the results are the best found (converged=False). Raise max_matvecs or tol."
     )

@@ -20,37 +20,33 @@ the :math:`P \times P` Hessian would not fit.
   :func:`~torch_secorder.model_top_eigenvalues` with ``k=1, which="magnitude"`` does, per
   group with ``groups=``.
 
-References:
-    Lanczos, C. (1950). An iteration method for the solution of the eigenvalue problem of
-    linear differential and integral operators. J. Res. Nat. Bur. Standards 45(4), 255-282.
-    https://doi.org/10.6028/jres.045.026
-
-    Wu, K. and Simon, H. (2000). Thick-restart Lanczos method for large symmetric eigenvalue
-    problems. SIAM J. Matrix Anal. Appl. 22(2), 602-616.
-    https://doi.org/10.1137/S0895479898334605
+The Lanczos method and its references are those of :mod:`torch_secorder.analysis.eigen`.
 """
 
-import warnings
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from torch_secorder._checks import check_generator, check_int, check_positive
+from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
-from torch_secorder.analysis._driver import Problem, Steps, run
-from torch_secorder.analysis._eigensolvers import default_max_matvecs
-from torch_secorder.analysis._groups import run_model
+from torch_secorder.analysis._driver import Problem, run
+from torch_secorder.analysis._eigensolvers import (
+    default_max_matvecs,
+    model_eigenpairs,
+    warn_not_converged,
+)
 from torch_secorder.analysis._lanczos import RitzPairs, thick_restart_lanczos
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.analysis.results import EigenResult, SharpnessResult
 from torch_secorder.core.operator import HessianOperator
 from torch_secorder.core.output import model_outputs, select_outputs
-from torch_secorder.core.params import unflatten
 
 __all__ = ["model_sharpness", "output_sharpness"]
 
 
+@shared_arguments
 def output_sharpness(
     model: nn.Module,
     inputs: object,
@@ -72,11 +68,7 @@ def output_sharpness(
     the masks of RNG seed ``0``) and, like its buffers, left as found.
 
     Args:
-        model: The model, returning one tensor.
-        inputs: A tensor, a tuple of positional arguments (multi-input models), or a dict of
-            keyword arguments.
-        params: Parameter selection by names or glob patterns (``None``: all trainable ones;
-            frozen parameters take part only when named).
+        {model_outputs}
         batched: Whether the output's leading dimension indexes samples (then the output must
             have one); the result has the output's shape either way.
         tol: Relative residual tolerance of each Lanczos run (as for
@@ -139,11 +131,12 @@ def output_sharpness(
     missing = int((~converged).sum())
     if missing:
         what = f"{missing} of {converged.numel()} output elements"
-        warnings.warn(_not_converged(fname, what, tol, budget), RuntimeWarning, 2)
+        warn_not_converged(fname, what, "lanczos", tol, budget)
     values, residuals, converged = (t.reshape(shape) for t in (values, residuals, converged))
     return SharpnessResult(values.abs(), values, residuals, converged, used)
 
 
+@shared_arguments
 def model_sharpness(
     model: nn.Module,
     loss_fn: Any,
@@ -168,21 +161,10 @@ def model_sharpness(
     ``groups``, each group's diagonal block is analysed, all groups together.
 
     Args:
-        model: The model.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
-        data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
-        params: Parameter selection by names or glob patterns (``None``: all trainable).
-        groups: ``None`` (whole selection), ``"module"``, ``"parameter"`` or a dict name ->
-            parameter names/patterns (see :func:`~torch_secorder.model_hessian_trace`).
+        {model_data}
         tol: Relative residual tolerance (as for :func:`~torch_secorder.top_eigenvalues`).
         max_matvecs: Budget of products per group; ``None`` means 300.
-        generator: Source of the random starting vector; with groups, each group draws from
-            its own generator derived from it, in group order.
-        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
-            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`.
-        distributed: Sum products over processes; ``None`` does so when
-            :mod:`torch.distributed` is initialized.
-        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
+        {model_run}
 
     Returns:
         An :class:`~torch_secorder.EigenResult` with one eigenpair: ``eigenvalues`` holds
@@ -209,36 +191,9 @@ def model_sharpness(
     """
     fname = "model_sharpness"
     budget = _check_options(fname, tol, max_matvecs, generator)
-
-    def make_steps(
-        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, *_: object
-    ) -> Steps:
-        return thick_restart_lanczos(n, 1, "magnitude", tol, budget, dtype, device, gen)
-
-    def finish(pairs: RitzPairs, count: int, group_params: list[Tensor]) -> EigenResult:
-        vectors = unflatten(pairs.vectors.T, group_params)
-        return EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
-
-    results = run_model(
-        fname,
-        model,
-        loss_fn,
-        data,
-        params,
-        groups,
-        generator,
-        make_steps,
-        finish,
-        options={"seed": seed, "distributed": distributed, "progress": progress},
-    )
-    if isinstance(results, dict):
-        missing = [name for name, result in results.items() if not result.converged]
-        if missing:
-            what = ("group " if len(missing) == 1 else "groups ") + ", ".join(map(repr, missing))
-            warnings.warn(_not_converged(fname, what, tol, budget), RuntimeWarning, 2)
-    elif not results.converged:
-        warnings.warn(_not_converged(fname, "the run", tol, budget), RuntimeWarning, 2)
-    return results
+    options = {"seed": seed, "distributed": distributed, "progress": progress}
+    solver = ("lanczos", 1, "magnitude", tol, budget)
+    return model_eigenpairs(fname, model, loss_fn, data, params, groups, generator, options, solver)
 
 
 def _check_options(fname: str, tol: object, max_matvecs: object, generator: object) -> int:
@@ -248,11 +203,3 @@ def _check_options(fname: str, tol: object, max_matvecs: object, generator: obje
     if max_matvecs is None:
         return default_max_matvecs("lanczos", 1, "magnitude")
     return check_int(fname, "max_matvecs", max_matvecs, 1)
-
-
-def _not_converged(fname: str, what: str, tol: float, budget: int) -> str:
-    return (
-        f"{fname}: {what} did not reach tol={tol:g} (relative residual) within "
-        f"max_matvecs={budget}; the results are the best found (converged=False). Raise "
-        "max_matvecs or tol."
-    )

@@ -42,9 +42,10 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder._checks import check_estimator
+from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
-from torch_secorder.analysis._estimators import trace_steps
+from torch_secorder.analysis._estimators import estimator_steps
 from torch_secorder.analysis._groups import resolve_groups, run_model
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import TraceEstimate
@@ -63,6 +64,7 @@ NEEDS = {
 METHODS = tuple(NEEDS)
 
 
+@shared_arguments
 def hessian_trace(
     func_or_operator: Any,
     params: Any = None,
@@ -79,10 +81,7 @@ def hessian_trace(
     :math:`P` with their products. See the module docstring for the estimators.
 
     Args:
-        func_or_operator: A zero-argument loss closure (then ``params`` is required) or an
-            operator with ``matmat``, ``shape``, ``dtype`` and ``device`` (such as
-            :class:`~torch_secorder.HessianOperator`).
-        params: Parameters of the closure (any iterable of tensors); ``None`` for an operator.
+        {closure_or_operator}
         method: ``"hutch++"`` (default), ``"hutchinson"`` (Rademacher probes), ``"xtrace"`` or
             ``"exact"``.
         num_matvecs: Budget of Hessian-vector products: Hutchinson uses exactly this many
@@ -119,7 +118,7 @@ def hessian_trace(
             value = operator.diagonal().sum()
         return TraceEstimate(value, torch.zeros_like(value), operator.num_matvecs - before)
     with target.open() as operator:
-        steps = trace_steps(
+        steps = estimator_steps(
             method, target.size, num_matvecs, target.dtype, target.device, generator
         )
         problem = Problem(steps)
@@ -128,6 +127,7 @@ def hessian_trace(
     return TraceEstimate(value, stderr, problem.num_matvecs)
 
 
+@shared_arguments
 def model_hessian_trace(
     model: nn.Module,
     loss_fn: Any,
@@ -154,27 +154,10 @@ def model_hessian_trace(
     memory stays that of one estimate of the whole selection plus one chunk.
 
     Args:
-        model: The model.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
-        data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
-        params: Parameter selection by names or glob patterns (``None``: all trainable).
-        groups: ``None`` (whole selection), ``"module"`` (one group per module owning
-            selected parameters, by :meth:`~torch.nn.Module.named_modules` name; the
-            parameters the model owns itself form the group ``"(root)"``), ``"parameter"``
-            (one per parameter), or a dict name -> parameter names/patterns. A parameter
-            shared by several modules (tied weights) counts once, under its first name in
-            :meth:`~torch.nn.Module.named_parameters` and in the first module owning it;
-            patterns match those names.
+        {model_data}
         method: As for :func:`hessian_trace`.
         num_matvecs: Budget per group, as for :func:`hessian_trace`.
-        generator: Source of randomness; with groups, each group draws from its own
-            generator derived from it, in group order.
-        seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
-            :meth:`HessianOperator.from_model <torch_secorder.HessianOperator.from_model>`
-            and the core model forms (seed ``0`` for their one batch).
-        distributed: Sum products over processes; ``None`` does so when
-            :mod:`torch.distributed` is initialized.
-        progress: Show a progress bar over the batches of each product (needs ``tqdm``).
+        {model_run}
 
     Returns:
         A :class:`TraceEstimate`, or a dict group name -> :class:`TraceEstimate`.
@@ -203,22 +186,13 @@ def model_hessian_trace(
     def make_steps(
         n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
     ) -> Steps:
-        return trace_steps(method, n, num_matvecs, dtype, device, gen, span=span)
+        return estimator_steps(method, n, num_matvecs, dtype, device, gen, span=span)
 
     def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> TraceEstimate:
         return TraceEstimate(result[0], result[1], count)
 
     return run_model(
-        fname,
-        model,
-        loss_fn,
-        data,
-        params,
-        groups,
-        generator,
-        make_steps,
-        finish,
-        options=options,
+        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options
     )
 
 

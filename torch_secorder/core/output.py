@@ -48,6 +48,7 @@ from torch_secorder._checks import (
     format_shape,
     param_label,
 )
+from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import LossClosure, ParamSelection
 from torch_secorder.core import _chunks
 from torch_secorder.core._autograd import GradientGraph, unit_cotangents
@@ -308,6 +309,7 @@ _OUTPUT_HINT = (
 # ----------------------------------------------------------------------------- public
 
 
+@shared_arguments
 def output_hessian_matrix(
     model: nn.Module,
     inputs: object,
@@ -332,11 +334,7 @@ def output_hessian_matrix(
     ``.grad`` and the global RNG are left as found.
 
     Args:
-        model: The model, returning one tensor.
-        inputs: A tensor, a tuple of positional arguments (multi-input models), or a dict of
-            keyword arguments.
-        params: Parameter selection by names or glob patterns (``None``: all trainable ones;
-            frozen parameters take part only when named).
+        {model_outputs}
         batched: Whether the output's leading dimension indexes samples (then the output must
             have one). The result's leading dimensions are the output's shape: ``(b, *out)``
             for a batch, ``out`` for one sample (``batched=False``), none for a scalar.
@@ -387,6 +385,7 @@ def output_hessian_matrix(
     return result.view(*shape, size, size)
 
 
+@shared_arguments
 def output_hessian_dict(
     model: nn.Module,
     inputs: object,
@@ -406,11 +405,7 @@ def output_hessian_dict(
     ``diagonal_only``, only the blocks ``H["P"]["P"]`` are computed and present.
 
     Args:
-        model: The model, returning one tensor.
-        inputs: A tensor, a tuple of positional arguments (multi-input models), or a dict of
-            keyword arguments.
-        params: Parameter selection by names or glob patterns (``None``: all trainable ones;
-            frozen parameters take part only when named).
+        {model_outputs}
         batched: Whether the output's leading dimension indexes samples (see
             :func:`output_hessian_matrix`).
         diagonal_only: Compute (and return) only the blocks ``H["P"]["P"]``.
