@@ -163,38 +163,3 @@ def test_global_rng_is_untouched():
     for method in METHODS:
         ts.hessian_diagonal_estimate(operator, method=method, num_matvecs=10)
     assert torch.equal(torch.get_rng_state(), state)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (
-            {"method": "diag++"},
-            ValueError,
-            r"hessian_diagonal_estimate: method must be one of 'xdiag', 'hutchinson'; got "
-            r"'diag\+\+'\.",
-        ),
-        (
-            {"method": "xdiag", "num_matvecs": 1},
-            ValueError,
-            r"hessian_diagonal_estimate: num_matvecs must be at least 2 \(method='xdiag' needs one "
-            r"probe and its projection\); got 1\.",
-        ),
-        ({"num_matvecs": None}, TypeError, r"num_matvecs must be an int; got NoneType\."),
-    ],
-)
-def test_bad_options_raise_before_any_product(kwargs, error, match):
-    operator = DenseOperator(with_spectrum(dominant()))
-    with pytest.raises(error, match=match):
-        ts.hessian_diagonal_estimate(operator, **kwargs)
-    assert operator.num_matvecs == 0
-
-
-def test_asymmetric_operator_is_refused():
-    A = torch.randn(30, 30, generator=generator(0), dtype=DTYPE)
-    with pytest.raises(
-        ValueError,
-        match=r"hessian_diagonal_estimate: func_or_operator is not "
-        r"symmetric",
-    ):
-        ts.hessian_diagonal_estimate(DenseOperator(A))

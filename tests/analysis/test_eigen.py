@@ -288,62 +288,6 @@ def test_float32_operator():
     torch.testing.assert_close(result.eigenvalues, torch.tensor([100.0, 60.0]))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"k": 0}, ValueError, r"top_eigenvalues: k must be at least 1; got 0\."),
-        ({"k": 31}, ValueError, r"top_eigenvalues: k must be at most P=30; got k=31\."),
-        ({"k": 2.0}, TypeError, r"top_eigenvalues: k must be an int; got float\."),
-        (
-            {"which": "top"},
-            ValueError,
-            r"top_eigenvalues: which must be one of 'largest', 'smallest', 'magnitude'; "
-            r"got 'top'\.",
-        ),
-        (
-            {"method": "arnoldi"},
-            ValueError,
-            r"top_eigenvalues: method must be one of 'lanczos', 'power'; got 'arnoldi'\.",
-        ),
-        ({"tol": 0.0}, ValueError, r"top_eigenvalues: tol must be a finite positive number; got 0"),
-        ({"tol": "1e-3"}, TypeError, r"top_eigenvalues: tol must be a positive number; got str\."),
-        (
-            {"k": 3, "max_matvecs": 2},
-            ValueError,
-            r"top_eigenvalues: max_matvecs must be at least 3 \(Lanczos needs k=3 products\); "
-            r"got 2\.",
-        ),
-        (
-            {"k": 2, "method": "power", "max_matvecs": 5},
-            ValueError,
-            r"max_matvecs must be at least 6 \(power iteration needs 2 per run, 3 runs\); got 5\.",
-        ),
-        ({"generator": "seed"}, TypeError, r"generator must be None or a torch.Generator"),
-    ],
-)
-def test_bad_options_raise_before_any_product(kwargs, error, match):
-    operator = DenseOperator(with_spectrum(dominant(30)))
-    with pytest.raises(error, match=match):
-        ts.top_eigenvalues(operator, **kwargs)
-    assert operator.num_matvecs == 0
-
-
-def test_asymmetric_operator_is_refused():
-    A = torch.randn(30, 30, generator=generator(0), dtype=DTYPE)
-    with pytest.raises(ValueError, match=r"top_eigenvalues: func_or_operator is not symmetric"):
-        ts.top_eigenvalues(DenseOperator(A))
-
-
-def test_model_form_k_larger_than_a_group():
-    model, loss_fn, inputs, targets = tanh_mlp()
-    with pytest.raises(
-        ValueError,
-        match=r"model_top_eigenvalues: k must be at most the size of "
-        r"a group=2; got k=3\.",
-    ):
-        ts.model_top_eigenvalues(model, loss_fn, (inputs, targets), groups="parameter", k=3)
-
-
 def test_dropout_in_train_mode_gives_one_fixed_symmetric_operator():
     g = generator(0)
     model = torch.nn.Sequential(

@@ -195,8 +195,8 @@ def test_model_sharpness_side_effects_and_warnings():
     before = snapshot(built.model)
     with pytest.warns(
         RuntimeWarning,
-        match=r"^model_sharpness: the eigenpairs did not reach tol=1e-12 \(relative residual\) within "
-        r"max_matvecs=2; the results are the best found \(converged=False\)\. Raise "
+        match=r"^model_sharpness: the eigenpairs did not reach tol=1e-12 \(relative residual\) "
+        r"within max_matvecs=2; the results are the best found \(converged=False\)\. Raise "
         r"max_matvecs or tol\.$",
     ):
         result = model_sharpness(built.model, built.loss_fn, data, tol=1e-12, max_matvecs=2)

@@ -214,58 +214,6 @@ def test_float32_operator_keeps_dtype():
     assert result.value.dtype == result.stderr.dtype == torch.float32
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (
-            {"method": "hutch"},
-            ValueError,
-            r"hessian_trace: method must be one of 'hutch\+\+', 'hutchinson', 'xtrace', 'exact'; "
-            r"got 'hutch'\.",
-        ),
-        ({"method": 3}, TypeError, r"hessian_trace: method must be a str"),
-        (
-            {"method": "hutch++", "num_matvecs": 2},
-            ValueError,
-            r"hessian_trace: num_matvecs must be at least 3 \(method='hutch\+\+' needs a sketch, "
-            r"its projection and a Hutchinson probe\); got 2\.",
-        ),
-        ({"method": "xtrace", "num_matvecs": 1}, ValueError, r"num_matvecs must be at least 2"),
-        ({"method": "hutchinson", "num_matvecs": 0}, ValueError, r"num_matvecs must be at least 1"),
-        (
-            {"num_matvecs": 10.0},
-            TypeError,
-            r"hessian_trace: num_matvecs must be an int; got float\.",
-        ),
-        ({"num_matvecs": True}, TypeError, r"num_matvecs must be an int; got bool\."),
-        (
-            {"generator": 0},
-            TypeError,
-            r"hessian_trace: generator must be None or a torch.Generator; got int\.",
-        ),
-    ],
-)
-def test_bad_options_raise_before_any_product(kwargs, error, match):
-    operator = DenseOperator(with_spectrum(dominant()))
-    with pytest.raises(error, match=match):
-        ts.hessian_trace(operator, **kwargs)
-    assert operator.num_matvecs == 0
-
-
-def test_asymmetric_operator_is_refused():
-    A = torch.randn(30, 30, generator=generator(0), dtype=DTYPE)
-    with pytest.raises(ValueError, match=r"hessian_trace: func_or_operator is not symmetric"):
-        ts.hessian_trace(DenseOperator(A))
-
-
-def test_model_form_errors_name_the_function():
-    model, loss_fn, inputs, targets = tanh_mlp()
-    with pytest.raises(ValueError, match=r"model_hessian_trace: method must be one of"):
-        ts.model_hessian_trace(model, loss_fn, (inputs, targets), method="power")
-    with pytest.raises(ValueError, match=r"model_hessian_trace: groups must be None, 'module'"):
-        ts.model_hessian_trace(model, loss_fn, (inputs, targets), groups="layer")
-
-
 def test_closure_form_under_no_grad_leaves_rng_and_grads_alone():
     model, loss_fn, inputs, targets = tanh_mlp()
     params = list(model.parameters())
