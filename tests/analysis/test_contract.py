@@ -481,7 +481,7 @@ def test_skew_gradient_products_multiply_with_the_transpose():
 def test_asymmetric_operators_are_refused(form):
     with pytest.raises(
         ValueError,
-        match=rf"^{form.fname}: func_or_operator is not symmetric: u\^T \(A v\) = \S+ but "
+        match=rf"^{form.fname}: the operator is not symmetric: u\^T \(A v\) = \S+ but "
         r"v\^T \(A u\) = \S+ for two of its product vectors; expected a symmetric operator "
         r"such as a Hessian\.$",
     ):

@@ -113,7 +113,7 @@ def test_symmetry_check_flags_asymmetric_pairs_across_steps():
     operator = DenseOperator(A)
     with pytest.raises(
         ValueError,
-        match=r"lanczos: func_or_operator is not symmetric: u\^T "
+        match=r"lanczos: the operator is not symmetric: u\^T "
         r"\(A v\) = .* but v\^T \(A u\) = .*; expected a symmetric operator",
     ):
         run("lanczos", operator, [Problem(steps)])
@@ -214,7 +214,7 @@ def test_symmetry_is_checked_per_group_across_chunks(monkeypatch):
         Problem(hutch_plus_plus(len(torch.arange(80)[rows]), 9, DTYPE, CPU, generator(seed)), rows)
         for seed, rows in enumerate(ROWS)
     ]
-    with pytest.raises(ValueError, match=r"test: func_or_operator is not symmetric"):
+    with pytest.raises(ValueError, match=r"test: the operator is not symmetric"):
         run("test", DenseOperator(A), problems)
 
 

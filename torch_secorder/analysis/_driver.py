@@ -96,7 +96,7 @@ class SymmetryCheck:
         denominator = abs(a) + abs(b) + self.eps**0.5 * scale
         if denominator > 0 and abs(a - b) > self.eps**0.25 * denominator:
             raise ValueError(
-                f"{self.fname}: func_or_operator is not symmetric: u^T (A v) = {a:.6g} but "
+                f"{self.fname}: the operator is not symmetric: u^T (A v) = {a:.6g} but "
                 f"v^T (A u) = {b:.6g} for two of its product vectors; expected a symmetric "
                 "operator such as a Hessian."
             )
