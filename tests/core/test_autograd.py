@@ -305,15 +305,25 @@ def _chunk_sizes(monkeypatch):
 
 
 def test_default_chunks_follow_the_device_rule(monkeypatch):
-    built = build(case_by_id("gru"))  # 118 parameters
+    built = build(case_by_id("gru"))  # 118 parameters, products of a few KiB
+    graph = GradientGraph(built.func, built.params, fname="t")
+    per_product = _chunks.product_bytes(graph, built.params)
+    assert per_product * 118 < _chunks.CPU_CHUNK_BYTES
     sizes = _chunk_sizes(monkeypatch)
     H = hessian_matrix(built.func, built.params)
-    assert sizes == [32, 32, 32, 22]
+    assert sizes == [118]  # small products: one call
     assert_close(H, ref.case_hessian(built))
-    sizes.clear()
-    monkeypatch.setitem(_chunks.DEFAULT_CHUNK_SIZE, "cpu", 50)
-    hessian_matrix(built.func, built.params)
-    assert sizes == [50, 50, 18]
+    for budget, default, expected in [
+        (40, 32, [40, 40, 38]),  # grows past the default while the bytes allow
+        (10, 32, [32, 32, 32, 22]),  # never below the default
+        (10, 50, [50, 50, 18]),
+    ]:
+        sizes.clear()
+        monkeypatch.setattr(_chunks, "CPU_CHUNK_BYTES", budget * per_product)
+        monkeypatch.setitem(_chunks.DEFAULT_CHUNK_SIZE, "cpu", default)
+        assert_close(hessian_matrix(built.func, built.params), H, rtol=1e-12, atol=1e-12)
+        assert sizes == expected
+    assert _chunks.device_default(torch.device("cuda"), 1) == _chunks.GPU_CHUNK_SIZE
 
 
 def test_memory_bounds_the_default_chunk(monkeypatch):

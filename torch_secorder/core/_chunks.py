@@ -2,9 +2,9 @@
 
 This module owns the chunk-size rule of :class:`~torch_secorder.core._autograd.GradientGraph`
 when a caller does not choose (``chunk_size=None``): the smallest of the number of products,
-a default per device type (:data:`DEFAULT_CHUNK_SIZE`, :data:`GPU_CHUNK_SIZE`) and the largest
-chunk whose estimated memory fits :data:`CHUNK_MEMORY_BYTES` (:func:`memory_cap`). The
-estimate of one product is what the graph of the gradient saved for backward
+a default per device type (:func:`device_default`) and the largest chunk whose estimated
+memory fits :data:`CHUNK_MEMORY_BYTES` (:func:`memory_cap`). The estimate of one product
+(:func:`product_bytes`) is what the graph of the gradient saved for backward
 (:func:`saved_bytes`, read off the autograd graph once) plus one cotangent and one result.
 Nothing here is timed, so the same call always makes the same chunks and computes the same
 numbers.
@@ -21,10 +21,15 @@ CHUNK_MEMORY_BYTES = 2**30
 """Estimated memory one batched chunk of products may use when ``chunk_size=None``."""
 
 DEFAULT_CHUNK_SIZE = {"cpu": 32}
-"""Most products per batched call when ``chunk_size=None``, by device type (others:
-:data:`GPU_CHUNK_SIZE`): on one CPU thread the time per product stops falling at a few dozen
-products per call, on GPUs larger chunks keep paying as far as memory allows
-(``benchmarks/README.md``)."""
+"""Products per batched call by device type when ``chunk_size=None`` (others:
+:data:`GPU_CHUNK_SIZE`); on the CPU more while a chunk stays under :data:`CPU_CHUNK_BYTES`."""
+
+CPU_CHUNK_BYTES = 2**24
+"""On the CPU a chunk grows past :data:`DEFAULT_CHUNK_SIZE` while its estimated memory stays
+under this, that is for products of 512 KiB or less. On one CPU thread the time per product
+of larger products stops falling at a few dozen per call and then rises; small products cost
+mostly the call itself and keep getting cheaper in chunks of hundreds (``benchmarks/README.md``).
+On GPUs larger chunks keep paying as far as memory allows."""
 
 GPU_CHUNK_SIZE = 1024
 """Most products per batched call on a device type without an entry in
@@ -45,18 +50,35 @@ class Measured(Protocol):
 def chunk_size(graph: Measured, count: int, inputs: Sequence[Tensor]) -> int:
     """Products per batched call for ``count`` products when the caller did not choose.
 
-    The smallest of ``count``, the device's default (:data:`DEFAULT_CHUNK_SIZE`) and
+    The smallest of ``count``, the device's default (:func:`device_default`) and
     :func:`memory_cap`: a rule of sizes only, so results never depend on timing. A single
     product does not measure the graph.
     """
     if count <= 1:
         return 1
-    default = DEFAULT_CHUNK_SIZE.get(inputs[0].device.type, GPU_CHUNK_SIZE)
+    default = device_default(inputs[0].device, product_bytes(graph, inputs))
     return min(count, default, memory_cap(graph, inputs))
 
 
+def device_default(device: torch.device, per_product: int) -> int:
+    """Products per call on ``device`` for products of ``per_product`` bytes, memory aside.
+
+    On the CPU :data:`DEFAULT_CHUNK_SIZE`, or as many as fit :data:`CPU_CHUNK_BYTES` when that
+    is more; elsewhere the device type's entry or :data:`GPU_CHUNK_SIZE`.
+    """
+    default = DEFAULT_CHUNK_SIZE.get(device.type, GPU_CHUNK_SIZE)
+    if device.type != "cpu":
+        return default
+    return max(default, CPU_CHUNK_BYTES // per_product)
+
+
 def memory_cap(graph: Measured, inputs: Sequence[Tensor]) -> int:
-    """Largest chunk whose estimated memory stays under :data:`CHUNK_MEMORY_BYTES`.
+    """Largest chunk whose estimated memory stays under :data:`CHUNK_MEMORY_BYTES`."""
+    return max(1, CHUNK_MEMORY_BYTES // product_bytes(graph, inputs))
+
+
+def product_bytes(graph: Measured, inputs: Sequence[Tensor]) -> int:
+    """Estimated memory of one product in a batched call.
 
     A batched product holds, per vector, intermediates of the size of what the graph of the
     gradient saved (``graph.saved_bytes``, forward and gradient nodes) and one cotangent
@@ -65,7 +87,7 @@ def memory_cap(graph: Measured, inputs: Sequence[Tensor]) -> int:
     gives measured peaks against it).
     """
     vector_bytes = sum(t.numel() * t.element_size() for t in (*graph.params, *inputs))
-    return max(1, CHUNK_MEMORY_BYTES // max(1, graph.saved_bytes + vector_bytes))
+    return max(1, graph.saved_bytes + vector_bytes)
 
 
 def saved_bytes(roots: Sequence[Tensor | None]) -> int:

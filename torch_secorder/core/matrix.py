@@ -45,7 +45,7 @@ def hessian_matrix(
         params: Parameters to differentiate with respect to (any iterable).
         max_bytes: Refuse, before any work, a matrix needing more memory (default 8 GiB).
         chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
-            (32 on CPU, 1024 on GPUs, fewer where memory needs).
+            (32 or more on the CPU, 1024 on GPUs, fewer where memory needs).
         progress: Show a progress bar over the :math:`P` products (needs ``tqdm``).
 
     Returns:
@@ -115,7 +115,7 @@ def model_hessian_matrix(
         params: Parameter selection by names or glob patterns (``None``: all trainable).
         max_bytes: Refuse, before any work, a matrix needing more memory (default 8 GiB).
         chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
-            (32 on CPU, 1024 on GPUs, fewer where memory needs).
+            (32 or more on the CPU, 1024 on GPUs, fewer where memory needs).
         progress: Show a progress bar over the :math:`P` products (needs ``tqdm``).
 
     Returns:
