@@ -43,9 +43,10 @@ more products:
   taken.
 """
 
+import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -54,10 +55,18 @@ from torch import Tensor, nn
 
 from torch_secorder.core._autograd import GradientGraph
 from torch_secorder.core._forward import forward_context
+from torch_secorder.core._gauss_newton import backward, jacobian_reached, piecewise_linear
 from torch_secorder.core._progress import counted, warn_if_long
 
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-"""Layers with a structured rule."""
+LAYER_TYPES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Embedding,
+    nn.modules.batchnorm._BatchNorm,
+)
+"""Layers with a structured rule (BatchNorm when it normalises with its running statistics)."""
 
 CONTRACTION_ELEMENTS = 2**25
 """Most elements of one intermediate of the contraction (chunks of products are split)."""
@@ -107,17 +116,21 @@ def structured_diagonal(
         selected; checks of layers that take the generic path count for their parameters'.
     """
     layers = _candidates(model, params)
+    root = _Layer(model, [])  # the model's output, for the Gauss-Newton rule
     if layers:
-        _trace_calls(func, params, seed, layers)
+        _trace_calls(func, params, seed, [*layers, root])
         layers = [layer for layer in layers if layer.calls == 1 and layer.probe is not None]
+    output = root if layers and root.calls == 1 and root.probe is not None else None
     roots: list[Tensor] = []
+    outputs: list[Tensor] = []
 
     def probed() -> Tensor:
         loss = func()
         roots.append(loss)
         return loss
 
-    with _probing(layers):
+    probes = [layer.probe for layer in layers] + ([output.probe] if output else [])
+    with _probing(layers), _output_probe(output, outputs):
         graph = GradientGraph(
             probed if layers else func,
             params,
@@ -127,11 +140,11 @@ def structured_diagonal(
             seed=seed,
             source="loss_fn",
             locate=locate,
-            probes=[layer.probe for layer in layers],  # type: ignore[misc]
+            probes=probes,  # type: ignore[arg-type]
         )
     with graph:
-        uses = _uses(roots[0], params) if roots and roots[0].grad_fn is not None else None
-        roots.clear()
+        loss = roots[0] if roots and roots[0].grad_fn is not None else None
+        uses = _uses(loss, params) if loss is not None else None
         costs = [0] * len(params)
         exact = {
             len(params) + position: layer
@@ -140,9 +153,18 @@ def structured_diagonal(
         }
         linear = {i: layer for i, layer in exact.items() if graph.grads[i] is None}
         curved = {i: layer for i, layer in exact.items() if i not in linear}
+        factored: dict[int, _Layer] = {}
+        if output is not None and outputs and loss is not None:
+            out_index = len(params) + len(layers)
+            factored, own, spent = _factorable(
+                graph, loss, outputs[0], out_index, curved, params, costs
+            )
+        del loss
+        roots.clear()
         rules: dict[int, _Rule | None] = dict.fromkeys(linear)  # zero curvature
-        rules.update(_plans(graph, curved, params, costs, chunk_size, _batch_statistics(model)))
-        covered = {i for probe in rules for i in exact[probe].indices}
+        rest = {i: layer for i, layer in curved.items() if i not in factored}
+        rules.update(_plans(graph, rest, params, costs, chunk_size, _batch_statistics(model)))
+        covered = {i for probe in [*rules, *factored] for i in exact[probe].indices}
         generic = [i for i in range(len(params)) if i not in covered]
         remaining = sum(rule.count for rule in rules.values() if rule is not None)
         remaining += sum(params[i].numel() for i in generic if graph.grads[i] is not None)
@@ -153,6 +175,18 @@ def structured_diagonal(
             "hessian_diagonal_estimate estimates it from far fewer products.",
         )
         diagonal: list[Tensor | None] = [None] * len(params)
+        if factored:  # the rule's products shared by its layers, each below its own rules'
+            before = graph.num_products
+            results, passes = _gauss_newton_diagonals(
+                graph, outputs[0], out_index, factored, chunk_size
+            )
+            spent += graph.num_products - before + passes
+            for probe, share in _shares(spent, own).items():
+                costs[factored[probe].indices[0]] += share
+            for probe, values in results.items():
+                for i, value in zip(factored[probe].indices, values):
+                    diagonal[i] = value
+        outputs.clear()
         with counted(graph, remaining, progress, "diagonal"):
             for probe, rule in rules.items():
                 layer = exact[probe]
@@ -189,6 +223,8 @@ def _candidates(model: nn.Module, params: list[Tensor]) -> list[_Layer]:
             module.max_norm is not None or module.scale_grad_by_freq or module.sparse
         ):
             continue  # renormalised rows, rescaled or sparse gradients: no simple rule
+        if _is_norm(module) and (module.training or module.running_mean is None):
+            continue  # batch statistics: the output is not the affine map of one input
         own = [getattr(module, name, None) for name in ("weight", "bias")]
         indices = [position[id(p)] for p in own if p is not None and id(p) in position]
         if indices and all(owners[id(params[i])] == 1 for i in indices):
@@ -247,6 +283,26 @@ class _probing:
         return add_probe
 
 
+@contextlib.contextmanager
+def _output_probe(output: _Layer | None, outputs: list[Tensor]) -> Iterator[None]:
+    """Add the probe to the model's output and record the sum, while active."""
+    if output is None:
+        yield
+        return
+
+    def add_probe(module: nn.Module, args: object, result: object) -> Tensor | None:
+        if not isinstance(result, Tensor) or result.shape != output.probe.shape:  # type: ignore[union-attr]
+            return None
+        outputs.append(result + output.probe)
+        return outputs[-1]
+
+    handle = output.module.register_forward_hook(add_probe)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _uses(root: Tensor, tensors: list[Tensor]) -> dict[int, int]:
     """How many operations of the graph behind ``root`` use each of ``tensors``.
 
@@ -298,6 +354,10 @@ def _exact(layer: _Layer, params: list[Tensor], uses: dict[int, int]) -> bool:
         else:
             if isinstance(module, nn.Linear):
                 unit, features = z.dim() - 1, x.unsqueeze(-2)  # (*axes, 1, F)
+            elif _is_norm(module):
+                if module.weight is None or x.dim() < 2:
+                    return False
+                unit, features = 1, _norm_features(module, x)
             else:
                 unit, features = _conv_features(module, x)  # type: ignore[arg-type]
                 if features is None:
@@ -307,6 +367,18 @@ def _exact(layer: _Layer, params: list[Tensor], uses: dict[int, int]) -> bool:
                 return False
     layer.axes = [a for a in range(z.dim()) if a != layer.unit]
     return True
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _norm_features(norm: nn.Module, x: Tensor) -> Tensor:
+    """A BatchNorm's normalised input ``(N, *S, C, 1)``: channel ``c`` is group ``c``."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = norm.running_mean.reshape(shape)  # type: ignore[union-attr]
+    std = (norm.running_var + norm.eps).sqrt().reshape(shape)  # type: ignore[operator]
+    return ((x - mean) / std).movedim(1, -1).unsqueeze(-1)
 
 
 def _conv_features(conv: nn.Module, x: Tensor) -> tuple[int, Tensor | None]:
@@ -433,9 +505,9 @@ def _plans(
 
 
 def _assumed_coupled(layer: _Layer, batch_statistics: bool) -> set[int]:
-    """Axes taken as coupled without a check: a convolution's pixels, samples under BatchNorm."""
+    """Axes taken as coupled unchecked: pixels, and samples under batch statistics."""
     coupled = set()
-    if isinstance(layer.module, nn.modules.conv._ConvNd):
+    if isinstance(layer.module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
         coupled.update(layer.axes[1:] if layer.axes[:1] == [0] else layer.axes)
     if batch_statistics and layer.axes[:1] == [0]:
         coupled.add(0)
@@ -514,6 +586,150 @@ def _reached(
             if bool(torch.where(half[start:stop], 0, product).ne(0).any()):
                 reached.add(index)
     return reached
+
+
+def _factorable(
+    graph: GradientGraph,
+    loss: Tensor,
+    output: Tensor,
+    out_index: int,
+    curved: dict[int, _Layer],
+    params: list[Tensor],
+    costs: list[int],
+) -> tuple[dict[int, _Layer], dict[int, int], int]:
+    r"""The layers that take the Gauss-Newton rule (:mod:`._gauss_newton`), checks passed.
+
+    Candidates are the non-embedding layers over the output's samples whose path to the
+    output is piecewise linear; they take the rule together when its products (two per
+    output element of a sample, and the checks) are fewer than their own rules' at most.
+    The checks: the loss's Hessian with respect to the output leaves other samples at exact
+    zeros, and so do the Jacobians of the candidates (:math:`\lceil \log_2 N \rceil` products
+    and backward passes each).
+
+    Returns:
+        The layers by probe index, each one's own products at most (to share the rule's
+        products in proportion), and the products the checks took; checks that rule the
+        rule out count for the first candidate.
+    """
+    probe = graph.params[out_index]
+    samples = probe.shape[0] if probe.dim() else 0
+    candidates = {
+        i: layer
+        for i, layer in curved.items()
+        if not layer.is_embedding and layer.axes[:1] == [0] and layer.probe.shape[0] == samples  # type: ignore[union-attr]
+    }
+    if not candidates or samples == 0:
+        return {}, {}, 0
+    linear = piecewise_linear(loss, output, [layer.probe for layer in candidates.values()])  # type: ignore[misc]
+    own = {
+        i: min(_generic_products(layer, params), _cost(layer, set(layer.axes[1:])))
+        for (i, layer), ok in zip(candidates.items(), linear)
+        if ok
+    }
+    bits = range(math.ceil(math.log2(samples)))
+    cost = 2 * (probe.numel() // samples + len(bits))
+    if cost >= sum(own.values()):
+        return {}, {}, 0
+    before, passes = graph.num_products, 0
+    factored: dict[int, _Layer] = {}
+    if not _reached(graph, [(out_index, probe, 0)], bits, None):
+        probes = [candidates[i].probe for i in own]
+        reached = jacobian_reached(output, probes, bits)  # type: ignore[arg-type]
+        factored, passes = {i: candidates[i] for i, hit in zip(own, reached) if not hit}, len(bits)
+    spent = graph.num_products - before + passes
+    own = {i: own[i] for i in factored}
+    if cost >= sum(own.values()):
+        costs[candidates[next(iter(candidates))].indices[0]] += spent
+        return {}, {}, 0
+    return factored, own, spent
+
+
+def _shares(total: int, weights: dict[int, int]) -> dict[int, int]:
+    """``total`` split in proportion to ``weights`` (largest remainders), integers summing to it."""
+    whole = sum(weights.values())
+    exact = {i: total * w / whole for i, w in weights.items()}
+    shares = {i: math.floor(x) for i, x in exact.items()}
+    left = total - sum(shares.values())
+    for i in sorted(exact, key=lambda i: shares[i] - exact[i])[:left]:
+        shares[i] += 1
+    return shares
+
+
+def _gauss_newton_diagonals(
+    graph: GradientGraph,
+    output: Tensor,
+    out_index: int,
+    layers: dict[int, _Layer],
+    chunk_size: int | None,
+) -> tuple[dict[int, list[Tensor]], int]:
+    """The diagonals of the layers' parameters by the Gauss-Newton rule, and its backward passes.
+
+    :math:`D` products give each sample's block :math:`H_n` of the loss's Hessian with respect
+    to the output; for each of its eigenvectors one backward pass gives every layer's
+    per-sample pseudo-gradients, whose squares, weighted by the eigenvalues, add up to the
+    diagonal (see :mod:`._gauss_newton`).
+    """
+    probe = graph.params[out_index]
+    samples, size = probe.shape[0], probe[0].numel()
+
+    def cotangents(start: int, stop: int) -> list[Tensor | None]:
+        k = torch.arange(stop - start, device=probe.device)
+        units = probe.new_zeros(stop - start, samples, size)
+        units[k, :, start + k] = 1
+        return _only(graph, out_index, units.reshape(stop - start, *probe.shape))
+
+    chunks = graph.product_chunks(size, cotangents, [probe], chunk_size=chunk_size)
+    rows = torch.cat([products for _, _, (products,) in chunks]).reshape(size, samples, size)
+    blocks = rows.permute(1, 2, 0).to(torch.float64 if probe.device.type != "mps" else probe.dtype)
+    values, vectors = torch.linalg.eigh((blocks + blocks.transpose(1, 2)) / 2)
+    values, vectors = values.to(probe.dtype), vectors.to(probe.dtype)
+    sums = {i: _factored_zeros(layer) for i, layer in layers.items()}
+    probes = [layer.probe for layer in layers.values()]
+    with torch.no_grad():
+        for c in range(size):
+            cotangent = vectors[:, :, c].reshape(probe.shape)
+            with torch.enable_grad():
+                deltas = backward(output, probes, cotangent)  # type: ignore[arg-type]
+            for (i, layer), delta in zip(layers.items(), deltas):
+                _add_pseudo_gradients(layer, delta, values[:, c], *sums[i])
+    results = {}
+    for i, layer in layers.items():
+        weight, bias = sums[i]
+        module = layer.module
+        results[i] = [
+            (weight if name == "weight" else bias).reshape(p.shape)
+            for name in ("weight", "bias")
+            if (p := getattr(module, name, None)) is not None
+            and any(p is graph.params[j] for j in layer.indices)
+        ]
+    return results, size
+
+
+def _factored_zeros(layer: _Layer) -> tuple[Tensor, Tensor]:
+    """Zero sums ``(U, F)`` and ``(U,)`` for a layer's weight and bias diagonals."""
+    units = layer.probe.shape[layer.unit]  # type: ignore[union-attr]
+    features = layer.features.shape[-1]  # type: ignore[union-attr]
+    return layer.probe.new_zeros(units, features), layer.probe.new_zeros(units)  # type: ignore[union-attr]
+
+
+def _add_pseudo_gradients(
+    layer: _Layer, delta: Tensor, weights: Tensor, weight: Tensor, bias: Tensor
+) -> None:
+    r"""Add :math:`\sum_n w_n g_n^2`, the per-sample gradients :math:`g_n` squared and weighted.
+
+    ``g_n`` is the gradient of a pseudo-output with respect to the layer's parameters, from
+    ``delta``, its gradient with respect to the layer's output.
+    """
+    samples, units = delta.shape[0], delta.shape[layer.unit]
+    features = layer.features.reshape(samples, -1, *layer.features.shape[-2:])  # type: ignore[union-attr]
+    groups = features.shape[2]
+    per_sample = delta.movedim(layer.unit, -1).reshape(samples, -1, groups, units // groups)
+    step = max(1, CONTRACTION_ELEMENTS // max(1, units * features.shape[-1]))
+    for start in range(0, samples, step):
+        part = slice(start, start + step)
+        g = torch.einsum("nagv,nagf->ngvf", per_sample[part], features[part])
+        weight.add_(torch.einsum("n,nuf->uf", weights[part], g.flatten(1, 2).square()))
+        bias.add_(weights[part] @ per_sample[part].sum(dim=1).flatten(1).square())
 
 
 def _only(graph: GradientGraph, index: int, cotangent: Tensor) -> list[Tensor | None]:
