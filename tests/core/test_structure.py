@@ -332,3 +332,140 @@ def test_structured_diagonal_is_reproducible():
     first = model_hessian_diagonal(model, CE, inputs, targets)
     second = model_hessian_diagonal(model, CE, inputs, targets)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ----------------------------------------------------------------------------- Gauss-Newton rule
+
+
+@pytest.fixture
+def factored(monkeypatch):
+    """Record the layers that take the Gauss-Newton rule."""
+    taken = []
+    rule = _structure._gauss_newton_diagonals
+
+    def spy(graph, output, out_index, layers, chunk_size):
+        taken.extend(layer.module for layer in layers.values())
+        return rule(graph, output, out_index, layers, chunk_size)
+
+    monkeypatch.setattr(_structure, "_gauss_newton_diagonals", spy)
+    return taken
+
+
+class _ReluNet(nn.Module):
+    """Convolutions, running-statistics BatchNorm, in-place ReLU, pooling, a shortcut, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.norm(self.stem(x)), inplace=True)
+        h = self.pool(F.relu(self.conv(h)) + h)
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def _relu_net():
+    torch.manual_seed(0)
+    model = _ReluNet()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_a_piecewise_linear_network_takes_the_gauss_newton_rule(factored):
+    inputs, targets = _randn(6, 2, 6, 6), _labels(6, 3)
+    model = _check(_relu_net(), CE, inputs, targets)
+    assert set(factored) == {model.stem, model.norm, model.conv, model.head}
+    operator = HessianOperator.from_model(model, CE, (inputs, targets))
+    with operator:
+        operator.diagonal()
+    # 3 output products and 3 backward passes, 3 + 3 checks over 6 samples (3 bits)
+    assert operator.num_matvecs == 2 * (3 + 3) < operator.shape[0]
+
+
+def test_the_gauss_newton_rule_with_an_output_per_token(factored):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = _check(model, nn.MSELoss(), _randn(5, 3, 4), _randn(5, 3, 2, seed=2))
+    assert set(factored) == {model[0], model[2]}  # six outputs per sample: 3 tokens x 2
+
+
+def test_nonlinear_paths_keep_the_layer_rules(factored):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 3)
+    )
+    model = _check(model, CE, _randn(8, 5), _labels(8, 3))
+    assert set(factored) == {model[2], model[4]}  # the first layer's path has a tanh
+
+
+class _Gated(nn.Module):
+    """A gate multiplying two functions of the same layer's output: not piecewise linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(5, 40)
+        self.head = nn.Linear(40, 3)
+
+    def forward(self, x):
+        h = self.inner(x)
+        return self.head(h * F.relu(h))
+
+
+def test_a_product_of_two_paths_keeps_the_layer_rules(factored):
+    torch.manual_seed(0)
+    model = _check(_Gated(), CE, _randn(8, 5), _labels(8, 3))
+    assert model.inner not in factored
+
+
+def test_train_mode_batch_norm_keeps_the_layer_rules(factored):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 40), nn.BatchNorm1d(40), nn.ReLU(), nn.Linear(40, 3))
+    model = _check(model, CE, _randn(8, 5), _labels(8, 3))
+    assert model[0] not in factored
+    assert model[1] not in factored
+
+
+class _Mixed(nn.Module):
+    """Piecewise linear, but each output sees every sample (the batch mean is subtracted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(5, 40)
+        self.head = nn.Linear(40, 3)
+
+    def forward(self, x):
+        h = F.relu(self.inner(x))
+        return self.head(h - h.mean(0))
+
+
+def test_samples_mixed_before_the_output_keep_the_layer_rules(factored):
+    torch.manual_seed(0)
+    model = _check(_Mixed(), CE, _randn(8, 5), _labels(8, 3))
+    assert model.inner not in factored  # its Jacobian reaches the other samples
+
+
+def test_a_loss_coupling_the_samples_keeps_the_layer_rules(factored):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 3))
+
+    def coupled(outputs, targets):
+        return outputs.sum(0).square().sum() + CE(outputs, targets)
+
+    _check(model, coupled, _randn(8, 5), _labels(8, 3))
+    assert factored == []  # the loss's Hessian reaches across samples
+
+
+def test_the_gauss_newton_rule_is_reproducible_and_leaves_no_trace():
+    model = _relu_net().to(F64)
+    inputs, targets = _randn(6, 2, 6, 6), _labels(6, 3)
+    first = model_hessian_diagonal(model, CE, inputs, targets)
+    second = model_hessian_diagonal(model, CE, inputs, targets)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert model._forward_hooks == {}
+    assert model.stem._forward_hooks == {}
