@@ -1,11 +1,12 @@
 r"""The exact Hessian diagonal of a model's loss from the structure of its layers.
 
-A ``Linear``, ``Conv1d/2d/3d`` or ``Embedding`` layer computes an output :math:`z` linear in
-its parameters. Index :math:`z` by a *position* :math:`a` (sample, token, pixel: every axis
-but the unit axis) and a *unit* :math:`u` (output feature or channel), and write
-:math:`z_{au} = \sum_f W_{uf} X^{(u)}_{af} + b_u`, with :math:`X^{(u)}` the layer's input as
-unit :math:`u` sees it (the input itself for ``Linear``, its patches for a convolution, one-hot
-rows for an embedding, whose weight is indexed the other way round). If the parameters enter
+A ``Linear``, ``Conv1d/2d/3d``, ``Embedding`` or BatchNorm layer (with running statistics)
+computes an output :math:`z` linear in its parameters. Index :math:`z` by a *position*
+:math:`a` (sample, token, pixel: every axis but the unit axis) and a *unit* :math:`u` (output
+feature or channel), and write :math:`z_{au} = \sum_f W_{uf} X^{(u)}_{af} + b_u`, with
+:math:`X^{(u)}` the layer's input as unit :math:`u` sees it (the input itself for ``Linear``,
+its patches for a convolution, its normalised channel :math:`u` for BatchNorm, one-hot rows
+for an embedding, whose weight is indexed the other way round). If the parameters enter
 the loss :math:`L` only through :math:`z`, then exactly
 
 .. math::
@@ -41,6 +42,9 @@ more products:
   meet in later layers), and so are the samples under BatchNorm with batch statistics
   (train mode); attention couples tokens, and then the coupled rule or the generic path is
   taken.
+
+Layers whose path to the model's output is piecewise linear take, together, the Gauss-Newton
+rule of :mod:`._gauss_newton` when it needs fewer products (its checks are described there).
 """
 
 import contextlib

@@ -88,8 +88,9 @@ def hessian_diagonal(
     A closure shows no layers, so this form always takes :math:`P` products, one per
     element. For a model, :func:`model_hessian_diagonal` uses layer structure where it is
     proven exact: :math:`U` products for a ``Linear`` layer of :math:`U` outputs on
-    independent samples (64 instead of 4,160 for a 64 x 64 layer with bias), and the
-    measured speed-ups in ``benchmarks/README.md``.
+    independent samples (64 instead of 4,160 for a 64 x 64 layer with bias), and :math:`2D`
+    for all the layers of a piecewise-linear network (a ReLU network in eval mode) with
+    :math:`D` outputs per sample; measured speed-ups in ``benchmarks/README.md``.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -175,13 +176,16 @@ def model_hessian_diagonal(
     seed 0 (dropout masks as batch 0 of :meth:`HessianOperator.from_model`), and its
     buffers are left as they were (see :func:`model_hvp`).
 
-    The parameters of ``Linear``, ``Conv1d/2d/3d`` and ``Embedding`` layers are read off
-    products with respect to each layer's output (a zero probe added to it) wherever a check
-    on this model and batch proves it exact and it takes fewer products than one per
-    element: :math:`U` products for a layer of :math:`U` units on independent samples,
-    :math:`T \cdot U` over :math:`T` attending tokens, pixels times channels for a
-    convolution, plus :math:`\lceil\log_2 n\rceil` products per axis of length :math:`n`
-    for the independence checks. A layer called more than once, a parameter shared or used
+    The parameters of ``Linear``, ``Conv1d/2d/3d``, ``Embedding`` and BatchNorm (running
+    statistics) layers are read off products with respect to each layer's output (a zero
+    probe added to it) wherever a check on this model and batch proves it exact and it takes
+    fewer products than one per element: :math:`U` products for a layer of :math:`U` units
+    on independent samples, :math:`T \cdot U` over :math:`T` attending tokens, pixels times
+    channels for a convolution, plus :math:`\lceil\log_2 n\rceil` products per axis of
+    length :math:`n` for the independence checks. Layers whose path to the model's output is
+    piecewise linear (ReLU, pooling, convolutions, BatchNorm with running statistics) take
+    :math:`2D` products and backward passes together, :math:`D` outputs per sample, by the
+    Gauss-Newton identity exact there. A layer called more than once, a parameter shared or used
     elsewhere (tied weights), an output changed by a hook, and every other parameter take
     one unit-vector product per element. Both paths give the same diagonal to rounding; the
     rule and its checks are in ``docs/algorithms.rst``. With ``create_graph=True`` every
