@@ -13,6 +13,9 @@ Stages, each in a fresh process (so that its peak resident memory is its own):
 * ``trace``: ``model_hessian_trace`` (Hutch++, 100 products);
 * ``spectral density``: ``model_spectral_density`` (4 probes x 100 Lanczos steps);
 * ``report``: the full default ``torch-secorder report`` on this model and data;
+* ``exact diagonal``: ``HessianOperator.diagonal()`` over the three batches, the exact
+  diagonal of all 11.2M parameters (what ``model_hessian_diagonal`` computes for one batch),
+  and its sum, the exact trace; checked against 12 unit-vector products of random entries;
 * ``per-layer``: the report's per-layer table (``--per-layer all``), every module's trace
   (Hutch++ with ``--layer-matvecs`` products, default 100 as in the report) and top
   eigenvalue (Lanczos, ``tol=1e-4``), all 41 modules in one lockstep run.
@@ -46,7 +49,15 @@ import torch
 from torch import nn
 
 QUICK = os.environ.get("BENCH_RESNET18_QUICK") == "1"
-STAGES = ("product", "top eigenvalues", "trace", "spectral density", "report", "per-layer")
+STAGES = (
+    "product",
+    "top eigenvalues",
+    "trace",
+    "spectral density",
+    "report",
+    "exact diagonal",
+    "per-layer",
+)
 
 
 class BasicBlock(nn.Module):
@@ -176,6 +187,21 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         result = ts.model_spectral_density(net, loss_fn, batches, num_probes=4, num_matvecs=400)
         figures["nodes"] = [float(result.nodes.min()), float(result.nodes.max())]
         products = result.num_matvecs
+    elif stage == "exact diagonal":
+        with ts.HessianOperator.from_model(net, loss_fn, batches) as operator:
+            diagonal = operator.diagonal()
+            products = operator.num_matvecs
+            seconds = time.perf_counter() - start
+            figures["trace"] = float(diagonal.sum())
+            g = torch.Generator().manual_seed(3)
+            errors = []
+            for j in torch.randint(operator.shape[0], (12,), generator=g).tolist():
+                e = torch.zeros(operator.shape[0])
+                e[j] = 1
+                exact = float(operator.matvec(e)[j])
+                errors.append(abs(exact - float(diagonal[j])) / max(abs(exact), 1e-30))
+            figures["largest_relative_error"] = max(errors)
+        start = time.perf_counter() - seconds  # the check's products left out
     elif stage == "per-layer":
         plan = make_plan(net, per_layer="all", layer_matvecs=args.layer_matvecs)
         with ts.HessianOperator.from_model(net, loss_fn, batches) as operator:
@@ -308,6 +334,12 @@ def summarise(results: list[dict]) -> None:
               f"{by_stage['trace']['trace'][1]:.2g}")  # fmt: skip
     if "top eigenvalues" in by_stage:
         print(f"top eigenvalues {by_stage['top eigenvalues']['eigenvalues']}")
+    if "exact diagonal" in by_stage:
+        d = by_stage["exact diagonal"]
+        print(
+            f"exact trace {d['trace']:.6g} from the exact diagonal; largest relative error of 12 "
+            f"entries against unit-vector products {d['largest_relative_error']:.1e}"
+        )
     if "report" in by_stage:
         r = by_stage["report"]
         print(
