@@ -89,9 +89,12 @@ _LINEAR = frozenset(
 """Operations linear or piecewise linear in all their inputs together (by node name, without
 the ``Backward`` suffix)."""
 
-_PRODUCTS = frozenset(["Mul", "Div", "Mm", "Bmm", "Addmm", "Convolution", "NativeBatchNorm"])
+_NORMS = frozenset(["NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm"])
+"""BatchNorm kernels: linear in the input with running statistics, not with batch statistics."""
+
+_PRODUCTS = frozenset(["Mul", "Div", "Mm", "Bmm", "Addmm", "Convolution", *_NORMS])
 """Operations linear in each input when the others are fixed: at most one input may depend on
-a layer's output (BatchNorm only with running statistics)."""
+a layer's output."""
 
 _NAME = re.compile(r"^(\w+?)Backward\d*$")
 
@@ -163,7 +166,7 @@ def _nonlinear(root: object, index: dict[int, int]) -> set[int]:
         name = match.group(1) if match else ""
         if name in _LINEAR:
             continue
-        if name not in _PRODUCTS or (name == "NativeBatchNorm" and node._saved_training):  # type: ignore[attr-defined]
+        if name not in _PRODUCTS or (name in _NORMS and getattr(node, "_saved_training", True)):
             bad |= mine
             continue
         inputs = [depends.get(n, frozenset()) for n, _ in node.next_functions]  # type: ignore[attr-defined]
