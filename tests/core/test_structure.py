@@ -469,3 +469,10 @@ def test_the_gauss_newton_rule_is_reproducible_and_leaves_no_trace():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert model._forward_hooks == {}
     assert model.stem._forward_hooks == {}
+
+
+def test_outputs_too_large_per_sample_keep_the_layer_rules(factored, monkeypatch):
+    monkeypatch.setattr(_structure, "OUTPUT_BLOCK_BYTES", 6 * 3 * 3 * 8 - 1)
+    inputs, targets = _randn(6, 2, 6, 6), _labels(6, 3)
+    _check(_relu_net(), CE, inputs, targets)
+    assert factored == []

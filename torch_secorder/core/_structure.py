@@ -75,6 +75,10 @@ LAYER_TYPES = (
 CONTRACTION_ELEMENTS = 2**25
 """Most elements of one intermediate of the contraction (chunks of products are split)."""
 
+OUTPUT_BLOCK_BYTES = 2**28
+"""Most memory of the per-sample blocks of the output's Hessian (``N D^2`` numbers in float64)
+that the Gauss-Newton rule may hold; larger outputs per sample leave the layers' own rules."""
+
 
 @dataclass(eq=False)
 class _Layer:
@@ -631,8 +635,9 @@ def _factorable(
         if ok
     }
     bits = range(math.ceil(math.log2(samples)))
-    cost = 2 * (probe.numel() // samples + len(bits))
-    if cost >= sum(own.values()):
+    size = probe.numel() // samples
+    cost = 2 * (size + len(bits))
+    if cost >= sum(own.values()) or samples * size * size * 8 > OUTPUT_BLOCK_BYTES:
         return {}, {}, 0
     before, passes = graph.num_products, 0
     factored: dict[int, _Layer] = {}
