@@ -39,6 +39,7 @@ def test_examples_are_found():
         "example_dataset_scale.py",
         "example_trained_network.py",
         "example_per_layer.py",
+        "example_resnet_diagonal.py",
     } <= names
 
 
