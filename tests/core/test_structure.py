@@ -476,3 +476,22 @@ def test_outputs_too_large_per_sample_keep_the_layer_rules(factored, monkeypatch
     inputs, targets = _randn(6, 2, 6, 6), _labels(6, 3)
     _check(_relu_net(), CE, inputs, targets)
     assert factored == []
+
+
+def test_train_mode_dropout_takes_the_gauss_newton_rule(factored):
+    # the mask multiplies the activations: linear, so the rule holds for the masks drawn
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 40), nn.ReLU(), nn.Dropout(0.5), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 3)
+    ).to(F64)
+    inputs, targets = _randn(8, 5), _labels(8, 3)
+
+    def seeded():  # the masks of seed 0, which the model forms draw for their one batch
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return CE(model(inputs), targets)
+
+    expected = hessian_diagonal(seeded, list(model.parameters()))
+    for r, e in zip(model_hessian_diagonal(model, CE, inputs, targets), expected):
+        assert_close(r, e)
+    assert set(factored) == {model[0], model[3], model[5]}
