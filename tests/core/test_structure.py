@@ -365,7 +365,7 @@ class _ReluNet(nn.Module):
     def forward(self, x):
         h = F.relu(self.norm(self.stem(x)), inplace=True)
         h = self.pool(F.relu(self.conv(h)) + h)
-        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        return self.head(1 - F.adaptive_avg_pool2d(h, 1).flatten(1) / 2)  # linear: kept
 
 
 def _relu_net():

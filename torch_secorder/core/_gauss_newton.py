@@ -45,6 +45,7 @@ _LINEAR = frozenset(
     [
         "Add",
         "Sub",
+        "Rsub",
         "Neg",
         "View",
         "UnsafeView",
@@ -171,7 +172,8 @@ def _nonlinear(root: object, index: dict[int, int]) -> set[int]:
             continue
         inputs = [depends.get(n, frozenset()) for n, _ in node.next_functions]  # type: ignore[attr-defined]
         for probe in mine:
-            if sum(probe in d for d in inputs) > 1 or (name == "Div" and probe in inputs[1]):
+            divisor = inputs[1] if name == "Div" and len(inputs) > 1 else frozenset()
+            if sum(probe in d for d in inputs) > 1 or probe in divisor:
                 bad.add(probe)
     return bad
 
