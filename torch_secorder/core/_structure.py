@@ -57,9 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch_secorder.core import _chunks
 from torch_secorder.core._autograd import GradientGraph
 from torch_secorder.core._forward import forward_context
-from torch_secorder.core._gauss_newton import backward, jacobian_reached, piecewise_linear
+from torch_secorder.core._gauss_newton import backward, piecewise_linear
 from torch_secorder.core._progress import counted, warn_if_long
 
 LAYER_TYPES = (
@@ -555,6 +556,25 @@ def _generic_products(layer: _Layer, params: list[Tensor]) -> int:
     return sum(params[i].numel() for i in layer.indices)
 
 
+def _halves(tensor: Tensor, axis: int, bits: range) -> Tensor:
+    """Per bit, where the ``axis`` index of ``tensor`` has that bit 0 (broadcast elsewhere)."""
+    index = torch.arange(tensor.shape[axis], device=tensor.device)
+    shape = [1] * tensor.dim()
+    shape[axis] = -1
+    return torch.stack([((index >> bit) & 1) == 0 for bit in bits]).reshape(len(bits), *shape)
+
+
+def _random_on(half: Tensor, tensor: Tensor, generator: torch.Generator) -> Tensor:
+    """Random values like ``tensor`` for each bit, zero outside its half."""
+    random = torch.randn((len(half), *tensor.shape), generator=generator, dtype=tensor.dtype)
+    return random.to(tensor.device) * half
+
+
+def _reaches(half: Tensor, result: Tensor) -> bool:
+    """Whether ``result`` is not exactly zero outside ``half``."""
+    return bool(torch.where(half, 0, result).ne(0).any())
+
+
 def _reached(
     graph: GradientGraph,
     members: list[tuple[int, Tensor, int]],
@@ -568,15 +588,8 @@ def _reached(
     where the bit is 1.
     """
     generator = torch.Generator().manual_seed(0)
-    halves, randoms = [], []
-    for _, probe, axis in members:
-        index = torch.arange(probe.shape[axis], device=probe.device)
-        shape = [1] * probe.dim()
-        shape[axis] = -1
-        half = torch.stack([((index >> bit) & 1) == 0 for bit in bits]).reshape(len(bits), *shape)
-        random = torch.randn((len(bits), *probe.shape), generator=generator, dtype=probe.dtype)
-        randoms.append(random.to(probe.device) * half)
-        halves.append(half)
+    halves = [_halves(probe, axis, bits) for _, probe, axis in members]
+    randoms = [_random_on(h, probe, generator) for h, (_, probe, _) in zip(halves, members)]
     position = {index: k for k, (index, _, _) in enumerate(members)}
 
     def cotangents(start: int, stop: int) -> list[Tensor | None]:
@@ -591,8 +604,25 @@ def _reached(
         len(bits), cotangents, probes, chunk_size=chunk_size
     ):
         for (index, _, _), half, product in zip(members, halves, products):
-            if bool(torch.where(half[start:stop], 0, product).ne(0).any()):
+            if _reaches(half[start:stop], product):
                 reached.add(index)
+    return reached
+
+
+def _jacobian_reached(output: Tensor, probes: list[Tensor], bits: range) -> list[bool]:
+    """For each probe, whether a random cotangent on some samples of ``output`` reaches others.
+
+    For each bit of the sample index, one backward pass of ``output`` whose cotangent is
+    random on the samples with that bit 0; a probe is reached when its gradient is not
+    exactly zero on the samples with the bit 1.
+    """
+    randoms = _random_on(_halves(output, 0, bits), output, torch.Generator().manual_seed(0))
+    halves = [_halves(probe, 0, bits) for probe in probes]
+    reached = [False] * len(probes)
+    for bit in range(len(bits)):  # one pass at a time: each holds gradients like the probes
+        grads = backward(output, probes, randoms[bit : bit + 1])
+        for i, (half, grad) in enumerate(zip(halves, grads)):
+            reached[i] = reached[i] or _reaches(half[bit : bit + 1], grad)
     return reached
 
 
@@ -643,7 +673,7 @@ def _factorable(
     factored: dict[int, _Layer] = {}
     if not _reached(graph, [(out_index, probe, 0)], bits, None):
         probes = [candidates[i].probe for i in own]
-        reached = jacobian_reached(output, probes, bits)  # type: ignore[arg-type]
+        reached = _jacobian_reached(output, probes, bits)  # type: ignore[arg-type]
         factored, passes = {i: candidates[i] for i, hit in zip(own, reached) if not hit}, len(bits)
     spent = graph.num_products - before + passes
     own = {i: own[i] for i in factored}
@@ -676,7 +706,8 @@ def _gauss_newton_diagonals(
     :math:`D` products give each sample's block :math:`H_n` of the loss's Hessian with respect
     to the output; for each of its eigenvectors one backward pass gives every layer's
     per-sample pseudo-gradients, whose squares, weighted by the eigenvalues, add up to the
-    diagonal (see :mod:`._gauss_newton`).
+    diagonal (see :mod:`._gauss_newton`); the passes' results are held and contracted in
+    chunks as products are.
     """
     probe = graph.params[out_index]
     samples, size = probe.shape[0], probe[0].numel()
@@ -691,26 +722,17 @@ def _gauss_newton_diagonals(
     rows = torch.cat([products for _, _, (products,) in chunks]).reshape(size, samples, size)
     blocks = rows.permute(1, 2, 0).to(torch.float64 if probe.device.type != "mps" else probe.dtype)
     values, vectors = torch.linalg.eigh((blocks + blocks.transpose(1, 2)) / 2)
-    values, vectors = values.to(probe.dtype), vectors.to(probe.dtype)
+    values, vectors = values.to(probe.dtype).T, vectors.to(probe.dtype).permute(2, 0, 1)
     sums = {i: _factored_zeros(layer) for i, layer in layers.items()}
     probes = [layer.probe for layer in layers.values()]
-    with torch.no_grad():
-        for c in range(size):
-            cotangent = vectors[:, :, c].reshape(probe.shape)
-            with torch.enable_grad():
-                deltas = backward(output, probes, cotangent)  # type: ignore[arg-type]
+    step = chunk_size or _chunks.chunk_size(graph, size, probes)  # type: ignore[arg-type]
+    for start in range(0, size, step):
+        part = slice(start, start + step)
+        deltas = backward(output, probes, vectors[part].reshape(-1, *probe.shape))  # type: ignore[arg-type]
+        with torch.no_grad():
             for (i, layer), delta in zip(layers.items(), deltas):
-                _add_pseudo_gradients(layer, delta, values[:, c], *sums[i])
-    results = {}
-    for i, layer in layers.items():
-        weight, bias = sums[i]
-        module = layer.module
-        results[i] = [
-            (weight if name == "weight" else bias).reshape(p.shape)
-            for name in ("weight", "bias")
-            if (p := getattr(module, name, None)) is not None
-            and any(p is graph.params[j] for j in layer.indices)
-        ]
+                _add_pseudo_gradients(layer, delta, values[part], *sums[i])
+    results = {i: _selected(layer, graph.params, *sums[i]) for i, layer in layers.items()}
     return results, size
 
 
@@ -724,21 +746,25 @@ def _factored_zeros(layer: _Layer) -> tuple[Tensor, Tensor]:
 def _add_pseudo_gradients(
     layer: _Layer, delta: Tensor, weights: Tensor, weight: Tensor, bias: Tensor
 ) -> None:
-    r"""Add :math:`\sum_n w_n g_n^2`, the per-sample gradients :math:`g_n` squared and weighted.
+    r"""Add :math:`\sum_{c,n} w_{cn} g_{cn}^2`, per-sample gradients squared and weighted.
 
-    ``g_n`` is the gradient of a pseudo-output with respect to the layer's parameters, from
-    ``delta``, its gradient with respect to the layer's output.
+    :math:`g_{cn}` is the gradient of pseudo-output :math:`c` of sample :math:`n` with respect
+    to the layer's parameters, from ``delta`` ``(k, *z.shape)``, its gradient with respect to
+    the layer's output; ``weights`` is ``(k, N)``.
     """
-    samples, units = delta.shape[0], delta.shape[layer.unit]
+    count, samples, units = delta.shape[0], delta.shape[1], delta.shape[1 + layer.unit]
     features = layer.features.reshape(samples, -1, *layer.features.shape[-2:])  # type: ignore[union-attr]
     groups = features.shape[2]
-    per_sample = delta.movedim(layer.unit, -1).reshape(samples, -1, groups, units // groups)
-    step = max(1, CONTRACTION_ELEMENTS // max(1, units * features.shape[-1]))
+    per_sample = delta.movedim(1 + layer.unit, -1).reshape(
+        count, samples, -1, groups, units // groups
+    )
+    step = max(1, CONTRACTION_ELEMENTS // max(1, count * units * features.shape[-1]))
     for start in range(0, samples, step):
         part = slice(start, start + step)
-        g = torch.einsum("nagv,nagf->ngvf", per_sample[part], features[part])
-        weight.add_(torch.einsum("n,nuf->uf", weights[part], g.flatten(1, 2).square()))
-        bias.add_(weights[part] @ per_sample[part].sum(dim=1).flatten(1).square())
+        g = torch.einsum("knagv,nagf->kngvf", per_sample[:, part], features[part])
+        weight.add_(torch.einsum("kn,knuf->uf", weights[:, part], g.flatten(2, 3).square()))
+        sums = per_sample[:, part].sum(dim=2).flatten(2)  # (k, n, U)
+        bias.add_(torch.einsum("kn,knu->u", weights[:, part], sums.square()))
 
 
 def _only(graph: GradientGraph, index: int, cotangent: Tensor) -> list[Tensor | None]:
@@ -797,11 +823,18 @@ def _apply(
         if module.padding_idx is not None:  # type: ignore[union-attr]
             values[module.padding_idx] = 0  # its gradient is masked: no curvature
         return [values]
-    results = []
-    for p, name in ((module.weight, "weight"), (module.bias, "bias")):
-        if p is not None and any(p is graph.params[i] for i in layer.indices):
-            results.append((weight if name == "weight" else bias).reshape(p.shape))
-    return results
+    return _selected(layer, graph.params, weight, bias)
+
+
+def _selected(layer: _Layer, params: list[Tensor], weight: Tensor, bias: Tensor) -> list[Tensor]:
+    """The diagonals of the layer's selected parameters, ``(U, F)`` and ``(U,)`` sums reshaped."""
+    module = layer.module
+    own = ((getattr(module, "weight", None), weight), (getattr(module, "bias", None), bias))
+    return [
+        values.reshape(p.shape)
+        for p, values in own
+        if p is not None and any(p is params[i] for i in layer.indices)
+    ]
 
 
 def _parts(count: int, per_product: int) -> list[slice]:
