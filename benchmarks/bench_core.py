@@ -866,36 +866,25 @@ def bench_output(spec: tuple, repeats: int, threads: int) -> None:
             text += f" ({peak[method] / peak[baseline]:.2f}x torch.func)"
         return text
 
+    def against(method: str, func_name: str) -> Row:
+        return Row(
+            "o",
+            name,
+            method,
+            t[method],
+            spread(times[method]),
+            t[method] / t[func_name],
+            "torch.func",
+            rel_diff(last[method], last[func_name]),
+            memory(method, func_name),
+        )
+
     for func_name, ours_name in OUTPUT_METHODS:
         note = memory(func_name, None)
         report(Row("o", name, func_name, t[func_name], spread(times[func_name]), note=note))
-        report(
-            Row(
-                "o",
-                name,
-                ours_name,
-                t[ours_name],
-                spread(times[ours_name]),
-                t[ours_name] / t[func_name],
-                "torch.func",
-                rel_diff(last[ours_name], last[func_name]),
-                memory(ours_name, func_name),
-            )
-        )
+        report(against(ours_name, func_name))
         if func_name == OUTPUT_METHODS[0][0]:
-            report(
-                Row(
-                    "o",
-                    name,
-                    OUTPUT_VMAP,
-                    t[OUTPUT_VMAP],
-                    spread(times[OUTPUT_VMAP]),
-                    t[OUTPUT_VMAP] / t[func_name],
-                    "torch.func",
-                    rel_diff(last[OUTPUT_VMAP], last[func_name]),
-                    memory(OUTPUT_VMAP, func_name),
-                )
-            )
+            report(against(OUTPUT_VMAP, func_name))
 
 
 # ----------------------------------------------------------------------------- (m) memory

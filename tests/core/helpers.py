@@ -1,4 +1,5 @@
-"""Helpers for the core tests: random vectors, call-recording closures, model snapshots."""
+"""Helpers for the core tests: random vectors, call-recording closures, model snapshots, and a
+model PyTorch cannot differentiate twice."""
 
 from collections.abc import Callable, Sequence
 
@@ -109,3 +110,20 @@ CALLS: dict[str, Callable[..., object]] = {
 
 MODEL_FORMS = [name for name in CALLS if name.startswith("model_")]
 CLOSURE_FORMS = [name for name in CALLS if not name.startswith("model_")]
+
+
+class _Distances(nn.Module):
+    """Distances to learned centres through ``torch.cdist``, which has no double backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centres = nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cdist(x, self.centres)
+
+
+def cdist_model() -> nn.Module:
+    """Linear, tanh, then :class:`_Distances` (module ``'2'``), float64, seed 0."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 3), nn.Tanh(), _Distances()).to(torch.float64)

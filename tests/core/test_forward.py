@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from tests.core.helpers import assert_unchanged, snapshot
+from tests.core.helpers import assert_unchanged, cdist_model, snapshot
 from torch_secorder import hessian_diagonal, hessian_matrix, model_hessian_matrix, model_hvp
 from torch_secorder.core._forward import forward_context
 
@@ -75,22 +75,8 @@ def test_routing_ends_with_the_forward_pass():
         torch.autograd.grad(g.sum(), z)
 
 
-class _Distances(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.centres = nn.Parameter(torch.randn(2, 3, dtype=F64))
-
-    def forward(self, x):
-        return torch.cdist(x, self.centres)
-
-
-def _cdist_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 3), nn.Tanh(), _Distances()).to(F64)
-
-
 def test_an_operator_without_second_derivative_is_named_with_its_module():
-    model = _cdist_model()
+    model = cdist_model()
     x, _ = _data()
     y = torch.zeros(8, 2, dtype=F64)
     before = snapshot(model)
@@ -104,7 +90,7 @@ def test_an_operator_without_second_derivative_is_named_with_its_module():
 
 
 def test_an_operator_without_second_derivative_is_named_in_the_closure_form():
-    model = _cdist_model()
+    model = cdist_model()
     x, _ = _data()
     with pytest.raises(
         RuntimeError, match=r"hessian_diagonal: PyTorch cannot differentiate the operator 'cdist'"

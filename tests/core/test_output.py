@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from tests import reference as ref
 from tests.cases import CASES, Built, build, case_by_id
-from tests.core.helpers import assert_unchanged, snapshot
+from tests.core.helpers import assert_unchanged, cdist_model, snapshot
 from torch_secorder import (
     model_hessian_dict,
     model_hessian_matrix,
@@ -557,20 +557,8 @@ def test_loss_dict_errors():
     assert model.backwards == 0
 
 
-class _Distances(nn.Module):
-    """Distances to learned centres through ``torch.cdist``, which has no double backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.centres = nn.Parameter(torch.randn(2, 3, dtype=F64))
-
-    def forward(self, x):
-        return torch.cdist(x, self.centres)
-
-
 def test_an_operator_without_second_derivative_is_named_with_its_module():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), _Distances()).to(F64)
+    model = cdist_model()
     x = torch.randn(4, 3, dtype=F64)
     before = snapshot(model)
     with pytest.raises(
