@@ -20,8 +20,11 @@ from torch_secorder.analysis import (
     top_eigenvalues,
 )
 from torch_secorder.core import (
+    DiagonalPlan,
     HessianOperator,
+    LayerPlan,
     batched_hvp,
+    diagonal_plan,
     flatten,
     hessian_block,
     hessian_blocks,
@@ -47,6 +50,9 @@ __all__ = [
     # core: exact diagonal, blocks, matrices
     "hessian_diagonal",
     "model_hessian_diagonal",
+    "diagonal_plan",
+    "DiagonalPlan",
+    "LayerPlan",
     "hessian_block",
     "hessian_blocks",
     "hessian_matrix",

@@ -28,7 +28,7 @@ def _mlp():
 @pytest.mark.parametrize("name", ["hessian_diagonal", "model_hessian_diagonal", "matrix"])
 def test_progress_bar_counts_every_product(name, monkeypatch, capsys):
     built = _mlp()
-    updates = []
+    updates, written = [], []
     import tqdm.auto
 
     class Bar:
@@ -41,6 +41,10 @@ def test_progress_bar_counts_every_product(name, monkeypatch, capsys):
         def close(self):
             updates.append(("closed", self.total))
 
+        @staticmethod
+        def write(text):
+            written.append(text)
+
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     if name == "hessian_diagonal":
         result = hessian_diagonal(built.func, built.params, progress=True)
@@ -49,6 +53,9 @@ def test_progress_bar_counts_every_product(name, monkeypatch, capsys):
         m = built
         result = model_hessian_diagonal(m.model, m.loss_fn, m.inputs, m.targets, progress=True)
         assert_close(result, ref.diagonal(ref.case_hessian(built), built.params))
+        (plan,) = written  # the path of each layer, before the products
+        assert plan.startswith("Exact diagonal:")
+        assert "layer (" in plan
     else:
         assert_close(
             hessian_matrix(built.func, built.params, progress=True), ref.case_hessian(built)

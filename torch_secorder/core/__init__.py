@@ -1,6 +1,7 @@
 """Exact second-order primitives built on ``torch.autograd.grad`` double backward."""
 
 from torch_secorder.core.blocks import hessian_block, hessian_blocks
+from torch_secorder.core.diagonal import DiagonalPlan, LayerPlan, diagonal_plan
 
 # through the module path of the torch-secorder 0.0.1 documentation; the names stay functions
 from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
@@ -22,6 +23,9 @@ __all__ = [
     # Exact diagonal
     "hessian_diagonal",
     "model_hessian_diagonal",
+    "diagonal_plan",
+    "DiagonalPlan",
+    "LayerPlan",
     # Blocks and matrices
     "hessian_block",
     "hessian_blocks",

@@ -61,7 +61,8 @@ class GradientGraph:
             message when ``op`` turns out to have no second derivative (model forms).
         probes: Zero tensors the closure adds to intermediate results (layer outputs), to be
             differentiated like parameters: their gradients follow the params' (the graph's
-            :attr:`params` list both); ``strict`` does not apply to them.
+            :attr:`params` list both); ``strict`` does not apply to them. Read after the
+            closure's call, so the forward pass may append the probes it makes.
 
     Attributes:
         loss: The loss value (detached).
@@ -92,19 +93,17 @@ class GradientGraph:
         locate: Callable[[str], str | None] | None = None,
         probes: Sequence[Tensor] = (),
     ) -> None:
-        self.params = [*params, *probes]
         self.fname = fname
         self.locate = locate
-        self.differentiable = [
-            *self.params,
-            *(t for t in extra if all(t is not p for p in params)),
-        ]
+        others = [t for t in extra if all(t is not p for p in params)]
         self.engine: str | None = ENGINES[0]
         self._saved_bytes: int | None = None
         self.num_products = 0
         self.on_products: Callable[[int], object] | None = None
-        with forward_context(self.differentiable, seed):
+        with forward_context([*params, *others], seed):
             loss = check_loss(fname, func(), source)
+        self.params = [*params, *probes]  # probes the forward pass made are known now
+        self.differentiable = [*self.params, *others]
         with requires_grad(self.differentiable):  # outside the forward's function mode
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -117,6 +116,7 @@ class GradientGraph:
                         f"{fname}: the loss does not depend on {param_label(i, names)}; "
                         "pass strict=False to treat it as having zero curvature."
                     )
+        _report_cuts(fname, grads[: len(params)], names, strict)
         self.loss = loss.detach()
         self.grads: list[Tensor | None] = [
             g if g is not None and g.requires_grad else None for g in grads
@@ -327,6 +327,64 @@ class GradientGraph:
         if self._saved_bytes is None:
             self._saved_bytes = _chunks.saved_bytes(self.grads)
         return self._saved_bytes
+
+
+def _report_cuts(
+    fname: str, grads: Sequence[Tensor | None], names: Sequence[str] | None, strict: bool
+) -> None:
+    """Raise (``strict``) or warn for parameters whose gradient cannot be differentiated again.
+
+    A backward marked ``@once_differentiable`` (common in custom ``autograd.Function``
+    layers) returns its gradient through an error node whose inputs are detached: the
+    gradient is right, but differentiating it again finds no path to the parameters and
+    would read the missing second derivatives as zero curvature.
+    """
+    cut = _cut_gradients(grads)
+    if not cut:
+        return
+    labels = ", ".join(param_label(i, names) for i in cut)
+    message = (
+        f"{fname}: the gradient of {labels} passes through a backward that cannot be "
+        "differentiated (an autograd.Function whose backward is marked @once_differentiable, "
+        "or a DelayedError), so its second derivatives are missing and would read as zero "
+        "curvature; write that backward with differentiable torch operations"
+    )
+    if strict:
+        raise ValueError(message + ".")
+    warnings.warn(message + ", or pass strict=True to make this an error.", RuntimeWarning, 4)
+
+
+def _cut_gradients(grads: Sequence[Tensor | None]) -> list[int]:
+    """The positions of the gradients whose graph holds an error node (a cut second derivative)."""
+    cut: dict[object, bool] = {}
+
+    def holds_error(root: object) -> bool:
+        stack = [(root, False)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                cut[node] = type(node).__name__ in _ERROR_NODES or any(
+                    cut.get(n, False)
+                    for n, _ in node.next_functions
+                    if n is not None  # type: ignore[attr-defined]
+                )
+                continue
+            if node in cut:
+                continue
+            cut[node] = False  # provisional: the graph has no cycles
+            stack.append((node, True))
+            stack.extend((n, False) for n, _ in node.next_functions if n is not None)  # type: ignore[attr-defined]
+        return cut[root]
+
+    return [
+        i
+        for i, g in enumerate(grads)
+        if g is not None and g.grad_fn is not None and holds_error(g.grad_fn)
+    ]
+
+
+_ERROR_NODES = frozenset(["Error", "DelayedError"])
+"""Node types PyTorch puts where a derivative cannot be taken again."""
 
 
 def _vmapped_grad(

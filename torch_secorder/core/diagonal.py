@@ -1,16 +1,18 @@
-r"""The exact Hessian diagonal.
+r"""The exact Hessian diagonal, and the plan of how the model form computes it.
 
 The diagonal of :math:`H_{ii}`, the block of parameter :math:`\theta_i`, is read off products
 :math:`H_{ii} e_r` with unit vectors :math:`e_r` of that block, batched in chunks: the
 gradient graph is built once, each product differentiates only :math:`g_i` with respect to
 :math:`\theta_i`, and the cost is :math:`P` products in :math:`\lceil n_i / c \rceil` calls
 per parameter (:math:`c` the chunk size), not one backward pass per element. The model form
-reads the parameters of ``Linear``, convolution and ``Embedding`` layers off products with
-respect to the layers' outputs instead, wherever a check on the model and batch proves that
-exact and it takes fewer products (:mod:`torch_secorder.core._structure`): :math:`U` products
-for a ``Linear`` layer of :math:`U` outputs on independent samples instead of one per weight.
+reads the parameters of ``Linear``, convolution, ``Embedding`` and norm layers off products
+with respect to the layers' outputs instead, wherever structural facts of the model and batch
+prove that exact and it takes fewer products (:mod:`torch_secorder.core._structured`):
+:math:`U` products for a ``Linear`` layer of :math:`U` outputs on independent samples instead
+of one per weight. :func:`diagonal_plan` tells, per layer, which path it takes and why.
 """
 
+from dataclasses import dataclass
 from typing import overload
 
 from torch import Tensor, nn
@@ -19,10 +21,16 @@ from torch_secorder._checks import check_bool, check_chunk_size, check_vector
 from torch_secorder._types import LossClosure, Params, ParamSelection
 from torch_secorder.core._model import Objective, closure_objective, model_objective
 from torch_secorder.core._progress import counted, require_tqdm, warn_if_long
-from torch_secorder.core._structure import structured_diagonal
+from torch_secorder.core._structured import StructuredDiagonal
 from torch_secorder.core.params import flatten
 
-__all__ = ["hessian_diagonal", "model_hessian_diagonal"]
+__all__ = [
+    "DiagonalPlan",
+    "LayerPlan",
+    "diagonal_plan",
+    "hessian_diagonal",
+    "model_hessian_diagonal",
+]
 
 
 @overload
@@ -129,19 +137,10 @@ def _hessian_diagonal(
     if v is not None:
         vectors, flat = check_vector(fname, "v", v, params, objective.names)
     if model is not None and not create_graph:
-        diagonal, _ = structured_diagonal(
-            objective.func,
-            model,
-            params,
-            fname=fname,
-            names=objective.names,  # type: ignore[arg-type]
-            strict=strict,
-            seed=objective.seed,
-            locate=objective.locate,
-            chunk_size=chunk_size,
-            progress=progress,
-        )
-        return diagonal
+        with _structured(objective, model, strict, chunk_size) as structured:
+            if progress:
+                _show(_plan(structured, objective.names))  # type: ignore[arg-type]
+            return structured.run(progress)
     with objective.gradient(strict=strict) as graph:
         products = sum(p.numel() for p, g in zip(params, graph.grads) if g is not None)
         hint = "model_hessian_diagonal uses layer structure where it can, and "
@@ -229,3 +228,145 @@ def model_hessian_diagonal(
         return _hessian_diagonal(  # type: ignore[return-value]
             objective, None, create_graph, strict, chunk_size, progress, model
         )
+
+
+def _structured(
+    objective: Objective, model: nn.Module, strict: bool, chunk_size: int | None
+) -> StructuredDiagonal:
+    return StructuredDiagonal(
+        objective.func,
+        model,
+        objective.params,
+        fname=objective.fname,
+        names=objective.names,  # type: ignore[arg-type]
+        strict=strict,
+        seed=objective.seed,
+        locate=objective.locate,
+        chunk_size=chunk_size,
+    )
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How :func:`model_hessian_diagonal` computes the diagonal of one module's parameters.
+
+    Attributes:
+        module: The module's qualified name (``""`` for the model itself, shown as
+            ``"(root)"``).
+        parameters: The selected parameters it covers, by name.
+        method: ``"layer"`` (the layer's own rule), ``"gauss-newton"`` (the Gauss-Newton
+            rule, shared by all the layers that take it), ``"generic"`` (one unit-vector
+            product per element) or ``"zero"`` (a curvature proven zero, no product).
+        num_matvecs: Hessian-vector products (and backward passes of the Gauss-Newton rule)
+            counted for these parameters, checks included.
+        reason: What the rule reads, or why the rule was refused.
+    """
+
+    module: str
+    parameters: tuple[str, ...]
+    method: str
+    num_matvecs: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DiagonalPlan:
+    """The plan of :func:`model_hessian_diagonal` for a model and batch, before the work.
+
+    Attributes:
+        layers: One :class:`LayerPlan` per module owning selected parameters, by parameter
+            order.
+        num_matvecs: Products of the whole diagonal (checks included); with
+            :meth:`HessianOperator.diagonal <torch_secorder.HessianOperator.diagonal>` on
+            this batch, the operator counts as many.
+    """
+
+    layers: tuple[LayerPlan, ...]
+    num_matvecs: int
+
+    def __str__(self) -> str:
+        width = max((len(layer.module or "(root)") for layer in self.layers), default=5)
+        lines = [f"Exact diagonal: {self.num_matvecs} products"]
+        for layer in self.layers:
+            name = (layer.module or "(root)").ljust(width)
+            what = f"{layer.method} ({layer.num_matvecs} products)"
+            lines.append(
+                f"  {name}  {what}: {layer.reason}" if layer.reason else f"  {name}  {what}"
+            )
+        return "\n".join(lines)
+
+
+def diagonal_plan(
+    model: nn.Module,
+    loss_fn: object,
+    inputs: object,
+    targets: object,
+    *,
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+) -> DiagonalPlan:
+    r"""Tell how :func:`model_hessian_diagonal` will compute the diagonal, before doing it.
+
+    Runs what the model form runs before its products: one forward pass with probes, the
+    gradient graph, the structural checks of every layer, and the few products that check
+    whether samples and tokens are independent; then returns, per module, the path its
+    parameters take (its layer rule, the Gauss-Newton rule, the generic path of one product
+    per element, or a zero curvature proven by the graph), its products, and why a rule was
+    refused (a layer called twice, an output read by a hook, a weight used elsewhere, a
+    rule costing more products, ...). Nothing is left on the model.
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
+        inputs: A tensor, a tuple of positional arguments, or a dict of keyword arguments.
+        targets: Passed to ``loss_fn`` unchanged.
+        params: Parameter selection by names or glob patterns (``None``: all trainable).
+        chunk_size: Products per batched call (as for :func:`model_hessian_diagonal`).
+
+    Returns:
+        A :class:`DiagonalPlan`; ``print`` shows it as a table.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If the selection matches nothing or the loss is not a scalar.
+
+    Example:
+        >>> import torch
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+        ... ).double()
+        >>> x, y = torch.randn(16, 3).double(), torch.randint(0, 2, (16,))
+        >>> plan = diagonal_plan(model, torch.nn.CrossEntropyLoss(), x, y)
+        >>> [(layer.module, layer.method, layer.num_matvecs) for layer in plan.layers]
+        [('0', 'layer', 14), ('2', 'layer', 2)]
+    """
+    fname = "diagonal_plan"
+    check_chunk_size(fname, chunk_size)
+    with (
+        model_objective(fname, model, loss_fn, inputs, targets, params) as objective,
+        _structured(objective, model, False, chunk_size) as structured,
+    ):
+        return _plan(structured, objective.names)  # type: ignore[arg-type]
+
+
+def _plan(structured: StructuredDiagonal, names: list[str]) -> DiagonalPlan:
+    layers = tuple(
+        LayerPlan(
+            entry.module,
+            tuple(names[i] for i in entry.indices),
+            entry.method,
+            entry.products,
+            entry.reason,
+        )
+        for entry in structured.entries
+    )
+    return DiagonalPlan(layers, sum(layer.num_matvecs for layer in layers))
+
+
+def _show(plan: DiagonalPlan) -> None:
+    """Write the plan above the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(str(plan))

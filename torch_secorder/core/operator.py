@@ -38,7 +38,7 @@ from torch_secorder.core._model import (
     preserved_state,
 )
 from torch_secorder.core._progress import require_tqdm
-from torch_secorder.core._structure import structured_diagonal
+from torch_secorder.core._structured import StructuredDiagonal
 from torch_secorder.core.params import flatten, unflatten
 
 __all__ = ["HessianOperator"]
@@ -530,7 +530,7 @@ class _DataSetProducts:
                 inputs, targets = to_device(
                     check_batch(self.fname, index, batch), self.params[0].device
                 )
-                diagonal, used = structured_diagonal(
+                with StructuredDiagonal(
                     batch_loss(self.model, self.loss_fn, inputs, targets),
                     self.model,
                     self.params,
@@ -540,8 +540,8 @@ class _DataSetProducts:
                     seed=self.seed + index,
                     locate=operator_locator(self.model, inputs),
                     chunk_size=None,
-                    progress=False,
-                )
+                ) as structured:
+                    diagonal, used = structured.run(), structured.costs
                 size = batch_size(self.fname, index, inputs)
                 for acc, d in zip(total, diagonal):
                     acc.add_(d, alpha=size)

@@ -1,0 +1,429 @@
+"""The orchestration: candidates, probes, admission, the plan, then the products.
+
+:class:`StructuredDiagonal` runs one forward pass with a zero probe added to the output of
+every layer that has a rule (and to the model's output), builds the gradient graph once,
+admits each layer by the structural checks of the package docstring, decides each layer's
+path (:mod:`.plan`, :mod:`.gauss_newton`) and reports that plan; :meth:`~StructuredDiagonal.run`
+then computes the diagonal. Every parameter not covered by an admitted layer takes the
+generic path: one unit-vector product per element of its own block.
+"""
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder.core._autograd import GradientGraph
+from torch_secorder.core._progress import counted, warn_if_long
+from torch_secorder.core._structured import contraction, gauss_newton, plan
+from torch_secorder.core._structured.graph import consumers, private
+from torch_secorder.core._structured.independence import count, hessian_reached
+from torch_secorder.core._structured.rules import LayerRule, Layout, rule_for
+
+
+@dataclass(eq=False)
+class _Layer:
+    """A module with a rule that owns selected parameters, and what the forward pass showed."""
+
+    module: nn.Module
+    name: str
+    rule: LayerRule
+    roles: dict[str, int]  # role -> index of the selected parameter
+    refusal: str | None = None  # why its parameters take the generic path
+    calls: int = 0
+    layout: Layout | None = None
+    position: int = -1  # of its probe among the graph's params
+    summed: object = None  # the node adding the probe to its output
+    method: str = "generic"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One module's path: its selected parameters (by index), method, products and reason."""
+
+    module: str
+    indices: tuple[int, ...]
+    method: str
+    products: int
+    reason: str
+
+
+class _Probes:
+    """Forward hooks adding a zero probe to each layer's output (and the model's), once each."""
+
+    def __init__(self, model: nn.Module, layers: list[_Layer], offset: int) -> None:
+        self.model, self.layers, self.offset = model, layers, offset
+        self.tensors: list[Tensor] = []
+        self.output: Tensor | None = None  # the model's output, probe added
+        self.output_node: object = None
+        self.output_position = -1
+        self.output_calls = 0
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "_Probes":
+        for layer in self.layers:
+            self.handles.append(layer.module.register_forward_hook(self._layer_hook(layer)))
+        if self.layers:
+            self.handles.append(self.model.register_forward_hook(self._output_hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _add(self, output: object) -> tuple[Tensor, int] | None:
+        if not isinstance(output, Tensor) or not output.is_floating_point():
+            return None
+        if not output.requires_grad:
+            return None
+        probe = torch.zeros_like(output, requires_grad=True)
+        self.tensors.append(probe)
+        return output + probe, self.offset + len(self.tensors) - 1
+
+    def _layer_hook(self, layer: _Layer) -> Callable[..., Tensor | None]:
+        def add_probe(module: nn.Module, args: object, output: object) -> Tensor | None:
+            layer.calls += 1
+            if layer.calls > 1 or not isinstance(output, Tensor) or output.grad_fn is None:
+                return None
+            matched = layer.rule.match(module, output)
+            if isinstance(matched, str):
+                layer.refusal = matched
+                return None
+            added = self._add(output)
+            if added is None:
+                return None
+            layer.layout, (summed, layer.position) = matched, added
+            layer.summed = summed.grad_fn
+            return summed
+
+        return add_probe
+
+    def _output_hook(self, module: nn.Module, args: object, output: object) -> Tensor | None:
+        self.output_calls += 1
+        added = self._add(output) if self.output_calls == 1 else None
+        if added is None:
+            return None
+        self.output, self.output_position = added
+        self.output_node = self.output.grad_fn
+        return self.output
+
+
+class StructuredDiagonal:
+    """The exact diagonal of a model's loss by layer rules where proven, planned up front.
+
+    Args:
+        func: The loss closure of ``model`` on one batch.
+        model: The model.
+        params: The selected parameters.
+        fname: Public function name, for messages.
+        names: The parameters' names.
+        strict: Raise if the loss does not depend on a parameter.
+        seed: RNG seed of the forward pass.
+        locate: Names the module calling an operator, for messages.
+        chunk_size: Products per batched call.
+
+    Attributes:
+        graph: The gradient graph, with the probes after the parameters.
+        entries: The plan, one :class:`PlanEntry` per module owning selected parameters.
+        costs: Products per parameter: a layer's products (its checks included) are shared
+            among its parameters in proportion to their sizes.
+    """
+
+    def __init__(
+        self,
+        func: Callable[[], Tensor],
+        model: nn.Module,
+        params: list[Tensor],
+        *,
+        fname: str,
+        names: list[str],
+        strict: bool,
+        seed: int | None,
+        locate: Callable[[str], str | None] | None,
+        chunk_size: int | None,
+    ) -> None:
+        self.fname, self.params, self.names, self.chunk_size = fname, params, names, chunk_size
+        self.layers = _candidates(model, params)
+        probes = _Probes(
+            model, [layer for layer in self.layers if layer.refusal is None], len(params)
+        )
+        roots: list[Tensor] = []
+
+        def probed() -> Tensor:
+            loss = func()
+            roots.append(loss)
+            return loss
+
+        with probes:
+            self.graph = GradientGraph(
+                probed,
+                params,
+                fname=fname,
+                names=names,
+                strict=strict,
+                seed=seed,
+                source="loss_fn",
+                locate=locate,
+                probes=probes.tensors,
+            )
+        try:
+            loss = roots[0] if roots and roots[0].grad_fn is not None else None
+            roots.clear()
+            self._decide(loss, probes, _batch_statistics(model))
+        except BaseException:
+            self.graph.release()
+            raise
+
+    def __enter__(self) -> "StructuredDiagonal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Drop the gradient graph and the layers' recorded inputs."""
+        self.graph.release()
+        self.output = None
+        for layer in self.layers:
+            layer.layout = None
+
+    # ------------------------------------------------------------------------- deciding
+
+    def _decide(self, loss: Tensor | None, probes: _Probes, batch_statistics: bool) -> None:
+        graph, spent = self.graph, defaultdict(int)  # products by probe position
+        users = consumers(loss.grad_fn) if loss is not None else {}
+        admitted: dict[int, _Layer] = {}
+        for layer in self.layers:
+            if layer.refusal is None:
+                layer.refusal = self._admit(layer, users)
+            if layer.refusal is None:
+                admitted[layer.position] = layer
+        for layer in admitted.values():
+            if graph.grads[layer.position] is None:
+                layer.method, layer.detail = "zero", "the loss is linear in its output"
+        curved = {i: layer for i, layer in admitted.items() if layer.method != "zero"}
+        candidates = {i: self._candidate(layer) for i, layer in curved.items()}
+        self.output = probes.output
+        self.output_position = probes.output_position
+        self.factored: dict[int, _Layer] = {}
+        untouched = self.output is not None and self.output.grad_fn is probes.output_node
+        if loss is not None and untouched and probes.output_calls == 1:  # not modified in place
+            self._gauss_newton(loss, curved, candidates, spent)
+        rest = {i: c for i, c in candidates.items() if i not in self.factored}
+        self.rules = plan.rules(graph, rest, spent, self.chunk_size, batch_statistics)
+        for i, rule in self.rules.items():
+            layer = curved[i]
+            layer.method, layer.detail = "layer", plan.describe(rule)
+            spent[i] += rule.count
+        for layer in curved.values():
+            if layer.method == "generic":
+                layer.refusal = "its rule would take more products than the generic path"
+        covered = {
+            i
+            for layer in admitted.values()
+            if layer.method != "generic"
+            for i in layer.roles.values()
+        }
+        self.generic = [i for i in range(len(self.params)) if i not in covered]
+        self.costs = [
+            self.params[i].numel() if i in self.generic and graph.grads[i] is not None else 0
+            for i in range(len(self.params))
+        ]
+        for position, products in spent.items():
+            roles = admitted[position].roles.values()
+            sizes = {i: self.params[i].numel() for i in roles}
+            for i, share in plan.shares(products, sizes).items():
+                self.costs[i] += share
+        self.entries = self._entries(covered)
+
+    def _admit(self, layer: _Layer, users: dict[object, list[object]]) -> str | None:
+        """Why the layer's rule does not hold for this forward pass, or ``None`` if it does."""
+        if layer.calls == 0:
+            return "it is not called in the forward pass (its parameters are used directly)"
+        if layer.calls > 1:
+            return f"it is called {layer.calls} times in the forward pass"
+        if layer.layout is None:
+            return "its output is not a tensor that depends on the parameters"
+        chains = layer.layout.chains
+        for role in layer.roles:
+            if not chains.get(role):
+                return f"its {role} does not enter its output as the layer's operation does"
+        top = next(iter(chains.values()))[-1]
+        if users.get(top) != [layer.summed]:
+            if not users.get(top):
+                return "its output does not reach the loss"
+            return "its output is also read elsewhere (a hook, a cache, the loss)"
+        for role in layer.roles:
+            if not private(chains[role], layer.summed, users):
+                if not users.get(chains[role][0]):
+                    return f"its {role} does not reach the loss"
+                return f"its {role} is also used outside the layer (tied, or a penalty)"
+        return None
+
+    def _candidate(self, layer: _Layer) -> plan.Candidate:
+        probe = self.graph.params[layer.position]
+        generic = sum(
+            self.params[i].numel() for i in layer.roles.values() if self.graph.grads[i] is not None
+        )
+        layout = layer.layout
+        return plan.Candidate(layer.position, probe, layout.unit, set(layout.coupled), generic)  # type: ignore[union-attr]
+
+    def _gauss_newton(
+        self,
+        loss: Tensor,
+        curved: dict[int, _Layer],
+        candidates: dict[int, plan.Candidate],
+        spent: dict[int, int],
+    ) -> None:
+        """Admit the layers that take the Gauss-Newton rule together, where it is cheaper."""
+        graph, output = self.graph, self.output
+        probe = graph.params[self.output_position]
+        samples = probe.shape[0] if probe.dim() else 0
+        eligible = {
+            i: c
+            for i, c in candidates.items()
+            if not curved[i].layout.lookup and c.axes[:1] == [0] and c.probe.shape[0] == samples  # type: ignore[union-attr]
+        }
+        if not eligible or samples == 0 or not gauss_newton.output_blocks_fit(probe):
+            return
+        linear = gauss_newton.piecewise_linear(loss, output, [c.probe for c in eligible.values()])  # type: ignore[arg-type]
+        own = {i: c.own() for (i, c), ok in zip(eligible.items(), linear) if ok}
+        size = probe.numel() // samples
+        cost = gauss_newton.cost(samples, size)
+        if cost >= sum(own.values()):
+            return
+        before, passes, factored = graph.num_products, 0, []
+        members = [(self.output_position, probe, 0)]
+        if not hessian_reached(graph, members, self.chunk_size):  # type: ignore[arg-type]
+            reached = gauss_newton.jacobian_reached(output, [eligible[i].probe for i in own])  # type: ignore[arg-type]
+            factored, passes = [i for i, hit in zip(own, reached) if not hit], count(samples)
+        checks = graph.num_products - before + passes
+        own = {i: own[i] for i in factored}
+        if cost >= sum(own.values()):
+            spent[next(iter(eligible))] += checks
+            return
+        for i, share in plan.shares(checks + 2 * size, own).items():
+            spent[i] += share
+        self.factored = {i: curved[i] for i in factored}
+        detail = f"{size} outputs per sample; piecewise-linear path to the model's output"
+        for layer in self.factored.values():
+            layer.method, layer.detail = "gauss-newton", detail
+
+    def _entries(self, covered: set[int]) -> list[PlanEntry]:
+        """The plan, one entry per module owning selected parameters, in parameter order."""
+        by_param = {i: layer for layer in self.layers for i in layer.roles.values()}
+        groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+        for i, name in enumerate(self.names):
+            layer = by_param.get(i)
+            module = layer.name if layer else name.rpartition(".")[0]
+            if i in covered:
+                method, reason = layer.method, layer.detail  # type: ignore[union-attr]
+            elif self.graph.grads[i] is None:
+                method, reason = "zero", "its gradient is constant (the loss is linear in it)"
+            elif layer is not None:
+                method, reason = "generic", layer.refusal or ""
+            else:
+                method, reason = "generic", _no_rule(self.names, i)
+            groups[(module, method, reason)].append(i)
+        return [
+            PlanEntry(module, tuple(indices), method, sum(self.costs[i] for i in indices), reason)
+            for (module, method, reason), indices in sorted(groups.items(), key=lambda g: g[1][0])
+        ]
+
+    # ------------------------------------------------------------------------- computing
+
+    def run(self, progress: bool = False) -> list[Tensor]:
+        """Compute the diagonal as planned (the products the plan counted, no more)."""
+        graph, params = self.graph, self.params
+        remaining = sum(rule.count for rule in self.rules.values())
+        remaining += sum(params[i].numel() for i in self.generic if graph.grads[i] is not None)
+        warn_if_long(
+            self.fname,
+            graph.num_products + remaining,
+            "diagonal",
+            "hessian_diagonal_estimate estimates it from far fewer products.",
+        )
+        diagonal: list[Tensor | None] = [None] * len(params)
+        if self.factored:
+            layers = [
+                (graph.params[i], layer.layout.features(), layer.layout.unit)  # type: ignore[union-attr]
+                for i, layer in self.factored.items()
+            ]
+            sums, _ = gauss_newton.diagonals(
+                graph,
+                self.output,
+                self.output_position,
+                layers,
+                self.chunk_size,  # type: ignore[arg-type]
+            )
+            for layer, (weight, bias) in zip(self.factored.values(), sums):
+                self._assign(diagonal, layer, contraction.shaped(layer.layout, weight, bias))  # type: ignore[arg-type]
+        self.output = None
+        with counted(graph, remaining, progress, "diagonal"):
+            for layer in self.layers:
+                if layer.method == "zero":
+                    zeros = {role: torch.zeros_like(params[i]) for role, i in layer.roles.items()}
+                    self._assign(diagonal, layer, zeros)
+                elif layer.method == "layer":
+                    rule, layout = self.rules[layer.position], layer.layout
+                    features = (
+                        layout.features() if "weight" in layer.roles or layout.lookup else None
+                    )  # type: ignore[union-attr]
+                    values = contraction.apply(
+                        graph,
+                        layer.position,
+                        layout,
+                        features,
+                        rule,
+                        self.chunk_size,  # type: ignore[arg-type]
+                    )
+                    self._assign(diagonal, layer, values)
+            for i in self.generic:
+                diagonal[i] = graph.own_diagonal(i, chunk_size=self.chunk_size)
+        return diagonal  # type: ignore[return-value]
+
+    @staticmethod
+    def _assign(diagonal: list[Tensor | None], layer: _Layer, values: dict[str, Tensor]) -> None:
+        for role, i in layer.roles.items():
+            diagonal[i] = values[role]
+
+
+def _candidates(model: nn.Module, params: list[Tensor]) -> list[_Layer]:
+    """Modules with a rule that own selected parameters, in the order of ``named_modules``."""
+    position = {id(p): i for i, p in enumerate(params)}
+    owners: dict[int, int] = defaultdict(int)
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] += 1
+    layers = []
+    for name, module in model.named_modules():
+        rule = rule_for(module)
+        roles = {
+            role: position[id(p)]
+            for role in ("weight", "bias")
+            if (p := module._parameters.get(role)) is not None and id(p) in position
+        }
+        if rule is None or not roles:
+            continue
+        layer = _Layer(module, name, rule, roles)
+        shared = [role for role, i in roles.items() if owners[id(params[i])] > 1]
+        if shared:
+            layer.refusal = f"its {shared[0]} is registered in another module too"
+        layers.append(layer)
+    return layers
+
+
+def _no_rule(names: list[str], index: int) -> str:
+    return "no layer rule for the module that owns it"
+
+
+def _batch_statistics(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer of the model normalises with the batch's statistics."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+        for m in model.modules()
+    )
