@@ -16,6 +16,13 @@ from tests.cases import CASES, Built, build
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Options of the differential fuzzer (``tests/core/test_structured_fuzz.py``)."""
+    group = parser.getgroup("fuzz", "differential fuzzing of the structured diagonal")
+    group.addoption("--fuzz-count", type=int, default=300, help="number of seeds (default 300)")
+    group.addoption("--fuzz-seed", type=int, default=0, help="first seed (default 0)")
+
+
 @pytest.fixture(autouse=True)
 def _isolate_global_state():
     """Seed the global RNG for the test; restore it and the default dtype after."""
