@@ -341,9 +341,12 @@ class Impl:
     current: bool = False
 
 
+FUNCTIONS = ["hvp", "batched_hvp", "hessian_diagonal", "hessian_matrix", "model_hessian_diagonal"]
+"""The functions compared across versions of the library."""
+
+
 def current_impl() -> Impl:
-    names = ["hvp", "batched_hvp", "hessian_diagonal", "hessian_matrix"]
-    return Impl("torch_secorder", {n: getattr(ts, n) for n in names}, current=True)
+    return Impl("torch_secorder", {n: getattr(ts, n) for n in FUNCTIONS}, current=True)
 
 
 def import_other(path: str) -> object:
@@ -368,8 +371,8 @@ def import_other(path: str) -> object:
 
 def baseline_impl(path: str) -> Impl:
     other = import_other(path)
-    names = ["hvp", "batched_hvp", "hessian_diagonal", "hessian_matrix"]
-    return Impl(f"baseline {path}", {n: getattr(other, n) for n in names})
+    functions = {n: getattr(other, n) for n in FUNCTIONS if hasattr(other, n)}
+    return Impl(f"baseline {path}", functions)
 
 
 def peer_impl(path: str) -> Impl:
@@ -571,10 +574,13 @@ def bench_diagonal(
 
         return run
 
-    def structured() -> tuple[float, object]:
-        tic = clock()
-        values = ts.model_hessian_diagonal(w.model, nn.CrossEntropyLoss(), w.inputs, w.targets)
-        return clock() - tic, values
+    def structured(f: Callable[..., object]) -> Callable[[], tuple[float, object]]:
+        def run() -> tuple[float, object]:
+            tic = clock()
+            values = f(w.model, nn.CrossEntropyLoss(), w.inputs, w.targets)
+            return clock() - tic, values
+
+        return run
 
     methods: dict[str, Callable[[], tuple[float, object]]] = {
         loop_name: lambda: per_element_loop(w, rows),
@@ -587,8 +593,11 @@ def bench_diagonal(
             methods[method_name(impl, "hessian_diagonal")] = timed(
                 impl.functions["hessian_diagonal"]
             )
+    for impl in impls:
+        if "model_hessian_diagonal" in impl.functions:
+            name = method_name(impl, "model_hessian_diagonal")
+            methods[name] = structured(impl.functions["model_hessian_diagonal"])
     structured_name = "torch_secorder.model_hessian_diagonal"
-    methods[structured_name] = structured
     backpack = backpack_diagonal(w)
     if backpack is not None:
         methods["BackPACK DiagHessian (peer)"] = backpack

@@ -349,7 +349,7 @@ class StructuredDiagonal:
         diagonal: list[Tensor | None] = [None] * len(params)
         if self.factored:
             layers = [
-                (graph.params[i], layer.layout.features(), layer.layout.unit)  # type: ignore[union-attr]
+                (graph.params[i], _features(layer), layer.layout.unit)  # type: ignore[union-attr]
                 for i, layer in self.factored.items()
             ]
             sums, _ = gauss_newton.diagonals(
@@ -369,14 +369,11 @@ class StructuredDiagonal:
                     self._assign(diagonal, layer, zeros)
                 elif layer.method == "layer":
                     rule, layout = self.rules[layer.position], layer.layout
-                    features = (
-                        layout.features() if "weight" in layer.roles or layout.lookup else None
-                    )  # type: ignore[union-attr]
                     values = contraction.apply(
                         graph,
                         layer.position,
                         layout,
-                        features,
+                        _features(layer),
                         rule,
                         self.chunk_size,  # type: ignore[arg-type]
                     )
@@ -389,6 +386,13 @@ class StructuredDiagonal:
     def _assign(diagonal: list[Tensor | None], layer: _Layer, values: dict[str, Tensor]) -> None:
         for role, i in layer.roles.items():
             diagonal[i] = values[role]
+
+
+def _features(layer: _Layer) -> Tensor | None:
+    """The layer's features, computed now, where its selected parameters need them."""
+    layout = layer.layout
+    wanted = "weight" in layer.roles or layout.lookup  # type: ignore[union-attr]
+    return layout.features() if wanted and layout.features is not None else None  # type: ignore[union-attr]
 
 
 def _candidates(model: nn.Module, params: list[Tensor]) -> list[_Layer]:

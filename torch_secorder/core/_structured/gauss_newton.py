@@ -261,16 +261,17 @@ def diagonals(
     graph: GradientGraph,
     output: Tensor,
     out_index: int,
-    layers: Sequence[tuple[Tensor, Tensor, int]],
+    layers: Sequence[tuple[Tensor, Tensor | None, int]],
     chunk_size: int | None,
-) -> tuple[list[tuple[Tensor, Tensor]], int]:
+) -> tuple[list[tuple[Tensor | None, Tensor]], int]:
     """The weight and bias diagonals ``(U, F)``, ``(U,)`` of each layer, and the backward passes.
 
     Args:
         graph: The gradient graph, with the output's probe at ``out_index``.
         output: The model's output (probe added).
         out_index: Position of the output's probe among the graph's params.
-        layers: Per layer, its probe, its features ``(N, *positions, G, F)`` and unit axis.
+        layers: Per layer, its probe, its features ``(N, *positions, G, F)`` (``None`` when
+            only its bias is wanted) and unit axis.
         chunk_size: Products per batched call.
 
     :math:`D` products give each sample's block :math:`H_n` of the loss's Hessian with respect
@@ -305,15 +306,20 @@ def diagonals(
     return sums, size
 
 
-def _zeros(probe: Tensor, features: Tensor, unit: int) -> tuple[Tensor, Tensor]:
-    """Zero sums ``(U, F)`` and ``(U,)`` for a layer's weight and bias diagonals."""
-    return probe.new_zeros(probe.shape[unit], features.shape[-1]), probe.new_zeros(
-        probe.shape[unit]
-    )
+def _zeros(probe: Tensor, features: Tensor | None, unit: int) -> tuple[Tensor | None, Tensor]:
+    """Zero sums ``(U, F)`` (``None`` without features) and ``(U,)`` for a layer's diagonals."""
+    units = probe.shape[unit]
+    weight = None if features is None else probe.new_zeros(units, features.shape[-1])
+    return weight, probe.new_zeros(units)
 
 
 def _add_pseudo_gradients(
-    features: Tensor, unit: int, delta: Tensor, weights: Tensor, weight: Tensor, bias: Tensor
+    features: Tensor | None,
+    unit: int,
+    delta: Tensor,
+    weights: Tensor,
+    weight: Tensor | None,
+    bias: Tensor,
 ) -> None:
     r"""Add :math:`\sum_{c,n} w_{cn} g_{cn}^2`, per-sample gradients squared and weighted.
 
@@ -322,16 +328,19 @@ def _add_pseudo_gradients(
     the layer's output; ``weights`` is ``(k, N)``.
     """
     count, samples, units = delta.shape[0], delta.shape[1], delta.shape[1 + unit]
+    per_unit = delta.movedim(1 + unit, -1).reshape(count, samples, -1, units)
+    sums = per_unit.sum(dim=2)  # (k, n, U)
+    bias.add_(torch.einsum("kn,knu->u", weights, sums.square()))
+    if features is None or weight is None:
+        return
     features = features.reshape(samples, -1, *features.shape[-2:])
     groups = features.shape[2]
-    per_sample = delta.movedim(1 + unit, -1).reshape(count, samples, -1, groups, units // groups)
+    per_sample = per_unit.reshape(count, samples, -1, groups, units // groups)
     step = max(1, CONTRACTION_ELEMENTS // max(1, count * units * features.shape[-1]))
     for start in range(0, samples, step):
         part = slice(start, start + step)
         g = torch.einsum("knagv,nagf->kngvf", per_sample[:, part], features[part])
         weight.add_(torch.einsum("kn,knuf->uf", weights[:, part], g.flatten(2, 3).square()))
-        sums = per_sample[:, part].sum(dim=2).flatten(2)  # (k, n, U)
-        bias.add_(torch.einsum("kn,knu->u", weights[:, part], sums.square()))
 
 
 def cost(samples: int, size: int) -> int:
