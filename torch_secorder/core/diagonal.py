@@ -92,6 +92,9 @@ def hessian_diagonal(
 
     Warns:
         UserWarning: If the diagonal takes over 100,000 products (one per element).
+        RuntimeWarning: If a parameter's gradient passes through a backward that cannot be
+            differentiated again (``@once_differentiable``): its curvature is missing
+            (``strict=True`` raises instead).
 
     A closure shows no layers, so this form always takes :math:`P` products, one per
     element. For a model, :func:`model_hessian_diagonal` uses layer structure where it is
@@ -175,20 +178,23 @@ def model_hessian_diagonal(
     seed 0 (dropout masks as batch 0 of :meth:`HessianOperator.from_model`), and its
     buffers are left as they were (see :func:`model_hvp`).
 
-    The parameters of ``Linear``, ``Conv1d/2d/3d``, ``Embedding`` and BatchNorm (running
-    statistics) layers are read off products with respect to each layer's output (a zero
-    probe added to it) wherever a check on this model and batch proves it exact and it takes
-    fewer products than one per element: :math:`U` products for a layer of :math:`U` units
-    on independent samples, :math:`T \cdot U` over :math:`T` attending tokens, pixels times
-    channels for a convolution, plus :math:`\lceil\log_2 n\rceil` products per axis of
-    length :math:`n` for the independence checks. Layers whose path to the model's output is
-    piecewise linear (ReLU, pooling, convolutions, BatchNorm with running statistics) take
-    :math:`2D` products and backward passes together, :math:`D` outputs per sample, by the
-    Gauss-Newton identity exact there. A layer called more than once, a parameter shared or used
-    elsewhere (tied weights), an output changed by a hook, and every other parameter take
-    one unit-vector product per element. Both paths give the same diagonal to rounding; the
-    rule and its checks are in ``docs/algorithms.rst``. With ``create_graph=True`` every
-    parameter takes the unit-vector path.
+    The parameters of ``Linear``, ``Conv1d/2d/3d``, ``Embedding``, BatchNorm, LayerNorm,
+    GroupNorm and RMSNorm layers are read off products with respect to each layer's output (a
+    zero probe added to it) wherever structural facts of this model and batch prove it exact
+    and it takes fewer products than one per element: :math:`U` products for a layer of
+    :math:`U` units on independent samples, :math:`T \cdot U` over :math:`T` attending tokens,
+    pixels times channels for a convolution, plus a few products that check, for every ordered
+    pair of samples (or tokens), that they do not interact. Layers whose path to the model's
+    output is piecewise linear (ReLU, pooling, convolutions, BatchNorm with running
+    statistics) take :math:`2D` products and backward passes together, :math:`D` outputs per
+    sample, by the Gauss-Newton identity exact there. A layer is admitted only if the autograd
+    node of its output is its own operation, its parameters reach the loss through that node
+    alone, and its output is read nowhere else (a hook, a cache); a layer called more than
+    once, a parameter shared or used elsewhere (tied weights, weight decay), and every other
+    parameter take one unit-vector product per element. Both paths give the same diagonal to
+    rounding; :func:`diagonal_plan` tells which path each layer takes and why, and
+    ``docs/algorithms.rst`` states the checks. With ``create_graph=True`` every parameter
+    takes the unit-vector path.
 
     Args:
         model: The model.
@@ -201,7 +207,8 @@ def model_hessian_diagonal(
         strict: Raise if the loss does not depend on one of the selected parameters.
         params: Parameter selection by names or glob patterns (``None``: all trainable).
         chunk_size: Products per batched call.
-        progress: Show a progress bar over the products (needs ``tqdm``).
+        progress: Show the plan (as :func:`diagonal_plan`) and a progress bar over the
+            products (needs ``tqdm``).
 
     Returns:
         The diagonal as a list like the selected parameters.
@@ -213,6 +220,9 @@ def model_hessian_diagonal(
 
     Warns:
         UserWarning: If the diagonal takes over 100,000 products.
+        RuntimeWarning: If a parameter's gradient passes through a backward that cannot be
+            differentiated again (``@once_differentiable``): its curvature is missing
+            (``strict=True`` raises instead).
 
     Example:
         >>> import torch

@@ -14,6 +14,7 @@ where the block is not would need an exact cancellation, which random cotangents
 (their values are drawn from a fixed generator, so the check is repeatable).
 """
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -34,11 +35,17 @@ def count(length: int) -> int:
 
 def membership(length: int, device: torch.device) -> Tensor:
     """``(count(length), length)``: row :math:`k` marks the indices of :math:`S_k`."""
+    return _membership(length).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _membership(length: int) -> Tensor:
     m = count(length)
-    sets = torch.zeros(m, length, dtype=torch.bool)
+    rows = [[False] * length for _ in range(m)]
     for index, code in zip(range(length), itertools.combinations(range(m), m // 2)):
-        sets[list(code), index] = True
-    return sets.to(device)
+        for k in code:
+            rows[k][index] = True
+    return torch.tensor(rows, dtype=torch.bool).reshape(m, length)
 
 
 def inside(tensor: Tensor, axis: int) -> Tensor:
