@@ -2,6 +2,7 @@
 unit cotangents, the memory cap, the fixed chunk rule and the batching engines."""
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -11,7 +12,14 @@ from torch.testing import assert_close
 from tests import reference as ref
 from tests.cases import build, case_by_id
 from tests.core.helpers import CALLS, CLOSURE_FORMS, Recorder, like, tensors_of
-from torch_secorder import batched_hvp, hessian_diagonal, hessian_matrix, hvp
+from torch_secorder import (
+    batched_hvp,
+    hessian_diagonal,
+    hessian_matrix,
+    hvp,
+    model_top_eigenvalues,
+    output_hessian_matrix,
+)
 from torch_secorder.core import _autograd, _chunks
 from torch_secorder.core._autograd import GradientGraph, unit_cotangents
 
@@ -412,3 +420,75 @@ def _functional(model, tensors, x):
     names = [name for name, _ in model.named_parameters()]
     out = torch.func.functional_call(model, dict(zip(names, tensors)), (x,))
     return (out**3).sum()
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again (``@once_differentiable``)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a.tanh()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * (1 - a.tanh() ** 2)
+
+
+class _Cut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.last(_OnceTanh.apply(self.first(x)))
+
+
+def _cut_case():
+    torch.manual_seed(0)
+    model = _Cut().to(torch.float64)
+    inputs, targets = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    func = lambda: loss_fn(model(inputs), targets)  # noqa: E731
+    return type(
+        "Cut",
+        (),
+        dict(
+            model=model, loss_fn=loss_fn, inputs=inputs, targets=targets, params=params, func=func
+        ),
+    )
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_every_function_reports_a_cut_second_derivative(name):
+    # the gradient of 'first' passes through a backward marked @once_differentiable: its
+    # curvature would read as zero; every function that differentiates twice says so
+    with pytest.warns(RuntimeWarning, match=r"params\[0\].*once_differentiable"):
+        CALLS[name](_cut_case())
+
+
+def test_strict_refuses_a_cut_second_derivative():
+    built = _cut_case()
+    with pytest.raises(ValueError, match=r"params\[0\].*cannot be differentiated"):
+        hvp(built.func, built.params, like(built.params, seed=0), strict=True)
+
+
+def test_a_whole_gradient_raises_no_warning():
+    built = _cut_case()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hessian_diagonal(built.func, built.params[2:])  # 'last' is before the cut
+
+
+def test_output_hessians_and_analyses_report_a_cut_second_derivative():
+    built = _cut_case()
+    with pytest.warns(RuntimeWarning, match="once_differentiable"):
+        output_hessian_matrix(built.model, built.inputs)
+    with (
+        pytest.warns(RuntimeWarning, match="once_differentiable"),
+        pytest.raises(ValueError, match="not symmetric"),  # the cut made it so
+    ):
+        model_top_eigenvalues(built.model, built.loss_fn, (built.inputs, built.targets))
