@@ -465,7 +465,7 @@ class _Builder:
         for module in self.train:
             module.train()
         loss_fn, make_targets, loss_text = self._loss(model, classes, heads)
-        if d.coin(0.1):
+        if d.coin(0.1) and len(list(model.parameters())) > 1:  # one stays trainable
             frozen = d.choice(name for name, _ in model.named_parameters())
             model.get_parameter(frozen).requires_grad_(False)
             self.parts.append(f"frozen {frozen}")
