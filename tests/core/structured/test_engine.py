@@ -600,3 +600,23 @@ def test_a_cut_second_derivative_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model_hessian_diagonal(model, CE, x, y, params="last.*")  # its gradient is whole
+
+
+@pytest.mark.parametrize("where", ["hook", "cache"])
+def test_a_held_output_modified_in_place_later(where):
+    # the next module's in-place ReLU modifies the output the hook (or cache) holds; a probe
+    # would make a new tensor and leave the held one unmodified, so the layer goes generic
+    torch.manual_seed(0)
+    first = _Cached(5, 8) if where == "cache" else nn.Linear(5, 8)
+    model = nn.Sequential(first, nn.ReLU(inplace=True), nn.Linear(8, 3)).to(F64)
+    acts = {}
+    if where == "hook":
+        first.register_forward_hook(lambda mod, args, out: acts.__setitem__("h", out))
+
+    def loss(out, t):
+        held = first.cache if where == "cache" else acts["h"]
+        return F.cross_entropy(out, t) + 0.1 * held.pow(2).mean()
+
+    plan = check(model, loss, randn(6, 5), labels(6, 3))
+    assert plan["0"].method == "generic"
+    assert "modified in place" in plan["0"].reason

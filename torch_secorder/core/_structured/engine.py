@@ -8,6 +8,7 @@ then computes the diagonal. Every parameter not covered by an admitted layer tak
 generic path: one unit-vector product per element of its own block.
 """
 
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,22 +52,39 @@ class PlanEntry:
     reason: str
 
 
-class _Probes:
-    """Forward hooks adding a zero probe to each layer's output (and the model's), once each."""
+_ALTERED = (
+    "its output is held elsewhere (a hook, a cache) and modified in place later: a probe "
+    "would change what the holder reads"
+)
 
-    def __init__(self, model: nn.Module, layers: list[_Layer], offset: int) -> None:
+
+class _Probes:
+    """Forward hooks adding a zero probe to each layer's output (and the model's), once each.
+
+    Adding a probe makes a new tensor, ``output + probe``, for the rest of the forward pass.
+    The function stays the same unless that tensor is modified in place (an in-place
+    activation) while the output itself is held elsewhere (a hook or a cache that the loss
+    reads): the holder would no longer see the modification. :meth:`altered` finds those
+    probes after the pass.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: list[_Layer], offset: int, *, output: bool
+    ) -> None:
         self.model, self.layers, self.offset = model, layers, offset
+        self.probe_output = output and bool(layers)
         self.tensors: list[Tensor] = []
         self.output: Tensor | None = None  # the model's output, probe added
         self.output_node: object = None
         self.output_position = -1
         self.output_calls = 0
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.watched: list[tuple[weakref.ref, Tensor, int, _Layer | None]] = []
 
     def __enter__(self) -> "_Probes":
         for layer in self.layers:
             self.handles.append(layer.module.register_forward_hook(self._layer_hook(layer)))
-        if self.layers:
+        if self.probe_output:
             self.handles.append(self.model.register_forward_hook(self._output_hook))
         return self
 
@@ -74,14 +92,26 @@ class _Probes:
         for handle in self.handles:
             handle.remove()
 
-    def _add(self, output: object) -> tuple[Tensor, int] | None:
+    def altered(self) -> list[_Layer | None]:
+        """The layers (``None``: the model's output) whose probe changed the function."""
+        found = [
+            owner
+            for held, summed, version, owner in self.watched
+            if summed._version != version and held() is not None
+        ]
+        self.watched.clear()
+        return found
+
+    def _add(self, output: object, owner: _Layer | None) -> tuple[Tensor, int] | None:
         if not isinstance(output, Tensor) or not output.is_floating_point():
             return None
         if not output.requires_grad:
             return None
         probe = torch.zeros_like(output, requires_grad=True)
         self.tensors.append(probe)
-        return output + probe, self.offset + len(self.tensors) - 1
+        summed = output + probe
+        self.watched.append((weakref.ref(output), summed, summed._version, owner))
+        return summed, self.offset + len(self.tensors) - 1
 
     def _layer_hook(self, layer: _Layer) -> Callable[..., Tensor | None]:
         def add_probe(module: nn.Module, args: object, output: object) -> Tensor | None:
@@ -92,7 +122,7 @@ class _Probes:
             if isinstance(matched, str):
                 layer.refusal = matched
                 return None
-            added = self._add(output)
+            added = self._add(output, layer)
             if added is None:
                 return None
             layer.layout, (summed, layer.position) = matched, added
@@ -103,7 +133,7 @@ class _Probes:
 
     def _output_hook(self, module: nn.Module, args: object, output: object) -> Tensor | None:
         self.output_calls += 1
-        added = self._add(output) if self.output_calls == 1 else None
+        added = self._add(output, None) if self.output_calls == 1 else None
         if added is None:
             return None
         self.output, self.output_position = added
@@ -146,29 +176,38 @@ class StructuredDiagonal:
         chunk_size: int | None,
     ) -> None:
         self.fname, self.params, self.names, self.chunk_size = fname, params, names, chunk_size
-        self.layers = _candidates(model, params)
-        probes = _Probes(
-            model, [layer for layer in self.layers if layer.refusal is None], len(params)
-        )
-        roots: list[Tensor] = []
+        excluded: set[str | None] = set()  # layers (None: the output) whose probe alters the loss
+        while True:
+            self.layers = _candidates(model, params)
+            for layer in self.layers:
+                if layer.name in excluded and layer.refusal is None:
+                    layer.refusal = _ALTERED
+            active = [layer for layer in self.layers if layer.refusal is None]
+            probes = _Probes(model, active, len(params), output=None not in excluded)
+            roots: list[Tensor] = []
 
-        def probed() -> Tensor:
-            loss = func()
-            roots.append(loss)
-            return loss
+            def probed() -> Tensor:
+                loss = func()
+                roots.append(loss)  # noqa: B023 - called before the next iteration
+                return loss
 
-        with probes:
-            self.graph = GradientGraph(
-                probed,
-                params,
-                fname=fname,
-                names=names,
-                strict=strict,
-                seed=seed,
-                source="loss_fn",
-                locate=locate,
-                probes=probes.tensors,
-            )
+            with probes:
+                self.graph = GradientGraph(
+                    probed,
+                    params,
+                    fname=fname,
+                    names=names,
+                    strict=strict,
+                    seed=seed,
+                    source="loss_fn",
+                    locate=locate,
+                    probes=probes.tensors,
+                )
+            altered = probes.altered()
+            if not altered:
+                break
+            self.graph.release()
+            excluded |= {None if layer is None else layer.name for layer in altered}
         try:
             loss = roots[0] if roots and roots[0].grad_fn is not None else None
             roots.clear()
