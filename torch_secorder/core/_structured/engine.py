@@ -176,6 +176,7 @@ class StructuredDiagonal:
         chunk_size: int | None,
     ) -> None:
         self.fname, self.params, self.names, self.chunk_size = fname, params, names, chunk_size
+        self.owners = _owner_types(model, params)
         excluded: set[str | None] = set()  # layers (None: the output) whose probe alters the loss
         while True:
             self.layers = _candidates(model, params)
@@ -365,7 +366,7 @@ class StructuredDiagonal:
             elif layer is not None:
                 method, reason = "generic", layer.refusal or ""
             else:
-                method, reason = "generic", _no_rule(self.names, i)
+                method, reason = "generic", f"no layer rule for {self.owners.get(i, 'its owner')}"
             groups[(module, method, reason)].append(i)
         return [
             PlanEntry(module, tuple(indices), method, sum(self.costs[i] for i in indices), reason)
@@ -391,7 +392,7 @@ class StructuredDiagonal:
                 (graph.params[i], _features(layer), layer.layout.unit)  # type: ignore[union-attr]
                 for i, layer in self.factored.items()
             ]
-            sums, _ = gauss_newton.diagonals(
+            sums = gauss_newton.diagonals(
                 graph,
                 self.output,
                 self.output_position,
@@ -460,8 +461,15 @@ def _candidates(model: nn.Module, params: list[Tensor]) -> list[_Layer]:
     return layers
 
 
-def _no_rule(names: list[str], index: int) -> str:
-    return "no layer rule for the module that owns it"
+def _owner_types(model: nn.Module, params: list[Tensor]) -> dict[int, str]:
+    """The class name of the module owning each selected parameter (the first, if several)."""
+    position = {id(p): i for i, p in enumerate(params)}
+    owners: dict[int, str] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) in position:
+                owners.setdefault(position[id(p)], type(module).__name__)
+    return owners
 
 
 def _batch_statistics(model: nn.Module) -> bool:

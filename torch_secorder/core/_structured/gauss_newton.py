@@ -263,8 +263,8 @@ def diagonals(
     out_index: int,
     layers: Sequence[tuple[Tensor, Tensor | None, int]],
     chunk_size: int | None,
-) -> tuple[list[tuple[Tensor | None, Tensor]], int]:
-    """The weight and bias diagonals ``(U, F)``, ``(U,)`` of each layer, and the backward passes.
+) -> list[tuple[Tensor | None, Tensor]]:
+    """The weight and bias diagonals ``(U, F)``, ``(U,)`` of each layer (``None``: no weight).
 
     Args:
         graph: The gradient graph, with the output's probe at ``out_index``.
@@ -303,7 +303,7 @@ def diagonals(
         with torch.no_grad():
             for (_, features, unit), delta, (weight, bias) in zip(layers, deltas, sums):
                 _add_pseudo_gradients(features, unit, delta, values[part], weight, bias)
-    return sums, size
+    return sums
 
 
 def _zeros(probe: Tensor, features: Tensor | None, unit: int) -> tuple[Tensor | None, Tensor]:
