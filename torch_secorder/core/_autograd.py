@@ -355,32 +355,34 @@ def _report_cuts(
 
 
 def _cut_gradients(grads: Sequence[Tensor | None]) -> list[int]:
-    """The positions of the gradients whose graph holds an error node (a cut second derivative)."""
-    cut: dict[object, bool] = {}
+    """The positions of the gradients whose graph holds an error node (a cut second derivative).
 
-    def holds_error(root: object) -> bool:
-        stack = [(root, False)]
-        while stack:
-            node, done = stack.pop()
-            if done:
-                cut[node] = type(node).__name__ in _ERROR_NODES or any(
-                    cut.get(n, False)
-                    for n, _ in node.next_functions
-                    if n is not None  # type: ignore[attr-defined]
-                )
-                continue
-            if node in cut:
-                continue
-            cut[node] = False  # provisional: the graph has no cycles
-            stack.append((node, True))
-            stack.extend((n, False) for n, _ in node.next_functions if n is not None)  # type: ignore[attr-defined]
-        return cut[root]
-
+    One walk over the graph of all gradients finds whether there is such a node at all (the
+    common answer, no, costs about a microsecond per node); only then is each gradient's
+    graph walked on its own.
+    """
+    roots = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    if not _holds_error(roots):
+        return []
     return [
         i
         for i, g in enumerate(grads)
-        if g is not None and g.grad_fn is not None and holds_error(g.grad_fn)
+        if g is not None and g.grad_fn is not None and _holds_error([g.grad_fn])
     ]
+
+
+def _holds_error(roots: list[object]) -> bool:
+    """Whether the graph behind ``roots`` holds an error node."""
+    stack, seen = list(roots), set(roots)
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ in _ERROR_NODES:
+            return True
+        for following, _ in node.next_functions:  # type: ignore[attr-defined]
+            if following is not None and following not in seen:
+                seen.add(following)
+                stack.append(following)
+    return False
 
 
 _ERROR_NODES = frozenset(["Error", "DelayedError"])
