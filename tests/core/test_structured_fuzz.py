@@ -4,7 +4,7 @@
 rules and the Gauss-Newton rule) wherever a check on the model and batch proves that exact; the
 closure form ``hessian_diagonal`` never takes a shortcut (one unit-vector product per element).
 Both must agree on every model, loss, hook, batch size and parameter selection. For each seed,
-:func:`tests.core.fuzz_models.build_case` draws a small float64 model, loss, batch (1 to 9
+:func:`tests.core.fuzz.build_case` draws a small float64 model, loss, batch (1 to 9
 samples) and ``params=`` selection, and :func:`test_structured_matches_generic` checks:
 
 * the structured diagonal equals the generic one to 1e-10 relative (``atol`` 1e-10 times the
@@ -42,7 +42,7 @@ from torch.func import functional_call
 
 import torch_secorder as ts
 from tests import reference as ref
-from tests.core.fuzz_models import VOCABULARY, FuzzCase, build_case
+from tests.core.fuzz import VOCABULARY, FuzzCase, build_case
 from tests.core.helpers import assert_unchanged, snapshot
 from torch_secorder.core._model import batch_loss, call_model
 
