@@ -18,13 +18,13 @@ from torch import nn
 from torch.testing import assert_close
 
 from tests.core.structured.helpers import CE, F64, check, generic, labels, oracle, randn
-from torch_secorder.core._structured.independence import count
 from torch_secorder import (
     HessianOperator,
     diagonal_plan,
     model_hessian_diagonal,
     model_hessian_trace,
 )
+from torch_secorder.core._structured.independence import count
 
 
 def _mlp():
