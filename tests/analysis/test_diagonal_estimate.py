@@ -78,7 +78,7 @@ def test_xdiag_beats_hutchinson_on_dominant_eigenvalues():
 def test_xdiag_is_exact_when_the_sketch_spans_the_space():
     A = with_spectrum(dominant(10))
     operator = DenseOperator(A)
-    result = ts.hessian_diagonal_estimate(operator, num_matvecs=25)
+    result = ts.hessian_diagonal_estimate(operator, method="xdiag", num_matvecs=25)
     torch.testing.assert_close(result.diagonal, A.diagonal())
     torch.testing.assert_close(result.stderr, torch.zeros(10, dtype=DTYPE))
     assert result.num_matvecs == operator.num_matvecs == 20

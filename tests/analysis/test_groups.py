@@ -274,7 +274,9 @@ def deep_mlp(layers: int = 12, width: int = 16):
 
 
 ANALYSES = {
-    "hutch++": lambda m, d, g: ts.model_hessian_trace(m, nn.MSELoss(), d, groups=g, num_matvecs=30),
+    "hutch++": lambda m, d, g: ts.model_hessian_trace(
+        m, nn.MSELoss(), d, groups=g, method="hutch++", num_matvecs=30
+    ),
     "hutchinson": lambda m, d, g: ts.model_hessian_trace(
         m, nn.MSELoss(), d, groups=g, method="hutchinson", num_matvecs=40
     ),

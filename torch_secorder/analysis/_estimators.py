@@ -34,6 +34,8 @@ def estimator_steps(
     of the whole operator would.
     """
     gen = make_generator(generator)
+    if method == "exact":
+        return exact(n, dtype, device, span=span, diagonal=diagonal)
     if diagonal:
         if method == "hutchinson":
             return hutchinson_diagonal(n, num_matvecs, dtype, device, gen, span=span)
@@ -42,9 +44,7 @@ def estimator_steps(
         return hutchinson(n, num_matvecs, dtype, device, gen, span=span)
     if method == "hutch++":
         return hutch_plus_plus(n, num_matvecs, dtype, device, gen)
-    if method == "xtrace":
-        return xtrace(n, num_matvecs, dtype, device, gen)
-    return exact_trace(n, dtype, device, span=span)
+    return xtrace(n, num_matvecs, dtype, device, gen)
 
 
 def _mean_and_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,23 +150,29 @@ def xtrace(
     return _mean_and_stderr(estimates)
 
 
-def exact_trace(
-    n: int, dtype: torch.dtype, device: torch.device, *, span: int | None = None
+def exact(
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    span: int | None = None,
+    diagonal: bool = False,
 ) -> Steps:
-    """The exact trace from products with unit vectors, in memory-bounded chunks.
+    """The exact trace (or diagonal) from products with unit vectors, in memory-bounded chunks.
 
     A chunk holds :func:`max_columns` vectors of the operator's size ``span`` (default ``n``).
     """
     chunk = max_columns(span or n, dtype)
-    total = torch.zeros((), dtype=dtype, device=device)
+    entries = torch.zeros(n, dtype=dtype, device=device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         index = torch.arange(stop - start, device=device)
         E = torch.zeros(n, stop - start, dtype=dtype, device=device)
         E[start + index, index] = 1
         HE = yield E
-        total = total + HE[start + index, index].sum()
-    return total, torch.zeros_like(total)
+        entries[start:stop] = HE[start + index, index]
+    result = entries if diagonal else entries.sum()
+    return result, torch.zeros_like(result)
 
 
 def _left_out_directions(R: Tensor) -> Tensor:

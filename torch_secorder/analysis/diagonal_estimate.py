@@ -15,7 +15,8 @@ For models too large for the exact diagonal (:math:`P` products), with :math:`m`
   probes, has the smaller errors.
 
 Per-entry standard errors are the sample standard deviation of the averaged terms over the
-square root of their number.
+square root of their number. ``method="auto"`` (the default) returns the exact diagonal where
+it costs no more products than the budget (:mod:`._exact`), XDiag otherwise.
 
 References:
     Bekas, C., Kokiopoulou, E. and Saad, Y. (2007). An estimator for the diagonal of a matrix.
@@ -37,14 +38,20 @@ from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._estimators import estimator_steps
+from torch_secorder.analysis._exact import auto_method, model_exact_or_estimate
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import DiagonalEstimate
+from torch_secorder.core.operator import HessianOperator
 from torch_secorder.core.params import unflatten
 
 __all__ = ["hessian_diagonal_estimate", "model_hessian_diagonal_estimate"]
 
-NEEDS = {"xdiag": (2, "one probe and its projection"), "hutchinson": (1, "one probe")}
+NEEDS = {
+    "auto": (2, "XDiag where the exact diagonal costs more: one probe and its projection"),
+    "xdiag": (2, "one probe and its projection"),
+    "hutchinson": (1, "one probe"),
+}
 """Every method, with the fewest products it runs with and why."""
 METHODS = tuple(NEEDS)
 
@@ -54,7 +61,7 @@ def hessian_diagonal_estimate(
     func_or_operator: Any,
     params: Any = None,
     *,
-    method: str = "xdiag",
+    method: str = "auto",
     num_matvecs: int = 100,
     generator: torch.Generator | None = None,
 ) -> DiagonalEstimate:
@@ -65,7 +72,8 @@ def hessian_diagonal_estimate(
 
     Args:
         {closure_or_operator}
-        method: ``"xdiag"`` (default) or ``"hutchinson"``.
+        method: ``"auto"`` (default: the exact diagonal where it costs at most
+            ``num_matvecs`` products, else ``"xdiag"``), ``"xdiag"`` or ``"hutchinson"``.
         num_matvecs: Budget of Hessian-vector products: Hutchinson uses exactly this many
             (at least 1), XDiag at most this many (at least 2).
         generator: Source of the random probes; ``None`` uses a private generator with a fixed
@@ -74,7 +82,8 @@ def hessian_diagonal_estimate(
     Returns:
         A :class:`DiagonalEstimate`: the diagonal and per-entry standard errors as lists like
         params for a closure, flat ``(P,)`` tensors for an operator (standard errors ``nan``
-        when a single term leaves them undefined, ``0`` when the sketch spans the space).
+        when a single term leaves them undefined, ``0`` when the sketch spans the space or
+        the diagonal is exact), and the method used.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -95,13 +104,20 @@ def hessian_diagonal_estimate(
     target = resolve(fname, func_or_operator, params)
     with target.open() as operator:
         size, dtype, device = target.size, target.dtype, target.device
-        steps = estimator_steps(method, size, num_matvecs, dtype, device, generator, diagonal=True)
-        problem = Problem(steps)
-        run(fname, operator, [problem])
-    diagonal, stderr = problem.result
-    return DiagonalEstimate(
-        target.like_params(diagonal), target.like_params(stderr), problem.num_matvecs
-    )
+        if method == "auto":
+            method = auto_method(target, num_matvecs, "xdiag")
+        if method == "exact" and isinstance(operator, HessianOperator):
+            before = operator.num_matvecs
+            diagonal = operator.diagonal()
+            stderr, count = torch.zeros_like(diagonal), operator.num_matvecs - before
+        else:
+            steps = estimator_steps(
+                method, size, num_matvecs, dtype, device, generator, diagonal=True
+            )
+            problem = Problem(steps)
+            run(fname, operator, [problem])
+            (diagonal, stderr), count = problem.result, problem.num_matvecs
+    return DiagonalEstimate(target.like_params(diagonal), target.like_params(stderr), count, method)
 
 
 @shared_arguments
@@ -112,7 +128,7 @@ def model_hessian_diagonal_estimate(
     *,
     params: ParamSelection = None,
     groups: object = None,
-    method: str = "xdiag",
+    method: str = "auto",
     num_matvecs: int = 100,
     generator: torch.Generator | None = None,
     seed: int = 0,
@@ -126,7 +142,10 @@ def model_hessian_diagonal_estimate(
     estimated from its own block :math:`H_{gg}` (XDiag then sketches each block separately);
     all groups advance together, each step's vectors of all groups going to the operator in
     memory-bounded chunks (see :func:`model_hessian_trace`). Each group's product is a full
-    Hessian-vector product: :math:`G` groups cost :math:`G` times ``num_matvecs``.
+    Hessian-vector product: :math:`G` groups cost :math:`G` times ``num_matvecs``. With
+    ``method="auto"`` each group whose exact diagonal is planned to cost at most
+    ``num_matvecs`` passes over the data gets it (all such groups from one exact diagonal),
+    the others XDiag.
 
     Args:
         {model_data}
@@ -155,16 +174,31 @@ def model_hessian_diagonal_estimate(
     """
     fname = "model_hessian_diagonal_estimate"
     check_estimator(fname, method, num_matvecs, generator, NEEDS)
+    options = {"seed": seed, "distributed": distributed, "progress": progress}
+    estimator = "xdiag" if method == "auto" else method
 
     def make_steps(
         n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
     ) -> Steps:
-        return estimator_steps(method, n, num_matvecs, dtype, device, gen, span=span, diagonal=True)
+        return estimator_steps(
+            estimator, n, num_matvecs, dtype, device, gen, span=span, diagonal=True
+        )
 
     def finish(result: tuple[Tensor, Tensor], count: int, group: list[Tensor]) -> DiagonalEstimate:
-        return DiagonalEstimate(unflatten(result[0], group), unflatten(result[1], group), count)
+        diagonal, stderr = unflatten(result[0], group), unflatten(result[1], group)
+        return DiagonalEstimate(diagonal, stderr, count, estimator)
 
-    options = {"seed": seed, "distributed": distributed, "progress": progress}
-    return run_model(
-        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options
+    def estimate(selection: Any, subset: object) -> Any:
+        return run_model(
+            fname, model, loss_fn, data, selection, subset, generator, make_steps, finish, options
+        )
+
+    if method != "auto":
+        return estimate(params, groups)
+
+    def exact(diagonal: list[Tensor], count: int) -> DiagonalEstimate:
+        return DiagonalEstimate(diagonal, [torch.zeros_like(d) for d in diagonal], count, "exact")
+
+    return model_exact_or_estimate(
+        fname, model, loss_fn, data, params, groups, num_matvecs, options, exact, estimate
     )

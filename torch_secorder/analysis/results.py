@@ -24,11 +24,14 @@ class TraceEstimate:
             averaged terms over the square root of their number (``0`` for
             ``method="exact"``, ``nan`` where a single term leaves it undefined).
         num_matvecs: Hessian-vector products used.
+        method: The method that gave it (``"exact"``, ``"hutch++"``, ``"hutchinson"`` or
+            ``"xtrace"``), also when ``method="auto"`` chose it.
     """
 
     value: Tensor
     stderr: Tensor
     num_matvecs: int
+    method: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -103,13 +106,17 @@ class DiagonalEstimate:
     Attributes:
         diagonal: The estimate: a list like params for the closure and model forms, a flat
             ``(P,)`` tensor for an operator.
-        stderr: Per-entry standard errors in the same structure.
+        stderr: Per-entry standard errors in the same structure (zeros for the exact
+            diagonal).
         num_matvecs: Hessian-vector products used.
+        method: The method that gave it (``"exact"``, ``"xdiag"`` or ``"hutchinson"``), also
+            when ``method="auto"`` chose it.
     """
 
     diagonal: Tensor | list[Tensor]
     stderr: Tensor | list[Tensor]
     num_matvecs: int
+    method: str = "exact"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ With :math:`m` products and Rademacher probes :math:`z` (:math:`\mathbb E\, zz^\
   <torch_secorder.HessianOperator.diagonal>`): :math:`P` unit-vector products for a closure
   or an operator without ``diagonal``, fewer for a model whose layers' structure gives their
   diagonal exactly (:func:`~torch_secorder.model_hessian_diagonal`).
+* **Auto** (the default): the exact trace when its planned products are at most the
+  budget, else Hutch++ (:mod:`._exact`); the result names the method used.
 
 References:
     Hutchinson, M. F. (1989). A stochastic estimator of the trace of the influence matrix for
@@ -36,6 +38,7 @@ References:
     arXiv:2301.07825.
 """
 
+import math
 from typing import Any
 
 import torch
@@ -46,15 +49,16 @@ from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._estimators import estimator_steps
-from torch_secorder.analysis._groups import resolve_groups, run_model
+from torch_secorder.analysis._exact import auto_method, model_exact_or_estimate
+from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import TraceEstimate
-from torch_secorder.core._model import model_params
-from torch_secorder.core.operator import HessianOperator, exact_diagonal, model_operator
+from torch_secorder.core.operator import HessianOperator
 
 __all__ = ["hessian_trace", "model_hessian_trace"]
 
 NEEDS = {
+    "auto": (3, "Hutch++ where the exact trace costs more: a sketch, its projection and a probe"),
     "hutch++": (3, "a sketch, its projection and a Hutchinson probe"),
     "hutchinson": (1, "one probe"),
     "xtrace": (2, "one probe and its projection"),
@@ -69,7 +73,7 @@ def hessian_trace(
     func_or_operator: Any,
     params: Any = None,
     *,
-    method: str = "hutch++",
+    method: str = "auto",
     num_matvecs: int = 100,
     generator: torch.Generator | None = None,
 ) -> TraceEstimate:
@@ -82,8 +86,9 @@ def hessian_trace(
 
     Args:
         {closure_or_operator}
-        method: ``"hutch++"`` (default), ``"hutchinson"`` (Rademacher probes), ``"xtrace"`` or
-            ``"exact"``.
+        method: ``"auto"`` (default: ``"exact"`` where that costs at most ``num_matvecs``
+            products, else ``"hutch++"``), ``"hutch++"``, ``"hutchinson"`` (Rademacher
+            probes), ``"xtrace"`` or ``"exact"``.
         num_matvecs: Budget of Hessian-vector products: Hutchinson uses exactly this many
             (at least 1), Hutch++ (at least 3) and XTrace (at least 2) at most this many.
             ``"exact"`` ignores it: it takes the products of the exact diagonal, :math:`P`
@@ -93,7 +98,8 @@ def hessian_trace(
 
     Returns:
         A :class:`TraceEstimate` with the value and standard error as 0-d tensors (stderr
-        ``0`` for ``"exact"``; ``nan`` when a single Hutchinson term leaves it undefined).
+        ``0`` for ``"exact"``; ``nan`` when a single Hutchinson term leaves it undefined) and
+        the method used.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -112,19 +118,21 @@ def hessian_trace(
     fname = "hessian_trace"
     check_estimator(fname, method, num_matvecs, generator, NEEDS)
     target = resolve(fname, func_or_operator, params)
-    if method == "exact" and isinstance(target.operator, HessianOperator):
-        with target.open() as operator:
+    with target.open() as operator:
+        if method == "auto":
+            method = auto_method(target, num_matvecs, "hutch++")
+        if method == "exact" and isinstance(operator, HessianOperator):
             before = operator.num_matvecs
             value = operator.diagonal().sum()
-        return TraceEstimate(value, torch.zeros_like(value), operator.num_matvecs - before)
-    with target.open() as operator:
+            count = operator.num_matvecs - before
+            return TraceEstimate(value, torch.zeros_like(value), count, method)
         steps = estimator_steps(
             method, target.size, num_matvecs, target.dtype, target.device, generator
         )
         problem = Problem(steps)
         run(fname, operator, [problem])
     value, stderr = problem.result
-    return TraceEstimate(value, stderr, problem.num_matvecs)
+    return TraceEstimate(value, stderr, problem.num_matvecs, method)
 
 
 @shared_arguments
@@ -135,7 +143,7 @@ def model_hessian_trace(
     *,
     params: ParamSelection = None,
     groups: object = None,
-    method: str = "hutch++",
+    method: str = "auto",
     num_matvecs: int = 100,
     generator: torch.Generator | None = None,
     seed: int = 0,
@@ -180,50 +188,29 @@ def model_hessian_trace(
     fname = "model_hessian_trace"
     check_estimator(fname, method, num_matvecs, generator, NEEDS)
     options = {"seed": seed, "distributed": distributed, "progress": progress}
-    if method == "exact":
-        return _exact_model_trace(fname, model, loss_fn, data, params, groups, options)
+    estimator = "hutch++" if method in ("auto", "exact") else method
 
     def make_steps(
         n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
     ) -> Steps:
-        return estimator_steps(method, n, num_matvecs, dtype, device, gen, span=span)
+        return estimator_steps(estimator, n, num_matvecs, dtype, device, gen, span=span)
 
     def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> TraceEstimate:
-        return TraceEstimate(result[0], result[1], count)
+        return TraceEstimate(result[0], result[1], count, estimator)
 
-    return run_model(
-        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options
+    def estimate(selection: Any, subset: object) -> Any:
+        return run_model(
+            fname, model, loss_fn, data, selection, subset, generator, make_steps, finish, options
+        )
+
+    if method not in ("auto", "exact"):
+        return estimate(params, groups)
+
+    def exact(diagonal: list[Tensor], count: int) -> TraceEstimate:
+        value = torch.stack([d.sum() for d in diagonal]).sum()
+        return TraceEstimate(value, torch.zeros_like(value), count, "exact")
+
+    budget = num_matvecs if method == "auto" else math.inf
+    return model_exact_or_estimate(
+        fname, model, loss_fn, data, params, groups, budget, options, exact, estimate
     )
-
-
-def _exact_model_trace(
-    fname: str,
-    model: nn.Module,
-    loss_fn: Any,
-    data: Any,
-    params: ParamSelection,
-    groups: object,
-    options: dict[str, Any],
-) -> TraceEstimate | dict[str, TraceEstimate]:
-    """Traces of the whole selection or of each group, from one exact diagonal.
-
-    Each result counts the products of its parameters' diagonals (a layer read off its
-    output counts them for its weight).
-    """
-    names, tensors = model_params(fname, model, params)
-    resolved = resolve_groups(fname, model, names, tensors, groups)
-    if resolved is not None:
-        params = [names[i] for i in sorted({i for group in resolved.values() for i in group})]
-    operator = model_operator(fname, model, loss_fn, data, params=params, **options)
-    with operator:
-        diagonal, costs = exact_diagonal(operator)
-    position = {id(p): i for i, p in enumerate(operator.params)}
-
-    def trace(indices: list[int]) -> TraceEstimate:
-        rows = [position[id(tensors[i])] for i in indices]
-        value = torch.stack([diagonal[row].sum() for row in rows]).sum()
-        return TraceEstimate(value, torch.zeros_like(value), sum(costs[row] for row in rows))
-
-    if resolved is None:
-        return trace(list(range(len(tensors))))
-    return {key: trace(indices) for key, indices in resolved.items()}

@@ -11,6 +11,7 @@ mean loss :math:`f_b` of a batch, the operator is the Hessian of the mean loss o
 summed over the batches of every process when :mod:`torch.distributed` is initialized.
 """
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -329,6 +330,24 @@ def exact_diagonal(operator: HessianOperator) -> tuple[list[Tensor], list[int]]:
     return diagonal, costs
 
 
+def planned_diagonal_costs(operator: HessianOperator, budget: float = math.inf) -> list[int]:
+    """Per parameter, the products :meth:`HessianOperator.diagonal` will take, before the work.
+
+    For a closure, one per element. Over a model's data, the plan of the structured diagonal
+    on the first batch (one forward pass, its gradient and the independence checks, which
+    the diagonal then reuses), the most of any process's under :mod:`torch.distributed`, so
+    that every process decides alike; :func:`forget_plan` drops it when the diagonal is not
+    wanted after all. Where even a plan passing every check for free would take more than
+    ``budget`` products, no check is run and the costs are those of the generic path.
+    """
+    return operator._source.plan_diagonal(budget)
+
+
+def forget_plan(operator: HessianOperator) -> None:
+    """Drop a kept plan of the exact diagonal and its gradient graph."""
+    operator._source.planned = None
+
+
 def closure_operator(fname: str, func: object, params: object) -> HessianOperator:
     """``HessianOperator(func, params)`` whose errors name the public function ``fname``."""
     operator = HessianOperator.__new__(HessianOperator)
@@ -382,6 +401,11 @@ class _ClosureProducts:
             self.graph = self.objective.gradient()
         return self.graph.products(cotangents, self.objective.params)
 
+    planned = None
+
+    def plan_diagonal(self, budget: float) -> list[int]:
+        return [p.numel() for p in self.params]
+
     def diagonal(self) -> tuple[list[Tensor], list[int]]:
         if self.graph is None:
             self.graph = self.objective.gradient()
@@ -422,6 +446,7 @@ class _DataSetProducts:
         self.progress = progress
         self.num_samples: int | None = None
         self.cached: tuple[GradientGraph, int] | None = None  # graph and size of a lone batch
+        self.planned: tuple[StructuredDiagonal, int] | None = None  # the first batch's, and size
         self.fingerprints: list[_Fingerprint] | None = None  # of each batch in the first pass
 
     def products(self, cotangents: list[Tensor]) -> list[Tensor]:
@@ -516,33 +541,40 @@ class _DataSetProducts:
             )
         return None
 
+    def plan_diagonal(self, budget: float) -> list[int]:
+        if self.planned is None:
+            with preserved_state(self.model), rng_kept():
+                for batch in self.batches:
+                    self.planned = self._structured(0, batch, budget)
+                    break
+            if self.planned is None:
+                raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
+        costs = self.planned[0].costs
+        if self._distributed():
+            packed = torch.tensor(costs, dtype=torch.int64, device=self.params[0].device)
+            torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
+            costs = packed.tolist()
+        return costs
+
     def diagonal(self) -> tuple[list[Tensor], list[int]]:
         """The size-weighted sum of the batches' exact diagonals, and each one's products.
 
         A product over the data set counts one, as for :meth:`products`: a parameter's count
-        is the most products any batch took for it.
+        is the most products any batch took for it. A plan of the first batch
+        (:meth:`plan_diagonal`) is used, not made again.
         """
         total = [torch.zeros_like(p) for p in self.params]
         costs = [0] * len(self.params)
         count = 0
+        planned, self.planned = self.planned, None
+        if planned is not None and planned[0].over_budget:  # cut short: plan it in full
+            planned = None
         with preserved_state(self.model), rng_kept():
             for index, batch in enumerate(self._iterate()):
-                inputs, targets = to_device(
-                    check_batch(self.fname, index, batch), self.params[0].device
-                )
-                with StructuredDiagonal(
-                    batch_loss(self.model, self.loss_fn, inputs, targets),
-                    self.model,
-                    self.params,
-                    fname=self.fname,
-                    names=self.names,
-                    strict=False,
-                    seed=self.seed + index,
-                    locate=operator_locator(self.model, inputs),
-                    chunk_size=None,
-                ) as structured:
+                structured, size = planned or self._structured(index, batch)
+                planned = None
+                with structured:
                     diagonal, used = structured.run(), structured.costs
-                size = batch_size(self.fname, index, inputs)
                 for acc, d in zip(total, diagonal):
                     acc.add_(d, alpha=size)
                 count += size
@@ -558,8 +590,27 @@ class _DataSetProducts:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
         return [acc / count for acc in total], costs
 
+    def _structured(
+        self, index: int, batch: Any, budget: float = math.inf
+    ) -> tuple[StructuredDiagonal, int]:
+        """The structured diagonal of one batch, planned under the batch's seed; its size."""
+        inputs, targets = to_device(check_batch(self.fname, index, batch), self.params[0].device)
+        structured = StructuredDiagonal(
+            batch_loss(self.model, self.loss_fn, inputs, targets),
+            self.model,
+            self.params,
+            fname=self.fname,
+            names=self.names,
+            strict=False,
+            seed=self.seed + index,
+            locate=operator_locator(self.model, inputs),
+            chunk_size=None,
+            budget=budget,
+        )
+        return structured, batch_size(self.fname, index, inputs)
+
     def release(self) -> None:
-        self.cached = None
+        self.cached = self.planned = None
 
     def _distributed(self) -> bool:
         if self.distributed is not None:

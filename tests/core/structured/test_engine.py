@@ -620,3 +620,26 @@ def test_a_held_output_modified_in_place_later(where):
     plan = check(model, loss, randn(6, 5), labels(6, 3))
     assert plan["0"].method == "generic"
     assert "modified in place" in plan["0"].reason
+
+
+def test_a_budget_below_every_plan_runs_no_check():
+    from torch_secorder.core._model import batch_loss
+    from torch_secorder.core._structured import StructuredDiagonal
+
+    model, inputs, targets = _mlp(), randn(32, 5), labels(32, 3)
+    names = [n for n, _ in model.named_parameters()]
+
+    def plan(budget):
+        return StructuredDiagonal(
+            batch_loss(model, CE, inputs, targets), model, list(model.parameters()),
+            fname="test", names=names, strict=False, seed=0, locate=None, chunk_size=None,
+            budget=budget,
+        )  # fmt: skip
+
+    with plan(12) as cut:  # at least 6 + 4 + 3 products even if every check were free
+        assert cut.over_budget
+        assert cut.graph.num_products == 0
+        assert sum(cut.costs) == sum(p.numel() for p in model.parameters())
+    with plan(13) as full:
+        assert not full.over_budget
+        assert sum(full.costs) == 7 + 6 + 4 + 3

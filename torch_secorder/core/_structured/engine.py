@@ -8,6 +8,7 @@ then computes the diagonal. Every parameter not covered by an admitted layer tak
 generic path: one unit-vector product per element of its own block.
 """
 
+import math
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
@@ -154,12 +155,16 @@ class StructuredDiagonal:
         seed: RNG seed of the forward pass.
         locate: Names the module calling an operator, for messages.
         chunk_size: Products per batched call.
+        budget: Products the caller would spend at most: when even a plan passing every check
+            for free would take more, no check is run and every layer is planned generic
+            (:attr:`over_budget`).
 
     Attributes:
         graph: The gradient graph, with the probes after the parameters.
         entries: The plan, one :class:`PlanEntry` per module owning selected parameters.
         costs: Products per parameter: a layer's products (its checks included) are shared
             among its parameters in proportion to their sizes.
+        over_budget: Whether the plan was cut short by ``budget``.
     """
 
     def __init__(
@@ -174,8 +179,10 @@ class StructuredDiagonal:
         seed: int | None,
         locate: Callable[[str], str | None] | None,
         chunk_size: int | None,
+        budget: float = math.inf,
     ) -> None:
         self.fname, self.params, self.names, self.chunk_size = fname, params, names, chunk_size
+        self.budget = budget
         self.owners = _owner_types(model, params)
         excluded: set[str | None] = set()  # layers (None: the output) whose probe alters the loss
         while True:
@@ -249,11 +256,20 @@ class StructuredDiagonal:
         self.output = probes.output
         self.output_position = probes.output_position
         self.factored: dict[int, _Layer] = {}
+        self.rules: dict[int, contraction.Rule] = {}
         untouched = self.output is not None and self.output.grad_fn is probes.output_node
+        factorable = None  # layers that may take the Gauss-Newton rule, by graph facts
         if loss is not None and untouched and probes.output_calls == 1:  # not modified in place
-            self._gauss_newton(loss, curved, candidates, spent)
-        rest = {i: c for i, c in candidates.items() if i not in self.factored}
-        self.rules = plan.rules(graph, rest, spent, self.chunk_size, batch_statistics)
+            factorable = self._factorable(loss, curved, candidates)
+        self.over_budget = self._lower_bound(admitted, candidates, factorable) > self.budget
+        if self.over_budget:  # no check is run: every layer would be generic anyway
+            for layer in curved.values():
+                layer.refusal = "the diagonal would take more products than the budget given"
+        else:
+            if factorable is not None:
+                self._gauss_newton(*factorable, curved, spent)
+            rest = {i: c for i, c in candidates.items() if i not in self.factored}
+            self.rules = plan.rules(graph, rest, spent, self.chunk_size, batch_statistics)
         for i, rule in self.rules.items():
             layer = curved[i]
             layer.method, layer.detail = "layer", plan.describe(rule)
@@ -311,16 +327,16 @@ class StructuredDiagonal:
         layout = layer.layout
         return plan.Candidate(layer.position, probe, layout.unit, set(layout.coupled), generic)  # type: ignore[union-attr]
 
-    def _gauss_newton(
-        self,
-        loss: Tensor,
-        curved: dict[int, _Layer],
-        candidates: dict[int, plan.Candidate],
-        spent: dict[int, int],
-    ) -> None:
-        """Admit the layers that take the Gauss-Newton rule together, where it is cheaper."""
-        graph, output = self.graph, self.output
-        probe = graph.params[self.output_position]
+    def _factorable(
+        self, loss: Tensor, curved: dict[int, _Layer], candidates: dict[int, plan.Candidate]
+    ) -> tuple[dict[int, int], int] | None:
+        """The layers the Gauss-Newton rule may take, by facts of the graph (no product).
+
+        Returns:
+            Their own products at most, by probe position, and the outputs per sample; or
+            ``None`` when no layer qualifies.
+        """
+        probe = self.graph.params[self.output_position]
         samples = probe.shape[0] if probe.dim() else 0
         eligible = {
             i: c
@@ -328,22 +344,56 @@ class StructuredDiagonal:
             if not curved[i].layout.lookup and c.axes[:1] == [0] and c.probe.shape[0] == samples  # type: ignore[union-attr]
         }
         if not eligible or samples == 0 or not gauss_newton.output_blocks_fit(probe):
-            return
-        linear = gauss_newton.piecewise_linear(loss, output, [c.probe for c in eligible.values()])  # type: ignore[arg-type]
+            return None
+        probes = [c.probe for c in eligible.values()]
+        linear = gauss_newton.piecewise_linear(loss, self.output, probes)  # type: ignore[arg-type]
         own = {i: c.own() for (i, c), ok in zip(eligible.items(), linear) if ok}
-        size = probe.numel() // samples
-        cost = gauss_newton.cost(samples, size)
+        return (own, probe.numel() // samples) if own else None
+
+    def _lower_bound(
+        self,
+        admitted: dict[int, _Layer],
+        candidates: dict[int, plan.Candidate],
+        factorable: tuple[dict[int, int], int] | None,
+    ) -> float:
+        """Fewest products the diagonal could take, were every check passed for free."""
+        if self.budget == math.inf:
+            return 0
+        covered = {i for layer in admitted.values() for i in layer.roles.values()}
+        bound = sum(
+            p.numel()
+            for i, p in enumerate(self.params)
+            if i not in covered and self.graph.grads[i] is not None
+        )
+        cheapest = {i: min(c.generic, c.cost(c.coupled)) for i, c in candidates.items()}
+        own, size = factorable or ({}, 0)
+        bound += sum(v for i, v in cheapest.items() if i not in own)
+        return bound + min(sum(cheapest[i] for i in own), 2 * size) if own else bound
+
+    def _gauss_newton(
+        self,
+        own: dict[int, int],
+        size: int,
+        curved: dict[int, _Layer],
+        spent: dict[int, int],
+    ) -> None:
+        """Admit the layers that take the Gauss-Newton rule together, where it is cheaper."""
+        graph, output = self.graph, self.output
+        probe = graph.params[self.output_position]
+        samples = probe.shape[0]
+        cost, first = gauss_newton.cost(samples, size), next(iter(own))
         if cost >= sum(own.values()):
             return
         before, passes, factored = graph.num_products, 0, []
         members = [(self.output_position, probe, 0)]
         if not hessian_reached(graph, members, self.chunk_size):  # type: ignore[arg-type]
-            reached = gauss_newton.jacobian_reached(output, [eligible[i].probe for i in own])  # type: ignore[arg-type]
+            probes = [graph.params[i] for i in own]
+            reached = gauss_newton.jacobian_reached(output, probes)  # type: ignore[arg-type]
             factored, passes = [i for i, hit in zip(own, reached) if not hit], count(samples)
         checks = graph.num_products - before + passes
         own = {i: own[i] for i in factored}
         if cost >= sum(own.values()):
-            spent[next(iter(eligible))] += checks
+            spent[first] += checks  # the checks' products count for the first candidate
             return
         for i, share in plan.shares(checks + 2 * size, own).items():
             spent[i] += share

@@ -1,0 +1,115 @@
+"""The exact answer where it is cheaper: ``method="auto"`` of the trace and diagonal estimates.
+
+The exact diagonal costs :math:`P` unit-vector products for a closure or a plain operator;
+for an operator over a model's data, the plan of the structured diagonal on the first batch
+says what it costs (:func:`~torch_secorder.core.operator.planned_diagonal_costs`), often far
+fewer (a ResNet's layers from two products per class). Its products count as the estimators'
+do, in passes over the data. ``method="auto"`` takes the exact diagonal (its sum for a trace)
+whenever that costs no more than the estimator's budget, per group for ``groups=``, and the
+estimator otherwise. Planning runs one forward pass and its gradient on the first batch (about
+one product's work: a percent of a budget of 100) and, unless even a plan passing every check
+for free would exceed the budget, the few products of the independence checks, which the
+exact diagonal then reuses.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from torch_secorder.analysis._groups import resolve_groups
+from torch_secorder.analysis._operator import Target
+from torch_secorder.core._model import model_params
+from torch_secorder.core.operator import (
+    HessianOperator,
+    exact_diagonal,
+    forget_plan,
+    model_operator,
+    planned_diagonal_costs,
+)
+
+
+def auto_method(target: Target, num_matvecs: int, estimator: str) -> str:
+    """``"exact"`` when the exact diagonal of ``target`` costs at most ``num_matvecs``."""
+    operator = target.operator
+    if not isinstance(operator, HessianOperator):
+        return "exact" if target.size <= num_matvecs else estimator
+    if sum(planned_diagonal_costs(operator, num_matvecs)) <= num_matvecs:
+        return "exact"
+    forget_plan(operator)
+    return estimator
+
+
+def model_exact_or_estimate(
+    fname: str,
+    model: Any,
+    loss_fn: Any,
+    data: Any,
+    params: Any,
+    groups: object,
+    budget: float,
+    options: dict[str, Any],
+    exact: Callable[[list[Tensor], int], Any],
+    estimate: Callable[[Any, object], Any],
+) -> Any:
+    """Each group's exact result where that costs at most ``budget``, else its estimate.
+
+    Args:
+        fname: Public function name, for messages.
+        model: The model.
+        loss_fn: The batch's mean loss.
+        data: A batch or an iterable of batches.
+        params: Parameter selection.
+        groups: Group specification (see :func:`._groups.resolve_groups`).
+        budget: Products each group may take (``inf``: exact regardless).
+        options: Keyword options of :meth:`HessianOperator.from_model`.
+        exact: ``exact(diagonal, num_matvecs)``, a group's result from its diagonal (like its
+            parameters) and the products it took.
+        estimate: ``estimate(params, groups)``, the estimator's results for a selection and
+            groups (``None``: the whole selection), as the model form computes them.
+
+    Returns:
+        The result, or a dict group name -> result in group order.
+    """
+    names, tensors = model_params(fname, model, params)
+    resolved = resolve_groups(fname, model, names, tensors, groups)
+    members = {None: list(range(len(names)))} if resolved is None else resolved
+    union = sorted({i for indices in members.values() for i in indices})
+
+    def operator_of(indices: list[int]) -> HessianOperator:
+        selection = [names[i] for i in indices]
+        return model_operator(fname, model, loss_fn, data, params=selection, **options)
+
+    def cost(operator: HessianOperator, costs: list[int], indices: list[int]) -> int:
+        """The planned products of the parameters ``indices``."""
+        position = {id(p): k for k, p in enumerate(operator.params)}
+        return sum(costs[position[id(tensors[i])]] for i in indices)
+
+    whole = operator_of(union)
+    with whole:  # releasing it drops a plan left unused
+        costs = planned_diagonal_costs(whole, budget if resolved is None else math.inf)
+        cheap = [key for key, indices in members.items() if cost(whole, costs, indices) <= budget]
+        chosen = sorted({i for key in cheap for i in members[key]})
+        if cheap and chosen == union:
+            operator, (diagonal, used) = whole, exact_diagonal(whole)
+    if cheap and chosen != union:  # the estimator for the other groups: this selection's plan
+        operator = operator_of(chosen)
+        with operator:
+            diagonal, used = exact_diagonal(operator)
+    results: dict[Any, Any] = {}
+    if cheap:
+        position = {id(p): k for k, p in enumerate(operator.params)}
+        for key in cheap:
+            rows = [position[id(tensors[i])] for i in members[key]]
+            results[key] = exact([diagonal[r] for r in rows], sum(used[r] for r in rows))
+    rest = [key for key in members if key not in results]
+    if rest and resolved is None:
+        results[None] = estimate(params, None)
+    elif rest:
+        selection = sorted({i for key in rest for i in members[key]})
+        subset = {key: [names[i] for i in members[key]] for key in rest}
+        results.update(estimate([names[i] for i in selection], subset))
+    if resolved is None:
+        return results[None]
+    return {key: results[key] for key in members}
