@@ -446,7 +446,7 @@ class _DataSetProducts:
         self.progress = progress
         self.num_samples: int | None = None
         self.cached: tuple[GradientGraph, int] | None = None  # graph and size of a lone batch
-        self.planned: tuple[StructuredDiagonal, int] | None = None  # the first batch's, and size
+        self.planned: tuple[StructuredDiagonal, int, tuple[float, ...]] | None = None  # batch 0
         self.fingerprints: list[_Fingerprint] | None = None  # of each batch in the first pass
 
     def products(self, cotangents: list[Tensor]) -> list[Tensor]:
@@ -498,17 +498,20 @@ class _DataSetProducts:
                 differs = "the data passes of another process differ"
             total = unflatten(packed[:-1].reshape(len(total[0]), -1), self.params)
         if differs is not None:
-            raise ValueError(
-                f"{self.fname}: {differs}. Every product runs the model over the data again, "
-                "and all passes must see the same batches in the same order and compute the "
-                "same losses; use a DataLoader with shuffle=False (a fixed order, data without "
-                "random augmentation), and for a model whose forward pass is random beyond "
-                "torch's RNG, eval mode."
-            )
+            self._refuse(differs)
         if count == 0:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
         self.num_samples = count
         return [(acc / count).to(dtype) for acc in total]
+
+    def _refuse(self, differs: str) -> None:
+        raise ValueError(
+            f"{self.fname}: {differs}. Every product runs the model over the data again, "
+            "and all passes must see the same batches in the same order and compute the "
+            "same losses; use a DataLoader with shuffle=False (a fixed order, data without "
+            "random augmentation), and for a model whose forward pass is random beyond "
+            "torch's RNG, eval mode."
+        )
 
     def _compare(self, fingerprints: list[_Fingerprint], complete: bool = False) -> str | None:
         """How this pass differs from the first, so far (``None``: not at all).
@@ -571,7 +574,9 @@ class _DataSetProducts:
             planned = None
         with preserved_state(self.model), rng_kept():
             for index, batch in enumerate(self._iterate()):
-                structured, size = planned or self._structured(index, batch)
+                if planned is not None and planned[2] != _checksum(*check_batch("", 0, batch)):
+                    self._refuse("data batch 0 differs between passes over the data")
+                structured, size, _ = planned or self._structured(index, batch)
                 planned = None
                 with structured:
                     diagonal, used = structured.run(), structured.costs
@@ -592,8 +597,8 @@ class _DataSetProducts:
 
     def _structured(
         self, index: int, batch: Any, budget: float = math.inf
-    ) -> tuple[StructuredDiagonal, int]:
-        """The structured diagonal of one batch, planned under the batch's seed; its size."""
+    ) -> tuple[StructuredDiagonal, int, tuple[float, ...]]:
+        """The structured diagonal of one batch, planned under its seed; its size and checksum."""
         inputs, targets = to_device(check_batch(self.fname, index, batch), self.params[0].device)
         structured = StructuredDiagonal(
             batch_loss(self.model, self.loss_fn, inputs, targets),
@@ -607,7 +612,7 @@ class _DataSetProducts:
             chunk_size=None,
             budget=budget,
         )
-        return structured, batch_size(self.fname, index, inputs)
+        return structured, batch_size(self.fname, index, inputs), _checksum(inputs, targets)
 
     def release(self) -> None:
         self.cached = self.planned = None
