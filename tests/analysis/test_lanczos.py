@@ -80,7 +80,41 @@ def test_thick_restart_converges_with_a_small_basis(which):
     truth = lam[wanted_order(lam, which)][:3]
     torch.testing.assert_close(pairs.values, truth)
     torch.testing.assert_close(pairs.vectors.T @ pairs.vectors, torch.eye(3, dtype=DTYPE))
-    assert max(c.shape[1] for c in operator.columns) == 1
+    *steps, check = operator.columns
+    assert max(c.shape[1] for c in steps) == 1
+    assert check.shape[1] == 3  # the explicit residuals: one product per pair
+
+
+def test_the_residuals_reported_are_explicit():
+    lam = clustered()
+    A = with_spectrum(lam)
+    pairs, operator, _ = solve(A, 3, tol=1e-8, basis_size=8, budget=5000)
+    torch.testing.assert_close(pairs.vectors.norm(dim=0), torch.ones(3, dtype=DTYPE))
+    torch.testing.assert_close(pairs.values, (pairs.vectors * (A @ pairs.vectors)).sum(dim=0))
+    explicit = (A @ pairs.vectors - pairs.vectors * pairs.values).norm(dim=0)
+    torch.testing.assert_close(pairs.residuals, explicit, rtol=1e-6, atol=1e-14)
+    assert bool((explicit <= 1e-8 * pairs.values.abs()).all())
+
+
+class _Rounding(DenseOperator):
+    """Products rounded to float32 and back: the recurrence's residual estimates drift."""
+
+    def matmat(self, V):
+        return super().matmat(V).float().double()
+
+
+def test_converged_only_when_the_explicit_residuals_meet_the_tolerance():
+    A = with_spectrum(clustered())
+    operator = _Rounding(A)
+    steps = thick_restart_lanczos(A.shape[0], 2, "largest", 1e-9, 400, DTYPE, CPU, generator(0))
+    problem = Problem(steps)
+    (pairs,) = run("test", operator, [problem])
+    explicit = (operator.matmat(pairs.vectors) - pairs.vectors * pairs.values).norm(dim=0)
+    # at the products' rounding, recomputing moves the residual's last digits only
+    torch.testing.assert_close(pairs.residuals, explicit, rtol=0.5, atol=0)
+    assert not bool((explicit <= 1e-9 * pairs.values.abs()).all())  # float32 cannot meet 1e-9
+    assert not pairs.converged  # and it says so
+    assert problem.num_matvecs <= 400
 
 
 @pytest.mark.parametrize("block_size", [2, 3])
@@ -90,7 +124,9 @@ def test_block_lanczos(block_size):
     pairs, operator, problem = solve(A, 4, block_size=block_size, basis_size=24)
     assert pairs.converged
     torch.testing.assert_close(pairs.values, lam[:4])
-    assert all(c.shape[1] <= block_size for c in operator.columns)
+    *steps, check = operator.columns
+    assert all(c.shape[1] <= block_size for c in steps)
+    assert check.shape[1] == 4  # the explicit residuals
     assert problem.num_matvecs == operator.num_matvecs
 
 
@@ -104,7 +140,7 @@ def test_budget_is_used_exactly_with_a_partial_last_block():
     pairs, operator, problem = solve(with_spectrum(clustered()), 2, budget=7, block_size=3)
     assert not pairs.converged
     assert problem.num_matvecs == operator.num_matvecs == 7
-    assert [c.shape[1] for c in operator.columns] == [3, 3, 1]
+    assert [c.shape[1] for c in operator.columns] == [3, 2, 2]  # 2 kept to check the pairs
 
 
 def test_default_basis_size():

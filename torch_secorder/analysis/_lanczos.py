@@ -52,12 +52,14 @@ class RitzPairs:
         vectors: ``(n, k)`` unit Ritz vectors.
         residuals: ``(k,)`` residual norms :math:`\|Ax - \theta x\|`.
         converged: Whether every pair met the tolerance.
+        spanned: Whether the basis spanned the whole space (the pairs are then exact).
     """
 
     values: Tensor
     vectors: Tensor
     residuals: Tensor
     converged: bool
+    spanned: bool = False  # the basis spanned the whole space: exact to rounding
 
 
 def work_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -146,6 +148,15 @@ def thick_restart_lanczos(
     verified again. Repeated eigenvalues are so found with all their copies, at the cost of a
     loosely converged extra eigenpair.
 
+    The residuals Lanczos reads off its recurrence drift from the true ones in finite precision
+    (in float32, by factors of two or more on large networks), so every returned pair is then
+    checked with one product of its own: the vector normalised, the value its Rayleigh
+    quotient, the residual :math:`\|Ax - \theta x\|` computed, and ``converged`` only if that
+    explicit residual meets ``tol``. Where the recurrence's residuals met ``tol`` but the
+    explicit ones do not, the search goes on from the pairs found, with the inner tolerance
+    lowered by as much as they were off, while the explicit residuals at least halve and
+    products remain.
+
     Args:
         n: Dimension of the operator.
         k: Number of wanted eigenpairs, ``1 <= k <= n``.
@@ -164,12 +175,58 @@ def thick_restart_lanczos(
     Returns:
         The wanted :class:`RitzPairs`, most wanted first.
     """
-    options = (which, tol, dtype, device, generator, block_size, basis_size)
-    pairs, used = yield from _restarted_lanczos(n, k, max_matvecs, None, None, *options)
+    # products kept for the explicit residuals, unless the budget can span the whole space
+    reserved = 0 if n <= max_matvecs else min(k, max_matvecs - 1)
+    inner, start, best = tol, None, None
+    used = 0
+    while True:
+        options = (which, inner, dtype, device, generator, block_size, basis_size)
+        budget = max_matvecs - (reserved if best is None else k) - used
+        pairs, spent = yield from _all_copies(n, k, budget, start, *options)
+        used += spent
+        if pairs.spanned:  # the basis spans everything: the pairs are exact to rounding
+            return pairs
+        if used + k > max_matvecs:  # no products left to check them: not known to converge
+            pairs.converged = False
+            return pairs
+        checked = yield from _explicit(pairs, which, tol, dtype)
+        used += k
+        halved = best is None or _worst(checked) <= _worst(best) / 2
+        if best is not None and _worst(best) < _worst(checked):
+            checked = best  # the better of the two checked sets
+        if checked.converged or not pairs.converged or used + k >= max_matvecs or not halved:
+            return checked  # done, out of products, or no longer improving (rounding)
+        # The estimates met the tolerance, the explicit residuals not (rounding of the
+        # products): go on from the pairs found, aiming as much lower as they were off.
+        off = float(pairs.residuals.min()) / max(_worst(checked), 1e-300)
+        inner, start, best = inner * min(1.0, off) / 2, checked.vectors, checked
+
+
+def _worst(pairs: RitzPairs) -> float:
+    return float(pairs.residuals.max())
+
+
+def _all_copies(
+    n: int,
+    k: int,
+    max_matvecs: int,
+    start: Tensor | None,
+    which: str,
+    tol: float,
+    *options: object,
+) -> Steps:
+    """The ``k`` wanted pairs, then a search for more copies of repeated eigenvalues.
+
+    Returns:
+        ``(pairs, products used)``.
+    """
+    pairs, used = yield from _restarted_lanczos(
+        n, k, max_matvecs, None, None, which, tol, *options, start=start
+    )
     while pairs.converged and pairs.vectors.shape[1] < n and used < max_matvecs:
         least = float(wanted_key(pairs.values[-1], which))
         candidate, spent = yield from _restarted_lanczos(
-            n, 1, max_matvecs - used, pairs.vectors, least, *options
+            n, 1, max_matvecs - used, pairs.vectors, least, which, tol, *options
         )
         used += spent
         if candidate is None:
@@ -180,7 +237,25 @@ def thick_restart_lanczos(
         if float(wanted_key(candidate.values[0], which)) <= least:
             break
         pairs = _merge(pairs, candidate, k, which)
-    return pairs
+    return pairs, used
+
+
+def _explicit(pairs: RitzPairs, which: str, tol: float, dtype: torch.dtype) -> Steps:
+    r"""The pairs with explicit residuals: one product per vector, as the user would check.
+
+    The vectors are normalised, the values are their Rayleigh quotients :math:`x^\top A x`,
+    the residuals :math:`\|Ax - \theta x\|` from the products; converged when every residual
+    is at most ``tol`` times :math:`\max(|\theta|, \varepsilon^{1/3} \max_i |\theta_i|)` (and
+    the pairs had converged).
+    """
+    X = pairs.vectors / pairs.vectors.norm(dim=0)
+    AX = yield X
+    theta = (X * AX).sum(dim=0)
+    residuals = (AX - X * theta).norm(dim=0)
+    scale = torch.clamp(theta.abs(), min=relative_floor(dtype) * float(theta.abs().max()))
+    converged = pairs.converged and bool((residuals <= tol * scale).all())
+    order = wanted_order(theta, which)
+    return RitzPairs(theta[order], X[:, order], residuals[order], converged)
 
 
 def _merge(pairs: RitzPairs, other: RitzPairs, k: int, which: str) -> RitzPairs:
@@ -208,12 +283,16 @@ def _restarted_lanczos(
     generator: torch.Generator,
     block_size: int,
     basis_size: int | None,
+    *,
+    start: Tensor | None = None,
 ) -> Steps:
     r"""Thick-restart Lanczos in the orthogonal complement of the columns of ``locked``.
 
     With ``bound``, stops early (returning ``None``) once the most wanted Ritz pair has
     converged to the screening tolerance :math:`\sqrt{\texttt{tol}}` and is less wanted than
     ``bound`` by more than its residual: :math:`\text{key}(\theta) + \|r\| \le` ``bound``.
+    ``start`` (columns whose span should seed the search, e.g. Ritz vectors found before)
+    replaces the random first vector by their sum.
 
     Returns:
         ``(pairs, products used)``; ``pairs`` is ``None`` after such an early stop.
@@ -227,7 +306,16 @@ def _restarted_lanczos(
     floor = relative_floor(dtype)
     V = torch.zeros(n, m, dtype=dtype, device=device)
     T = torch.zeros(m, m, dtype=work, device=device)
-    V[:, :b] = _fill(locked, b, generator, dtype, device)
+    first = None
+    if start is not None:  # their sum, made orthogonal to what is locked
+        first, _ = _orthogonalise(start.sum(dim=1, keepdim=True), locked)
+        first = first / first.norm() if float(first.norm()) > 0 else None
+    if first is None:
+        V[:, :b] = _fill(locked, b, generator, dtype, device)
+    else:
+        V[:, :1] = first
+        if b > 1:
+            V[:, 1:b] = _fill(torch.cat([locked, first], dim=1), b - 1, generator, dtype, device)
     j, current = b, slice(0, b)
     used, norm = 0, 0.0
     while True:
@@ -284,7 +372,8 @@ def _restarted_lanczos(
         current = slice(j, j + width)
         j += width
     X = V[:, : Y.shape[0]] @ Y[:, wanted].to(dtype)
-    pairs = RitzPairs(theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged)
+    spanned = j >= free and locked.shape[1] == 0
+    pairs = RitzPairs(theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged, spanned)
     return pairs, used
 
 

@@ -6,8 +6,13 @@ until every wanted Ritz pair has a relative residual
 .. math:: \frac{\|Hx - \theta x\|}{\max(|\theta|,\ \varepsilon^{1/3}\|H\|)} \le \texttt{tol},
 
 where :math:`\varepsilon` is the dtype's machine epsilon and :math:`\|H\|` is estimated by the
-largest Ritz value magnitude seen. Since :math:`|\lambda - \theta| \le \|Hx - \theta x\|` for
-a unit :math:`x`, the eigenvalue is then accurate to ``tol`` relative; eigenvalues smaller
+largest Ritz value magnitude seen. The residuals reported, and ``converged``, are explicit:
+one more product per returned pair gives :math:`\|Hx - \theta x\|` for the normalised
+vector :math:`x` and its Rayleigh quotient :math:`\theta` (what a user recomputing it would
+find), not the estimate of the Lanczos recurrence, which drifts in finite precision (a basis
+spanning the whole space needs no check: its pairs are exact to rounding). Since
+:math:`|\lambda - \theta| \le \|Hx - \theta x\|` for a unit :math:`x`, the eigenvalue is
+then accurate to ``tol`` relative; eigenvalues smaller
 than :math:`\varepsilon^{1/3}\|H\|` (about :math:`6 \cdot 10^{-6}\|H\|` in float64,
 :math:`5 \cdot 10^{-3}\|H\|` in float32) are accurate to ``tol`` times that floor.
 
