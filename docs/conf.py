@@ -30,6 +30,8 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    # MathJax from the package into _static/mathjax, not from a CDN: formulas render offline.
+    "sphinx-mathjax-offline",
 ]
 templates_path = ["_templates"]
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]

@@ -182,6 +182,64 @@ def test_conf_removes_stale_generated_pages(tmp_path, monkeypatch):
     assert not stale.exists()
 
 
+def test_conf_loads_mathjax_from_the_build_not_a_cdn(monkeypatch):
+    """Formulas render offline: MathJax is copied into the output, the pages load it from there."""
+    monkeypatch.delenv("TORCH_SECORDER_INTERSPHINX", raising=False)
+    conf = runpy.run_path(str(DOCS / "conf.py"))
+    assert "sphinx-mathjax-offline" in conf["extensions"]
+    assert "mathjax_path" not in conf  # the extension sets it to its local copy
+    extension = pytest.importorskip("sphinx-mathjax-offline")  # the docs extra
+
+    class App:
+        def __init__(self):
+            self.config = type("Config", (), {})()
+            self.events = []
+
+        def connect(self, event, callback):
+            self.events.append(event)
+
+    app = App()
+    extension.setup(app)
+    path = app.config.mathjax_path
+    assert "://" not in path, path  # a path relative to _static, not a URL
+    assert not path.startswith("/"), path
+    assert (Path(extension.__file__).parent / "static" / path).is_file(), path
+    assert "build-finished" in app.events  # where it copies MathJax into _static
+
+
+def test_read_the_docs_config_matches_ci():
+    """.readthedocs.yaml builds what .ci/run builds: the same torch (a CPU wheel), -W."""
+    config = (ROOT / ".readthedocs.yaml").read_text()
+    assert re.search(r"^version: 2$", config, re.M)
+    assert re.search(r'^    python: "3\.11"$', config, re.M)
+    assert re.search(r"^  configuration: docs/conf\.py$", config, re.M)
+    assert re.search(r"^  fail_on_warning: true$", config, re.M)
+    assert re.search(r"^      extra_requirements:\n        - docs$", config, re.M)
+    pins = re.findall(r"pip install (?:--quiet )?torch==(\S+)", config)
+    assert pins
+    assert pins == re.findall(
+        r"pip install (?:--quiet )?torch==(\S+)", (ROOT / ".ci/run").read_text()
+    )
+    assert "--index-url https://download.pytorch.org/whl/cpu" in config
+
+
+def test_figures_exist_are_small_and_name_their_example():
+    pattern = re.compile(r"^\.\. (?:figure|image):: (\S+)\n((?:[ \t]+.*\n|\n)*)", re.M)
+    figures = [
+        (page, *m.groups()) for page in PROSE_PAGES for m in pattern.finditer(page.read_text())
+    ]
+    assert any(page.name == "examples.rst" for page, _, _ in figures)
+    for page, path, body in figures:
+        image = DOCS / path
+        assert image.is_file(), f"{page.name}: {path}"
+        assert image.stat().st_size < 150_000, f"{path}: {image.stat().st_size} bytes"
+        if page.name == "examples.rst":  # the caption names the command that drew it
+            scripts = re.findall(r"python (examples/example_\w+\.py)", body)
+            assert scripts, path
+            for script in scripts:
+                assert (ROOT / script).is_file(), f"{path}: {script}"
+
+
 @pytest.mark.slow
 def test_docs_build_without_warnings(tmp_path):
     pytest.importorskip("sphinx")
@@ -197,3 +255,9 @@ def test_docs_build_without_warnings(tmp_path):
     operator = (generated / "torch_secorder.HessianOperator.html").read_text()
     for member in ("from_model", "matvec", "matmat", "release", "to_scipy", "num_matvecs"):
         assert f'id="torch_secorder.HessianOperator.{member}"' in operator, member
+    # Math is rendered by the MathJax copied into the site, found by a relative path.
+    algorithms = (tmp_path / "html" / "algorithms.html").read_text()
+    assert 'src="_static/mathjax/tex-chtml.js"' in algorithms
+    assert (tmp_path / "html" / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for page in (tmp_path / "html").rglob("*.html"):
+        assert not re.search(r"<script[^>]*src=\"(https?:)?//", page.read_text()), page.name
