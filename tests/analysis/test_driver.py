@@ -1,8 +1,10 @@
+import warnings
 import weakref
 
 import pytest
 import torch
 
+import torch_secorder as ts
 from tests.analysis.operators import DTYPE, DenseOperator, dominant, generator, with_spectrum
 from torch_secorder.analysis._driver import Problem, SymmetryCheck, chunk_widths, max_columns, run
 from torch_secorder.analysis._estimators import hutch_plus_plus, hutchinson, xdiag
@@ -255,3 +257,53 @@ def test_the_driver_lets_an_algorithm_free_its_last_request():
     run("test", operator, [Problem(steps(20))])
     run("test", operator, [Problem(steps(10), slice(0, 10)), Problem(steps(10), slice(10, 20))])
     assert released == [True, True, True]
+
+
+def test_progress_counts_the_analysis_products(monkeypatch):
+    import tqdm.auto
+
+    from tests.core.structured.helpers import CE, F64, labels, randn
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, **kwargs):
+            self.total, self.desc, self.counts = total, desc, []
+            bars.append(self)
+
+        def update(self, n):
+            self.counts.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    data = [(randn(4, 3), labels(4, 2)), (randn(3, 3, seed=1), labels(3, 2, seed=2))]
+    result = ts.model_hessian_trace(
+        model.to(F64), CE, data, groups="module", method="hutchinson", num_matvecs=7, progress=True
+    )
+    (bar,) = bars  # one bar over products, not one per pass over the batches
+    assert bar.desc == "model_hessian_trace"
+    assert bar.total == 2 * 7
+    assert sum(bar.counts) == sum(r.num_matvecs for r in result.values()) == 14
+    bars.clear()
+    eigen = ts.model_top_eigenvalues(model, CE, data, max_matvecs=40, progress=True)
+    (bar,) = bars
+    assert bar.total == 40  # at most: Lanczos stops once converged
+    assert sum(bar.counts) == eigen.num_matvecs <= 40
+
+
+def test_an_analysis_that_will_take_long_warns_after_its_first_products(monkeypatch):
+    from torch_secorder.core import _progress
+
+    monkeypatch.setattr(_progress, "LONG_SECONDS", 0.0)
+    monkeypatch.setattr(_progress, "TIMED_PRODUCTS", 10)
+    operator = DenseOperator(torch.eye(6, dtype=torch.float64))
+    with pytest.warns(UserWarning, match=r"^hessian_trace: the analysis takes 30 Hessian-vector"):
+        ts.hessian_trace(operator, method="hutchinson", num_matvecs=30)
+    monkeypatch.setattr(_progress, "TIMED_PRODUCTS", 31)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ts.hessian_trace(operator, method="hutchinson", num_matvecs=30)  # too few to warn

@@ -109,3 +109,31 @@ def test_auto_leaves_no_trace():
         first = ts.model_hessian_trace(model, CE, data)
         assert_unchanged(before, model)
         assert torch.equal(first.value, ts.model_hessian_trace(model, CE, data).value)
+
+
+def test_progress_of_the_exact_trace_counts_products_over_the_batches(monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, **kwargs):
+            self.total, self.desc, self.counts = total, desc, []
+            bars.append(self)
+
+        def update(self, n):
+            self.counts.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    model = _relu_net()
+    data = [(randn(4, 2, 6, 6), labels(4, 3)), (randn(4, 2, 6, 6, seed=3), labels(4, 3, seed=4))]
+    result = ts.model_hessian_trace(model, CE, data, progress=True)
+    assert result.method == "exact"
+    (bar,) = bars
+    assert bar.desc == "model_hessian_trace"
+    per_batch = ts.diagonal_plan(model, CE, *data[0]).num_matvecs
+    assert bar.total == 2 * per_batch  # the first batch's plan, for both
+    assert len(bar.counts) == 2  # one update per batch

@@ -47,7 +47,9 @@ def test_select_params_default_skips_frozen_explicit_keeps_it():
 def test_select_params_shared_parameter_appears_once_under_its_first_name():
     built = build(case_by_id("tied-embedding"))
     assert list(select_params(built.model)) == ["embed.weight"]
-    with pytest.raises(ValueError, match=r"entry 'out\.weight' matches no parameter"):
+    with pytest.raises(
+        ValueError, match=r"entry 'out\.weight' names 'out\.weight', a parameter shared"
+    ):
         select_params(built.model, "out.weight")
 
 
@@ -225,3 +227,28 @@ def test_flatten_errors(args, kwargs, error, match):
 def test_unflatten_errors(vector, params, error, match):
     with pytest.raises(error, match=match):
         unflatten(vector, params)
+
+
+class _TiedLanguageModel(torch.nn.Module):
+    """A decoder sharing the embedding's weight, registered under both names (as GPT-2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = torch.nn.Embedding(10, 4)
+        self.lm_head = torch.nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, tokens):
+        return self.lm_head(self.wte(tokens))
+
+
+def test_the_second_name_of_a_tied_parameter_says_so():
+    model = _TiedLanguageModel()
+    with pytest.raises(
+        ValueError,
+        match=r"^select_params: params entry 'lm_head.weight' names 'lm_head.weight', a parameter "
+        r"shared with 'wte.weight' \(tied weights\), which is selected under its first name; "
+        r"pass 'wte.weight'\.$",
+    ):
+        select_params(model, "lm_head.weight")
+    assert list(select_params(model, "*.weight")) == ["wte.weight"]

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torch_secorder.core._progress import Meter
+
 Steps = Generator[Tensor, Tensor, Any]
 """An algorithm: yields ``(n, j)`` blocks of vectors, receives their products, returns a result."""
 
@@ -110,28 +112,35 @@ class Problem:
         steps: The algorithm's generator.
         rows: Its rows in the operator's flat space: ``None`` for all, a ``slice`` or an
             index tensor.
+        budget: Products it may use at most, where known (for progress and cost warnings).
         num_matvecs: Products it has used so far.
         result: Its return value, once finished.
     """
 
     steps: Steps
     rows: slice | Tensor | None = None
+    budget: int | None = None
     num_matvecs: int = 0
     result: Any = None
     request: Tensor | None = field(default=None, repr=False)
 
 
-def run(fname: str, operator: Any, problems: Sequence[Problem]) -> list[Any]:
+def run(
+    fname: str, operator: Any, problems: Sequence[Problem], *, progress: bool = False
+) -> list[Any]:
     """Advance every problem's generator to its end, all together, in memory-bounded products.
 
     Each step multiplies the requests of all active problems, in chunks of at most
     :func:`max_columns` full-length columns (one ``matmat`` per chunk); see the module
-    docstring.
+    docstring. With the problems' budgets known, a :class:`~torch_secorder.core._progress.Meter`
+    counts the products against them: a progress bar with the time left (``progress``), and a
+    warning when the first products show that the whole will take long.
 
     Args:
         fname: Public function name, for messages.
         operator: The operator (``matmat``, ``shape``, ``dtype``, ``device``), validated.
         problems: The problems; their ``result`` and ``num_matvecs`` are filled in.
+        progress: Show a progress bar over the products (needs ``tqdm``).
 
     Returns:
         The problems' results, in order.
@@ -139,6 +148,14 @@ def run(fname: str, operator: Any, problems: Sequence[Problem]) -> list[Any]:
     Raises:
         ValueError: If ``matmat`` returns the wrong shape or the operator is not symmetric.
     """
+    budgets = [p.budget for p in problems]
+    total = sum(budgets) if all(b is not None for b in budgets) else 0  # type: ignore[arg-type]
+    hint = "A smaller budget, or a parameter subset (params=), takes fewer products."
+    with Meter(fname, total, progress and bool(total), "analysis", hint) as meter:
+        return _run(fname, operator, problems, meter if total else None)
+
+
+def _run(fname: str, operator: Any, problems: Sequence[Problem], meter: Meter | None) -> list[Any]:
     size = int(operator.shape[0])
     cap = max_columns(size, operator.dtype)
     checks = [SymmetryCheck(fname, operator.dtype) for _ in problems]
@@ -151,6 +168,8 @@ def run(fname: str, operator: Any, problems: Sequence[Problem]) -> list[Any]:
         products = [r.new_empty(r.shape) for r in requests]
         for chunk in _pieces([r.shape[1] for r in requests], cap):
             _multiply(fname, operator, size, rows, requests, products, chunk)
+            if meter is not None:
+                meter.update(sum(piece[2] for piece in chunk))
         held: list[tuple[Tensor, Tensor] | None] = list(zip(requests, products))
         del requests, products
         for position, i in enumerate(active):

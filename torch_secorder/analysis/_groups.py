@@ -24,7 +24,9 @@ from torch import Tensor, nn
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.core._model import model_params
+from torch_secorder.core._progress import require_tqdm
 from torch_secorder.core.operator import HessianOperator, model_operator
+from torch_secorder.core.params import shared_names
 
 GROUP_KINDS = ("module", "parameter")
 
@@ -97,12 +99,7 @@ def resolve_groups(
 
 def _tied_hint(model: nn.Module, pattern: str) -> str:
     """Where ``pattern`` names only second names of shared parameters, say under which name."""
-    first = {id(p): name for name, p in model.named_parameters()}
-    tied = [
-        (name, first[id(p)])
-        for name, p in model.named_parameters(remove_duplicate=False)
-        if first[id(p)] != name and fnmatch.fnmatchcase(name, pattern)
-    ]
+    tied = shared_names(model, pattern)
     if not tied:
         return ""
     name, shared = tied[0]
@@ -157,6 +154,7 @@ def run_model(
     make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
     finish: Callable[[Any, int, list[Tensor]], Any],
     options: dict[str, Any],
+    budget: int | None = None,
 ) -> Any:
     """Run one problem per group (or one for the whole selection) over the data's Hessian.
 
@@ -175,7 +173,8 @@ def run_model(
             one analysis of the whole operator would.
         finish: ``finish(raw_result, num_matvecs, group_params)``, the public result.
         options: Keyword options of :meth:`HessianOperator.from_model` (``seed``,
-            ``distributed``, ``progress``).
+            ``distributed``), and ``progress`` for a bar over the analysis's products.
+        budget: Products each group's algorithm may use at most, where known.
 
     Returns:
         The result, or a dict group name -> result when ``groups`` is given.
@@ -189,7 +188,17 @@ def run_model(
     )
     selection = params if resolved is None else [names[i] for i in union]
     raw, members, problems, operator = _run_groups(
-        fname, model, loss_fn, data, selection, resolved, tensors, generator, make_steps, options
+        fname,
+        model,
+        loss_fn,
+        data,
+        selection,
+        resolved,
+        tensors,
+        generator,
+        make_steps,
+        options,
+        budget,
     )
     results = {
         key: finish(result, problem.num_matvecs, [operator.params[i] for i in indices])
@@ -209,8 +218,13 @@ def _run_groups(
     generator: torch.Generator | None,
     make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
     options: dict[str, Any],
+    budget: int | None,
 ) -> tuple[list[Any], dict[Any, list[int]], list[Problem], HessianOperator]:
-    operator = model_operator(fname, model, loss_fn, data, params=selection, **options)
+    progress = options.get("progress", False)
+    if progress:
+        require_tqdm(fname)
+    quiet = {**options, "progress": False}  # the bar counts the analysis's products instead
+    operator = model_operator(fname, model, loss_fn, data, params=selection, **quiet)
     with operator:
         position = {id(p): i for i, p in enumerate(operator.params)}
         members: dict[Any, list[int]]
@@ -223,9 +237,9 @@ def _run_groups(
             }
         sizes = [p.numel() for p in operator.params]
         problems = group_problems(
-            operator, sizes, members, generator, make_steps, whole=resolved is None
+            operator, sizes, members, generator, make_steps, whole=resolved is None, budget=budget
         )
-        raw = run(fname, operator, problems)
+        raw = run(fname, operator, problems, progress=progress)
     return raw, members, problems, operator
 
 
@@ -237,6 +251,7 @@ def group_problems(
     make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
     *,
     whole: bool = False,
+    budget: int | None = None,
 ) -> list[Problem]:
     """One problem per group of an operator's parameters, for :func:`._driver.run`.
 
@@ -248,6 +263,7 @@ def group_problems(
             generator derived from it in group order (unless ``whole``).
         make_steps: As for :func:`run_model`.
         whole: A single group spanning the whole operator (it uses ``generator`` itself).
+        budget: Products each problem may use at most, where known.
 
     Returns:
         The problems, in group order.
@@ -259,5 +275,5 @@ def group_problems(
         rows = None if whole else rows_of(indices, sizes, operator.device)
         count = sum(sizes[i] for i in indices)
         steps = make_steps(count, operator.dtype, operator.device, gen, operator.shape[0])
-        problems.append(Problem(steps, rows))
+        problems.append(Problem(steps, rows, budget))
     return problems

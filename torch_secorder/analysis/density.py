@@ -116,7 +116,8 @@ def spectral_density(
                 target.dtype,
                 target.device,
                 make_generator(generator),
-            )
+            ),
+            budget=steps * num_probes,  # type: ignore[operator]
         )
         run(fname, operator, [problem])
     nodes, weights = problem.result
@@ -186,8 +187,9 @@ def model_spectral_density(
         return _density_result(result[0], result[1], count, grid_size, sigma)
 
     options = {"seed": seed, "distributed": distributed, "progress": progress}
+    budget = steps * num_probes  # type: ignore[operator]
     return run_model(
-        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options
+        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options, budget
     )
 
 

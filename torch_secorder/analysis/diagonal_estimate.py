@@ -114,7 +114,7 @@ def hessian_diagonal_estimate(
             steps = estimator_steps(
                 method, size, num_matvecs, dtype, device, generator, diagonal=True
             )
-            problem = Problem(steps)
+            problem = Problem(steps, budget=num_matvecs)
             run(fname, operator, [problem])
             (diagonal, stderr), count = problem.result, problem.num_matvecs
     return DiagonalEstimate(target.like_params(diagonal), target.like_params(stderr), count, method)
@@ -190,7 +190,17 @@ def model_hessian_diagonal_estimate(
 
     def estimate(selection: Any, subset: object) -> Any:
         return run_model(
-            fname, model, loss_fn, data, selection, subset, generator, make_steps, finish, options
+            fname,
+            model,
+            loss_fn,
+            data,
+            selection,
+            subset,
+            generator,
+            make_steps,
+            finish,
+            options,
+            num_matvecs,
         )
 
     if method != "auto":

@@ -155,7 +155,7 @@ def top_eigenvalues(
             target.device,
             make_generator(generator),
         )
-        problem = Problem(steps)
+        problem = Problem(steps, budget=budget)
         run(fname, operator, [problem])
     pairs: RitzPairs = problem.result
     if not pairs.converged:

@@ -129,7 +129,7 @@ def hessian_trace(
         steps = estimator_steps(
             method, target.size, num_matvecs, target.dtype, target.device, generator
         )
-        problem = Problem(steps)
+        problem = Problem(steps, budget=num_matvecs)
         run(fname, operator, [problem])
     value, stderr = problem.result
     return TraceEstimate(value, stderr, problem.num_matvecs, method)
@@ -200,7 +200,17 @@ def model_hessian_trace(
 
     def estimate(selection: Any, subset: object) -> Any:
         return run_model(
-            fname, model, loss_fn, data, selection, subset, generator, make_steps, finish, options
+            fname,
+            model,
+            loss_fn,
+            data,
+            selection,
+            subset,
+            generator,
+            make_steps,
+            finish,
+            options,
+            num_matvecs,
         )
 
     if method not in ("auto", "exact"):

@@ -20,6 +20,7 @@ touch ``.grad``.
 """
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
@@ -66,6 +67,8 @@ class GradientGraph:
 
     Attributes:
         loss: The loss value (detached).
+        seconds: Wall-clock seconds the forward pass and the gradient took, about one
+            product's work (for cost warnings only, never for a numeric choice).
         params: The parameters.
         grads: :math:`\partial f/\partial\theta_i` with its graph, or ``None`` where it is
             constant (zero curvature: the parameter is unused or enters linearly).
@@ -100,6 +103,7 @@ class GradientGraph:
         self._saved_bytes: int | None = None
         self.num_products = 0
         self.on_products: Callable[[int], object] | None = None
+        start = time.perf_counter()
         with forward_context([*params, *others], seed):
             loss = check_loss(fname, func(), source)
         self.params = [*params, *probes]  # probes the forward pass made are known now
@@ -117,6 +121,7 @@ class GradientGraph:
                         "pass strict=False to treat it as having zero curvature."
                     )
         _report_cuts(fname, grads[: len(params)], names, strict)
+        self.seconds = time.perf_counter() - start
         self.loss = loss.detach()
         self.grads: list[Tensor | None] = [
             g if g is not None and g.requires_grad else None for g in grads

@@ -1,12 +1,16 @@
-"""Long exact computations say so: a warning with their cost up front, a progress bar on request.
+"""Long computations say so: a warning with their cost up front, a progress bar on request.
 
 The cost of an exact diagonal or matrix is known before its products run (one per parameter
-element, or a layer rule's count); above :data:`LONG_PRODUCTS` products a call warns once,
-naming the count and the faster alternatives. ``progress=True`` shows a ``tqdm`` bar over
-the products (the ``progress`` extra).
+element, or the plan's count), and so is an analysis's budget. A call warns once when it
+plans more than :data:`LONG_PRODUCTS` products, or when its time, estimated from the time of
+its first products (or of building the gradient graph, about one product's work), passes
+:data:`LONG_SECONDS` for at least :data:`TIMED_PRODUCTS` products; the warning names the count,
+the estimate and the faster alternatives. ``progress=True`` shows a ``tqdm`` bar over the
+products with its rate and time left (the ``progress`` extra). Warnings never change a result.
 """
 
 import contextlib
+import time
 import warnings
 from collections.abc import Iterator
 
@@ -14,6 +18,13 @@ from torch_secorder.core._autograd import GradientGraph
 
 LONG_PRODUCTS = 100_000
 """Products above which an exact computation warns (minutes to hours on a CPU)."""
+
+LONG_SECONDS = 300.0
+"""Estimated seconds above which a computation of many products warns."""
+
+TIMED_PRODUCTS = 1_000
+"""Fewest products for the time-based warning (a few products are never long enough to warn
+about, whatever the first one took)."""
 
 
 def require_tqdm(fname: str) -> None:
@@ -27,15 +38,36 @@ def require_tqdm(fname: str) -> None:
         ) from err
 
 
-def warn_if_long(fname: str, products: int, what: str, hint: str) -> None:
-    """Warn (``UserWarning``) when ``products`` exceeds :data:`LONG_PRODUCTS`."""
-    if products > LONG_PRODUCTS:
-        warnings.warn(
-            f"{fname}: the exact {what} takes {products:,} Hessian-vector products, which can "
-            f"take long; progress=True shows how far it is. {hint}",
-            UserWarning,
-            stacklevel=3,
-        )
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} minutes" if seconds < 7200 else f"{seconds / 3600:.1f} hours"
+
+
+def warn_if_long(
+    fname: str,
+    products: int,
+    what: str,
+    hint: str,
+    seconds_per_product: float | None = None,
+    *,
+    stacklevel: int = 3,
+) -> None:
+    """Warn (``UserWarning``) before ``products`` products that will take long.
+
+    Long means more than :data:`LONG_PRODUCTS` products, or, given the seconds one product
+    takes, at least :data:`TIMED_PRODUCTS` products and more than :data:`LONG_SECONDS`.
+    """
+    seconds = None if seconds_per_product is None else products * seconds_per_product
+    timed = seconds is not None and products >= TIMED_PRODUCTS and seconds > LONG_SECONDS
+    if products <= LONG_PRODUCTS and not timed:
+        return
+    long = seconds is not None and seconds >= 60
+    estimate = f" (about {_duration(seconds)} at the time measured)" if long else ""  # type: ignore[arg-type]
+    warnings.warn(
+        f"{fname}: the {what} takes {products:,} Hessian-vector products{estimate}, which can "
+        f"take long; progress=True shows how far it is. {hint}",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
 
 
 @contextlib.contextmanager
@@ -53,3 +85,50 @@ def counted(graph: GradientGraph, products: int, progress: bool, what: str) -> I
     finally:
         graph.on_products = None
         bar.close()
+
+
+class Meter:
+    """Products done of a planned total: a progress bar on request, and the cost warning.
+
+    The warning comes after the first :meth:`update`, from the time per product measured so
+    far (the first products include the set-up of a data pass, so the estimate errs long).
+
+    Args:
+        fname: Public function name, for messages and the bar.
+        total: Products planned (at most).
+        progress: Show a ``tqdm`` bar.
+        what: What is computed, for the warning ("the analysis takes ...").
+        hint: What to do instead, for the warning.
+    """
+
+    def __init__(self, fname: str, total: int, progress: bool, what: str, hint: str) -> None:
+        self.fname, self.total, self.what, self.hint = fname, total, what, hint
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=fname, unit="product", leave=False)
+        self.start = time.perf_counter()
+        self.done = 0
+        self.checked = False
+
+    def update(self, products: int) -> None:
+        """Count ``products`` more; warn once if the whole will take long."""
+        self.done += products
+        if self.bar is not None:
+            self.bar.update(products)
+        if not self.checked and self.done:
+            self.checked = True
+            per_product = (time.perf_counter() - self.start) / self.done
+            warn_if_long(self.fname, self.total, self.what, self.hint, per_product, stacklevel=4)
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> "Meter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

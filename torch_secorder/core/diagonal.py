@@ -148,7 +148,7 @@ def _hessian_diagonal(
         products = sum(p.numel() for p, g in zip(params, graph.grads) if g is not None)
         hint = "model_hessian_diagonal uses layer structure where it can, and "
         hint += "hessian_diagonal_estimate estimates the diagonal from far fewer products."
-        warn_if_long(fname, products, "diagonal", hint)
+        warn_if_long(fname, products, "exact diagonal", hint, graph.seconds)
         with counted(graph, products, progress, "diagonal"):
             diagonal = [
                 graph.own_diagonal(i, chunk_size=chunk_size, create_graph=create_graph)

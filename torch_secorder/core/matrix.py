@@ -85,9 +85,11 @@ def _hessian_matrix(
     size = sum(p.numel() for p in params)
     what = f"the {size} x {size} Hessian"
     check_dense_size(fname, what, size * size, params[0].dtype, max_bytes, _HINT)
-    warn_if_long(fname, size, "Hessian", "HessianOperator multiplies with it matrix-free.")
-    with objective.gradient() as graph, counted(graph, size, progress, "Hessian"):
-        return graph.dense(params, chunk_size=chunk_size)
+    with objective.gradient() as graph:
+        hint = "HessianOperator multiplies with it matrix-free."
+        warn_if_long(fname, size, "exact Hessian", hint, graph.seconds)
+        with counted(graph, size, progress, "Hessian"):
+            return graph.dense(params, chunk_size=chunk_size)
 
 
 def model_hessian_matrix(

@@ -38,7 +38,7 @@ from torch_secorder.core._model import (
     operator_locator,
     preserved_state,
 )
-from torch_secorder.core._progress import require_tqdm
+from torch_secorder.core._progress import Meter, require_tqdm
 from torch_secorder.core._structured import StructuredDiagonal
 from torch_secorder.core.params import flatten, unflatten
 
@@ -572,18 +572,26 @@ class _DataSetProducts:
         planned, self.planned = self.planned, None
         if planned is not None and planned[0].over_budget:  # cut short: plan it in full
             planned = None
-        with preserved_state(self.model), rng_kept():
-            for index, batch in enumerate(self._iterate()):
-                if planned is not None and planned[2] != _checksum(*check_batch("", 0, batch)):
-                    self._refuse("data batch 0 differs between passes over the data")
-                structured, size, _ = planned or self._structured(index, batch)
-                planned = None
-                with structured:
-                    diagonal, used = structured.run(), structured.costs
-                for acc, d in zip(total, diagonal):
-                    acc.add_(d, alpha=size)
-                count += size
-                costs = [max(c, u) for c, u in zip(costs, used)]
+        meter: Meter | None = None
+        try:
+            with preserved_state(self.model), rng_kept():
+                for index, batch in enumerate(self.batches):
+                    if planned is not None and planned[2] != _checksum(*check_batch("", 0, batch)):
+                        self._refuse("data batch 0 differs between passes over the data")
+                    structured, size, _ = planned or self._structured(index, batch)
+                    planned = None
+                    if meter is None:  # the first batch's plan, for every batch
+                        meter = self._meter(sum(structured.costs))
+                    with structured:
+                        diagonal, used = structured.run(), structured.costs
+                    meter.update(sum(used))
+                    for acc, d in zip(total, diagonal):
+                        acc.add_(d, alpha=size)
+                    count += size
+                    costs = [max(c, u) for c, u in zip(costs, used)]
+        finally:
+            if meter is not None:
+                meter.close()
         if self._distributed():
             packed = flatten(total)
             torch.distributed.all_reduce(packed)
@@ -594,6 +602,12 @@ class _DataSetProducts:
         if count == 0:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
         return [acc / count for acc in total], costs
+
+    def _meter(self, per_batch: int) -> Meter:
+        """Products of the exact diagonal over the data, counted as each batch finishes."""
+        batches = len(self.batches) if isinstance(self.batches, Sequence) else 1
+        hint = "hessian_diagonal_estimate estimates it from far fewer products."
+        return Meter(self.fname, per_batch * batches, self.progress, "exact diagonal", hint)
 
     def _structured(
         self, index: int, batch: Any, budget: float = math.inf

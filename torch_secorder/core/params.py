@@ -36,7 +36,8 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
 
     Raises:
         TypeError: If ``model`` is not a module or ``params`` not a string or list of strings.
-        ValueError: If an entry matches no parameter, or nothing is selected.
+        ValueError: If an entry matches no parameter (saying so when it names the second name
+            of a shared parameter, as a decoder tied to an embedding), or nothing is selected.
 
     Example:
         >>> import torch
@@ -74,6 +75,14 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
     for pattern in patterns:
         matches = [name for name in named if fnmatch.fnmatchcase(name, pattern)]
         if not matches:
+            tied = shared_names(model, pattern)
+            if tied:
+                name, first = tied[0]
+                raise ValueError(
+                    f"select_params: params entry {pattern!r} names {name!r}, a parameter shared "
+                    f"with {first!r} (tied weights), which is selected under its first name; "
+                    f"pass {first!r}."
+                )
             available = ", ".join(list(named)[:8]) + (", ..." if len(named) > 8 else "")
             raise ValueError(
                 f"select_params: params entry {pattern!r} matches no parameter of the model; "
@@ -81,6 +90,16 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
             )
         chosen.update(matches)
     return {name: p for name, p in named.items() if name in chosen}
+
+
+def shared_names(model: nn.Module, pattern: str) -> list[tuple[str, str]]:
+    """``(name, first name)`` of the shared parameters whose other names match ``pattern``."""
+    first = {id(p): name for name, p in model.named_parameters()}
+    return [
+        (name, first[id(p)])
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if first[id(p)] != name and fnmatch.fnmatchcase(name, pattern)
+    ]
 
 
 def flatten(tensors: Sequence[Tensor], *, batched: bool = False) -> Tensor:

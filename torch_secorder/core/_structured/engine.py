@@ -433,8 +433,10 @@ class StructuredDiagonal:
         warn_if_long(
             self.fname,
             graph.num_products + remaining,
-            "diagonal",
+            "exact diagonal",
             "hessian_diagonal_estimate estimates it from far fewer products.",
+            graph.seconds,
+            stacklevel=4,
         )
         diagonal: list[Tensor | None] = [None] * len(params)
         if self.factored:
