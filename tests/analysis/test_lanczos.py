@@ -251,3 +251,19 @@ def test_verification_is_cheap_with_a_gap():
     pairs, _, problem = solve(A, 1, tol=1e-8)
     torch.testing.assert_close(pairs.values, lam[:1])
     assert problem.num_matvecs - used <= 6  # the complement's top (5) is told apart from 10 quickly
+
+
+def test_a_warm_start_from_the_eigenvectors_of_a_nearby_operator_takes_fewer_products():
+    lam = clustered()
+    A = with_spectrum(lam)
+    cold, _, cold_problem = solve(A, 2, tol=1e-8)
+    B = A + 1e-3 * with_spectrum(torch.linspace(-1, 1, A.shape[0], dtype=DTYPE))
+    steps = thick_restart_lanczos(
+        A.shape[0], 2, "largest", 1e-8, 1000, DTYPE, CPU, generator(1), start=cold.vectors
+    )
+    warm_problem = Problem(steps)
+    (warm,) = run("test", DenseOperator(B), [warm_problem])
+    again, _, again_problem = solve(B, 2, tol=1e-8)
+    assert warm.converged and again.converged
+    torch.testing.assert_close(warm.values, again.values, rtol=1e-7, atol=0)
+    assert warm_problem.num_matvecs < again_problem.num_matvecs

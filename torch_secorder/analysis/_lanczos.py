@@ -136,6 +136,7 @@ def thick_restart_lanczos(
     *,
     block_size: int = 1,
     basis_size: int | None = None,
+    start: Tensor | None = None,
 ) -> Steps:
     r"""Find ``k`` extreme eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
 
@@ -168,6 +169,8 @@ def thick_restart_lanczos(
         generator: Source of the random starting vectors.
         block_size: Vectors per step :math:`b` (one batched product of :math:`b` columns).
         basis_size: Largest basis before a restart (default :func:`default_basis_size`).
+        start: ``(n, j)`` vectors to start from (eigenvectors found before, a warm start):
+            their sum replaces the random first vector.
 
     Yields:
         Blocks of at most ``block_size`` columns; receives their products.
@@ -177,7 +180,7 @@ def thick_restart_lanczos(
     """
     # products kept for the explicit residuals, unless the budget can span the whole space
     reserved = 0 if n <= max_matvecs else min(k, max_matvecs - 1)
-    inner, start, best = tol, None, None
+    inner, best = tol, None
     used = 0
     while True:
         options = (which, inner, dtype, device, generator, block_size, basis_size)
