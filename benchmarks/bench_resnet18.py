@@ -10,15 +10,19 @@ Stages, each in a fresh process (so that its peak resident memory is its own):
 
 * ``product``: one Hessian-vector product over the three batches, and one gradient;
 * ``top eigenvalues``: ``model_top_eigenvalues(k=5)`` (Lanczos, defaults);
-* ``trace``: ``model_hessian_trace`` (Hutch++, 100 products);
+* ``trace``: ``model_hessian_trace`` with its defaults (``method="auto"``, budget 100: exact
+  where the exact diagonal costs at most 100 products, else Hutch++);
+* ``hutch++ trace``: ``model_hessian_trace(method="hutch++")``, 100 products, for comparison;
 * ``spectral density``: ``model_spectral_density`` (4 probes x 100 Lanczos steps);
-* ``report``: the full default ``torch-secorder report`` on this model and data;
+* ``report``: the full default ``torch-secorder report`` on this model and data (its plan
+  chooses each trace's method and the per-layer stages; the table of its stages is printed);
 * ``exact diagonal``: ``HessianOperator.diagonal()`` over the three batches, the exact
   diagonal of all 11.2M parameters (what ``model_hessian_diagonal`` computes for one batch),
   and its sum, the exact trace; checked against 12 unit-vector products of random entries;
-* ``per-layer``: the report's per-layer table (``--per-layer all``), every module's trace
-  (Hutch++ with ``--layer-matvecs`` products, default 100 as in the report) and top
-  eigenvalue (Lanczos, ``tol=1e-4``), all 41 modules in one lockstep run.
+* ``per-layer``: the report's per-layer table with ``--per-layer all``, every module's trace
+  (as the report chooses it: a sum of the exact diagonal where that costs at most
+  ``--layer-matvecs`` products, default 100 as in the report, else Hutch++) and top
+  eigenvalue (Lanczos, ``tol=1e-4``, all 41 modules in one lockstep run).
 
 For each: Hessian-vector products, ``matmat`` calls (passes over the data) and the widest
 one, wall-clock seconds, the process's peak resident memory (``ru_maxrss``) and its resident
@@ -53,6 +57,7 @@ STAGES = (
     "product",
     "top eigenvalues",
     "trace",
+    "hutch++ trace",
     "spectral density",
     "report",
     "exact diagonal",
@@ -140,7 +145,7 @@ def peak_gib() -> float:
 def run_stage(stage: str, args: argparse.Namespace) -> dict:
     """Run one stage in this process; return its figures."""
     import torch_secorder as ts
-    from torch_secorder._report import make_plan, per_layer_rows
+    from torch_secorder._report import make_plan, per_layer_rows, price_plan
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -179,9 +184,11 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         figures["eigenvalues"] = result.eigenvalues.tolist()
         figures["converged"] = result.converged
         products = result.num_matvecs
-    elif stage == "trace":
-        result = ts.model_hessian_trace(net, loss_fn, batches, num_matvecs=100)
+    elif stage in ("trace", "hutch++ trace"):
+        method = "auto" if stage == "trace" else "hutch++"
+        result = ts.model_hessian_trace(net, loss_fn, batches, method=method, num_matvecs=100)
         figures["trace"] = [float(result.value), float(result.stderr)]
+        figures["method"] = result.method
         products = result.num_matvecs
     elif stage == "spectral density":
         result = ts.model_spectral_density(net, loss_fn, batches, num_probes=4, num_matvecs=400)
@@ -205,8 +212,11 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
     elif stage == "per-layer":
         plan = make_plan(net, per_layer="all", layer_matvecs=args.layer_matvecs)
         with ts.HessianOperator.from_model(net, loss_fn, batches) as operator:
-            rows = per_layer_rows(operator, plan, net, 0)
+            plan = price_plan(plan, operator, net, loss_fn, batches)
+            rows, products = per_layer_rows(operator, plan, net, loss_fn, batches)
         figures["layer_matvecs"] = args.layer_matvecs
+        figures["trace_methods"] = sorted({r["trace_method"] for r in rows})
+        figures["eigen_products"] = sum(r["eigen_num_matvecs"] for r in rows)
         figures["trace_sum"] = [
             sum(r["trace"] for r in rows),
             sum(r["trace_stderr"] ** 2 for r in rows) ** 0.5,
@@ -214,7 +224,6 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         figures["largest_top_eigenvalue"] = max(r["top_eigenvalue"] for r in rows)
         figures["unconverged"] = [r["module"] for r in rows if not r["converged"]]
         figures["rows"] = rows
-        products = sum(r["num_matvecs"] for r in rows)
     else:  # the full default report, as a user would run it
         from torch_secorder.__main__ import main
 
@@ -234,6 +243,9 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         figures["out"] = str(out)
         figures["stage_seconds"] = report["seconds"]
         figures["per_layer"] = report["plan"]["per_layer"]
+        figures["plan"] = report["plan"]
+        figures["trace"] = [report["trace"]["value"], report["trace"]["stderr"]]
+        figures["layer_rows"] = len(report.get("per_layer", []))
         products = report["num_matvecs"]
     figures.update(
         stage=stage,
@@ -320,7 +332,7 @@ def summarise(results: list[dict]) -> None:
             f"one product {p['seconds_per_product']:.2f} s, one gradient "
             f"{p['seconds_per_gradient']:.2f} s over the three batches"
         )
-    whole = [by_stage[s]["peak_gib"] for s in STAGES[1:4] if s in by_stage]
+    whole = [by_stage[s]["peak_gib"] for s in STAGES[1:5] if s in by_stage]
     if whole and "per-layer" in by_stage:
         layer = by_stage["per-layer"]
         ratio = layer["peak_gib"] / max(whole)
@@ -329,9 +341,10 @@ def summarise(results: list[dict]) -> None:
             f"to {layer['trace_sum'][0]:.6g} +- {layer['trace_sum'][1]:.2g}; unconverged: "
             f"{layer['unconverged'] or 'none'}"
         )
-    if "trace" in by_stage:
-        print(f"whole-model trace {by_stage['trace']['trace'][0]:.6g} +- "
-              f"{by_stage['trace']['trace'][1]:.2g}")  # fmt: skip
+    for name in ("trace", "hutch++ trace"):
+        if name in by_stage:
+            t = by_stage[name]
+            print(f"whole-model trace ({t['method']}) {t['trace'][0]:.6g} +- {t['trace'][1]:.2g}")
     if "top eigenvalues" in by_stage:
         print(f"top eigenvalues {by_stage['top eigenvalues']['eigenvalues']}")
     if "exact diagonal" in by_stage:
@@ -344,8 +357,20 @@ def summarise(results: list[dict]) -> None:
         r = by_stage["report"]
         print(
             f"default report: exit {r['status']}, {r['seconds']:.0f} s, per-layer "
-            f"{r['per_layer']['chosen']}, stages {r['stage_seconds']}"
+            f"{r['per_layer']['chosen']}, {r['layer_rows']} per-layer rows, trace "
+            f"{r['trace'][0]:.6g} +- {r['trace'][1]:.2g}"
         )
+        print("\n| report stage | method | products planned | products used | seconds |")
+        print("|---|---|---:|---:|---:|")
+        for entry in r["plan"]["stages"]:
+            bound = "≤ " if entry["at_most"] else ""
+            planned = "skipped" if entry["status"] == "skipped" else f"{bound}{entry['products']}"
+            seconds = r["stage_seconds"].get(entry["stage"])
+            print(
+                f"| {entry['stage']} | {entry['method']} | {planned} | "
+                f"{entry.get('products_used', '-')} | "
+                f"{'-' if seconds is None else f'{seconds:.1f}'} |"
+            )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import json
 import re
+import sys
 import textwrap
 
 import pytest
@@ -56,6 +57,21 @@ FACTORIES = textwrap.dedent(
         for _ in range(30):
             layers += [nn.Tanh(), nn.Linear(8, 8)]
         return nn.Sequential(*layers, nn.Tanh(), nn.Linear(8, 3))
+
+    class Raw(nn.Module):
+        # a weight used directly (no layer rule: one product per element), then a Linear
+
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(0.5 * torch.randn(4, 40))
+            self.head = nn.Linear(40, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(x @ self.weight))
+
+    def raw():
+        torch.manual_seed(0)
+        return Raw()
     """
 )
 
@@ -86,18 +102,30 @@ def test_default_demo_report(tmp_path, capsys):
     assert len(eig["eigenvalues"]) == 3
     assert eig["converged"]
     assert eig["eigenvalues"] == sorted(eig["eigenvalues"], reverse=True)
-    assert [row["module"] for row in report["per_layer"]] == ["0", "2", "4"]
-    assert all(row["top_eigenvalue"] is not None for row in report["per_layer"])
+    rows = report["per_layer"]
+    assert [row["module"] for row in rows] == ["0", "2", "4"]
+    assert all(row["top_eigenvalue"] is not None for row in rows)
     assert report["parameters"]["count"] == 1251
     assert report["complete"]
-    assert [entry["status"] for entry in report["plan"]["stages"]] == ["done"] * 4
-    # the plan comes first, then a line per stage
-    assert out.index("Plan: 1251 parameters in 6 tensors, 3 modules.") < out.index("[1/4]")
-    assert out.index("[1/4] top eigenvalues") < out.index("[4/4] per-layer") < out.index("wrote")
+    assert [entry["status"] for entry in report["plan"]["stages"]] == ["done"] * 5
+    # the plan comes first, with each stage's method, then a line per stage
+    plan = out[: out.index("[1/5]")]
+    assert "Plan: 1251 parameters in 6 tensors, 3 modules." in plan
+    diagonal = report["plan"]["exact_diagonal"]["products"]
+    assert diagonal <= 100  # the tanh MLP's layers are read off their outputs' products
+    assert f"  2. trace: exact, {diagonal} products, " in plan
+    assert "(the exact diagonal, shared with the per-layer traces)" in plan
+    assert "  4. per-layer traces: exact, no further products (3 modules: sums of" in plan
+    assert "  5. per-layer top eigenvalues: Lanczos, at most 900 products" in plan
+    assert out.index("[1/5] top eigenvalues") < out.index("[4/5] per-layer traces")
+    assert out.index("[4/5] per-layer traces") < out.index("[5/5] per-layer top eigenvalues")
+    assert out.index("[5/5] per-layer top eigenvalues") < out.index("wrote")
     assert "## Top eigenvalues" in markdown
     assert "## Per layer" in markdown
     assert "![Spectral density](density.png)" in markdown
-    # the demo's top eigenvalue against the dense Hessian of the same trained network
+    assert f"exact: the sum of the exact diagonal ({diagonal} products)" in markdown
+    assert f"| trace | exact | {diagonal} |" in markdown
+    # the demo's eigenvalues and traces against the dense Hessian of the same trained network
     from torch_secorder._demo import demo_model, spirals, train
 
     x, y = spirals()
@@ -109,7 +137,19 @@ def test_default_demo_report(tmp_path, capsys):
         torch.tensor(eig["eigenvalues"], dtype=torch.float64), top, rtol=1e-4, atol=0
     )
     trace = report["trace"]
-    assert abs(trace["value"] - H.trace().item()) < 5 * trace["stderr"]
+    assert (trace["method"], trace["stderr"], trace["num_matvecs"]) == ("exact", 0.0, diagonal)
+    torch.testing.assert_close(trace["value"], H.trace().item())
+    start = 0
+    for row in rows:  # each module's weight and bias are consecutive rows of H
+        block = H[start : start + row["parameters"], start : start + row["parameters"]]
+        start += row["parameters"]
+        assert (row["trace_method"], row["trace_stderr"]) == ("exact", 0.0)
+        torch.testing.assert_close(row["trace"], block.trace().item())
+    assert sum(row["trace_num_matvecs"] for row in rows) == diagonal
+    # the per-layer traces took no products of their own: the trace's diagonal served them
+    assert report["num_matvecs"] == eig["num_matvecs"] + diagonal + 80 + sum(
+        row["eigen_num_matvecs"] for row in rows
+    )
 
 
 def test_user_model_and_data(tmp_path, factories, capsys):
@@ -332,10 +372,11 @@ def test_failed_stage_keeps_the_finished_ones(tmp_path, factories, capsys, monke
         f"allocate 7.3 GB; the finished stages are in {tmp_path / 'report.md'}"
     )
     assert "Traceback" not in err
-    assert "[2/4] trace" in out
+    assert "[2/5] trace" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["top_eigenvalues"]["eigenvalues"]) == 2
-    assert report["trace"]["num_matvecs"] == 12
+    # 17 products of the exact diagonal, over the budget of 12
+    assert (report["trace"]["method"], report["trace"]["num_matvecs"]) == ("hutch++", 12)
     assert "spectral_density" not in report
     assert "per_layer" not in report
     assert report["failed"] == {
@@ -343,7 +384,7 @@ def test_failed_stage_keeps_the_finished_ones(tmp_path, factories, capsys, monke
         "error": "RuntimeError: failed to allocate 7.3 GB",
     }
     statuses = [entry["status"] for entry in report["plan"]["stages"]]
-    assert statuses == ["done", "done", "failed", "pending"]
+    assert statuses == ["done", "done", "failed", "pending", "pending"]
     assert report["num_matvecs"] == report["top_eigenvalues"]["num_matvecs"] + 12
     markdown = (tmp_path / "report.md").read_text()
     assert (
@@ -354,31 +395,48 @@ def test_failed_stage_keeps_the_finished_ones(tmp_path, factories, capsys, monke
     assert not (tmp_path / "density.png").exists()
 
 
-def test_interrupted_stage_keeps_the_finished_ones(tmp_path, factories, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("function", "stage", "statuses"),
+    [
+        ("layer_traces", "per-layer traces", ["done"] * 3 + ["interrupted", "pending"]),
+        ("layer_top_eigenvalues", "per-layer top eigenvalues", ["done"] * 4 + ["interrupted"]),
+    ],
+)
+def test_interrupted_stage_keeps_the_finished_ones(
+    function, stage, statuses, tmp_path, factories, capsys, monkeypatch
+):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("torch_secorder._report.per_layer_rows", interrupt)
+    monkeypatch.setattr(f"torch_secorder._report.{function}", interrupt)
     status, _, err = run([*user_args(factories, tmp_path), *SMALL, "--per-layer", "all"], capsys)
     assert status == 130
     assert err.strip() == (
-        "torch-secorder report: interrupted during stage 'per-layer'; the finished stages are in "
-        f"{tmp_path / 'report.md'}"
+        f"torch-secorder report: interrupted during stage {stage!r}; the finished stages are "
+        f"in {tmp_path / 'report.md'}"
     )
     report = json.loads((tmp_path / "report.json").read_text())
     assert {"top_eigenvalues", "trace", "spectral_density"} <= set(report)
-    statuses = [entry["status"] for entry in report["plan"]["stages"]]
-    assert statuses == ["done", "done", "done", "interrupted"]
+    assert [entry["status"] for entry in report["plan"]["stages"]] == statuses
     assert (tmp_path / "density.png").read_bytes()[:4] == b"\x89PNG"
-    assert "**Incomplete**: not finished: per-layer." in (tmp_path / "report.md").read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    if function == "layer_traces":
+        assert "per_layer" not in report
+        assert (
+            "**Incomplete**: not finished: per-layer traces, per-layer top eigenvalues." in markdown
+        )
+    else:  # the traces' table is kept, without eigenvalues
+        assert [row["top_eigenvalue"] for row in report["per_layer"]] == [None, None]
+        assert "**Incomplete**: not finished: per-layer top eigenvalues." in markdown
+        assert "top eigenvalues not computed (interrupted)" in markdown
 
 
 def test_per_layer_choices(tmp_path, factories, capsys):
     reports = {}
     for choice in ("all", "trace", "none"):
         out = tmp_path / choice
-        args = [*user_args(factories, out, "scaled"), *SMALL, "--per-layer", choice]
-        status, _, err = run([*args, "--dtype", "float64"], capsys)
+        args = [*user_args(factories, out, "scaled"), *SMALL, "--layer-matvecs", "30"]
+        status, _, err = run([*args, "--per-layer", choice, "--dtype", "float64"], capsys)
         assert status == 0, err
         reports[choice] = json.loads((out / "report.json").read_text())
     rows = reports["all"]["per_layer"]
@@ -391,17 +449,91 @@ def test_per_layer_choices(tmp_path, factories, capsys):
     assert all(r["top_eigenvalue"] is not None for r in rows)
     traces = reports["trace"]["per_layer"]
     assert all(r["top_eigenvalue"] is None for r in traces)
-    # the same probes: the traces do not depend on whether the eigenvalues ran alongside
-    for a, b in zip(rows, traces):
-        assert abs(a["trace"] - b["trace"]) <= 1e-12 * max(1.0, abs(a["trace"]))
+    for a, b in zip(rows, traces):  # the traces do not depend on the eigenvalues' stage
+        assert a["trace"] == b["trace"]
     assert "per_layer" not in reports["none"]
-    assert reports["none"]["plan"]["stages"][3]["status"] == "skipped"
+    statuses = [entry["status"] for entry in reports["none"]["plan"]["stages"]]
+    assert statuses[3:] == ["skipped", "skipped"]
+    assert reports["trace"]["plan"]["stages"][4]["status"] == "skipped"
     assert (
         "## Per layer\n\nSkipped (--per-layer none)"
         in (tmp_path / "none" / "report.md").read_text()
     )
-    for report in reports.values():  # the whole-model stages are the same whatever the choice
-        assert report["trace"] == reports["all"]["trace"]
+    # The exact diagonal takes more products than the trace's budget of 12, but every module's
+    # share fits the module budget of 30: with per-layer traces the diagonal is computed for
+    # them and the whole-model trace is its sum; without, the whole-model trace is Hutch++.
+    diagonal = reports["all"]["plan"]["exact_diagonal"]["products"]
+    assert 12 < diagonal <= 30
+    assert all(r["trace_method"] == "exact" for r in rows)
+    assert sum(r["trace_num_matvecs"] for r in rows) == diagonal
+    assert reports["all"]["trace"] == reports["trace"]["trace"]
+    assert reports["all"]["trace"]["method"] == "exact"
+    assert reports["all"]["trace"]["num_matvecs"] == diagonal
+    assert reports["all"]["plan"]["stages"][3]["products"] == 0
+    assert reports["none"]["trace"]["method"] == "hutch++"
+    assert reports["none"]["trace"]["num_matvecs"] == 12
+    from report_factories import data, scaled
+
+    x, y = data().tensors
+    model = scaled().double()
+    H = hessian_matrix(
+        lambda: nn.functional.cross_entropy(model(x.double()), y), list(model.parameters())
+    )
+    torch.testing.assert_close(reports["all"]["trace"]["value"], H.trace().item())
+    start = 0
+    for row in rows:
+        block = H[start : start + row["parameters"], start : start + row["parameters"]]
+        start += row["parameters"]
+        torch.testing.assert_close(row["trace"], block.trace().item())
+        top = torch.linalg.eigvalsh(block)[-1].item()
+        torch.testing.assert_close(row["top_eigenvalue"], top, rtol=1e-4, atol=0)
+
+
+def test_trace_falls_back_to_hutch_plus_plus_and_module_traces_mix(tmp_path, factories, capsys):
+    """A weight used directly costs a product per element (160 > the budget of 100)."""
+    args = [*user_args(factories, tmp_path, "raw"), "--dtype", "float64"]
+    status, out, err = run([*args, "--k", "2", "--probes", "2", "--steps", "20"], capsys)
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    diagonal = report["plan"]["exact_diagonal"]["products"]
+    assert diagonal > 160
+    plan = out[: out.index("[1/")]
+    assert "  2. trace: Hutch++, 100 products, " in plan
+    assert f"(budget 100; the exact diagonal would take {diagonal} products)" in plan
+    trace = report["trace"]
+    assert (trace["method"], trace["num_matvecs"]) == ("hutch++", 100)
+    assert trace["stderr"] > 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"(standard error; Hutch++, 100 products; the exact diagonal would take {diagonal})" in (
+        markdown
+    )
+    rows = report["per_layer"]
+    assert [(r["module"], r["trace_method"]) for r in rows] == [
+        ("(root)", "hutch++"),
+        ("head", "exact"),
+    ]
+    head = rows[1]["trace_num_matvecs"]
+    assert head < 100
+    assert f"  4. per-layer traces: exact and Hutch++, {head + 100} products" in plan
+    assert (
+        f"(2 modules: 1 exact, from one exact diagonal of their parameters ({head} "
+        "products); 1 by Hutch++, budget 100 each (100 products))"
+    ) in plan
+    assert report["plan"]["stages"][3]["products_used"] == head + 100
+    assert "| (root) | Raw | 160 |" in markdown
+    assert "| Hutch++ |" in markdown
+    assert f"| head | Linear | 123 | {rows[1]['trace']:.6g} |  | exact |" in markdown
+    from report_factories import data, raw
+
+    x, y = data().tensors
+    model = raw().double()
+    H = hessian_matrix(
+        lambda: nn.functional.cross_entropy(model(x.double()), y), list(model.parameters())
+    )
+    assert abs(trace["value"] - H.trace().item()) < 4 * trace["stderr"]
+    assert abs(rows[0]["trace"] - H[:160, :160].trace().item()) < 4 * rows[0]["trace_stderr"]
+    torch.testing.assert_close(rows[1]["trace"], H[160:, 160:].trace().item())
+    assert rows[1]["trace_stderr"] == 0.0
 
 
 def test_auto_per_layer_is_a_rule_of_products():
@@ -411,6 +543,7 @@ def test_auto_per_layer_is_a_rule_of_products():
         model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
         return make_plan(model, **options)
 
+    # Priced before the exact diagonal is planned: every trace by Hutch++.
     # whole-model stages at most 700 + 100 + 400 products; per module at most 100 + 300
     assert plan(6).per_layer == "all"  # 2400 <= 2 x 1200
     assert plan(7).per_layer == "trace"  # 2800 > 2400 >= 700
@@ -421,14 +554,112 @@ def test_auto_per_layer_is_a_rule_of_products():
     assert plan(25, per_layer="all").per_layer == "all"
     small = plan(2, trace_matvecs=300)  # a module of 72 parameters: Hutch++ sketches it all
     assert small.layer_costs["trace"] == 2 * 2 * 72
+    assert plan(6).products == {
+        "top eigenvalues": 700,
+        "trace": 100,
+        "spectral density": 400,
+        "per-layer traces": 600,
+        "per-layer top eigenvalues": 1800,
+    }
 
 
-def test_large_model_skips_the_per_layer_table_by_default(tmp_path, factories, capsys):
-    # whole-model stages: at most 400 + 100 + 20 products; 32 modules take 32 x 100 for traces
+def test_exact_traces_are_priced_from_the_planned_diagonal():
+    from torch_secorder._report import make_plan
+
+    def plan(costs, **options):
+        model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(len(costs))])
+        return make_plan(model, diagonal=[c for cost in costs for c in (cost, 0)], **options)
+
+    # The whole diagonal within the trace's budget: every trace is a sum of it, the
+    # per-layer traces take no further products, and the eigenvalues come when they fit.
+    cheap = plan([3] * 25)
+    assert (cheap.trace_method, cheap.products["trace"]) == ("exact", 75)
+    assert set(cheap.layer_methods.values()) == {"exact"}
+    assert cheap.per_layer == "trace"  # 25 x 300 > 2 x (700 + 75 + 400)
+    assert cheap.products["per-layer traces"] == 0
+    assert plan([3] * 6).per_layer == "all"  # 6 x 300 <= 2 x (700 + 18 + 400)
+    assert plan([3] * 25, per_layer="none").trace_method == "exact"
+    # Over the trace's budget, but every module within its own: the per-layer traces take
+    # the whole diagonal, which the whole-model trace computes first and shares.
+    shared = plan([80] * 25)
+    assert (shared.trace_method, shared.products["trace"]) == ("exact", 2000)
+    assert shared.per_layer == "trace"
+    assert shared.products["per-layer traces"] == 0
+    assert plan([80] * 25, per_layer="none").trace_method == "hutch++"
+    # One module over its budget: Hutch++ for it and for the whole model; one diagonal of the
+    # other modules' parameters, priced by their shares or by a plan of that selection.
+    mixed = plan([80] * 24 + [200])
+    assert (mixed.trace_method, mixed.products["trace"]) == ("hutch++", 100)
+    assert mixed.layer_methods["24"] == "hutch++"
+    assert mixed.exact_modules() == [str(i) for i in range(24)]
+    assert (mixed.subset, mixed.products["per-layer traces"]) == (1920, 2020)
+    assert mixed.per_layer == "trace"  # 2020 <= 2 x 1200
+    priced = plan([80] * 24 + [200], subset_products=lambda modules: 5 * len(modules))
+    assert (priced.subset, priced.products["per-layer traces"]) == (120, 220)
+    # every module over its budget
+    assert plan([200] * 3, per_layer="trace").products["per-layer traces"] == 300
+    with pytest.raises(ValueError, match="diagonal must hold one count per selected parameter"):
+        make_plan(nn.Linear(2, 2), diagonal=[1])
+
+
+def test_many_modules_keep_their_exact_traces_without_eigenvalues(tmp_path, factories, capsys):
+    # 32 tanh layers: the exact diagonal takes 259 products, each module at most 14 of them;
+    # their 32 x 300 eigenvalue products are more than 2 x the 400 + 259 + 20 of stages 1-3
     args = [*user_args(factories, tmp_path, "deep"), "--k", "2", "--probes", "2", "--steps", "10"]
     status, out, err = run(args, capsys)
     assert status == 0, err
-    assert "4. per-layer: skipped (--per-layer auto); for 32 modules it would take" in out
+    assert "  2. trace: exact, 259 products, " in out
+    assert "the exact diagonal: above the budget of 100, but the per-layer traces" in out
+    assert "  4. per-layer traces: exact, no further products (32 modules" in out
+    assert (
+        "  5. per-layer top eigenvalues: skipped (--per-layer auto: Lanczos for 32 modules would "
+        "take at most 9600 products (9600 with the traces), more than 2 x the 679 products of "
+        "stages 1-3; --per-layer all runs it)"
+    ) in out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["plan"]["per_layer"]["chosen"] == "none"
-    assert "per_layer" not in report
+    assert report["plan"]["per_layer"]["chosen"] == "trace"
+    assert len(report["per_layer"]) == 32
+    assert sum(row["trace"] for row in report["per_layer"]) == pytest.approx(
+        report["trace"]["value"], rel=1e-5
+    )
+    assert "top eigenvalues skipped (--per-layer auto)" in (tmp_path / "report.md").read_text()
+
+
+def test_model_module_in_the_working_directory(tmp_path, capsys, monkeypatch):
+    """``--model mymodule:make_model`` finds ``mymodule.py`` where the command runs."""
+    (tmp_path / "report_cwd_model.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            def make_model():
+                torch.manual_seed(0)
+                return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+            def make_data():
+                import report_cwd_helper  # a sibling module, imported when the data is made
+
+                return report_cwd_helper.batch()
+            """
+        )
+    )
+    (tmp_path / "report_cwd_helper.py").write_text(
+        "import torch\n\ndef batch():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    for name in ("report_cwd_model", "report_cwd_helper"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    args = ["--out", "out", "--model", "report_cwd_model:make_model"]
+    args += ["--data", "report_cwd_model:make_data", "--k", "1", "--probes", "1", "--steps", "5"]
+    status, _, err = run(args, capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["complete"]
+    assert sys.path == before  # the working directory was on the path for the imports only
+    status, _, err = run([*args[:2], "--model", "report_cwd_nothing:f", *args[4:]], capsys)
+    assert status == 2
+    assert "--model: cannot import 'report_cwd_nothing'" in err

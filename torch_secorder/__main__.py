@@ -6,12 +6,13 @@ package generates, so it runs on a fresh machine without downloads.
 """
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
         "report",
         help="write a Hessian report of a model",
         description=(
-            "Write a Hessian report (top eigenvalues with residuals, trace with its standard "
-            "error, spectral density plot, per-layer table) as report.md, report.json and "
+            "Write a Hessian report (top eigenvalues with residuals, trace, exact or with its "
+            "standard error, spectral density plot, per-layer table) as report.md, report.json and "
             "density.png. Without --model and --data: a small MLP trained on generated spirals."
         ),
     )
@@ -68,17 +69,26 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--k", type=int, default=5, help="number of top eigenvalues")
     report.add_argument("--probes", type=int, default=4, help="spectral density probes")
     report.add_argument("--steps", type=int, default=100, help="Lanczos steps per probe")
-    report.add_argument("--trace-matvecs", type=int, default=100, help="Hutch++ budget")
+    report.add_argument(
+        "--trace-matvecs",
+        type=int,
+        default=100,
+        help="budget of the trace: exact when the exact diagonal takes at most this many "
+        "products, else Hutch++ with this many",
+    )
     report.add_argument(
         "--per-layer",
         choices=("auto", "all", "trace", "none"),
         default="auto",
         help="per-layer table: each module's trace and top eigenvalue (all), its trace only, "
-        "none, or auto (default): all or trace when that costs at most twice the products of "
-        "the whole-model stages, else none",
+        "none, or auto (default): the traces when they cost at most twice the products of "
+        "the whole-model stages (exact traces from the whole diagonal cost none), with the "
+        "top eigenvalues when both together fit",
     )
     report.add_argument(
-        "--layer-matvecs", type=int, help="Hutch++ budget per module (default: --trace-matvecs)"
+        "--layer-matvecs",
+        type=int,
+        help="budget of each module's trace, exact or Hutch++ (default: --trace-matvecs)",
     )
     report.add_argument("--batch-size", type=int, default=256, help="batch size for a Dataset")
     report.add_argument("--seed", type=int, default=0, help="seed of the random probes")
@@ -88,8 +98,29 @@ def parser() -> argparse.ArgumentParser:
     return main_parser
 
 
+@contextlib.contextmanager
+def importable(directory: Path) -> Iterator[None]:
+    """``directory`` first on the import path for the duration (as ``python -m`` has it)."""
+    entry = str(directory)
+    if entry in sys.path:
+        yield
+        return
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if entry in sys.path:
+            sys.path.remove(entry)
+
+
 def load_object(spec: str, option: str) -> Any:
-    """Import ``module:attribute`` (the module may be a dotted path or a ``.py`` file)."""
+    """Import ``module:attribute``: a dotted module (also from the working directory) or a file.
+
+    A ``.py`` file is run with its own folder on the import path, a dotted module is imported
+    with the working directory on it (where the console script does not put it), so that
+    ``--model mymodule:make_model`` finds ``mymodule.py`` where the command runs; the path is
+    restored afterwards.
+    """
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise UsageError(f"{option} must look like module:attribute; got {spec!r}")
@@ -100,9 +131,11 @@ def load_object(spec: str, option: str) -> Any:
                 raise UsageError(f"{option}: no such file {module_name}")
             spec_ = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(spec_)  # type: ignore[arg-type]
-            spec_.loader.exec_module(module)  # type: ignore[union-attr]
+            with importable(path.resolve().parent):
+                spec_.loader.exec_module(module)  # type: ignore[union-attr]
         else:
-            module = importlib.import_module(module_name)
+            with importable(Path.cwd()):
+                module = importlib.import_module(module_name)
     except ImportError as err:
         raise UsageError(f"{option}: cannot import {module_name!r} ({err})") from None
     try:
@@ -112,11 +145,12 @@ def load_object(spec: str, option: str) -> Any:
 
 
 def call_factory(spec: str, option: str) -> Any:
-    """Import a factory and call it without arguments."""
+    """Import a factory and call it without arguments (the working directory importable)."""
     factory = load_object(spec, option)
     if not callable(factory):
         raise UsageError(f"{option}: {spec} is not callable")
-    return factory()
+    with importable(Path.cwd()):
+        return factory()
 
 
 def resolve_loss(name: str) -> Callable[..., Any]:
