@@ -536,6 +536,29 @@ def test_trace_falls_back_to_hutch_plus_plus_and_module_traces_mix(tmp_path, fac
     assert rows[1]["trace_stderr"] == 0.0
 
 
+def test_a_diagonal_that_cannot_be_planned_leaves_the_traces_to_hutch_plus_plus(
+    tmp_path, factories, capsys, monkeypatch
+):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no plan\nmore detail")
+
+    monkeypatch.setattr("torch_secorder._report.planned_diagonal_costs", refuse)
+    status, out, err = run(
+        [*user_args(factories, tmp_path), *SMALL, "--per-layer", "trace"], capsys
+    )
+    assert status == 0, err
+    assert (
+        "Every trace by Hutch++: the exact diagonal could not be planned (RuntimeError: no " in out
+    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["plan"]["exact_diagonal"] == {
+        "products": None,
+        "note": "the exact diagonal could not be planned (RuntimeError: no plan)",
+    }
+    assert (report["trace"]["method"], report["trace"]["num_matvecs"]) == ("hutch++", 12)
+    assert [row["trace_method"] for row in report["per_layer"]] == ["hutch++", "hutch++"]
+
+
 def test_auto_per_layer_is_a_rule_of_products():
     from torch_secorder._report import make_plan
 

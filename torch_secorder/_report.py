@@ -189,8 +189,9 @@ def make_plan(
     ``trace_matvecs``; then every module's trace is exact too, a sum of the same diagonal at no
     further cost. Otherwise a module's trace is exact when its parameters' share of the
     diagonal costs at most ``layer_matvecs``, computed as one diagonal of those modules'
-    parameters, and Hutch++ else; when that takes every module (the whole diagonal), the
-    whole-model trace, which runs first, computes it and is exact as well.
+    parameters, and Hutch++ else; when that takes every module (the whole diagonal) and the
+    per-layer traces run, the whole-model trace, which runs first, computes it and is exact
+    as well.
 
     Args:
         model: The model.
@@ -251,9 +252,10 @@ def make_plan(
 
 def _choose(plan: Plan, subset_products: Callable[[list[str]], int] | None) -> Plan:
     """Fill in the methods, the per-layer choice and the products of ``plan``'s stages."""
-    groups, total = plan.groups, plan.diagonal_products
-    whole_exact = total is not None and total <= plan.trace_matvecs
-    if whole_exact or total is None:
+    groups, planned = plan.groups, plan.diagonal_products
+    total = planned or 0
+    whole_exact = planned is not None and total <= plan.trace_matvecs
+    if whole_exact or planned is None:
         layer_methods = dict.fromkeys(groups, EXACT if whole_exact else HUTCH)
     else:
         layer_methods = {
@@ -268,8 +270,12 @@ def _choose(plan: Plan, subset_products: Callable[[list[str]], int] | None) -> P
     )
     everything = len(exact) == len(groups)
     layer_trace = hutch
-    if exact and not whole_exact:
-        layer_trace += total if everything else _subset_products(plan, exact, subset_products)
+    if exact and not whole_exact and everything:
+        layer_trace += total
+    elif exact and not whole_exact and subset_products and plan.requested != "none":
+        layer_trace += subset_products(exact)  # a plan of that selection
+    elif exact and not whole_exact:
+        layer_trace += sum(plan.share(name) for name in exact)
     products = {
         "top eigenvalues": default_max_matvecs("lanczos", plan.k, "largest"),
         "trace": total if whole_exact else hutch_plus_plus_products(plan.size, plan.trace_matvecs),
@@ -279,7 +285,7 @@ def _choose(plan: Plan, subset_products: Callable[[list[str]], int] | None) -> P
     costs = {"all": layer_trace + layer_eigen, "trace": layer_trace}
     chosen = plan.requested
     if chosen == "auto":
-        limit = AUTO_FACTOR * sum(products.values())  # type: ignore[arg-type]
+        limit = AUTO_FACTOR * sum(products.values())
         chosen = next((mode for mode in ("all", "trace") if costs[mode] <= limit), "none")
     trace_method = EXACT if whole_exact else HUTCH
     subset = None
@@ -297,16 +303,8 @@ def _choose(plan: Plan, subset_products: Callable[[list[str]], int] | None) -> P
         trace_method=trace_method,
         subset=subset,
         layer_costs=costs,
-        products=products,  # type: ignore[arg-type]
+        products=products,
     )
-
-
-def _subset_products(
-    plan: Plan, modules: list[str], subset_products: Callable[[list[str]], int] | None
-) -> int:
-    if subset_products is None:
-        return sum(plan.share(name) for name in modules)
-    return subset_products(modules)
 
 
 def module_names(plan: Plan, modules: list[str]) -> list[str]:
