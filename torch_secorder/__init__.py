@@ -2,6 +2,9 @@
 
 from torch_secorder._version import __version__
 from torch_secorder.analysis import (
+    CurvatureHistory,
+    CurvatureMonitor,
+    CurvatureRecord,
     DensityResult,
     DiagonalEstimate,
     EigenResult,
@@ -80,6 +83,10 @@ __all__ = [
     # analysis: sharpness (largest absolute eigenvalue)
     "output_sharpness",
     "model_sharpness",
+    # analysis: curvature during training
+    "CurvatureMonitor",
+    "CurvatureHistory",
+    "CurvatureRecord",
     # analysis: result types
     "TraceEstimate",
     "EigenResult",

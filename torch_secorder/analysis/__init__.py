@@ -11,6 +11,8 @@ from torch_secorder.analysis.diagonal_estimate import (
     model_hessian_diagonal_estimate,
 )
 from torch_secorder.analysis.eigen import model_top_eigenvalues, top_eigenvalues
+from torch_secorder.analysis.history import CurvatureHistory, CurvatureRecord
+from torch_secorder.analysis.monitor import CurvatureMonitor
 from torch_secorder.analysis.plot import plot_spectral_density
 from torch_secorder.analysis.results import (
     DensityResult,
@@ -39,6 +41,10 @@ __all__ = [
     # Sharpness
     "output_sharpness",
     "model_sharpness",
+    # Curvature during training
+    "CurvatureMonitor",
+    "CurvatureHistory",
+    "CurvatureRecord",
     # Result types
     "TraceEstimate",
     "EigenResult",
