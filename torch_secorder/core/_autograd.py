@@ -120,7 +120,10 @@ class GradientGraph:
                         f"{fname}: the loss does not depend on {param_label(i, names)}; "
                         "pass strict=False to treat it as having zero curvature."
                     )
-        _report_cuts(fname, grads[: len(params)], names, strict)
+        # on the CPU the backward runs on this thread, so its nodes come after the loss's
+        cpu = all(not t.is_cuda for t in self.params) and loss.grad_fn is not None
+        after = loss.grad_fn._sequence_nr() if cpu else -1  # type: ignore[union-attr]
+        _report_cuts(fname, grads[: len(params)], names, strict, after)
         self.seconds = time.perf_counter() - start
         self.loss = loss.detach()
         self.grads: list[Tensor | None] = [
@@ -335,16 +338,21 @@ class GradientGraph:
 
 
 def _report_cuts(
-    fname: str, grads: Sequence[Tensor | None], names: Sequence[str] | None, strict: bool
+    fname: str,
+    grads: Sequence[Tensor | None],
+    names: Sequence[str] | None,
+    strict: bool,
+    after: int = -1,
 ) -> None:
     """Raise (``strict``) or warn for parameters whose gradient cannot be differentiated again.
 
     A backward marked ``@once_differentiable`` (common in custom ``autograd.Function``
     layers) returns its gradient through an error node whose inputs are detached: the
     gradient is right, but differentiating it again finds no path to the parameters and
-    would read the missing second derivatives as zero curvature.
+    would read the missing second derivatives as zero curvature. Nodes numbered ``after`` or
+    lower (the forward pass's, when the backward ran on this thread) are not searched.
     """
-    cut = _cut_gradients(grads)
+    cut = _cut_gradients(grads, after)
     if not cut:
         return
     labels = ", ".join(param_label(i, names) for i in cut)
@@ -359,7 +367,7 @@ def _report_cuts(
     warnings.warn(message + ", or pass strict=True to make this an error.", RuntimeWarning, 4)
 
 
-def _cut_gradients(grads: Sequence[Tensor | None]) -> list[int]:
+def _cut_gradients(grads: Sequence[Tensor | None], after: int = -1) -> list[int]:
     """The positions of the gradients whose graph holds an error node (a cut second derivative).
 
     One walk over the graph of all gradients finds whether there is such a node at all (the
@@ -367,22 +375,24 @@ def _cut_gradients(grads: Sequence[Tensor | None]) -> list[int]:
     graph walked on its own.
     """
     roots = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
-    if not _holds_error(roots):
+    if not _holds_error(roots, after):
         return []
     return [
         i
         for i, g in enumerate(grads)
-        if g is not None and g.grad_fn is not None and _holds_error([g.grad_fn])
+        if g is not None and g.grad_fn is not None and _holds_error([g.grad_fn], after)
     ]
 
 
-def _holds_error(roots: list[object]) -> bool:
-    """Whether the graph behind ``roots`` holds an error node."""
+def _holds_error(roots: list[object], after: int = -1) -> bool:
+    """Whether the graph behind ``roots`` holds an error node numbered above ``after``."""
     stack, seen = list(roots), set(roots)
     while stack:
         node = stack.pop()
         if type(node).__name__ in _ERROR_NODES:
             return True
+        if after >= 0 and node._sequence_nr() <= after:  # type: ignore[attr-defined]
+            continue  # a node of the forward pass: no error node behind it
         for following, _ in node.next_functions:  # type: ignore[attr-defined]
             if following is not None and following not in seen:
                 seen.add(following)

@@ -85,26 +85,36 @@ and whether a forward pass to be differentiated twice may use it (only the math 
 a double backward)."""
 
 
-@contextlib.contextmanager
-def requires_grad(params: Sequence[Tensor]) -> Iterator[None]:
+class requires_grad:  # noqa: N801 - used as a context manager, as torch.enable_grad
     """Enable gradients, and ``requires_grad`` on params lacking it, for the block's duration.
 
     Also inside :func:`torch.no_grad` and :func:`torch.inference_mode` (where a forward pass
-    would otherwise build no graph and every curvature would silently be zero).
+    would otherwise build no graph and every curvature would silently be zero). Nothing is
+    switched where nothing needs it (the common case costs a check of the flags).
     """
-    frozen = [p for p in params if not p.requires_grad]
-    inference = torch.is_inference_mode_enabled()  # switching is not free: only when on
-    with (
-        torch.inference_mode(False) if inference else contextlib.nullcontext(),
-        torch.enable_grad(),
-    ):
-        try:
-            for p in frozen:
-                p.requires_grad_(True)
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = params
+        self.frozen: list[Tensor] = []
+        self.modes: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> None:
+        self.frozen = [p for p in self.params if not p.requires_grad]
+        inference = torch.is_inference_mode_enabled()  # switching is not free: only when on
+        if inference or not torch.is_grad_enabled():
+            self.modes = contextlib.ExitStack()
+            if inference:
+                self.modes.enter_context(torch.inference_mode(False))
+            self.modes.enter_context(torch.enable_grad())
+        for p in self.frozen:
+            p.requires_grad_(True)
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.frozen:
+            p.requires_grad_(False)
+        if self.modes is not None:
+            self.modes.close()
+            self.modes = None
 
 
 def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
