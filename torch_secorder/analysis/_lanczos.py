@@ -253,8 +253,10 @@ def _explicit(pairs: RitzPairs, which: str, tol: float, dtype: torch.dtype) -> S
     """
     X = pairs.vectors / pairs.vectors.norm(dim=0)
     AX = yield X
-    theta = (X * AX).sum(dim=0)
-    residuals = (AX - X * theta).norm(dim=0)
+    work = work_dtype(X.device, dtype)  # sums of many float32 terms: accumulated in float64
+    theta = (X.to(work) * AX.to(work)).sum(dim=0)
+    residuals = (AX.to(work) - X.to(work) * theta).norm(dim=0).to(dtype)
+    theta = theta.to(dtype)
     scale = torch.clamp(theta.abs(), min=relative_floor(dtype) * float(theta.abs().max()))
     converged = pairs.converged and bool((residuals <= tol * scale).all())
     order = wanted_order(theta, which)
@@ -307,29 +309,29 @@ def _restarted_lanczos(
     b = min(block_size, free)
     m = min(free, basis_size or default_basis_size(k, b))
     floor = relative_floor(dtype)
-    V = torch.zeros(n, m, dtype=dtype, device=device)
+    V = torch.zeros(m, n, dtype=dtype, device=device)  # the basis, one vector per row
     T = torch.zeros(m, m, dtype=work, device=device)
     first = None
     if start is not None:  # their sum, made orthogonal to what is locked
         first, _ = _orthogonalise(start.sum(dim=1, keepdim=True), locked)
         first = first / first.norm() if float(first.norm()) > 0 else None
     if first is None:
-        V[:, :b] = _fill(locked, b, generator, dtype, device)
+        V[:b] = _fill(locked, b, generator, dtype, device).T
     else:
-        V[:, :1] = first
+        V[:1] = first.T
         if b > 1:
-            V[:, 1:b] = _fill(torch.cat([locked, first], dim=1), b - 1, generator, dtype, device)
-    j, current = b, slice(0, b)
+            V[1:b] = _fill(torch.cat([locked, first], dim=1), b - 1, generator, dtype, device).T
+    j, current, recent = b, slice(0, b), 0
     used, norm = 0, 0.0
     while True:
-        W = yield V[:, current]
+        W = yield V[current].T.contiguous()
         used += current.stop - current.start
         W, _ = _orthogonalise(W, locked)
-        W, H = _orthogonalise(W, V[:, :j])
+        W, H = _against_basis(W, V[:j], recent)
         T[:j, current] = H.to(work)
         theta, Y = torch.linalg.eigh((T[:j, :j] + T[:j, :j].T) / 2)
         norm = max(norm, float(theta.abs().max()))
-        U, singular, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, singular, Vh = _factor(W)
         B = (singular[:, None] * Vh).to(work)  # W = U B
         # Residuals of all Ritz pairs, from A V = V T + U B E^T (zero once V spans everything).
         residuals = (B @ Y[current]).norm(dim=0) if j < free else theta.new_zeros(j)
@@ -353,12 +355,13 @@ def _restarted_lanczos(
         if restart:
             kept = order[:keep]
             coupling = B @ Y[current][:, kept]
-            V[:, :keep] = V[:, :j] @ Y[:, kept].to(dtype)
+            V[:keep] = Y[:, kept].to(dtype).T @ V[:j]
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[kept])
         else:
             coupling = torch.zeros(B.shape[0], j, dtype=work, device=device)
             coupling[:, current] = B
+        recent = 0 if restart else current.start  # the columns the next product couples with
         j = keep
         take = min(width, U.shape[1])
         # A vanishing residual direction means V spans an invariant subspace: go on in fresh
@@ -367,17 +370,53 @@ def _restarted_lanczos(
         block, rows = U[:, :take][:, strong], coupling[:take][strong]
         if block.shape[1] < width:
             missing = width - block.shape[1]
-            spanned = torch.cat([locked, V[:, :j], block], dim=1)
+            spanned = torch.cat([locked, V[:j].T, block], dim=1)
             block = torch.cat([block, _fill(spanned, missing, generator, dtype, device)], dim=1)
             rows = torch.cat([rows, rows.new_zeros(missing, j)])
-        V[:, j : j + width] = block
+        V[j : j + width] = block.T
         T[j : j + width, :j] = rows
         current = slice(j, j + width)
         j += width
-    X = V[:, : Y.shape[0]] @ Y[:, wanted].to(dtype)
+    X = (Y[:, wanted].to(dtype).T @ V[: Y.shape[0]]).T
     spanned = j >= free and locked.shape[1] == 0
     pairs = RitzPairs(theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged, spanned)
     return pairs, used
+
+
+def _against_basis(W: Tensor, rows: Tensor, recent: int) -> tuple[Tensor, Tensor]:
+    """Orthogonalise the columns of ``W`` against the basis ``rows``, for a Lanczos step.
+
+    The product of the last block couples (in exact arithmetic) with the rows from ``recent``
+    on only, so those are taken out first, then the whole basis once; a third pass runs only
+    where that one removed more than a third of what was left (the "twice is enough" test).
+    Costs one pass over the whole basis where classical Gram-Schmidt twice costs two.
+
+    Returns:
+        ``W`` minus its projection, and the coefficients ``rows W``.
+    """
+    local = rows[recent:]
+    H = torch.zeros(rows.shape[0], W.shape[1], dtype=W.dtype, device=W.device)
+    near = local @ W
+    W = W - local.T @ near
+    H[recent:] = near
+    before = W.norm(dim=0)
+    coefficients = rows @ W
+    W = W - rows.T @ coefficients
+    H += coefficients
+    if bool((W.norm(dim=0) < before * (2 / 3)).any()):
+        again = rows @ W
+        W = W - rows.T @ again
+        H += again
+    return W, H
+
+
+def _factor(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``W = U diag(s) Vh`` (thin): a column by its norm, more by singular value decomposition."""
+    if W.shape[1] != 1:
+        return torch.linalg.svd(W, full_matrices=False)
+    norm = W.norm()
+    U = W / norm if float(norm) > 0 else W
+    return U, norm.reshape(1), torch.ones(1, 1, dtype=W.dtype, device=W.device)
 
 
 def lanczos_quadrature(
