@@ -334,6 +334,13 @@ def test_default_chunks_follow_the_device_rule(monkeypatch):
     assert _chunks.device_default(torch.device("cuda"), 1) == _chunks.GPU_CHUNK_SIZE
 
 
+def test_larger_products_run_in_smaller_chunks_on_the_cpu():
+    cpu = torch.device("cpu")
+    sizes = [2**10, 2**18, 2**18 + 1, 2**20, 2**20 + 1, 2**26]
+    assert [_chunks.device_default(cpu, size) for size in sizes] == [2**14, 64, 8, 8, 1, 1]
+    assert _chunks.device_default(torch.device("cuda"), 2**26) == _chunks.GPU_CHUNK_SIZE
+
+
 def test_memory_bounds_the_default_chunk(monkeypatch):
     built = build(case_by_id("gru"))
     graph = GradientGraph(built.func, built.params, fname="t")

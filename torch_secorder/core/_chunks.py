@@ -2,10 +2,12 @@
 
 This module owns the chunk-size rule of :class:`~torch_secorder.core._autograd.GradientGraph`
 when a caller does not choose (``chunk_size=None``): the smallest of the number of products,
-a default per device type (:func:`device_default`) and the largest chunk whose estimated
-memory fits :data:`CHUNK_MEMORY_BYTES` (:func:`memory_cap`). The estimate of one product
-(:func:`product_bytes`) is what the graph of the gradient saved for backward
-(:func:`saved_bytes`, read off the autograd graph once) plus one cotangent and one result.
+a default per device type and product size (:func:`device_default`: on the CPU, hundreds of
+small products per call, eight of medium ones, and large ones one at a time) and the largest
+chunk whose estimated memory fits :data:`CHUNK_MEMORY_BYTES` (:func:`memory_cap`). The
+estimate of one product (:func:`product_bytes`) is what the graph of the gradient saved for
+backward (:func:`saved_bytes`, read off the autograd graph once) plus one cotangent and one
+result.
 Nothing here is timed, so the same call always makes the same chunks and computes the same
 numbers.
 """
@@ -22,14 +24,27 @@ CHUNK_MEMORY_BYTES = 2**30
 
 DEFAULT_CHUNK_SIZE = {"cpu": 32}
 """Products per batched call by device type when ``chunk_size=None`` (others:
-:data:`GPU_CHUNK_SIZE`); on the CPU more while a chunk stays under :data:`CPU_CHUNK_BYTES`."""
+:data:`GPU_CHUNK_SIZE`); on the CPU more while a chunk stays under :data:`CPU_CHUNK_BYTES`,
+and fewer for products above :data:`CPU_SMALL_BYTES`."""
 
 CPU_CHUNK_BYTES = 2**24
-"""On the CPU a chunk grows past :data:`DEFAULT_CHUNK_SIZE` while its estimated memory stays
-under this, that is for products of 512 KiB or less. On one CPU thread the time per product
-of larger products stops falling at a few dozen per call and then rises; small products cost
-mostly the call itself and keep getting cheaper in chunks of hundreds (``benchmarks/README.md``).
-On GPUs larger chunks keep paying as far as memory allows."""
+"""On the CPU a chunk of small products grows past :data:`DEFAULT_CHUNK_SIZE` while its
+estimated memory stays under this: such products cost mostly the call itself and keep getting
+cheaper in chunks of hundreds."""
+
+CPU_SMALL_BYTES = 2**18
+"""On the CPU products above this estimate (256 KiB) run in chunks of
+:data:`CPU_MEDIUM_CHUNK`: on one thread, batching larger products stops paying."""
+
+CPU_MEDIUM_CHUNK = 8
+"""Products per call on the CPU for products between :data:`CPU_SMALL_BYTES` and
+:data:`CPU_LOOP_BYTES`."""
+
+CPU_LOOP_BYTES = 2**20
+"""On the CPU products above this estimate (1 MiB) run one at a time, a loop over the kept
+graph: measured per vector on one thread, batching them took 1.1 to 2.2 times as long as the
+loop on tanh MLPs (1 to 14 MiB per product) and a CNN of 65 MiB per product, and at most 10 to
+25% less on mid-sized CNNs (1 to 8 MiB), as ``benchmarks/README.md`` tabulates."""
 
 GPU_CHUNK_SIZE = 1024
 """Most products per batched call on a device type without an entry in
@@ -63,12 +78,18 @@ def chunk_size(graph: Measured, count: int, inputs: Sequence[Tensor]) -> int:
 def device_default(device: torch.device, per_product: int) -> int:
     """Products per call on ``device`` for products of ``per_product`` bytes, memory aside.
 
-    On the CPU :data:`DEFAULT_CHUNK_SIZE`, or as many as fit :data:`CPU_CHUNK_BYTES` when that
-    is more; elsewhere the device type's entry or :data:`GPU_CHUNK_SIZE`.
+    On the CPU one (a loop) above :data:`CPU_LOOP_BYTES`, :data:`CPU_MEDIUM_CHUNK` above
+    :data:`CPU_SMALL_BYTES`, else :data:`DEFAULT_CHUNK_SIZE` or as many as fit
+    :data:`CPU_CHUNK_BYTES` when that is more; elsewhere the device type's entry or
+    :data:`GPU_CHUNK_SIZE`.
     """
     default = DEFAULT_CHUNK_SIZE.get(device.type, GPU_CHUNK_SIZE)
     if device.type != "cpu":
         return default
+    if per_product > CPU_LOOP_BYTES:
+        return 1
+    if per_product > CPU_SMALL_BYTES:
+        return CPU_MEDIUM_CHUNK
     return max(default, CPU_CHUNK_BYTES // per_product)
 
 

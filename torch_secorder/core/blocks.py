@@ -50,7 +50,8 @@ def hessian_block(
             ``row_params`` (the rows' own diagonal block).
         max_bytes: Refuse, before any work, a block needing more memory (default 8 GiB).
         chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
-            (32 or more on the CPU, 1024 on GPUs, fewer where memory needs).
+            (on the CPU: hundreds of small products per call, 8 of medium ones, larger ones one at
+            a time; 1024 on GPUs; fewer where memory needs).
 
     Returns:
         A ``(P_R, P_C)`` tensor.
@@ -112,7 +113,8 @@ def hessian_blocks(
         params: Parameters, one block each.
         max_bytes: Refuse, before any work, blocks needing more memory together.
         chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
-            (32 or more on the CPU, 1024 on GPUs, fewer where memory needs).
+            (on the CPU: hundreds of small products per call, 8 of medium ones, larger ones one at
+            a time; 1024 on GPUs; fewer where memory needs).
 
     Returns:
         A list of ``(n_i, n_i)`` tensors, one per parameter (a list also for one parameter).

@@ -83,7 +83,8 @@ def hessian_diagonal(
             third derivatives wrong, pytorch/pytorch#175754 and #186256; second order is right.)
         strict: Raise if the loss does not depend on one of ``params``.
         chunk_size: Unit-vector products per batched call (bounds memory); ``None`` applies
-            the fixed rule (32 or more on the CPU, 1024 on GPUs, fewer where memory needs).
+            the fixed rule (on the CPU: hundreds of small products per call, 8 of medium ones,
+            larger ones one at a time; 1024 on GPUs; fewer where memory needs).
         progress: Show a progress bar over the products (needs ``tqdm``).
 
     Returns:

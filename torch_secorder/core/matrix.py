@@ -45,7 +45,8 @@ def hessian_matrix(
         params: Parameters to differentiate with respect to (any iterable).
         max_bytes: Refuse, before any work, a matrix needing more memory (default 8 GiB).
         chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
-            (32 or more on the CPU, 1024 on GPUs, fewer where memory needs).
+            (on the CPU: hundreds of small products per call, 8 of medium ones, larger ones one at
+            a time; 1024 on GPUs; fewer where memory needs).
         progress: Show a progress bar over the :math:`P` products (needs ``tqdm``).
 
     Returns:
@@ -117,7 +118,8 @@ def model_hessian_matrix(
         params: Parameter selection by names or glob patterns (``None``: all trainable).
         max_bytes: Refuse, before any work, a matrix needing more memory (default 8 GiB).
         chunk_size: Unit-vector products per batched call; ``None`` applies the fixed rule
-            (32 or more on the CPU, 1024 on GPUs, fewer where memory needs).
+            (on the CPU: hundreds of small products per call, 8 of medium ones, larger ones one at
+            a time; 1024 on GPUs; fewer where memory needs).
         progress: Show a progress bar over the :math:`P` products (needs ``tqdm``).
 
     Returns:
