@@ -43,7 +43,7 @@ def estimator_steps(
     if method == "hutchinson":
         return hutchinson(n, num_matvecs, dtype, device, gen, span=span)
     if method == "hutch++":
-        return hutch_plus_plus(n, num_matvecs, dtype, device, gen)
+        return hutch_plus_plus(n, num_matvecs, dtype, device, gen, span=span)
     return xtrace(n, num_matvecs, dtype, device, gen)
 
 
@@ -80,33 +80,52 @@ def hutchinson(
 
 
 def hutch_plus_plus(
-    n: int, num_matvecs: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+    n: int,
+    num_matvecs: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+    *,
+    span: int | None = None,
 ) -> Steps:
     r"""Hutch++ with :math:`s = \lfloor m/3 \rfloor` sketch vectors and :math:`m - 2s` probes.
 
     When the sketch spans the whole space (:math:`s \ge n`) the trace
-    :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent. Holds at most
-    :math:`2(m - s)` vectors of size :math:`n` with their products: the sketch and its products
-    are freed once :math:`Q` is known, and :math:`Q` and the probes go out as one block.
+    :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent. Every block goes
+    out in chunks of :func:`max_columns` vectors of the operator's size ``span`` (default
+    ``n``; :math:`Q`'s columns and the first probes share one) and its products are reduced as
+    they come: it holds the :math:`s` sketch products (and, while :math:`Q` is factored from
+    them, :math:`Q`) plus one chunk, not all :math:`m` vectors with their products.
     """
+    chunk = max_columns(span or n, dtype)
     sketch = min(num_matvecs // 3, n)
-    S = rademacher_columns(gen, n, sketch, dtype, device)
-    HS = yield S
-    del S
+    HS = torch.empty(n, sketch, dtype=dtype, device=device)
+    for start in range(0, sketch, chunk):
+        stop = min(start + chunk, sketch)
+        HS[:, start:stop] = yield rademacher_columns(gen, n, stop - start, dtype, device)
     Q, _ = torch.linalg.qr(HS)
     del HS
-    if sketch == n:
-        HQ = yield Q
-        value = (Q * HQ).sum()
-        return value, torch.zeros_like(value)
-    probes = num_matvecs - 2 * sketch
-    G = rademacher_columns(gen, n, probes, dtype, device)
-    G = G - Q @ (Q.T @ G)
-    block = torch.cat([Q, G], dim=1)
-    del Q, G
-    products = yield block
-    low_rank = (block[:, :sketch] * products[:, :sketch]).sum()
-    mean, stderr = _mean_and_stderr((block[:, sketch:] * products[:, sketch:]).sum(dim=0))
+    # Q's columns, then the probes (drawn and deflated as they go out), a chunk at a time
+    low_rank = torch.zeros((), dtype=dtype, device=device)
+    samples: list[Tensor] = []
+    done, left = 0, 0 if sketch == n else num_matvecs - 2 * sketch
+    while done < sketch or left > 0:
+        basis = Q[:, done : done + chunk]
+        count = min(chunk - basis.shape[1], left)
+        block = basis
+        if count:
+            G = rademacher_columns(gen, n, count, dtype, device)
+            block = torch.cat([basis, G - Q @ (Q.T @ G)], dim=1)
+            del G
+        products = yield block
+        width = basis.shape[1]
+        low_rank = low_rank + (block[:, :width] * products[:, :width]).sum()
+        if count:
+            samples.append((block[:, width:] * products[:, width:]).sum(dim=0))
+        done, left = done + width, left - count
+    if not samples:
+        return low_rank, torch.zeros_like(low_rank)
+    mean, stderr = _mean_and_stderr(torch.cat(samples))
     return low_rank + mean, stderr
 
 
