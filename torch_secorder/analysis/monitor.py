@@ -147,7 +147,6 @@ class CurvatureMonitor:
     Attributes:
         history: The :class:`~torch_secorder.CurvatureHistory` of all checks.
         steps: Calls of :meth:`step` so far (optimizer steps).
-        num_matvecs: Hessian-vector products of all checks.
         seconds: Wall-clock seconds of all checks.
 
     Raises:
