@@ -291,9 +291,13 @@ def main() -> None:
     for stage in args.stages:
         command = [sys.executable, __file__, "--child", stage]
         command += ["--threads", str(args.threads), "--layer-matvecs", str(args.layer_matvecs)]
-        done = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=args.timeout, check=False
-        )
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=args.timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            print(f"{stage}: stopped after --timeout {args.timeout:.0f} s", flush=True)
+            continue
         lines = done.stdout.splitlines()
         for line in lines:
             if not line.startswith("RESULT "):
@@ -310,9 +314,9 @@ def main() -> None:
             f"; load average {os.getloadavg()[0]:.1f}",
             flush=True,
         )
+        if args.json:  # after every stage: a later one may not finish
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
     summarise(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def summarise(results: list[dict]) -> None:
