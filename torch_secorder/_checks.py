@@ -120,8 +120,10 @@ def check_chunk_size(fname: str, chunk_size: object) -> None:
         raise ValueError(f"{fname}: chunk_size must be a positive int; got {chunk_size}.")
 
 
-def check_max_bytes(fname: str, max_bytes: object) -> None:
-    """Raise unless ``max_bytes`` is a positive number."""
+def check_max_bytes(fname: str, max_bytes: object, *, optional: bool = False) -> None:
+    """Raise unless ``max_bytes`` is a positive number (or ``None``, where ``optional``)."""
+    if optional and max_bytes is None:
+        return
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)):
         raise TypeError(f"{fname}: max_bytes must be a number; got {type_name(max_bytes)}.")
     if not max_bytes > 0:

@@ -34,12 +34,18 @@ seed: Batch ``b`` runs under RNG seed ``seed + b`` (dropout masks), as for
     and the core model forms (seed ``0`` for their one batch).
 distributed: Sum products over processes; ``None`` does so when
     :mod:`torch.distributed` is initialized.
-progress: Show a progress bar over the batches of each product (needs ``tqdm``).""",
+progress: Show a progress bar over the analysis's products, with the time left (needs
+    ``tqdm``).""",
     "closure_or_operator": """\
 func_or_operator: A zero-argument loss closure (then ``params`` is required) or an
     operator with ``matmat``, ``shape``, ``dtype`` and ``device`` (such as
     :class:`~torch_secorder.HessianOperator`).
 params: Parameters of the closure (any iterable of tensors); ``None`` for an operator.""",
+    "max_bytes": """\
+max_bytes: Memory the analysis may take for the vectors it holds and one chunk of
+    products (see the memory model in ``docs/scaling.rst``); ``None``: a quarter of the
+    machine's memory (of a GPU's free memory). It plans within it (a smaller sketch or
+    basis, fewer probes at a time) or refuses before any product.""",
     "model_outputs": """\
 model: The model, returning one tensor.
 inputs: A tensor, a tuple of positional arguments (multi-input models), or a dict of

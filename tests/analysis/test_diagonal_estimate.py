@@ -101,7 +101,7 @@ def test_products_are_counted_and_batched(method, num_matvecs, used, widths):
 def test_hutchinson_chunks_keep_the_running_variance(monkeypatch):
     A = with_spectrum(dominant())
     whole = ts.hessian_diagonal_estimate(DenseOperator(A), method="hutchinson", num_matvecs=40)
-    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 8 * 200 * 7)
+    monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 8 * 200 * 7)
     operator = DenseOperator(A)
     chunked = ts.hessian_diagonal_estimate(operator, method="hutchinson", num_matvecs=40)
     assert operator.widths == [7] * 5 + [5]

@@ -144,10 +144,11 @@ def test_symmetry_check_is_skipped_in_half_precision():
 
 
 def test_max_columns_bounds_memory(monkeypatch):
-    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 8 * 100 * 3 + 5)
-    assert max_columns(100, torch.float64) == 3
-    assert max_columns(100, torch.float32) == 6
-    assert max_columns(10**9, torch.float64) == 1
+    monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 8 * 100 * 3 + 5)
+    cpu = torch.device("cpu")
+    assert max_columns(100, torch.float64, cpu) == 3
+    assert max_columns(100, torch.float32, cpu) == 6
+    assert max_columns(10**9, torch.float64, cpu) == 1
 
 
 def test_chunk_widths_are_the_fewest_and_even():
@@ -173,7 +174,7 @@ def test_chunks_of_full_length_columns_stay_under_the_cap(kind, monkeypatch):
         for seed, rows in enumerate(ROWS)
     ]
     expected = run("test", unbounded, problems)
-    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 2 * 80 * 8)
+    monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 2 * 80 * 8)
     bounded = DenseOperator(A)
     chunked = [
         Problem(algorithms(len(torch.arange(80)[rows]), seed)[kind], rows)
@@ -190,7 +191,7 @@ def test_chunks_of_full_length_columns_stay_under_the_cap(kind, monkeypatch):
 
 
 def test_a_whole_request_wider_than_the_cap_is_split(monkeypatch):
-    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 3 * 40 * 8)
+    monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 3 * 40 * 8)
     A = with_spectrum(dominant(40))
     operator = DenseOperator(A)
 
@@ -208,7 +209,7 @@ def test_a_whole_request_wider_than_the_cap_is_split(monkeypatch):
 
 def test_symmetry_is_checked_per_group_across_chunks(monkeypatch):
     # group 1's block is asymmetric, the others are symmetric; chunks mix the groups
-    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 4 * 80 * 8)
+    monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 4 * 80 * 8)
     A = with_spectrum(dominant(80))
     index = torch.arange(80)[ROWS[1]]
     A[index[:, None], index] += torch.triu(torch.ones(30, 30, dtype=DTYPE), 1)
@@ -221,7 +222,7 @@ def test_symmetry_is_checked_per_group_across_chunks(monkeypatch):
 
 
 def test_empty_requests_between_others_under_a_cap(monkeypatch):
-    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 2 * 30 * 8)
+    monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 2 * 30 * 8)
     A = with_spectrum(dominant(30))
 
     def steps(n, width):
@@ -301,9 +302,11 @@ def test_an_analysis_that_will_take_long_warns_after_its_first_products(monkeypa
     monkeypatch.setattr(_progress, "LONG_SECONDS", 0.0)
     monkeypatch.setattr(_progress, "TIMED_PRODUCTS", 10)
     operator = DenseOperator(torch.eye(6, dtype=torch.float64))
+    chunked = {"max_bytes": 8 * 5 * 6 * 8}  # chunks of 5 probes: the second one is timed
     with pytest.warns(UserWarning, match=r"^hessian_trace: the analysis takes 30 Hessian-vector"):
-        ts.hessian_trace(operator, method="hutchinson", num_matvecs=30)
-    monkeypatch.setattr(_progress, "TIMED_PRODUCTS", 31)
+        ts.hessian_trace(operator, method="hutchinson", num_matvecs=30, **chunked)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ts.hessian_trace(operator, method="hutchinson", num_matvecs=30)  # too few to warn
+        ts.top_eigenvalues(operator, max_matvecs=30, **chunked)  # a cap, not a cost: no warning
+        monkeypatch.setattr(_progress, "TIMED_PRODUCTS", 31)
+        ts.hessian_trace(operator, method="hutchinson", num_matvecs=30, **chunked)  # too few

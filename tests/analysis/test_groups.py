@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_flatten
 
 import torch_secorder as ts
 from tests.analysis.operators import DTYPE, tanh_mlp
-from torch_secorder.analysis import _driver, _lanczos
+from torch_secorder.analysis import _lanczos, _memory
 from torch_secorder.analysis._groups import ROOT, resolve_groups, rows_of
 from torch_secorder.core._model import model_params
 
@@ -295,7 +295,7 @@ def test_per_module_memory_stays_within_twice_the_whole_model(analysis, monkeypa
     # a large model, scaled down), so the chunk is of the size of a whole-model analysis.
     model, data = deep_mlp()
     size = sum(p.numel() for p in model.parameters())
-    monkeypatch.setattr(_driver, "BLOCK_BYTES", 8 * size * 8)
+    monkeypatch.setattr(_memory, "BLOCK_BYTES", 8 * size * 8)
     monkeypatch.setattr(_lanczos, "BASIS_BYTES", 12 * size * 8)  # one density probe at a time
     widths = []
     matmat = ts.HessianOperator.matmat

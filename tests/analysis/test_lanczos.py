@@ -264,6 +264,7 @@ def test_a_warm_start_from_the_eigenvectors_of_a_nearby_operator_takes_fewer_pro
     warm_problem = Problem(steps)
     (warm,) = run("test", DenseOperator(B), [warm_problem])
     again, _, again_problem = solve(B, 2, tol=1e-8)
-    assert warm.converged and again.converged
+    assert warm.converged
+    assert again.converged
     torch.testing.assert_close(warm.values, again.values, rtol=1e-7, atol=0)
     assert warm_problem.num_matvecs < again_problem.num_matvecs

@@ -105,7 +105,7 @@ def test_probes_of_a_stage_run_as_one_product():
 def test_hutchinson_chunks_probes_when_memory_is_short(monkeypatch):
     A = with_spectrum(dominant())
     whole = ts.hessian_trace(DenseOperator(A), method="hutchinson", num_matvecs=40)
-    monkeypatch.setattr("torch_secorder.analysis._driver.BLOCK_BYTES", 8 * 200 * 16)
+    monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 8 * 200 * 16)
     operator = DenseOperator(A)
     result = ts.hessian_trace(operator, method="hutchinson", num_matvecs=40)
     assert operator.widths == [16, 16, 8]

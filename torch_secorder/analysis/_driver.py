@@ -11,7 +11,8 @@ one problem.
 The operator multiplies full-length columns, so a problem's vectors are zero-padded outside
 its rows, but only a chunk at a time: the step's columns (all problems' requests side by
 side) are cut into consecutive chunks of at most :func:`max_columns` columns of the
-operator's size (:data:`BLOCK_BYTES`), each chunk padded, multiplied with one ``matmat`` and
+operator's size (:data:`._memory.BLOCK_BYTES`, or an eighth of the analysis's memory
+budget), each chunk padded, multiplied with one ``matmat`` and
 scattered back to each problem at the problem's own size. Requests and products are never held
 at full length for more than one chunk, so problems over blocks of one operator take the
 memory of one problem over all of it plus one chunk (the algorithms size what they hold, such
@@ -37,19 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torch_secorder.analysis._memory import max_columns
 from torch_secorder.core._progress import Meter
 
 Steps = Generator[Tensor, Tensor, Any]
 """An algorithm: yields ``(n, j)`` blocks of vectors, receives their products, returns a result."""
-
-BLOCK_BYTES = 2**30
-"""Memory a block of vectors may take: a block of independent probes an estimator yields, and
-a zero-padded chunk of columns :func:`run` hands to ``matmat``."""
-
-
-def max_columns(n: int, dtype: torch.dtype) -> int:
-    """Most ``n``-vectors of ``dtype`` that fit in :data:`BLOCK_BYTES` (at least one)."""
-    return max(1, BLOCK_BYTES // (n * torch.finfo(dtype).bits // 8))
 
 
 def chunk_widths(total: int, cap: int) -> list[int]:
@@ -113,6 +106,8 @@ class Problem:
         rows: Its rows in the operator's flat space: ``None`` for all, a ``slice`` or an
             index tensor.
         budget: Products it may use at most, where known (for progress and cost warnings).
+        certain: Whether it uses about its budget (an estimator), or may stop far short of it
+            (an eigen-solver): only the first warn of their cost.
         num_matvecs: Products it has used so far.
         result: Its return value, once finished.
     """
@@ -120,6 +115,7 @@ class Problem:
     steps: Steps
     rows: slice | Tensor | None = None
     budget: int | None = None
+    certain: bool = True
     num_matvecs: int = 0
     result: Any = None
     request: Tensor | None = field(default=None, repr=False)
@@ -151,13 +147,15 @@ def run(
     budgets = [p.budget for p in problems]
     total = sum(budgets) if all(b is not None for b in budgets) else 0  # type: ignore[arg-type]
     hint = "A smaller budget, or a parameter subset (params=), takes fewer products."
-    with Meter(fname, total, progress and bool(total), "analysis", hint) as meter:
+    certain = all(p.certain for p in problems)
+    meter = Meter(fname, total, progress and bool(total), "analysis", hint, certain=certain)
+    with meter:
         return _run(fname, operator, problems, meter if total else None)
 
 
 def _run(fname: str, operator: Any, problems: Sequence[Problem], meter: Meter | None) -> list[Any]:
     size = int(operator.shape[0])
-    cap = max_columns(size, operator.dtype)
+    cap = max_columns(size, operator.dtype, operator.device)
     checks = [SymmetryCheck(fname, operator.dtype) for _ in problems]
     for problem in problems:
         _advance(problem, None)

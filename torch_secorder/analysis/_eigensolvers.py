@@ -167,7 +167,18 @@ def model_eigenpairs(
         return EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
 
     results = run_model(
-        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options, budget
+        fname,
+        model,
+        loss_fn,
+        data,
+        params,
+        groups,
+        generator,
+        make_steps,
+        finish,
+        options,
+        budget,
+        certain=False,
     )
     if isinstance(results, dict):
         missing = [name for name, result in results.items() if not result.converged]

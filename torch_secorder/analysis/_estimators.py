@@ -11,7 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from torch_secorder.analysis._driver import Steps, max_columns
+from torch_secorder.analysis._driver import Steps
+from torch_secorder.analysis._memory import kept_vectors, max_columns, refuse
 from torch_secorder.analysis._sampling import make_generator, rademacher_columns
 
 
@@ -67,7 +68,7 @@ def hutchinson(
 
     A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
     """
-    chunk = max_columns(span or n, dtype)
+    chunk = max_columns(span or n, dtype, device)
     samples = []
     remaining = num_matvecs
     while remaining > 0:
@@ -90,6 +91,9 @@ def hutch_plus_plus(
 ) -> Steps:
     r"""Hutch++ with :math:`s = \lfloor m/3 \rfloor` sketch vectors and :math:`m - 2s` probes.
 
+    The sketch is smaller where :math:`2s` vectors would not fit the memory budget
+    (:mod:`._memory`); the products saved go to probes.
+
     When the sketch spans the whole space (:math:`s \ge n`) the trace
     :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent. Every block goes
     out in chunks of :func:`max_columns` vectors of the operator's size ``span`` (default
@@ -97,8 +101,10 @@ def hutch_plus_plus(
     they come: it holds the :math:`s` sketch products (and, while :math:`Q` is factored from
     them, :math:`Q`) plus one chunk, not all :math:`m` vectors with their products.
     """
-    chunk = max_columns(span or n, dtype)
-    sketch = min(num_matvecs // 3, n)
+    chunk = max_columns(span or n, dtype, device)
+    sketch = min(num_matvecs // 3, n, kept_vectors(span or n, dtype, device) // 2)
+    if sketch < 1:
+        raise refuse("method='hutch++'", 2, span or n, dtype, device)
     HS = torch.empty(n, sketch, dtype=dtype, device=device)
     for start in range(0, sketch, chunk):
         stop = min(start + chunk, sketch)
@@ -134,6 +140,8 @@ def xtrace(
 ) -> Steps:
     r"""XTrace with :math:`s = \lfloor m/2 \rfloor` Rademacher test vectors.
 
+    Fewer where the five blocks of :math:`s` vectors it holds would not fit the memory budget.
+
     With :math:`Y = H\Omega = QR`, :math:`Z = HQ`, the leave-one-out projector is
     :math:`Q_{(i)}Q_{(i)}^\top = Q(I - s_is_i^\top)Q^\top` with :math:`s_i` the normalised
     :math:`i`-th column of :math:`R^{-\top}`. Writing :math:`H_Q = Q^\top Z`,
@@ -146,7 +154,9 @@ def xtrace(
 
     When the sketch spans the whole space (:math:`s \ge n`) the trace is exact.
     """
-    size = min(num_matvecs // 2, n)
+    size = min(num_matvecs // 2, n, kept_vectors(n, dtype, device) // 5)
+    if size < 1:
+        raise refuse("method='xtrace'", 5, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
     Y = yield Omega
     Q, R = torch.linalg.qr(Y)
@@ -181,7 +191,7 @@ def exact(
 
     A chunk holds :func:`max_columns` vectors of the operator's size ``span`` (default ``n``).
     """
-    chunk = max_columns(span or n, dtype)
+    chunk = max_columns(span or n, dtype, device)
     entries = torch.zeros(n, dtype=dtype, device=device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -230,7 +240,7 @@ def hutchinson_diagonal(
 
     A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
     """
-    chunk = max_columns(span or n, dtype)
+    chunk = max_columns(span or n, dtype, device)
     mean = torch.zeros(n, dtype=dtype, device=device)
     m2 = torch.zeros_like(mean)
     count = 0
@@ -254,6 +264,8 @@ def xdiag(
 ) -> Steps:
     r"""XDiag with :math:`s = \lfloor m/2 \rfloor` Rademacher test vectors.
 
+    Fewer where the five blocks of :math:`s` vectors it holds would not fit the memory budget.
+
     With :math:`Y = H\Omega = QR`, :math:`Z = HQ` and :math:`s_i` the normalised columns of
     :math:`R^{-\top}`, each exchangeable estimate is
 
@@ -264,7 +276,9 @@ def xdiag(
     with :math:`r_i = Re_i = Q^\top y_i`. When the sketch spans the space (:math:`s \ge n`)
     the diagonal :math:`\operatorname{diag}(QZ^\top)` is exact.
     """
-    size = min(num_matvecs // 2, n)
+    size = min(num_matvecs // 2, n, kept_vectors(n, dtype, device) // 5)
+    if size < 1:
+        raise refuse("method='xdiag'", 5, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
     Y = yield Omega
     Q, R = torch.linalg.qr(Y)

@@ -155,6 +155,7 @@ def run_model(
     finish: Callable[[Any, int, list[Tensor]], Any],
     options: dict[str, Any],
     budget: int | None = None,
+    certain: bool = True,
 ) -> Any:
     """Run one problem per group (or one for the whole selection) over the data's Hessian.
 
@@ -175,6 +176,7 @@ def run_model(
         options: Keyword options of :meth:`HessianOperator.from_model` (``seed``,
             ``distributed``), and ``progress`` for a bar over the analysis's products.
         budget: Products each group's algorithm may use at most, where known.
+        certain: Whether the algorithms use about their budget (not an eigen-solver's cap).
 
     Returns:
         The result, or a dict group name -> result when ``groups`` is given.
@@ -199,6 +201,7 @@ def run_model(
         make_steps,
         options,
         budget,
+        certain,
     )
     results = {
         key: finish(result, problem.num_matvecs, [operator.params[i] for i in indices])
@@ -219,6 +222,7 @@ def _run_groups(
     make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
     options: dict[str, Any],
     budget: int | None,
+    certain: bool,
 ) -> tuple[list[Any], dict[Any, list[int]], list[Problem], HessianOperator]:
     progress = options.get("progress", False)
     if progress:
@@ -237,7 +241,14 @@ def _run_groups(
             }
         sizes = [p.numel() for p in operator.params]
         problems = group_problems(
-            operator, sizes, members, generator, make_steps, whole=resolved is None, budget=budget
+            operator,
+            sizes,
+            members,
+            generator,
+            make_steps,
+            whole=resolved is None,
+            budget=budget,
+            certain=certain,
         )
         raw = run(fname, operator, problems, progress=progress)
     return raw, members, problems, operator
@@ -252,6 +263,7 @@ def group_problems(
     *,
     whole: bool = False,
     budget: int | None = None,
+    certain: bool = True,
 ) -> list[Problem]:
     """One problem per group of an operator's parameters, for :func:`._driver.run`.
 
@@ -264,6 +276,7 @@ def group_problems(
         make_steps: As for :func:`run_model`.
         whole: A single group spanning the whole operator (it uses ``generator`` itself).
         budget: Products each problem may use at most, where known.
+        certain: Whether the problems use about their budget.
 
     Returns:
         The problems, in group order.
@@ -275,5 +288,5 @@ def group_problems(
         rows = None if whole else rows_of(indices, sizes, operator.device)
         count = sum(sizes[i] for i in indices)
         steps = make_steps(count, operator.dtype, operator.device, gen, operator.shape[0])
-        problems.append(Problem(steps, rows, budget))
+        problems.append(Problem(steps, rows, budget, certain))
     return problems

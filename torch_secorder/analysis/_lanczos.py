@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from torch_secorder.analysis._driver import Steps
+from torch_secorder.analysis._memory import kept_vectors, refuse
 from torch_secorder.analysis._sampling import gaussian, rademacher
 
 __all__ = ["RitzPairs", "default_basis_size", "lanczos_quadrature", "thick_restart_lanczos"]
@@ -307,7 +308,11 @@ def _restarted_lanczos(
     locked = torch.zeros(n, 0, dtype=dtype, device=device) if locked is None else locked
     free = n - locked.shape[1]
     b = min(block_size, free)
-    m = min(free, basis_size or default_basis_size(k, b))
+    room = kept_vectors(n, dtype, device) - locked.shape[1] - k - 2 * b  # besides the basis
+    m = min(free, basis_size or default_basis_size(k, b), room)
+    if m < min(free, k + b):
+        least = (k + b) + (k + 2 * b + locked.shape[1])  # the basis, and what it keeps besides
+        raise refuse("Lanczos", least, n, dtype, device)
     floor = relative_floor(dtype)
     V = torch.zeros(m, n, dtype=dtype, device=device)  # the basis, one vector per row
     T = torch.zeros(m, m, dtype=work, device=device)
@@ -439,8 +444,9 @@ def lanczos_quadrature(
     exhausted (:math:`\beta_j \le \sqrt{\varepsilon}\,\|A\|`) stops early; its quadrature is
     then exact and its rows are padded with weight zero.
 
-    The bases take ``num_probes * steps`` vectors; when that exceeds :data:`BASIS_BYTES`, the
-    probes run in consecutive groups that fit (the same probes, drawn in the same order). The
+    The bases take ``num_probes * steps`` vectors; when that exceeds :data:`BASIS_BYTES` or the
+    memory budget (:mod:`._memory`), the probes run in consecutive groups that fit (the same
+    probes, drawn in the same order). The
     groups are sized for vectors of the operator's size ``span`` (default ``n``), so that the
     quadratures of all blocks of one operator together hold what one of the whole would.
 
@@ -462,7 +468,10 @@ def lanczos_quadrature(
     """
     steps = min(steps, n)
     per_basis = steps * (span or n) * torch.finfo(dtype).bits // 8
-    group = max(1, min(num_probes, BASIS_BYTES // per_basis))
+    fit = min(BASIS_BYTES // per_basis, kept_vectors(span or n, dtype, device) // (steps + 2))
+    if fit < 1:
+        raise refuse(f"a Lanczos basis of {steps} steps", steps + 2, span or n, dtype, device)
+    group = min(num_probes, fit)
     nodes, weights = [], []
     for start in range(0, num_probes, group):
         count = min(group, num_probes - start)

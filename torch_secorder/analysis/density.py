@@ -38,12 +38,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder._checks import check_generator, check_int, check_positive
+from torch_secorder._checks import check_generator, check_int, check_max_bytes, check_positive
 from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._lanczos import lanczos_quadrature, work_dtype
+from torch_secorder.analysis._memory import memory_budget
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis._sampling import make_generator
 from torch_secorder.analysis.results import DensityResult
@@ -64,6 +65,7 @@ def spectral_density(
     grid_size: int = 1000,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
+    max_bytes: int | None = None,
 ) -> DensityResult:
     r"""Estimate the Hessian's eigenvalue density by stochastic Lanczos quadrature.
 
@@ -82,6 +84,7 @@ def spectral_density(
             the Ritz nodes divided by ``steps`` (about the quadrature's resolution).
         generator: Source of the probes; ``None`` uses a private generator with a fixed seed
             (reproducible), the global RNG is never touched.
+        {max_bytes}
 
     Returns:
         A :class:`DensityResult`: the grid spans the nodes padded by :math:`4\sigma` plus 1% of
@@ -105,23 +108,25 @@ def spectral_density(
         1.0
     """
     fname = "spectral_density"
-    steps = _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
-    target = resolve(fname, func_or_operator, params)
-    with target.open() as operator:
-        problem = Problem(
-            lanczos_quadrature(
-                target.size,
-                steps,
-                num_probes,
-                target.dtype,
-                target.device,
-                make_generator(generator),
-            ),
-            budget=steps * num_probes,  # type: ignore[operator]
-        )
-        run(fname, operator, [problem])
-    nodes, weights = problem.result
-    return _density_result(nodes, weights, problem.num_matvecs, grid_size, sigma)
+    check_max_bytes(fname, max_bytes, optional=True)
+    with memory_budget(fname, max_bytes):
+        steps = _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
+        target = resolve(fname, func_or_operator, params)
+        with target.open() as operator:
+            problem = Problem(
+                lanczos_quadrature(
+                    target.size,
+                    steps,
+                    num_probes,
+                    target.dtype,
+                    target.device,
+                    make_generator(generator),
+                ),
+                budget=steps * num_probes,  # type: ignore[operator]
+            )
+            run(fname, operator, [problem])
+        nodes, weights = problem.result
+        return _density_result(nodes, weights, problem.num_matvecs, grid_size, sigma)
 
 
 @shared_arguments
@@ -140,6 +145,7 @@ def model_spectral_density(
     seed: int = 0,
     distributed: bool | None = None,
     progress: bool = False,
+    max_bytes: int | None = None,
 ) -> DensityResult | dict[str, DensityResult]:
     r"""Estimate the eigenvalue density of the Hessian of a model's mean loss over a data set.
 
@@ -157,6 +163,7 @@ def model_spectral_density(
         grid_size: As for :func:`spectral_density`.
         sigma: As for :func:`spectral_density` (``None``: per group).
         {model_run}
+        {max_bytes}
 
     Returns:
         A :class:`DensityResult`, or a dict group name -> :class:`DensityResult`.
@@ -176,21 +183,33 @@ def model_spectral_density(
         tensor([[1., 4.]], dtype=torch.float64)
     """
     fname = "model_spectral_density"
-    steps = _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
+    check_max_bytes(fname, max_bytes, optional=True)
+    with memory_budget(fname, max_bytes):
+        steps = _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
 
-    def make_steps(
-        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
-    ) -> Steps:
-        return lanczos_quadrature(n, steps, num_probes, dtype, device, gen, span=span)
+        def make_steps(
+            n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+        ) -> Steps:
+            return lanczos_quadrature(n, steps, num_probes, dtype, device, gen, span=span)
 
-    def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> DensityResult:
-        return _density_result(result[0], result[1], count, grid_size, sigma)
+        def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> DensityResult:
+            return _density_result(result[0], result[1], count, grid_size, sigma)
 
-    options = {"seed": seed, "distributed": distributed, "progress": progress}
-    budget = steps * num_probes  # type: ignore[operator]
-    return run_model(
-        fname, model, loss_fn, data, params, groups, generator, make_steps, finish, options, budget
-    )
+        options = {"seed": seed, "distributed": distributed, "progress": progress}
+        budget = steps * num_probes  # type: ignore[operator]
+        return run_model(
+            fname,
+            model,
+            loss_fn,
+            data,
+            params,
+            groups,
+            generator,
+            make_steps,
+            finish,
+            options,
+            budget,
+        )
 
 
 def _check_options(

@@ -33,13 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder._checks import check_estimator
+from torch_secorder._checks import check_estimator, check_max_bytes
 from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._estimators import estimator_steps
 from torch_secorder.analysis._exact import auto_method, model_exact_or_estimate
 from torch_secorder.analysis._groups import run_model
+from torch_secorder.analysis._memory import memory_budget
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import DiagonalEstimate
 from torch_secorder.core.operator import HessianOperator
@@ -64,6 +65,7 @@ def hessian_diagonal_estimate(
     method: str = "auto",
     num_matvecs: int = 100,
     generator: torch.Generator | None = None,
+    max_bytes: int | None = None,
 ) -> DiagonalEstimate:
     r"""Estimate the diagonal of the Hessian from ``num_matvecs`` products.
 
@@ -78,6 +80,7 @@ def hessian_diagonal_estimate(
             (at least 1), XDiag at most this many (at least 2).
         generator: Source of the random probes; ``None`` uses a private generator with a fixed
             seed (reproducible), the global RNG is never touched.
+        {max_bytes}
 
     Returns:
         A :class:`DiagonalEstimate`: the diagonal and per-entry standard errors as lists like
@@ -100,24 +103,28 @@ def hessian_diagonal_estimate(
         ([tensor([1., 2., 3.], dtype=torch.float64)], [tensor([0., 0., 0.], dtype=torch.float64)])
     """
     fname = "hessian_diagonal_estimate"
-    check_estimator(fname, method, num_matvecs, generator, NEEDS)
-    target = resolve(fname, func_or_operator, params)
-    with target.open() as operator:
-        size, dtype, device = target.size, target.dtype, target.device
-        if method == "auto":
-            method = auto_method(target, num_matvecs, "xdiag")
-        if method == "exact" and isinstance(operator, HessianOperator):
-            before = operator.num_matvecs
-            diagonal = operator.diagonal()
-            stderr, count = torch.zeros_like(diagonal), operator.num_matvecs - before
-        else:
-            steps = estimator_steps(
-                method, size, num_matvecs, dtype, device, generator, diagonal=True
-            )
-            problem = Problem(steps, budget=num_matvecs)
-            run(fname, operator, [problem])
-            (diagonal, stderr), count = problem.result, problem.num_matvecs
-    return DiagonalEstimate(target.like_params(diagonal), target.like_params(stderr), count, method)
+    check_max_bytes(fname, max_bytes, optional=True)
+    with memory_budget(fname, max_bytes):
+        check_estimator(fname, method, num_matvecs, generator, NEEDS)
+        target = resolve(fname, func_or_operator, params)
+        with target.open() as operator:
+            size, dtype, device = target.size, target.dtype, target.device
+            if method == "auto":
+                method = auto_method(target, num_matvecs, "xdiag")
+            if method == "exact" and isinstance(operator, HessianOperator):
+                before = operator.num_matvecs
+                diagonal = operator.diagonal()
+                stderr, count = torch.zeros_like(diagonal), operator.num_matvecs - before
+            else:
+                steps = estimator_steps(
+                    method, size, num_matvecs, dtype, device, generator, diagonal=True
+                )
+                problem = Problem(steps, budget=num_matvecs)
+                run(fname, operator, [problem])
+                (diagonal, stderr), count = problem.result, problem.num_matvecs
+        return DiagonalEstimate(
+            target.like_params(diagonal), target.like_params(stderr), count, method
+        )
 
 
 @shared_arguments
@@ -134,6 +141,7 @@ def model_hessian_diagonal_estimate(
     seed: int = 0,
     distributed: bool | None = None,
     progress: bool = False,
+    max_bytes: int | None = None,
 ) -> DiagonalEstimate | dict[str, DiagonalEstimate]:
     r"""Estimate the Hessian diagonal of a model's mean loss over a data set.
 
@@ -152,6 +160,7 @@ def model_hessian_diagonal_estimate(
         method: As for :func:`hessian_diagonal_estimate`.
         num_matvecs: Budget per group, as for :func:`hessian_diagonal_estimate`.
         {model_run}
+        {max_bytes}
 
     Returns:
         A :class:`DiagonalEstimate` (lists like the group's parameters), or a dict group
@@ -173,42 +182,48 @@ def model_hessian_diagonal_estimate(
         [tensor([[10., 20.]], dtype=torch.float64), tensor([2.], dtype=torch.float64)]
     """
     fname = "model_hessian_diagonal_estimate"
-    check_estimator(fname, method, num_matvecs, generator, NEEDS)
-    options = {"seed": seed, "distributed": distributed, "progress": progress}
-    estimator = "xdiag" if method == "auto" else method
+    check_max_bytes(fname, max_bytes, optional=True)
+    with memory_budget(fname, max_bytes):
+        check_estimator(fname, method, num_matvecs, generator, NEEDS)
+        options = {"seed": seed, "distributed": distributed, "progress": progress}
+        estimator = "xdiag" if method == "auto" else method
 
-    def make_steps(
-        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
-    ) -> Steps:
-        return estimator_steps(
-            estimator, n, num_matvecs, dtype, device, gen, span=span, diagonal=True
+        def make_steps(
+            n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+        ) -> Steps:
+            return estimator_steps(
+                estimator, n, num_matvecs, dtype, device, gen, span=span, diagonal=True
+            )
+
+        def finish(
+            result: tuple[Tensor, Tensor], count: int, group: list[Tensor]
+        ) -> DiagonalEstimate:
+            diagonal, stderr = unflatten(result[0], group), unflatten(result[1], group)
+            return DiagonalEstimate(diagonal, stderr, count, estimator)
+
+        def estimate(selection: Any, subset: object) -> Any:
+            return run_model(
+                fname,
+                model,
+                loss_fn,
+                data,
+                selection,
+                subset,
+                generator,
+                make_steps,
+                finish,
+                options,
+                num_matvecs,
+            )
+
+        if method != "auto":
+            return estimate(params, groups)
+
+        def exact(diagonal: list[Tensor], count: int) -> DiagonalEstimate:
+            return DiagonalEstimate(
+                diagonal, [torch.zeros_like(d) for d in diagonal], count, "exact"
+            )
+
+        return model_exact_or_estimate(
+            fname, model, loss_fn, data, params, groups, num_matvecs, options, exact, estimate
         )
-
-    def finish(result: tuple[Tensor, Tensor], count: int, group: list[Tensor]) -> DiagonalEstimate:
-        diagonal, stderr = unflatten(result[0], group), unflatten(result[1], group)
-        return DiagonalEstimate(diagonal, stderr, count, estimator)
-
-    def estimate(selection: Any, subset: object) -> Any:
-        return run_model(
-            fname,
-            model,
-            loss_fn,
-            data,
-            selection,
-            subset,
-            generator,
-            make_steps,
-            finish,
-            options,
-            num_matvecs,
-        )
-
-    if method != "auto":
-        return estimate(params, groups)
-
-    def exact(diagonal: list[Tensor], count: int) -> DiagonalEstimate:
-        return DiagonalEstimate(diagonal, [torch.zeros_like(d) for d in diagonal], count, "exact")
-
-    return model_exact_or_estimate(
-        fname, model, loss_fn, data, params, groups, num_matvecs, options, exact, estimate
-    )

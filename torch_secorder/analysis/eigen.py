@@ -53,6 +53,7 @@ from torch_secorder._checks import (
     check_choice,
     check_generator,
     check_int,
+    check_max_bytes,
     check_positive,
 )
 from torch_secorder._docstrings import shared_arguments
@@ -67,6 +68,7 @@ from torch_secorder.analysis._eigensolvers import (
     warn_not_converged,
 )
 from torch_secorder.analysis._lanczos import WHICH, RitzPairs
+from torch_secorder.analysis._memory import memory_budget
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis._sampling import make_generator
 from torch_secorder.analysis.results import EigenResult
@@ -87,6 +89,7 @@ def top_eigenvalues(
     tol: float = 1e-4,
     max_matvecs: int | None = None,
     generator: torch.Generator | None = None,
+    max_bytes: int | None = None,
 ) -> EigenResult:
     r"""Compute ``k`` extreme eigenvalues of the Hessian and their eigenvectors.
 
@@ -112,6 +115,7 @@ def top_eigenvalues(
             iteration. Lanczos needs at least ``k``, power iteration two per run.
         generator: Source of the random starting vectors; ``None`` uses a private generator
             with a fixed seed (reproducible), the global RNG is never touched.
+        {max_bytes}
 
     Returns:
         An :class:`EigenResult`: eigenvalues sorted by ``which`` (descending, ascending or by
@@ -140,33 +144,35 @@ def top_eigenvalues(
                 [0., 0., 1.]], dtype=torch.float64)
     """
     fname = "top_eigenvalues"
-    budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
-    target = resolve(fname, func_or_operator, params)
-    check_k(fname, k, target.size, "P")
-    with target.open() as operator:
-        steps = eigen_steps(
-            method,
-            target.size,
-            k,
-            which,
-            tol,
-            budget,
-            target.dtype,
-            target.device,
-            make_generator(generator),
+    check_max_bytes(fname, max_bytes, optional=True)
+    with memory_budget(fname, max_bytes):
+        budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
+        target = resolve(fname, func_or_operator, params)
+        check_k(fname, k, target.size, "P")
+        with target.open() as operator:
+            steps = eigen_steps(
+                method,
+                target.size,
+                k,
+                which,
+                tol,
+                budget,
+                target.dtype,
+                target.device,
+                make_generator(generator),
+            )
+            problem = Problem(steps, budget=budget, certain=False)
+            run(fname, operator, [problem])
+        pairs: RitzPairs = problem.result
+        if not pairs.converged:
+            warn_not_converged(fname, "the eigenpairs", method, tol, budget)
+        return EigenResult(
+            pairs.values,
+            target.columns_like_params(pairs.vectors),
+            pairs.residuals,
+            pairs.converged,
+            problem.num_matvecs,
         )
-        problem = Problem(steps, budget=budget)
-        run(fname, operator, [problem])
-    pairs: RitzPairs = problem.result
-    if not pairs.converged:
-        warn_not_converged(fname, "the eigenpairs", method, tol, budget)
-    return EigenResult(
-        pairs.values,
-        target.columns_like_params(pairs.vectors),
-        pairs.residuals,
-        pairs.converged,
-        problem.num_matvecs,
-    )
 
 
 @shared_arguments
@@ -186,6 +192,7 @@ def model_top_eigenvalues(
     seed: int = 0,
     distributed: bool | None = None,
     progress: bool = False,
+    max_bytes: int | None = None,
 ) -> EigenResult | dict[str, EigenResult]:
     r"""Compute extreme eigenpairs of the Hessian of a model's mean loss over a data set.
 
@@ -204,6 +211,7 @@ def model_top_eigenvalues(
         tol: As for :func:`top_eigenvalues`.
         max_matvecs: Budget per group, as for :func:`top_eigenvalues`.
         {model_run}
+        {max_bytes}
 
     Returns:
         An :class:`EigenResult` (eigenvectors like the group's parameters, with a leading
@@ -227,10 +235,14 @@ def model_top_eigenvalues(
         tensor([4., 1.], dtype=torch.float64)
     """
     fname = "model_top_eigenvalues"
-    budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
-    options = {"seed": seed, "distributed": distributed, "progress": progress}
-    solver = (method, k, which, tol, budget)
-    return model_eigenpairs(fname, model, loss_fn, data, params, groups, generator, options, solver)
+    check_max_bytes(fname, max_bytes, optional=True)
+    with memory_budget(fname, max_bytes):
+        budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
+        options = {"seed": seed, "distributed": distributed, "progress": progress}
+        solver = (method, k, which, tol, budget)
+        return model_eigenpairs(
+            fname, model, loss_fn, data, params, groups, generator, options, solver
+        )
 
 
 def _check_options(

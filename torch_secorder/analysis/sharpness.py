@@ -118,7 +118,7 @@ def output_sharpness(
     with model_outputs(fname, model, inputs, names, tensors, batched) as outputs:
         for index, gen in enumerate(spawn(base, outputs.numel)):
             steps = thick_restart_lanczos(size, 1, "magnitude", tol, budget, dtype, device, gen)
-            problem = Problem(steps, budget=budget)
+            problem = Problem(steps, budget=budget, certain=False)
             with HessianOperator(outputs.element(index), tensors) as operator:
                 run(fname, operator, [problem])
             pairs.append(problem.result)

@@ -44,13 +44,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder._checks import check_estimator
+from torch_secorder._checks import check_estimator, check_max_bytes
 from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._estimators import estimator_steps
 from torch_secorder.analysis._exact import auto_method, model_exact_or_estimate
 from torch_secorder.analysis._groups import run_model
+from torch_secorder.analysis._memory import memory_budget
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis.results import TraceEstimate
 from torch_secorder.core.operator import HessianOperator
@@ -76,13 +77,15 @@ def hessian_trace(
     method: str = "auto",
     num_matvecs: int = 100,
     generator: torch.Generator | None = None,
+    max_bytes: int | None = None,
 ) -> TraceEstimate:
     r"""Estimate the trace of the Hessian, :math:`\operatorname{tr}(H) = \sum_i \lambda_i`.
 
-    Each stage's vectors go to the operator as one block, multiplied in chunks of at most
-    1 GiB of vectors. Hutchinson and ``"exact"`` also draw their vectors chunk by chunk;
-    Hutch++ and XTrace hold their whole sketch, :math:`m/3` and :math:`m/2` vectors of size
-    :math:`P` with their products. See the module docstring for the estimators.
+    Vectors go to the operator in chunks of at most 1 GiB (or an eighth of ``max_bytes``).
+    Hutchinson, Hutch++ and ``"exact"`` draw their vectors chunk by chunk; Hutch++ keeps its
+    sketch of :math:`m/3` vectors of size :math:`P`, XTrace five blocks of :math:`m/2`, fewer
+    where ``max_bytes`` is short (the memory model is in ``docs/scaling.rst``). See the
+    module docstring for the estimators.
 
     Args:
         {closure_or_operator}
@@ -95,6 +98,7 @@ def hessian_trace(
             or, for an operator over a model's data, fewer where layer structure allows.
         generator: Source of the random probes; ``None`` uses a private generator with a fixed
             seed (reproducible), the global RNG is never touched.
+        {max_bytes}
 
     Returns:
         A :class:`TraceEstimate` with the value and standard error as 0-d tensors (stderr
@@ -116,23 +120,25 @@ def hessian_trace(
         (tensor(6., dtype=torch.float64), tensor(0., dtype=torch.float64), 4)
     """
     fname = "hessian_trace"
-    check_estimator(fname, method, num_matvecs, generator, NEEDS)
-    target = resolve(fname, func_or_operator, params)
-    with target.open() as operator:
-        if method == "auto":
-            method = auto_method(target, num_matvecs, "hutch++")
-        if method == "exact" and isinstance(operator, HessianOperator):
-            before = operator.num_matvecs
-            value = operator.diagonal().sum()
-            count = operator.num_matvecs - before
-            return TraceEstimate(value, torch.zeros_like(value), count, method)
-        steps = estimator_steps(
-            method, target.size, num_matvecs, target.dtype, target.device, generator
-        )
-        problem = Problem(steps, budget=num_matvecs)
-        run(fname, operator, [problem])
-    value, stderr = problem.result
-    return TraceEstimate(value, stderr, problem.num_matvecs, method)
+    check_max_bytes(fname, max_bytes, optional=True)
+    with memory_budget(fname, max_bytes):
+        check_estimator(fname, method, num_matvecs, generator, NEEDS)
+        target = resolve(fname, func_or_operator, params)
+        with target.open() as operator:
+            if method == "auto":
+                method = auto_method(target, num_matvecs, "hutch++")
+            if method == "exact" and isinstance(operator, HessianOperator):
+                before = operator.num_matvecs
+                value = operator.diagonal().sum()
+                count = operator.num_matvecs - before
+                return TraceEstimate(value, torch.zeros_like(value), count, method)
+            steps = estimator_steps(
+                method, target.size, num_matvecs, target.dtype, target.device, generator
+            )
+            problem = Problem(steps, budget=num_matvecs)
+            run(fname, operator, [problem])
+        value, stderr = problem.result
+        return TraceEstimate(value, stderr, problem.num_matvecs, method)
 
 
 @shared_arguments
@@ -149,6 +155,7 @@ def model_hessian_trace(
     seed: int = 0,
     distributed: bool | None = None,
     progress: bool = False,
+    max_bytes: int | None = None,
 ) -> TraceEstimate | dict[str, TraceEstimate]:
     r"""Estimate the trace of the Hessian of a model's mean loss over a data set.
 
@@ -166,6 +173,7 @@ def model_hessian_trace(
         method: As for :func:`hessian_trace`.
         num_matvecs: Budget per group, as for :func:`hessian_trace`.
         {model_run}
+        {max_bytes}
 
     Returns:
         A :class:`TraceEstimate`, or a dict group name -> :class:`TraceEstimate`.
@@ -186,41 +194,43 @@ def model_hessian_trace(
         {'weight': 30.0, 'bias': 2.0}
     """
     fname = "model_hessian_trace"
-    check_estimator(fname, method, num_matvecs, generator, NEEDS)
-    options = {"seed": seed, "distributed": distributed, "progress": progress}
-    estimator = "hutch++" if method in ("auto", "exact") else method
+    check_max_bytes(fname, max_bytes, optional=True)
+    with memory_budget(fname, max_bytes):
+        check_estimator(fname, method, num_matvecs, generator, NEEDS)
+        options = {"seed": seed, "distributed": distributed, "progress": progress}
+        estimator = "hutch++" if method in ("auto", "exact") else method
 
-    def make_steps(
-        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
-    ) -> Steps:
-        return estimator_steps(estimator, n, num_matvecs, dtype, device, gen, span=span)
+        def make_steps(
+            n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+        ) -> Steps:
+            return estimator_steps(estimator, n, num_matvecs, dtype, device, gen, span=span)
 
-    def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> TraceEstimate:
-        return TraceEstimate(result[0], result[1], count, estimator)
+        def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> TraceEstimate:
+            return TraceEstimate(result[0], result[1], count, estimator)
 
-    def estimate(selection: Any, subset: object) -> Any:
-        return run_model(
-            fname,
-            model,
-            loss_fn,
-            data,
-            selection,
-            subset,
-            generator,
-            make_steps,
-            finish,
-            options,
-            num_matvecs,
+        def estimate(selection: Any, subset: object) -> Any:
+            return run_model(
+                fname,
+                model,
+                loss_fn,
+                data,
+                selection,
+                subset,
+                generator,
+                make_steps,
+                finish,
+                options,
+                num_matvecs,
+            )
+
+        if method not in ("auto", "exact"):
+            return estimate(params, groups)
+
+        def exact(diagonal: list[Tensor], count: int) -> TraceEstimate:
+            value = torch.stack([d.sum() for d in diagonal]).sum()
+            return TraceEstimate(value, torch.zeros_like(value), count, "exact")
+
+        budget = num_matvecs if method == "auto" else math.inf
+        return model_exact_or_estimate(
+            fname, model, loss_fn, data, params, groups, budget, options, exact, estimate
         )
-
-    if method not in ("auto", "exact"):
-        return estimate(params, groups)
-
-    def exact(diagonal: list[Tensor], count: int) -> TraceEstimate:
-        value = torch.stack([d.sum() for d in diagonal]).sum()
-        return TraceEstimate(value, torch.zeros_like(value), count, "exact")
-
-    budget = num_matvecs if method == "auto" else math.inf
-    return model_exact_or_estimate(
-        fname, model, loss_fn, data, params, groups, budget, options, exact, estimate
-    )

@@ -90,8 +90,10 @@ def counted(graph: GradientGraph, products: int, progress: bool, what: str) -> I
 class Meter:
     """Products done of a planned total: a progress bar on request, and the cost warning.
 
-    The warning comes after the first :meth:`update`, from the time per product measured so
-    far (the first products include the set-up of a data pass, so the estimate errs long).
+    The warning comes at the second :meth:`update`, from the time per product of the products
+    since the first (the first products also pay for setting up, a data pass's first graph),
+    and only where ``total`` is what the computation will take (not a cap it may stop short
+    of, as an eigen-solver's budget).
 
     Args:
         fname: Public function name, for messages and the bar.
@@ -99,28 +101,44 @@ class Meter:
         progress: Show a ``tqdm`` bar.
         what: What is computed, for the warning ("the analysis takes ...").
         hint: What to do instead, for the warning.
+        certain: Whether ``total`` is what the computation takes (else: at most).
     """
 
-    def __init__(self, fname: str, total: int, progress: bool, what: str, hint: str) -> None:
+    def __init__(
+        self,
+        fname: str,
+        total: int,
+        progress: bool,
+        what: str,
+        hint: str,
+        *,
+        certain: bool = True,
+    ) -> None:
         self.fname, self.total, self.what, self.hint = fname, total, what, hint
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=fname, unit="product", leave=False)
-        self.start = time.perf_counter()
         self.done = 0
-        self.checked = False
+        self.first: tuple[float, int] | None = None  # time and count at the first update
+        self.checked = not certain
 
     def update(self, products: int) -> None:
         """Count ``products`` more; warn once if the whole will take long."""
         self.done += products
         if self.bar is not None:
             self.bar.update(products)
-        if not self.checked and self.done:
-            self.checked = True
-            per_product = (time.perf_counter() - self.start) / self.done
-            warn_if_long(self.fname, self.total, self.what, self.hint, per_product, stacklevel=4)
+        if self.checked:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, self.done)
+            return
+        self.checked = True
+        seconds, since = now - self.first[0], self.done - self.first[1]
+        per_product = seconds / since if since else 0.0
+        warn_if_long(self.fname, self.total, self.what, self.hint, per_product, stacklevel=4)
 
     def close(self) -> None:
         """Close the bar."""

@@ -1,0 +1,83 @@
+"""The memory budget of the analyses: plans within ``max_bytes``, refuses before any product."""
+
+import pytest
+import torch
+
+import torch_secorder as ts
+from tests.analysis.operators import DenseOperator, dominant, with_spectrum
+from torch_secorder.analysis import _memory
+
+
+def _operator(n=200):
+    return DenseOperator(with_spectrum(dominant(n)))
+
+
+def test_the_default_budget_is_a_share_of_the_machine():
+    assert _memory.default_max_bytes(torch.device("cpu")) > 2**28  # any machine running this
+
+
+def test_hutch_plus_plus_keeps_a_smaller_sketch_within_the_budget():
+    # rank 5: a sketch of 5 gives the trace exactly, a sketch of 4 does not
+    lam = torch.cat([torch.tensor([9.0, 7.0, 5.0, 3.0, 1.0]), torch.zeros(195)]).double()
+    vector = 200 * 8
+
+    def trace(vectors):  # a chunk of max(1, vectors // 8) columns, the rest kept
+        operator = DenseOperator(with_spectrum(lam))
+        result = ts.hessian_trace(
+            operator, method="hutch++", num_matvecs=90, max_bytes=vectors * vector
+        )
+        assert result.num_matvecs == operator.num_matvecs == 90  # the rest went to probes
+        return result
+
+    fits = trace(13)  # 13 - 2 = 11 kept: a sketch of 5 with its factor
+    torch.testing.assert_close(fits.value, lam.sum())
+    assert float(fits.stderr) == pytest.approx(0, abs=1e-9)
+    short = trace(11)  # 9 kept: a sketch of 4
+    assert float(short.stderr) > 1e-3
+
+
+def test_the_chunk_is_an_eighth_of_the_budget():
+    operator = _operator()
+    ts.hessian_trace(operator, method="hutchinson", num_matvecs=40, max_bytes=8 * 5 * 200 * 8)
+    assert max(operator.widths) == 5
+
+
+def test_lanczos_takes_a_smaller_basis_within_the_budget():
+    lam = dominant(200)
+    vector = 200 * 8
+    operator = DenseOperator(with_spectrum(lam))
+    result = ts.top_eigenvalues(operator, k=2, max_bytes=8 * 2 * vector + 14 * vector)
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, lam[:2], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "what"),
+    [
+        (lambda op, b: ts.hessian_trace(op, method="hutch++", max_bytes=b), "method='hutch\\+\\+'"),
+        (lambda op, b: ts.hessian_trace(op, method="xtrace", max_bytes=b), "method='xtrace'"),
+        (lambda op, b: ts.top_eigenvalues(op, max_bytes=b), "Lanczos"),
+        (lambda op, b: ts.spectral_density(op, max_bytes=b), "a Lanczos basis of 100 steps"),
+        (lambda op, b: ts.hessian_diagonal_estimate(op, max_bytes=b), "method='xdiag'"),
+    ],
+)
+def test_too_small_a_budget_is_refused_before_any_product(call, what):
+    operator = _operator()
+    with pytest.raises(ValueError, match=rf"^\w+: {what} needs at least \d+ vectors of P=200 "):
+        call(operator, 3 * 200 * 8)
+    assert operator.num_matvecs == 0
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_max_bytes_must_be_positive(bad):
+    with pytest.raises(
+        ValueError, match=rf"^hessian_trace: max_bytes must be positive; got {bad}\."
+    ):
+        ts.hessian_trace(_operator(), max_bytes=bad)
+    with pytest.raises(TypeError, match=r"^top_eigenvalues: max_bytes must be a number; got str\."):
+        ts.top_eigenvalues(_operator(), max_bytes="1G")
+
+
+def test_the_budget_is_the_calls_own():
+    ts.hessian_trace(_operator(), method="hutch++", num_matvecs=30, max_bytes=2**30)
+    assert _memory._BUDGET.get() is None  # nothing left set after the call

@@ -1,0 +1,91 @@
+r"""The memory an analysis may take, planned before any product.
+
+An analysis holds vectors of the operator's size :math:`P` (:math:`4P` bytes in float32): the
+vectors it keeps (Hutch++'s sketch, XTrace's and XDiag's four blocks of :math:`s`, a Lanczos
+basis, the quadrature's bases) and one chunk of columns going to the operator with its
+products (:func:`max_columns`). Its budget, ``max_bytes`` of the public function, defaults to
+a quarter of the machine's memory (:func:`default_max_bytes`); the chunk takes at most an
+eighth of it, and the algorithm sizes what it keeps to the rest (:func:`kept_vectors`): fewer
+sketch vectors, a smaller Lanczos basis, fewer quadrature probes at a time. Where even the
+least it needs does not fit, it refuses before any product, with the estimate (:func:`refuse`).
+What the operator itself takes per product (a batch's activations and gradient graph) is its
+own: the chunk rule of the core bounds it.
+
+The budget is set for the duration of a public call (:func:`memory_budget`, a context
+variable, so threads and nested calls keep their own).
+"""
+
+import contextlib
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+
+BLOCK_BYTES = 2**30
+"""Most memory of one chunk of columns handed to the operator (and of its products)."""
+
+MEMORY_SHARE = 0.25
+"""Share of the machine's memory (or of a GPU's free memory) an analysis takes by default."""
+
+_BUDGET: ContextVar[tuple[str, int | None] | None] = ContextVar("budget", default=None)
+
+
+def default_max_bytes(device: torch.device) -> int:
+    """A quarter of the physical memory of the CPU, or of the free memory of a GPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(MEMORY_SHARE * free)
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: assume 16 GiB
+        total = 2**34
+    return int(MEMORY_SHARE * total)
+
+
+@contextlib.contextmanager
+def memory_budget(fname: str, max_bytes: int | None) -> Iterator[None]:
+    """Run the block (a public analysis ``fname``) under its ``max_bytes``."""
+    token = _BUDGET.set((fname, max_bytes))
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+def current(device: torch.device) -> tuple[str, int]:
+    """The analysis's name and budget in bytes (its default for ``device`` where unset)."""
+    fname, max_bytes = _BUDGET.get() or ("analysis", None)
+    return fname, default_max_bytes(device) if max_bytes is None else max_bytes
+
+
+def _vector_bytes(n: int, dtype: torch.dtype) -> int:
+    return n * torch.finfo(dtype).bits // 8
+
+
+def max_columns(n: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Columns of size ``n`` in one chunk: :data:`BLOCK_BYTES`, or an eighth of the budget."""
+    _, max_bytes = current(device)
+    return max(1, min(BLOCK_BYTES, max_bytes // 8) // _vector_bytes(n, dtype))
+
+
+def kept_vectors(n: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Vectors of size ``n`` an algorithm may keep besides a chunk and its products."""
+    _, max_bytes = current(device)
+    chunk = 2 * max_columns(n, dtype, device) * _vector_bytes(n, dtype)
+    return max(0, (max_bytes - chunk) // _vector_bytes(n, dtype))
+
+
+def refuse(what: str, vectors: int, n: int, dtype: torch.dtype, device: torch.device) -> ValueError:
+    """The error of an analysis whose least plan does not fit its budget."""
+    fname, max_bytes = current(device)
+    need = (vectors + 2 * max_columns(n, dtype, device)) * _vector_bytes(n, dtype)
+    return ValueError(
+        f"{fname}: {what} needs at least {vectors} vectors of P={n:,} entries besides a chunk "
+        f"of products, about {_gib(need)}, more than max_bytes={_gib(max_bytes)}; raise "
+        "max_bytes or analyse fewer parameters (params=, groups=)."
+    )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
