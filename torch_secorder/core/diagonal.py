@@ -74,6 +74,11 @@ def hessian_diagonal(
     tensor per parameter. With ``v``, returns the elementwise product
     :math:`v \odot \operatorname{diag}(H)`, i.e. :math:`v_j H_{jj}` (as torch-secorder 0.0.1).
 
+    **For a model's loss, prefer** :func:`model_hessian_diagonal` ``(model, loss_fn, inputs,
+    targets)``: a closure shows no layers, so this form takes one product per parameter
+    element (:math:`P` in all), while the model form reads layers off their outputs, often
+    tens to hundreds of times faster (a small CNN: 0.07 s against 5 s).
+
     Args:
         func: Zero-argument closure returning the scalar loss.
         params: Parameters to differentiate with respect to (any iterable).
