@@ -43,8 +43,8 @@ CPU_MEDIUM_CHUNK = 8
 CPU_LOOP_BYTES = 2**20
 """On the CPU products above this estimate (1 MiB) run one at a time, a loop over the kept
 graph: measured per vector on one thread, batching them took 1.1 to 2.2 times as long as the
-loop on tanh MLPs (1 to 14 MiB per product) and a CNN of 65 MiB per product, and at most 10 to
-25% less on mid-sized CNNs (1 to 8 MiB), as ``benchmarks/README.md`` tabulates."""
+loop on tanh MLPs (1 to 14 MiB per product) and a CNN of 65 MiB per product, and 0 to 45% less,
+not reproducibly, on mid-sized CNNs (1 to 8 MiB), as ``benchmarks/README.md`` tabulates."""
 
 GPU_CHUNK_SIZE = 1024
 """Most products per batched call on a device type without an entry in
