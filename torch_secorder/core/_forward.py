@@ -38,18 +38,23 @@ from torch.overrides import TorchFunctionMode
 
 
 @contextlib.contextmanager
-def forward_context(params: Sequence[Tensor], seed: int | None = None) -> Iterator[None]:
+def forward_context(
+    params: Sequence[Tensor], seed: int | None = None, *, devices: Sequence[torch.device] = ()
+) -> Iterator[None]:
     """Run a forward pass that can be differentiated twice, leaving no trace.
 
     Gradients are enabled and ``params`` require them; the RNG of the CPU and of the
-    params' CUDA devices is forked, so dropout does not advance the global RNG, and seeded
-    with ``seed`` when given, so random draws repeat; operators without a double backward
-    are routed as the module docstring says, attention by setting the global SDPA backend
-    flags for the pass.
+    params' CUDA devices (and of ``devices``) is forked, so dropout does not advance the
+    global RNG, and seeded with ``seed`` when given, so random draws repeat; operators
+    without a double backward are routed as the module docstring says, attention by setting
+    the global SDPA backend flags for the pass.
     """
     # Written out rather than with torch.random.fork_rng and sdpa_kernel, which cost more
     # than the rest of a small model's gradient graph.
-    cuda = sorted({p.device.index or 0 for p in params if p.is_cuda})
+    cuda = sorted(
+        {p.device.index or 0 for p in params if p.is_cuda}
+        | {d.index or 0 for d in devices if d.type == "cuda"}
+    )
     cpu_state = torch.get_rng_state()
     cuda_states = [torch.cuda.get_rng_state(index) for index in cuda]
     attention = [(enabled(), enable) for enabled, enable, _ in _SDP_BACKENDS]

@@ -9,6 +9,8 @@ mean loss :math:`f_b` of a batch, the operator is the Hessian of the mean loss o
 .. math:: H = \frac{1}{N} \sum_b n_b \, \nabla^2_\theta f_b(\theta),
 
 summed over the batches of every process when :mod:`torch.distributed` is initialized.
+With ``wrt="activations"`` or ``wrt="inputs"`` the variables are the outputs of chosen modules
+or the inputs of every batch instead of the parameters (:mod:`._activations`).
 """
 
 import math
@@ -56,18 +58,26 @@ class HessianOperator:
     :math:`n_b` and mean losses :math:`f_b`, and each product streams over the batches.
 
     Products against ``k`` columns run as batched Hessian-vector products and count ``k`` in
-    :attr:`num_matvecs`.
+    :attr:`num_matvecs`. :meth:`from_model` also gives the Hessian with respect to the
+    outputs of chosen modules (``wrt="activations"``) or to the inputs (``wrt="inputs"``).
 
     Args:
         func: Zero-argument closure returning the scalar loss.
         params: Parameters :math:`\theta` (any iterable), all of one dtype and device.
 
     Attributes:
-        params: The parameters, in flat order.
-        names: Their names (from :meth:`from_model`), else ``None``.
+        params: The parameters, in flat order (empty for activations and inputs).
+        names: Their names (from :meth:`from_model`), else ``None``; for activations the
+            modules' names, for inputs the input tensors' (``"inputs"``, ``"inputs[1]"``,
+            ``"inputs['x']"``).
+        wrt: ``"params"``, ``"activations"`` or ``"inputs"``: what the Hessian is taken with
+            respect to.
+        variables: For activations and inputs, the blocks of the flat order, one
+            ``(batch, name, shape)`` per batch and variable (batch by batch, the variables in
+            the order of :attr:`names`); ``None`` for parameters.
         shape: ``(P, P)``.
-        dtype: The parameters' dtype.
-        device: The parameters' device.
+        dtype: The parameters' (variables') dtype.
+        device: The parameters' (variables') device.
         num_matvecs: Hessian-vector products performed so far.
 
     Raises:
@@ -94,6 +104,8 @@ class HessianOperator:
         data: Any,
         *,
         params: ParamSelection = None,
+        wrt: str = "params",
+        modules: ParamSelection = None,
         seed: int = 0,
         distributed: bool | None = None,
         progress: bool = False,
@@ -123,6 +135,27 @@ class HessianOperator:
         loss over all processes' data (shards may differ in size). All processes must then
         request the same products in the same order.
 
+        **Activations and inputs.** With ``wrt="activations"`` the variables are the outputs
+        :math:`z_{b,m}` of the ``modules`` on every batch :math:`b`, with ``wrt="inputs"`` the
+        floating-point tensors of every batch's inputs. Different batches have different
+        variables, so the Hessian of the mean loss is block diagonal over the batches,
+
+        .. math:: H = \operatorname{blockdiag}_b \Big(\frac{n_b}{N}\,
+            \nabla^2_{z_b} f_b(z_b)\Big),
+
+        each batch's block weighted as the parameter Hessian weights its batch (for one batch,
+        :math:`\nabla^2_z f`). :math:`\nabla^2_{z_b} f_b` includes all curvature downstream
+        of the modules, parameters held fixed. Flat order: batch by batch, within a batch the
+        variables in :attr:`names` order, each flattened row-major (:attr:`variables`).
+        Building the operator runs the model once over the data (forward passes only) to find
+        the variables' shapes and check the modules: each must be called exactly once per
+        forward pass and return one floating-point tensor. A product skips the batches its
+        vector is zero on; :meth:`diagonal` takes unit-vector products of all batches at
+        once, and of all samples of a batch at once where the Hessian blocks between
+        different samples are proven zero (exact-zero checks, as the structured diagonal's).
+        These operators belong to one process (each process's activations are its own
+        variables): ``distributed=True`` is refused.
+
         Args:
             model: The model.
             loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
@@ -130,7 +163,13 @@ class HessianOperator:
                 re-iterable collection of such batches (a list, a
                 :class:`~torch.utils.data.DataLoader`). Inputs may be a tensor, a tuple of
                 positional arguments or a dict of keyword arguments.
-            params: Parameter selection by names or glob patterns (``None``: all trainable).
+            params: Parameter selection by names or glob patterns (``None``: all trainable);
+                only for ``wrt="params"``.
+            wrt: ``"params"`` (default), ``"activations"`` (the outputs of ``modules``) or
+                ``"inputs"`` (the floating-point input tensors).
+            modules: For ``wrt="activations"``, module names of
+                :meth:`~torch.nn.Module.named_modules` or glob patterns (``"layer*.0"``),
+                kept in the model's order; ``""`` is the model itself (its output).
             seed: Base of the per-batch RNG seeds.
             distributed: Sum over processes; ``None`` (default) does so when
                 :func:`torch.distributed.is_initialized`.
@@ -145,7 +184,12 @@ class HessianOperator:
                 batch or re-iterable collection of batches, or a batch not an
                 ``(inputs, targets)`` pair.
             ValueError: If ``data`` is empty, the selection matches nothing, or the selected
-                parameters mix dtypes or devices.
+                parameters mix dtypes or devices; for activations and inputs also if ``wrt``
+                is unknown, ``params`` is given, ``modules`` is missing (or given for other
+                ``wrt``) or matches no module, a module is not called exactly once, the
+                variables mix dtypes or devices, the inputs hold no floating-point tensor, or
+                ``distributed=True``.
+            TypeError: For activations, if a module returns something other than a tensor.
             ImportError: If ``progress=True`` and ``tqdm`` is missing.
 
         Example:
@@ -158,6 +202,16 @@ class HessianOperator:
             >>> H @ torch.eye(2, dtype=torch.float64) * 3
             tensor([[4., 2.],
                     [2., 4.]], dtype=torch.float64)
+
+            The Hessian with respect to the model's output ``z = x w``: :math:`2/N` per
+            sample, block diagonal over the batches.
+
+            >>> H = HessianOperator.from_model(model, torch.nn.MSELoss(), data, wrt="activations",
+            ...                                modules="")
+            >>> H @ torch.eye(3, dtype=torch.float64) * 3
+            tensor([[2., 0., 0.],
+                    [0., 2., 0.],
+                    [0., 0., 2.]], dtype=torch.float64)
         """
         return model_operator(
             "HessianOperator.from_model",
@@ -165,21 +219,28 @@ class HessianOperator:
             loss_fn,
             data,
             params=params,
+            wrt=wrt,
+            modules=modules,
             seed=seed,
             distributed=distributed,
             progress=progress,
         )
 
-    def _setup(self, fname: str, source: "_ClosureProducts | _DataSetProducts", names: Any) -> None:
+    def _setup(self, fname: str, source: Any, names: Any) -> None:
         params = source.params
-        flat_layout(fname, "operator", params)
         self._source = source
         self.params = params
         self.names: list[str] | None = names
-        size = sum(p.numel() for p in params)
+        self.wrt: str = source.wrt
+        self.variables: list[tuple[int, str, torch.Size]] | None = source.variables
+        if self.wrt == "params":
+            flat_layout(fname, "operator", params)
+            size, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
+        else:
+            size, dtype, device = source.size, source.dtype, source.device
         self.shape = (size, size)
-        self.dtype = params[0].dtype
-        self.device = params[0].device
+        self.dtype = dtype
+        self.device = device
         self.num_matvecs = 0
 
     @property
@@ -233,8 +294,10 @@ class HessianOperator:
         data set: each batch's exact diagonal, under the batch's RNG seed, weighted by its
         size (summed over processes); each batch's is computed as
         :func:`~torch_secorder.model_hessian_diagonal` does, reading layers off products
-        with respect to their outputs where that is proven exact and cheaper. The products
-        count in :attr:`num_matvecs`.
+        with respect to their outputs where that is proven exact and cheaper. For activations
+        and inputs: unit vectors of all batches at once, and of all samples of a batch at
+        once where the blocks between its samples are proven zero. The products count in
+        :attr:`num_matvecs`.
 
         Returns:
             :math:`\operatorname{diag}(H)`, a ``(P,)`` tensor.
@@ -301,9 +364,13 @@ class HessianOperator:
         k = V.shape[1]
         if k == 0:
             return V.new_zeros(V.shape)
-        products = self._source.products(unflatten(V.T, self.params))
+        if self.wrt == "params":
+            products = self._source.products(unflatten(V.T, self.params))
+            HV = flatten(products, batched=True).T
+        else:
+            HV = self._source.matmat(V)
         self.num_matvecs += k
-        return flatten(products, batched=True).T
+        return HV
 
 
 _Fingerprint = tuple[int, tuple[float, ...], float]
@@ -362,11 +429,22 @@ def model_operator(
     data: Any,
     *,
     params: ParamSelection = None,
+    wrt: str = "params",
+    modules: ParamSelection = None,
     seed: int = 0,
     distributed: bool | None = None,
     progress: bool = False,
 ) -> HessianOperator:
     """``HessianOperator.from_model(...)`` whose errors name the public function ``fname``."""
+    if wrt != "params" or modules is not None:
+        from torch_secorder.core._activations import activation_operator
+        from torch_secorder.core._variables import variables_of
+
+        variables = variables_of(fname, params, wrt, modules)
+        if variables is not None:
+            return activation_operator(
+                fname, model, loss_fn, data, variables, seed, distributed, progress
+            )
     names, tensors = model_params(fname, model, params)
     check_callable(fname, "loss_fn", loss_fn)
     check_bool(fname, "progress", progress)
@@ -390,6 +468,9 @@ def _closure_source(fname: str, func: object, params: object) -> "_ClosureProduc
 
 class _ClosureProducts:
     """Products of a closure's Hessian, reusing one gradient graph until released."""
+
+    wrt = "params"
+    variables = None
 
     def __init__(self, objective: Any) -> None:
         self.objective = objective
@@ -423,6 +504,9 @@ class _ClosureProducts:
 class _DataSetProducts:
     """Products of the mean-loss Hessian over a data set, streamed batch by batch."""
 
+    wrt = "params"
+    variables = None
+
     def __init__(
         self,
         fname: str,
@@ -441,6 +525,7 @@ class _DataSetProducts:
         self.batches = batches
         self.params = params
         self.names = names
+        self.dtype = params[0].dtype if params else None
         self.seed = seed
         self.distributed = distributed
         self.progress = progress
@@ -536,7 +621,7 @@ class _DataSetProducts:
                 f"data batch {index} differs between passes over the data (its size or inputs "
                 "changed)"
             )
-        tolerance = torch.finfo(self.params[0].dtype).eps ** 0.5 * max(abs(loss), abs(loss0))
+        tolerance = torch.finfo(self.dtype).eps ** 0.5 * max(abs(loss), abs(loss0))
         if abs(loss - loss0) > tolerance:
             return (
                 f"the loss of data batch {index} was {loss0:.8g} in the first pass over the data "
