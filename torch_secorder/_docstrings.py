@@ -25,6 +25,20 @@ groups: ``None`` (whole selection), ``"module"`` (one group per module owning
     shared by several modules (tied weights) counts once, under its first name in
     :meth:`~torch.nn.Module.named_parameters` and in the first module owning it;
     patterns match those names.""",
+    "model_wrt": """\
+wrt: What the Hessian is taken with respect to: ``"params"`` (default), ``"activations"``
+    (the outputs of ``modules``) or ``"inputs"`` (the floating-point input tensors), the
+    operator of :meth:`HessianOperator.from_model
+    <torch_secorder.HessianOperator.from_model>`, block diagonal over batches. ``params``
+    applies to ``"params"`` only. For activations and inputs ``groups`` takes ``None``,
+    ``"module"`` (activations) or ``"input"`` (inputs), one group per variable, a dict
+    name -> module names or patterns (activations), or ``"sample"``: one group per sample
+    (keys ``0, 1, ...`` in data order), its block of :math:`N H`, the Hessian of the
+    sample's own loss where the samples are independent. Vectors in results (eigenvectors,
+    diagonals) come as lists like the group's variables: one tensor per batch and variable,
+    per variable for a sample.
+modules: Module names of :meth:`~torch.nn.Module.named_modules` or glob patterns, for
+    ``wrt="activations"`` (each called once per forward pass, returning one tensor).""",
     "model_run": """\
 generator: Source of randomness; ``None`` uses a private generator with a fixed seed
     (reproducible), the global RNG is never touched. With groups, each group draws

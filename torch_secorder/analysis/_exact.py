@@ -20,7 +20,9 @@ from torch import Tensor
 
 from torch_secorder.analysis._groups import resolve_groups
 from torch_secorder.analysis._operator import Target
+from torch_secorder.analysis._variables import variables_exact_or_estimate
 from torch_secorder.core._model import model_params
+from torch_secorder.core._variables import Variables
 from torch_secorder.core.operator import (
     HessianOperator,
     exact_diagonal,
@@ -60,7 +62,8 @@ def model_exact_or_estimate(
         model: The model.
         loss_fn: The batch's mean loss.
         data: A batch or an iterable of batches.
-        params: Parameter selection.
+        params: Parameter selection, or the variables of activations or inputs
+            (:func:`._variables.variables_exact_or_estimate`).
         groups: Group specification (see :func:`._groups.resolve_groups`).
         budget: Products each group may take (``inf``: exact regardless).
         options: Keyword options of :meth:`HessianOperator.from_model`.
@@ -72,6 +75,10 @@ def model_exact_or_estimate(
     Returns:
         The result, or a dict group name -> result in group order.
     """
+    if isinstance(params, Variables):  # activations or inputs
+        return variables_exact_or_estimate(
+            fname, model, loss_fn, data, params, groups, budget, options, exact, estimate
+        )
     names, tensors = model_params(fname, model, params)
     resolved = resolve_groups(fname, model, names, tensors, groups)
     members = {None: list(range(len(names)))} if resolved is None else resolved

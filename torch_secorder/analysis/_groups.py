@@ -23,8 +23,10 @@ from torch import Tensor, nn
 
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._sampling import make_generator, spawn
+from torch_secorder.analysis._variables import run_variables
 from torch_secorder.core._model import model_params
 from torch_secorder.core._progress import require_tqdm
+from torch_secorder.core._variables import Variables
 from torch_secorder.core.operator import HessianOperator, model_operator
 from torch_secorder.core.params import shared_names
 
@@ -164,7 +166,9 @@ def run_model(
         model: The model.
         loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
         data: One ``(inputs, targets)`` batch or an iterable of batches.
-        params: Parameter selection (``None``: all trainable).
+        params: Parameter selection (``None``: all trainable), or the
+            :class:`~torch_secorder.core._activations.Variables` of activations or inputs
+            (:func:`._variables.run_variables`).
         groups: Group specification (see :func:`resolve_groups`).
         generator: The caller's generator or ``None``; with groups, each group draws from its
             own generator derived from it in group order.
@@ -181,6 +185,21 @@ def run_model(
     Returns:
         The result, or a dict group name -> result when ``groups`` is given.
     """
+    if isinstance(params, Variables):  # activations or inputs
+        return run_variables(
+            fname,
+            model,
+            loss_fn,
+            data,
+            params,
+            groups,
+            generator,
+            make_steps,
+            finish,
+            options,
+            budget,
+            certain,
+        )
     names, tensors = model_params(fname, model, params)
     resolved = resolve_groups(fname, model, names, tensors, groups)
     union = (

@@ -47,6 +47,7 @@ from torch_secorder.analysis._lanczos import lanczos_quadrature, work_dtype
 from torch_secorder.analysis._memory import memory_budget
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis._sampling import make_generator
+from torch_secorder.analysis._variables import model_selection
 from torch_secorder.analysis.results import DensityResult
 
 __all__ = ["model_spectral_density", "spectral_density"]
@@ -137,6 +138,8 @@ def model_spectral_density(
     *,
     params: ParamSelection = None,
     groups: object = None,
+    wrt: str = "params",
+    modules: ParamSelection = None,
     num_matvecs: int = 400,
     num_probes: int = 4,
     grid_size: int = 1000,
@@ -158,6 +161,7 @@ def model_spectral_density(
 
     Args:
         {model_data}
+        {model_wrt}
         num_matvecs: Budget per group, as for :func:`spectral_density`.
         num_probes: As for :func:`spectral_density`.
         grid_size: As for :func:`spectral_density`.
@@ -186,6 +190,7 @@ def model_spectral_density(
     check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
         steps = _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
+        params = model_selection(fname, params, wrt, modules, groups)
 
         def make_steps(
             n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int

@@ -42,6 +42,7 @@ from torch_secorder.analysis._exact import auto_method, model_exact_or_estimate
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._memory import memory_budget
 from torch_secorder.analysis._operator import resolve
+from torch_secorder.analysis._variables import model_selection
 from torch_secorder.analysis.results import DiagonalEstimate
 from torch_secorder.core.operator import HessianOperator
 from torch_secorder.core.params import unflatten
@@ -135,6 +136,8 @@ def model_hessian_diagonal_estimate(
     *,
     params: ParamSelection = None,
     groups: object = None,
+    wrt: str = "params",
+    modules: ParamSelection = None,
     method: str = "auto",
     num_matvecs: int = 100,
     generator: torch.Generator | None = None,
@@ -157,6 +160,7 @@ def model_hessian_diagonal_estimate(
 
     Args:
         {model_data}
+        {model_wrt}
         method: As for :func:`hessian_diagonal_estimate`.
         num_matvecs: Budget per group, as for :func:`hessian_diagonal_estimate`.
         {model_run}
@@ -185,6 +189,7 @@ def model_hessian_diagonal_estimate(
     check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
         check_estimator(fname, method, num_matvecs, generator, NEEDS)
+        params = model_selection(fname, params, wrt, modules, groups)
         options = {"seed": seed, "distributed": distributed, "progress": progress}
         estimator = "xdiag" if method == "auto" else method
 

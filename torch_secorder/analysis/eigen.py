@@ -71,6 +71,7 @@ from torch_secorder.analysis._lanczos import WHICH, RitzPairs
 from torch_secorder.analysis._memory import memory_budget
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis._sampling import make_generator
+from torch_secorder.analysis._variables import model_selection
 from torch_secorder.analysis.results import EigenResult
 
 __all__ = ["model_top_eigenvalues", "top_eigenvalues"]
@@ -183,6 +184,8 @@ def model_top_eigenvalues(
     *,
     params: ParamSelection = None,
     groups: object = None,
+    wrt: str = "params",
+    modules: ParamSelection = None,
     k: int = 1,
     which: str = "largest",
     method: str = "lanczos",
@@ -205,6 +208,7 @@ def model_top_eigenvalues(
 
     Args:
         {model_data}
+        {model_wrt}
         k: Eigenpairs per group, at most the group's size.
         which: As for :func:`top_eigenvalues`.
         method: As for :func:`top_eigenvalues`.
@@ -238,6 +242,7 @@ def model_top_eigenvalues(
     check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
         budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
+        params = model_selection(fname, params, wrt, modules, groups)
         options = {"seed": seed, "distributed": distributed, "progress": progress}
         solver = (method, k, which, tol, budget)
         return model_eigenpairs(

@@ -39,6 +39,7 @@ from torch_secorder.analysis._eigensolvers import (
 )
 from torch_secorder.analysis._lanczos import RitzPairs, thick_restart_lanczos
 from torch_secorder.analysis._sampling import make_generator, spawn
+from torch_secorder.analysis._variables import model_selection
 from torch_secorder.analysis.results import EigenResult, SharpnessResult
 from torch_secorder.core.operator import HessianOperator
 from torch_secorder.core.output import model_outputs, select_outputs
@@ -144,6 +145,8 @@ def model_sharpness(
     *,
     params: ParamSelection = None,
     groups: object = None,
+    wrt: str = "params",
+    modules: ParamSelection = None,
     tol: float = 1e-4,
     max_matvecs: int | None = None,
     generator: torch.Generator | None = None,
@@ -162,6 +165,7 @@ def model_sharpness(
 
     Args:
         {model_data}
+        {model_wrt}
         tol: Relative residual tolerance (as for :func:`~torch_secorder.top_eigenvalues`).
         max_matvecs: Budget of products per group; ``None`` means 300.
         {model_run}
@@ -191,6 +195,7 @@ def model_sharpness(
     """
     fname = "model_sharpness"
     budget = _check_options(fname, tol, max_matvecs, generator)
+    params = model_selection(fname, params, wrt, modules, groups)
     options = {"seed": seed, "distributed": distributed, "progress": progress}
     solver = ("lanczos", 1, "magnitude", tol, budget)
     return model_eigenpairs(fname, model, loss_fn, data, params, groups, generator, options, solver)
