@@ -17,6 +17,12 @@ the originals and the whole oracle against closed forms and finite differences.
 
 The slicing helpers (:func:`diagonal`, :func:`blocks`, :func:`block`) cut the dense matrix
 into the library's result structures, with their own flat-order arithmetic.
+
+Activations and inputs: :func:`split_loss` is a batch's loss as a pure function of
+perturbations added to the outputs of named modules (the model split at each module, the part
+after it a function of the module's output) or to the floating-point inputs;
+:func:`variable_hessian` assembles the Hessian over a data set from it, block diagonal over the
+batches with weights :math:`n_b / N`.
 """
 
 import contextlib
@@ -33,6 +39,9 @@ from tests.cases import Built
 
 __all__ = [
     "batch_norm",
+    "block_diagonal",
+    "split_loss",
+    "variable_hessian",
     "block",
     "blocks",
     "case_hessian",
@@ -299,3 +308,94 @@ def finite_difference_hessian(
         return torch.stack(out)
 
     return (4 * central(eps / 2) - central(eps)) / 3
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def split_loss(
+    model: torch.nn.Module,
+    loss_fn: Callable[..., Tensor],
+    inputs: object,
+    targets: Tensor,
+    modules: Sequence[str] | None = None,
+    seed: int = 0,
+) -> tuple[Callable[..., Tensor], list[Tensor]]:
+    """A batch's loss as a pure function of perturbations of module outputs or inputs.
+
+    With ``modules`` (names of ``named_modules``; ``""`` the model), a forward hook adds the
+    ``i``-th argument to the output of module ``i`` (the model split at that module: the rest
+    of the pass computes from the perturbed output); without, the arguments are added to the
+    floating-point tensors of ``inputs`` (a tensor or a tuple). Every call runs
+    ``functional_call`` on fresh buffer copies with the global RNG seeded to ``seed``.
+
+    Returns:
+        The function and the point (zeros shaped like the perturbed tensors).
+    """
+    named = dict(model.named_modules())
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    floating = [i for i, a in enumerate(args) if a.is_floating_point()]
+
+    def run(perturbations: Sequence[Tensor]) -> Tensor:
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        hooks = []
+        call = args
+        if modules is None:
+            added = dict(zip(floating, perturbations))
+            call = tuple(a + added[i] if i in added else a for i, a in enumerate(args))
+        else:
+            for name, e in zip(modules, perturbations):
+                hook = named[name].register_forward_hook(lambda m, a, out, e=e: out + e)
+                hooks.append(hook)
+        try:
+            torch.manual_seed(seed)
+            return loss_fn(functional_call(model, (params, buffers), call), targets)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    if modules is None:
+        point = [torch.zeros_like(args[i]) for i in floating]
+    else:
+        found: dict[str, Tensor] = {}
+        hooks = [
+            named[name].register_forward_hook(
+                lambda m, a, out, name=name: found.setdefault(name, out.detach())
+            )
+            for name in modules
+        ]
+        try:
+            with torch.random.fork_rng(), torch.no_grad():
+                run([])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        point = [torch.zeros_like(found[name]) for name in modules]
+    return (lambda *perturbations: run(perturbations)), point
+
+
+def block_diagonal(blocks: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """The block-diagonal matrix of ``weights[b] * blocks[b]``."""
+    return torch.block_diag(*[w * B for w, B in zip(weights, blocks)])
+
+
+def variable_hessian(
+    model: torch.nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batches: Sequence[tuple[object, Tensor]],
+    modules: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Tensor:
+    r"""The Hessian of the mean loss over ``batches`` w.r.t. activations (or inputs).
+
+    Batch ``b``'s variables are its own (block diagonal over batches), weighted by
+    :math:`n_b / N`; batch ``b`` runs under RNG seed ``seed + b``. Rows in flat order: batch
+    by batch, the perturbed tensors of :func:`split_loss` in order, each row-major.
+    """
+    sizes = [(x[0] if isinstance(x, tuple) else x).shape[0] for x, _ in batches]
+    blocks = []
+    for b, (x, y) in enumerate(batches):
+        fn, point = split_loss(model, loss_fn, x, y, modules, seed + b)
+        blocks.append(hessian(fn, point))
+    return block_diagonal(blocks, [n / sum(sizes) for n in sizes])

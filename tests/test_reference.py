@@ -157,3 +157,30 @@ def test_zoo_ids_are_unique_and_readable():
     ids = [case.id for case in CASES]
     assert len(set(ids)) == len(ids)
     assert all(i.replace("-", "").isalnum() for i in ids)
+
+
+def test_variable_hessian_closed_forms():
+    # MSE over o outputs: the Hessian w.r.t. the outputs of batch b is 2/(n_b o) I, weighted
+    # by n_b / N; w.r.t. the inputs of a linear model, 2/(n_b o) W^T W per sample.
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(3, 2).double()
+    batches = [(_randn(n, 3, generator=g), _randn(n, 2, generator=g)) for n in (3, 1, 2)]
+    mse = nn.MSELoss()
+    outputs = ref.variable_hessian(model, mse, batches, [""])
+    torch.testing.assert_close(outputs, torch.eye(12, dtype=torch.float64) * 2 / (6 * 2))
+    W = model.weight.detach()
+    inputs = ref.variable_hessian(model, mse, batches)
+    per_sample = 2 / (6 * 2) * W.T @ W
+    torch.testing.assert_close(inputs, torch.block_diag(*[per_sample] * 6))
+
+
+def test_split_loss_is_the_rest_of_the_model_as_a_function_of_the_output():
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = _randn(5, 3, generator=g), torch.tensor([0, 1, 1, 0, 1])
+    fn, point = ref.split_loss(model, F.cross_entropy, x, y, ["1"])
+    z = torch.tanh(model[0](x)).detach()
+    expected = ref.hessian(lambda z: F.cross_entropy(model[2](z), y), [z])
+    torch.testing.assert_close(ref.hessian(fn, point), expected)
+    assert point[0].shape == z.shape

@@ -19,6 +19,11 @@ holds for the MobileNet.
 * :func:`gradient`: the gradient at shifted parameters, for finite differences of the oracle.
 * :func:`arch_hessian`: an architecture's subset Hessian on its one batch or its data set,
   from per-batch Hessians cached for the session (:func:`batch_hessian`).
+* :func:`variable_hessian`: the Hessian of the mean loss over a data set with respect to
+  perturbations added to the outputs of named modules (or to the floating-point inputs),
+  block diagonal over the batches with weights :math:`n_b / N`, by double backward; where
+  the forward pass draws random numbers (dropout) it holds the masks of the library's seeds,
+  which ``torch.func`` does not reproduce through ``nn.LSTM`` and attention.
 """
 
 import contextlib
@@ -46,6 +51,7 @@ __all__ = [
     "names_of",
     "random_like",
     "unflat",
+    "variable_hessian",
 ]
 
 Batch = tuple[Tensor | tuple[Tensor, ...], Tensor]
@@ -231,3 +237,61 @@ def arch_hessian(name: str, mode: str, kind: str) -> Tensor:
     sizes = [inputs.shape[0] for inputs, _ in arch.batches]
     total = sum(n * batch_hessian(name, mode, b) for b, n in enumerate(sizes))
     return total / sum(sizes)
+
+
+def _variable_batch_hessian(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, modules: Sequence[str] | None, seed: int
+) -> Tensor:
+    """One batch's Hessian w.r.t. zero perturbations of module outputs (or floating inputs)."""
+    twin = copy.deepcopy(model)
+    named = dict(twin.named_modules())
+    inputs, targets = batch
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    added: dict[str, Tensor] = {}
+
+    def adder(name: str) -> Callable[..., Tensor]:
+        def add(module: nn.Module, _: object, out: Tensor) -> Tensor:
+            added[name] = torch.zeros_like(out, requires_grad=True)
+            return out + added[name]
+
+        return add
+
+    hooks = [named[name].register_forward_hook(adder(name)) for name in modules or []]
+    with forward_context(seed):
+        if modules is None:
+            perturbations = [torch.zeros_like(a, requires_grad=True) for a in args]
+            args = tuple(a + e for a, e in zip(args, perturbations))
+        loss = loss_fn(twin(*args), targets)
+        for hook in hooks:
+            hook.remove()
+        if modules is not None:
+            perturbations = [added[name] for name in modules]
+        grads = torch.autograd.grad(loss, perturbations, create_graph=True, allow_unused=True)
+        g = flat([torch.zeros_like(e) if d is None else d for e, d in zip(perturbations, grads)])
+        rows = []
+        for i in range(g.numel()):
+            if not g.requires_grad:
+                rows.append(torch.zeros_like(g))
+                continue
+            row = torch.autograd.grad(g[i], perturbations, retain_graph=True, allow_unused=True)
+            rows.append(
+                flat([torch.zeros_like(e) if r is None else r for e, r in zip(perturbations, row)])
+            )
+    return torch.stack(rows).detach()
+
+
+def variable_hessian(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    modules: Sequence[str] | None = None,
+) -> Tensor:
+    """The mean loss's Hessian over ``batches`` w.r.t. perturbations of the outputs of
+    ``modules`` (of the inputs, all floating-point, for ``None``), batch ``b`` under seed
+    ``b``: block diagonal over the batches, each block weighted by :math:`n_b / N`."""
+    sizes = [_batch_size(batch) for batch in batches]
+    blocks = [
+        _variable_batch_hessian(model, loss_fn, batch, modules, b) * n / sum(sizes)
+        for b, (batch, n) in enumerate(zip(batches, sizes))
+    ]
+    return torch.block_diag(*blocks)

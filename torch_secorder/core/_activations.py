@@ -448,8 +448,11 @@ class ActivationProducts(_DataSetProducts):
             return generic  # not within the budget even if no sample were coupled
         if self.planned is None:
             for _, graph in self._graphs(lambda index: index == 0, lambda index: index == 0):
+                before = graph.num_products  # type: ignore[union-attr]
                 coupled = self._coupled(graph, 0)  # type: ignore[arg-type]
-                self.planned = (None if self._lone() else graph, coupled)  # type: ignore[assignment]
+                checks = graph.num_products - before  # type: ignore[union-attr]
+                kept = None if self._lone() else graph
+                self.planned = (kept, coupled, checks)  # type: ignore[assignment]
                 break
         return self._planned_costs(self.planned[1], only)  # type: ignore[index]
 
@@ -482,11 +485,11 @@ class ActivationProducts(_DataSetProducts):
         kept = planned[0] if planned is not None else None
         for index, graph in self._graphs(lambda index: not (index == 0 and kept is not None)):
             graph = kept if graph is None else graph
-            coupled = planned[1] if planned is not None and index == 0 else None
+            coupled, checks = planned[1:] if planned is not None and index == 0 else (None, 0)
             before = graph.num_products  # type: ignore[union-attr]
             if coupled is None and self._by_sample(index, only):
                 coupled = self._coupled(graph, index)  # type: ignore[arg-type]
-            checks = graph.num_products - before  # type: ignore[union-attr]
+            checks += graph.num_products - before  # type: ignore[union-attr]
             parts = []
             for v, probe in enumerate(graph.params):  # type: ignore[union-attr]
                 start = graph.num_products  # type: ignore[union-attr]
