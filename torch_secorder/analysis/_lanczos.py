@@ -314,7 +314,7 @@ def _restarted_lanczos(
         least = (k + b) + (k + 2 * b + locked.shape[1])  # the basis, and what it keeps besides
         raise refuse("Lanczos", least, n, dtype, device)
     floor = relative_floor(dtype)
-    V = torch.zeros(m, n, dtype=dtype, device=device)  # the basis, one vector per row
+    V = torch.empty(m, n, dtype=dtype, device=device)  # the basis, one vector per row, rows < j
     T = torch.zeros(m, m, dtype=work, device=device)
     first = None
     if start is not None:  # their sum, made orthogonal to what is locked
@@ -331,7 +331,8 @@ def _restarted_lanczos(
     while True:
         W = yield V[current].T.contiguous()
         used += current.stop - current.start
-        W, _ = _orthogonalise(W, locked)
+        if locked.shape[1]:
+            W, _ = _orthogonalise(W, locked)
         W, H = _against_basis(W, V[:j], recent)
         T[:j, current] = H.to(work)
         theta, Y = torch.linalg.eigh((T[:j, :j] + T[:j, :j].T) / 2)
