@@ -57,7 +57,7 @@ func_or_operator: A zero-argument loss closure (then ``params`` is required) or 
 params: Parameters of the closure (any iterable of tensors); ``None`` for an operator.""",
     "max_bytes": """\
 max_bytes: Memory the analysis may take for the vectors it holds and one chunk of
-    products (see the memory model in ``docs/scaling.rst``); ``None``: a quarter of the
+    products (see the memory model in ``docs/scaling.rst``); ``None``: a fifth of the
     machine's memory (of a GPU's free memory). It plans within it (a smaller sketch or
     basis, fewer probes at a time) or refuses before any product.""",
     "model_outputs": """\

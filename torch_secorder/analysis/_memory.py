@@ -4,7 +4,8 @@ An analysis holds vectors of the operator's size :math:`P` (:math:`4P` bytes in 
 vectors it keeps (Hutch++'s sketch, XTrace's and XDiag's four blocks of :math:`s`, a Lanczos
 basis, the quadrature's bases) and one chunk of columns going to the operator with its
 products (:func:`max_columns`). Its budget, ``max_bytes`` of the public function, defaults to
-a quarter of the machine's memory (:func:`default_max_bytes`); the chunk takes at most an
+a fifth of the machine's memory (:func:`default_max_bytes`), which leaves the model, its
+activations and the rest of the process room beside it; the chunk takes at most an
 eighth of it, and the algorithm sizes what it keeps to the rest (:func:`kept_vectors`): fewer
 sketch vectors, a smaller Lanczos basis, fewer quadrature probes at a time. Where even the
 least it needs does not fit, it refuses before any product, with the estimate (:func:`refuse`).
@@ -25,14 +26,14 @@ import torch
 BLOCK_BYTES = 2**30
 """Most memory of one chunk of columns handed to the operator (and of its products)."""
 
-MEMORY_SHARE = 0.25
+MEMORY_SHARE = 0.2
 """Share of the machine's memory (or of a GPU's free memory) an analysis takes by default."""
 
 _BUDGET: ContextVar[tuple[str, int | None] | None] = ContextVar("budget", default=None)
 
 
 def default_max_bytes(device: torch.device) -> int:
-    """A quarter of the physical memory of the CPU, or of the free memory of a GPU."""
+    """A fifth of the physical memory of the CPU, or of the free memory of a GPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(MEMORY_SHARE * free)
