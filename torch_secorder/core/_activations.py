@@ -312,7 +312,7 @@ class ActivationProducts(_DataSetProducts):
                     "forward pass, so a perturbation of it would not reach what reads it; choose "
                     "the module that modifies it, or one whose output is not held elsewhere."
                 )
-        size = self.sizes[index]
+        size = batch_size(self.fname, index, inputs)
         return graph, size, (size, _checksum(inputs, targets), float(graph.loss))
 
     def _rows(self, index: int) -> slice:
@@ -500,7 +500,7 @@ class ActivationProducts(_DataSetProducts):
                 else:
                     parts.append(graph.own_diagonal(v))  # type: ignore[union-attr]
                 used = graph.num_products - start  # type: ignore[union-attr]
-                costs[v] = max(costs[v], used + (checks if v == only[0] else 0))
+                costs[v] = max(costs[v], used + (checks if v == min(only, default=-1) else 0))
             out[self._rows(index)] = self._weight(index, _flat.join(parts))
             if index == 0 and kept is not None:
                 kept.release()
