@@ -60,8 +60,8 @@ def bars(n):
     return images, labels
 
 
-images, labels = bars(256)
-data = [(images[i : i + 64], labels[i : i + 64]) for i in range(0, 256, 64)]  # four batches
+images, labels = bars(192)
+data = [(images[i : i + 64], labels[i : i + 64]) for i in range(0, 192, 64)]  # three batches
 
 # %%
 # A small CNN, trained for a few seconds
@@ -69,9 +69,9 @@ data = [(images[i : i + 64], labels[i : i + 64]) for i in range(0, 256, 64)]  # 
 torch.manual_seed(0)
 model = nn.Sequential(
     OrderedDict(
-        conv1=nn.Conv2d(1, 8, 3, padding=1),
+        conv1=nn.Conv2d(1, 4, 3, padding=1),
         act1=nn.Tanh(),
-        conv2=nn.Conv2d(8, 8, 3, padding=1, stride=2),
+        conv2=nn.Conv2d(4, 8, 3, padding=1, stride=2),
         act2=nn.Tanh(),
         flatten=nn.Flatten(),
         fc1=nn.Linear(128, 32),
