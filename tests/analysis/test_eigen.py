@@ -194,6 +194,25 @@ def test_power_default_budget_gives_100_per_pair_when_no_run_is_dropped():
     assert result.num_matvecs == 200  # the reserve run for an unwanted eigenvalue is unused
 
 
+class _Float32Products(DenseOperator):
+    """Products rounded to float32: explicit residuals cannot go below about 1e-7."""
+
+    def matmat(self, V):
+        return super().matmat(V).float().double()
+
+
+def test_a_residual_floor_of_the_products_is_named_in_the_warning():
+    operator = _Float32Products(with_spectrum(clustered()))
+    with pytest.warns(RuntimeWarning) as record:
+        result = ts.top_eigenvalues(operator, k=2, tol=1e-9, max_matvecs=400)
+    message = str(record[0].message)
+    assert message.startswith("top_eigenvalues: the eigenpairs did not reach tol=1e-09")
+    assert "stopped improving, limited by the rounding of the Hessian-vector products" in message
+    assert not result.converged
+    assert result.num_matvecs <= 400
+    assert bool((result.residuals > 1e-9 * result.eigenvalues.abs()).any())
+
+
 def test_lanczos_needs_far_fewer_products_than_power_iteration():
     lam = dominant()
     truth = expected(lam, 3, "largest")

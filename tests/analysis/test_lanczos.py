@@ -48,7 +48,7 @@ def test_lanczos_relation_and_orthonormal_basis():
     A = with_spectrum(indefinite(60))
     operator = Recording(A)
     steps = _restarted_lanczos(
-        60, 1, 1000, None, None, "largest", 1e-12, DTYPE, CPU, generator(0), 1, 60
+        60, 1, 1000, None, None, "largest", 1e-12, DTYPE, CPU, generator(0), 1, 60, []
     )  # one run, without the verification in the complement
     ((pairs, used),) = run("test", operator, [Problem(steps)])
     Q = torch.cat(operator.columns, dim=1)  # without restarts, the requests are the basis
@@ -114,7 +114,32 @@ def test_converged_only_when_the_explicit_residuals_meet_the_tolerance():
     torch.testing.assert_close(pairs.residuals, explicit, rtol=0.5, atol=0)
     assert not bool((explicit <= 1e-9 * pairs.values.abs()).all())  # float32 cannot meet 1e-9
     assert not pairs.converged  # and it says so
+    assert pairs.stalled  # a refinement did not halve the residuals: rounding, not the budget
     assert problem.num_matvecs <= 400
+
+
+def test_a_float32_refinement_aims_no_lower_than_its_rounding():
+    # Explicit residuals just above tol: refinements aiming below float32's rounding unit ran
+    # their recurrence until the budget was spent.
+    A = with_spectrum(clustered(), seed=2).float()
+    steps = thick_restart_lanczos(
+        A.shape[0], 4, "largest", 1e-6, 400, torch.float32, CPU, generator(2)
+    )
+    problem = Problem(steps)
+    (pairs,) = run("test", DenseOperator(A), [problem])
+    explicit = (A @ pairs.vectors - pairs.vectors * pairs.values).norm(dim=0)
+    assert not pairs.converged
+    assert pairs.stalled
+    assert not bool((explicit <= 1e-6 * pairs.values.abs()).all())
+    assert problem.num_matvecs < 320  # the whole budget before
+
+
+def test_a_search_out_of_products_has_not_stalled():
+    A = with_spectrum(clustered())
+    pairs, _, problem = solve(A, 2, tol=1e-12, budget=6)
+    assert not pairs.converged
+    assert not pairs.stalled
+    assert problem.num_matvecs == 6
 
 
 @pytest.mark.parametrize("block_size", [2, 3])
@@ -245,7 +270,7 @@ def test_verification_is_cheap_with_a_gap():
     A = with_spectrum(lam)
     operator = Recording(A)
     main = _restarted_lanczos(
-        100, 1, 1000, None, None, "largest", 1e-8, DTYPE, CPU, generator(0), 1, None
+        100, 1, 1000, None, None, "largest", 1e-8, DTYPE, CPU, generator(0), 1, None, []
     )
     ((_, used),) = run("test", operator, [Problem(main)])
     pairs, _, problem = solve(A, 1, tol=1e-8)

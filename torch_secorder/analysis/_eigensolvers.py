@@ -127,14 +127,36 @@ def check_k(fname: str, k: int, size: int, what: str) -> None:
 
 
 def warn_not_converged(
-    fname: str, what: str, method: str, tol: float, budget: int, stacklevel: int = 3
+    fname: str,
+    what: str,
+    method: str,
+    tol: float,
+    budget: int,
+    stacklevel: int = 3,
+    *,
+    stalled: bool = False,
 ) -> None:
-    """Warn that ``what`` did not converge, at the caller of the public function ``fname``."""
+    """Warn that ``what`` did not converge, at the caller of the public function ``fname``.
+
+    ``stalled``: Lanczos stopped with products left because its explicit residuals no longer
+    improved (:attr:`RitzPairs.stalled`): the rounding of the products, not the budget,
+    limits them.
+    """
     criterion = "relative residual" if method == "lanczos" else "relative eigenvalue change"
-    message = (
-        f"{fname}: {what} did not reach tol={tol:g} ({criterion}) within max_matvecs={budget}; "
-        "the results are the best found (converged=False). Raise max_matvecs or tol."
-    )
+    if stalled:
+        message = (
+            f"{fname}: {what} did not reach tol={tol:g} ({criterion}) within "
+            f"max_matvecs={budget}: the explicit residuals stopped improving, limited "
+            "by the rounding of the Hessian-vector products in this precision; the results are "
+            "the best found (converged=False, with their residuals). Pass a larger tol, or "
+            "compute in float64."
+        )
+    else:
+        message = (
+            f"{fname}: {what} did not reach tol={tol:g} ({criterion}) within "
+            f"max_matvecs={budget}; the results are the best found (converged=False). Raise "
+            "max_matvecs or tol."
+        )
     warnings.warn(message, RuntimeWarning, stacklevel)
 
 
@@ -162,9 +184,14 @@ def model_eigenpairs(
         check_k(fname, k, n, "the size of a group" if groups is not None else "P")
         return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen)
 
+    stalled_results: list[EigenResult] = []  # stopped by rounding, not by the budget
+
     def finish(pairs: RitzPairs, count: int, group_params: list[Tensor]) -> EigenResult:
         vectors = unflatten(pairs.vectors.T, group_params)
-        return EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
+        result = EigenResult(pairs.values, vectors, pairs.residuals, pairs.converged, count)
+        if pairs.stalled:
+            stalled_results.append(result)
+        return result
 
     results = run_model(
         fname,
@@ -185,7 +212,9 @@ def model_eigenpairs(
         if missing:
             listed = ", ".join(map(repr, missing))
             what = ("group " if len(missing) == 1 else "groups ") + listed
-            warn_not_converged(fname, what, method, tol, budget, 4)
+            stalled = all(any(results[n] is r for r in stalled_results) for n in missing)
+            warn_not_converged(fname, what, method, tol, budget, 4, stalled=stalled)
     elif not results.converged:
-        warn_not_converged(fname, "the eigenpairs", method, tol, budget, 4)
+        stalled = bool(stalled_results)
+        warn_not_converged(fname, "the eigenpairs", method, tol, budget, 4, stalled=stalled)
     return results

@@ -54,6 +54,8 @@ class RitzPairs:
         residuals: ``(k,)`` residual norms :math:`\|Ax - \theta x\|`.
         converged: Whether every pair met the tolerance.
         spanned: Whether the basis spanned the whole space (the pairs are then exact).
+        stalled: Whether the search stopped, products left, because the explicit residuals
+            no longer improved (the rounding of the products limits them).
     """
 
     values: Tensor
@@ -61,6 +63,7 @@ class RitzPairs:
     residuals: Tensor
     converged: bool
     spanned: bool = False  # the basis spanned the whole space: exact to rounding
+    stalled: bool = False
 
 
 def work_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -91,12 +94,13 @@ def _orthogonalise(W: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     """Classical Gram-Schmidt of the columns of ``W`` against ``basis``, twice.
 
     Returns:
-        ``W`` minus its projection, and the coefficients ``basis^T W``.
+        ``W`` minus its projection (a new tensor; ``W`` is left as it was), and the
+        coefficients ``basis^T W``.
     """
     H = basis.T @ W
-    W = W - basis @ H
+    W = torch.addmm(W, basis, H, alpha=-1)
     H2 = basis.T @ W
-    return W - basis @ H2, H + H2
+    return W.addmm_(basis, H2, alpha=-1), H + H2
 
 
 def _fill(
@@ -156,8 +160,10 @@ def thick_restart_lanczos(
     quotient, the residual :math:`\|Ax - \theta x\|` computed, and ``converged`` only if that
     explicit residual meets ``tol``. Where the recurrence's residuals met ``tol`` but the
     explicit ones do not, the search goes on from the pairs found, with the inner tolerance
-    lowered by as much as they were off, while the explicit residuals at least halve and
-    products remain.
+    lowered by as much as they were off (not below the rounding unit), while the explicit
+    residuals at least halve and products remain; where a refinement does not halve them, the
+    result is ``stalled``. A refinement's pairs converge when their explicit residuals meet
+    ``tol``, also where its own recurrence ran out of products.
 
     Args:
         n: Dimension of the operator.
@@ -183,8 +189,9 @@ def thick_restart_lanczos(
     reserved = 0 if n <= max_matvecs else min(k, max_matvecs - 1)
     inner, best = tol, None
     used = 0
+    workspace: list[Tensor] = []  # one basis for every search, its pages touched once
     while True:
-        options = (which, inner, dtype, device, generator, block_size, basis_size)
+        options = (which, inner, dtype, device, generator, block_size, basis_size, workspace)
         budget = max_matvecs - (reserved if best is None else k) - used
         pairs, spent = yield from _all_copies(n, k, budget, start, *options)
         used += spent
@@ -193,17 +200,24 @@ def thick_restart_lanczos(
         if used + k > max_matvecs:  # no products left to check them: not known to converge
             pairs.converged = False
             return pairs
-        checked = yield from _explicit(pairs, which, tol, dtype)
+        # A refinement starts from pairs already found: its explicit residuals decide alone.
+        checked = yield from _explicit(
+            pairs, which, tol, dtype, pairs.converged or best is not None
+        )
         used += k
         halved = best is None or _worst(checked) <= _worst(best) / 2
         if best is not None and _worst(best) < _worst(checked):
             checked = best  # the better of the two checked sets
         if checked.converged or not pairs.converged or used + k >= max_matvecs or not halved:
-            return checked  # done, out of products, or no longer improving (rounding)
+            # stalled: a refinement did not halve the explicit residuals (rounding)
+            checked.stalled = best is not None and not checked.converged and not halved
+            return checked  # done, out of products, or no longer improving
         # The estimates met the tolerance, the explicit residuals not (rounding of the
         # products): go on from the pairs found, aiming as much lower as they were off.
         off = float(pairs.residuals.min()) / max(_worst(checked), 1e-300)
-        inner, start, best = inner * min(1.0, off) / 2, checked.vectors, checked
+        # (no lower than the rounding unit: a recurrence aiming below it would not stop)
+        inner = max(inner * min(1.0, off) / 2, torch.finfo(dtype).eps)
+        start, best = checked.vectors, checked
 
 
 def _worst(pairs: RitzPairs) -> float:
@@ -244,13 +258,13 @@ def _all_copies(
     return pairs, used
 
 
-def _explicit(pairs: RitzPairs, which: str, tol: float, dtype: torch.dtype) -> Steps:
+def _explicit(pairs: RitzPairs, which: str, tol: float, dtype: torch.dtype, found: bool) -> Steps:
     r"""The pairs with explicit residuals: one product per vector, as the user would check.
 
     The vectors are normalised, the values are their Rayleigh quotients :math:`x^\top A x`,
     the residuals :math:`\|Ax - \theta x\|` from the products; converged when every residual
-    is at most ``tol`` times :math:`\max(|\theta|, \varepsilon^{1/3} \max_i |\theta_i|)` (and
-    the pairs had converged).
+    is at most ``tol`` times :math:`\max(|\theta|, \varepsilon^{1/3} \max_i |\theta_i|)` and
+    the pairs were ``found`` (their search converged, or they refine pairs that had).
     """
     X = pairs.vectors / pairs.vectors.norm(dim=0)
     AX = yield X
@@ -259,7 +273,7 @@ def _explicit(pairs: RitzPairs, which: str, tol: float, dtype: torch.dtype) -> S
     residuals = (AX.to(work) - X.to(work) * theta).norm(dim=0).to(dtype)
     theta = theta.to(dtype)
     scale = torch.clamp(theta.abs(), min=relative_floor(dtype) * float(theta.abs().max()))
-    converged = pairs.converged and bool((residuals <= tol * scale).all())
+    converged = found and bool((residuals <= tol * scale).all())
     order = wanted_order(theta, which)
     return RitzPairs(theta[order], X[:, order], residuals[order], converged)
 
@@ -289,6 +303,7 @@ def _restarted_lanczos(
     generator: torch.Generator,
     block_size: int,
     basis_size: int | None,
+    workspace: list[Tensor],
     *,
     start: Tensor | None = None,
 ) -> Steps:
@@ -298,7 +313,8 @@ def _restarted_lanczos(
     converged to the screening tolerance :math:`\sqrt{\texttt{tol}}` and is less wanted than
     ``bound`` by more than its residual: :math:`\text{key}(\theta) + \|r\| \le` ``bound``.
     ``start`` (columns whose span should seed the search, e.g. Ritz vectors found before)
-    replaces the random first vector by their sum.
+    replaces the random first vector by their sum. The basis is the first rows of the one in
+    ``workspace`` where that has enough (else a new one, kept there).
 
     Returns:
         ``(pairs, products used)``; ``pairs`` is ``None`` after such an early stop.
@@ -314,18 +330,21 @@ def _restarted_lanczos(
         least = (k + b) + (k + 2 * b + locked.shape[1])  # the basis, and what it keeps besides
         raise refuse("Lanczos", least, n, dtype, device)
     floor = relative_floor(dtype)
-    V = torch.empty(m, n, dtype=dtype, device=device)  # the basis, one vector per row, rows < j
+    if not workspace or workspace[0].shape[0] < m:
+        workspace[:] = [torch.empty(m, n, dtype=dtype, device=device)]
+    V = workspace[0][:m]  # the basis, one vector per row; rows below j are written before read
     T = torch.zeros(m, m, dtype=work, device=device)
     first = None
     if start is not None:  # their sum, made orthogonal to what is locked
         first, _ = _orthogonalise(start.sum(dim=1, keepdim=True), locked)
         first = first / first.norm() if float(first.norm()) > 0 else None
     if first is None:
-        V[:b] = _fill(locked, b, generator, dtype, device).T
+        V[:b] = _as_rows(_fill(locked, b, generator, dtype, device))
     else:
-        V[:1] = first.T
+        V[:1] = _as_rows(first)
         if b > 1:
-            V[1:b] = _fill(torch.cat([locked, first], dim=1), b - 1, generator, dtype, device).T
+            spanned = torch.cat([locked, first], dim=1)
+            V[1:b] = _as_rows(_fill(spanned, b - 1, generator, dtype, device))
     j, current, recent = b, slice(0, b), 0
     used, norm = 0, 0.0
     while True:
@@ -373,13 +392,15 @@ def _restarted_lanczos(
         # A vanishing residual direction means V spans an invariant subspace: go on in fresh
         # random directions.
         strong = singular[:take] > eps ** (2 / 3) * norm
-        block, rows = U[:, :take][:, strong], coupling[:take][strong]
+        block, rows = U[:, :take], coupling[:take]
+        if not bool(strong.all()):
+            block, rows = block[:, strong], rows[strong]
         if block.shape[1] < width:
             missing = width - block.shape[1]
             spanned = torch.cat([locked, V[:j].T, block], dim=1)
             block = torch.cat([block, _fill(spanned, missing, generator, dtype, device)], dim=1)
             rows = torch.cat([rows, rows.new_zeros(missing, j)])
-        V[j : j + width] = block.T
+        V[j : j + width] = _as_rows(block)
         T[j : j + width, :j] = rows
         current = slice(j, j + width)
         j += width
@@ -397,31 +418,44 @@ def _against_basis(W: Tensor, rows: Tensor, recent: int) -> tuple[Tensor, Tensor
     where that one removed more than a third of what was left (the "twice is enough" test).
     Costs one pass over the whole basis where classical Gram-Schmidt twice costs two.
 
+    The passes update one new vector in place: a temporary of the operator's size costs a
+    fresh allocation (page faults included) of the size of the product, each time.
+
     Returns:
-        ``W`` minus its projection, and the coefficients ``rows W``.
+        ``W`` minus its projection (a new tensor; ``W`` is left as it was), and the
+        coefficients ``rows W``.
     """
     local = rows[recent:]
     H = torch.zeros(rows.shape[0], W.shape[1], dtype=W.dtype, device=W.device)
     near = local @ W
-    W = W - local.T @ near
+    W = torch.addmm(W, local.T, near, alpha=-1)
     H[recent:] = near
     before = W.norm(dim=0)
     coefficients = rows @ W
-    W = W - rows.T @ coefficients
+    W.addmm_(rows.T, coefficients, alpha=-1)
     H += coefficients
     if bool((W.norm(dim=0) < before * (2 / 3)).any()):
         again = rows @ W
-        W = W - rows.T @ again
+        W.addmm_(rows.T, again, alpha=-1)
         H += again
     return W, H
 
 
+def _as_rows(columns: Tensor) -> Tensor:
+    """``columns.T``, to be copied into rows of a basis.
+
+    One column becomes a row view: PyTorch copies the transpose of an ``(n, 1)`` tensor an
+    order of magnitude slower.
+    """
+    return columns.reshape(1, -1) if columns.shape[1] == 1 else columns.T
+
+
 def _factor(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``W = U diag(s) Vh`` (thin): a column by its norm, more by singular value decomposition."""
+    """``W = U diag(s) Vh`` (thin): a column by its norm (in place), more by an SVD."""
     if W.shape[1] != 1:
         return torch.linalg.svd(W, full_matrices=False)
     norm = W.norm()
-    U = W / norm if float(norm) > 0 else W
+    U = W.div_(norm) if float(norm) > 0 else W
     return U, norm.reshape(1), torch.ones(1, 1, dtype=W.dtype, device=W.device)
 
 

@@ -166,7 +166,7 @@ def top_eigenvalues(
             run(fname, operator, [problem])
         pairs: RitzPairs = problem.result
         if not pairs.converged:
-            warn_not_converged(fname, "the eigenpairs", method, tol, budget)
+            warn_not_converged(fname, "the eigenpairs", method, tol, budget, stalled=pairs.stalled)
         return EigenResult(
             pairs.values,
             target.columns_like_params(pairs.vectors),

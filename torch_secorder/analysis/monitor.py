@@ -400,7 +400,13 @@ class CurvatureMonitor:
         if not pairs.converged:
             what = f"the {quantity}s" + ("" if group is None else f" of group {group!r}")
             warn_not_converged(
-                FNAME, f"{what} at step {self.steps}", "lanczos", self.tol, self.max_matvecs, 6
+                FNAME,
+                f"{what} at step {self.steps}",
+                "lanczos",
+                self.tol,
+                self.max_matvecs,
+                6,
+                stalled=pairs.stalled,
             )
         return [
             CurvatureRecord(

@@ -132,7 +132,8 @@ def output_sharpness(
     missing = int((~converged).sum())
     if missing:
         what = f"{missing} of {converged.numel()} output elements"
-        warn_not_converged(fname, what, "lanczos", tol, budget)
+        stalled = all(p.stalled for p in pairs if not p.converged)
+        warn_not_converged(fname, what, "lanczos", tol, budget, stalled=stalled)
     values, residuals, converged = (t.reshape(shape) for t in (values, residuals, converged))
     return SharpnessResult(values.abs(), values, residuals, converged, used)
 
