@@ -1,3 +1,4 @@
+import importlib
 import json
 import re
 import sys
@@ -7,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import torch_secorder as ts
+from tests import reference as ref
 from torch_secorder import hessian_matrix
 from torch_secorder.__main__ import main
 
@@ -72,6 +75,20 @@ FACTORIES = textwrap.dedent(
     def raw():
         torch.manual_seed(0)
         return Raw()
+
+    class Twice(nn.Module):
+        # one Tanh applied twice: its output is no single tensor
+
+        def __init__(self):
+            super().__init__()
+            self.first, self.act, self.head = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.act(self.act(self.first(x))))
+
+    def twice():
+        torch.manual_seed(0)
+        return Twice()
     """
 )
 
@@ -122,6 +139,9 @@ def test_default_demo_report(tmp_path, capsys):
     assert out.index("[5/5] per-layer top eigenvalues") < out.index("wrote")
     assert "## Top eigenvalues" in markdown
     assert "## Per layer" in markdown
+    assert "activations" not in report  # the activation table is off by default
+    assert "activations" not in report["plan"]
+    assert "## Activations" not in markdown
     assert "![Spectral density](density.png)" in markdown
     assert f"exact: the sum of the exact diagonal ({diagonal} products)" in markdown
     assert f"| trace | exact | {diagonal} |" in markdown
@@ -229,6 +249,11 @@ def test_one_batch_mse(tmp_path, factories, capsys):
         ),
         (["--trace-matvecs", "2"], r"--trace-matvecs must be at least 3 \(Hutch\+\+ needs"),
         (["--per-layer", "trace", "--layer-matvecs", "1"], r"--layer-matvecs must be at least 3"),
+        (
+            ["--model", "{f}:model", "--data", "{f}:data", "--activations", "2", "nope*"],
+            r"--activations: entry 'nope\*' matches no module of the model; its modules are: "
+            r"0, 1, 2\.$",
+        ),
     ],
 )
 def test_bad_arguments_one_line_error(args, message, factories, tmp_path, capsys):
@@ -302,6 +327,11 @@ def no_training(monkeypatch):
         (["--device", "nonsense"], r"--device: unknown device 'nonsense'"),
         (["--device", "meta"], r"--device: meta tensors hold no values"),
         (["--trace-matvecs", "2"], r"--trace-matvecs must be at least 3"),
+        (
+            ["--activations", "fc"],
+            r"--activations: entry 'fc' matches no module of the model; its modules are: 0, 1, "
+            r"2, 3, 4\.$",
+        ),
     ],
 )
 def test_demo_arguments_are_checked_before_training(args, message, tmp_path, capsys, no_training):
@@ -686,3 +716,185 @@ def test_model_module_in_the_working_directory(tmp_path, capsys, monkeypatch):
     status, _, err = run([*args[:2], "--model", "report_cwd_nothing:f", *args[4:]], capsys)
     assert status == 2
     assert "--model: cannot import 'report_cwd_nothing'" in err
+
+
+# ----------------------------------------------------------------------------- activation table
+
+QUICK = ["--dtype", "float64", "--batch-size", "16", "--k", "1", "--probes", "1", "--steps", "5"]
+"""Small whole-model stages, float64, the 40 samples of ``data`` in batches of 16, 16 and 8."""
+
+
+def float64_batches():
+    from report_factories import data
+
+    x, y = data().tensors
+    return [(x[i : i + 16].double(), y[i : i + 16]) for i in range(0, 40, 16)]
+
+
+@pytest.mark.parametrize(
+    ("factory", "options", "modules", "methods", "line"),
+    [
+        # every module owning parameters, the model's own output "(root)" first; all exact
+        (
+            "scaled",
+            ["--activations"],
+            ["", "body.0", "body.2"],
+            ["exact"] * 3,
+            "  6. activation traces: exact, 18 products, 0.0 s (3 module outputs, from one exact "
+            "diagonal (18 products))",
+        ),
+        # chosen modules: the Tanh's output (6 per sample, whose diagonal takes more than the
+        # budget of 9: Hutch++) and the logits (3 per sample, exact with the 6 products of
+        # the checks that the samples are independent)
+        (
+            "model",
+            ["--activations", "1", "2", "--layer-matvecs", "9"],
+            ["1", "2"],
+            ["hutch++", "exact"],
+            "  6. activation traces: exact and Hutch++, 18 products, 0.0 s (2 module outputs: 1 "
+            "exact, from one exact diagonal (9 products); 1 by Hutch++, budget 9 each (9 "
+            "products))",
+        ),
+    ],
+)
+def test_activation_table(factory, options, modules, methods, line, tmp_path, factories, capsys):
+    args = [*user_args(factories, tmp_path, factory), *QUICK, "--per-layer", "none", *options]
+    status, out, err = run(args, capsys)
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    markdown = (tmp_path / "report.md").read_text()
+    rows = report["activations"]
+    names = [name or "(root)" for name in modules]
+    assert [row["module"] for row in rows] == names
+    statuses = [entry["status"] for entry in report["plan"]["stages"]]
+    assert statuses == ["done"] * 3 + ["skipped"] * 2 + ["done"] * 2
+    traces = report["plan"]["stages"][5]
+    assert traces["products_used"] == traces["products"]  # the exact diagonal as planned
+    assert report["num_matvecs"] == sum(e.get("products_used", 0) for e in report["plan"]["stages"])
+    assert out.index("  7. activation top eigenvalues: Lanczos, at most ") < out.index("[1/5]")
+    assert "[6/7]" not in out  # two per-layer stages skipped: seven planned, five run
+    assert out.index("[4/5] activation traces") < out.index("[5/5] activation top eigenvalues")
+    assert re.sub(r"\d+\.\d s \(", "0.0 s (", line) in re.sub(r"\d+\.\d s \(", "0.0 s (", out)
+    assert [row["trace_method"] for row in rows] == methods
+    # the numbers of the library's model forms, called directly on the same data
+    model = getattr(importlib.import_module("report_factories"), factory)().double()
+    batches = float64_batches()
+    budget = 9 if "--layer-matvecs" in options else 100
+    common = {"wrt": "activations", "modules": modules, "groups": "module"}
+    expected_traces = ts.model_hessian_trace(
+        model, nn.CrossEntropyLoss(), batches, **common, num_matvecs=budget,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    expected_tops = ts.model_top_eigenvalues(
+        model, nn.CrossEntropyLoss(), batches, **common, generator=torch.Generator().manual_seed(0)
+    )
+    for row in rows:
+        trace, top = expected_traces[row["module"]], expected_tops[row["module"]]
+        assert row["trace"] == trace.value.item()
+        assert row["trace_stderr"] == trace.stderr.item()
+        assert (row["trace_method"], row["trace_num_matvecs"]) == (trace.method, trace.num_matvecs)
+        assert row["top_eigenvalue"] == top.eigenvalues[0].item()
+        assert (row["converged"], row["eigen_num_matvecs"]) == (top.converged, top.num_matvecs)
+        assert row["num_matvecs"] == trace.num_matvecs + top.num_matvecs
+    # and the Hessian of the model split at each module, by torch.func
+    per_sample = {"": 3, "body.0": 6, "body.2": 3, "1": 6, "2": 3}
+    for name, row in zip(modules, rows):
+        H = ref.variable_hessian(model, nn.CrossEntropyLoss(), batches, [name])
+        assert row["entries"] == H.shape[0] == 40 * per_sample[name]
+        assert row["entries_per_sample"] == per_sample[name]
+        assert row["trace_per_entry"] == row["trace"] / per_sample[name]
+        if row["trace_method"] == "exact":
+            torch.testing.assert_close(row["trace"], H.trace().item())
+        else:
+            assert abs(row["trace"] - H.trace().item()) < 4 * row["trace_stderr"]
+        top = torch.linalg.eigvalsh(H)[-1].item()
+        torch.testing.assert_close(row["top_eigenvalue"], top, rtol=1e-4, atol=0)
+    assert "## Activations" in markdown
+    assert "(root) holds" not in markdown
+    row = rows[-1]
+    assert (
+        f"| {row['module']} | Linear | 3 | {row['trace']:.6g} |  | exact | "
+        f"{row['trace_per_entry']:.4g} | {row['top_eigenvalue']:.6g} | {row['num_matvecs']} |"
+    ) in markdown
+
+
+def test_activation_plan_before_the_data():
+    from torch_secorder._report import STAGES, make_plan
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    plan = make_plan(model, activations=[])  # the modules owning parameters
+    assert plan.stages == (*STAGES, "activation traces", "activation top eigenvalues")
+    assert plan.activations.modules == ["0", "2"]
+    # every trace priced as Hutch++ at the module budget, every eigenvalue at its cap
+    assert plan.products["activation traces"] == 200
+    assert plan.products["activation top eigenvalues"] == 600
+    assert make_plan(model, activations=["*"], layer_matvecs=30).products["activation traces"] == (
+        3 * 30
+    )
+    assert make_plan(model, activations=[""]).activations.selection == [""]
+    assert make_plan(model).stages == STAGES
+    assert "activation traces" not in make_plan(model).products
+    with pytest.raises(ValueError, match="make_plan: modules entry 'x' matches no module"):
+        make_plan(model, activations=["x"])
+
+
+def test_activations_of_a_module_called_twice_are_refused_before_any_product(
+    tmp_path, factories, capsys
+):
+    status, out, err = run(
+        [*user_args(factories, tmp_path, "twice"), "--activations", "act"], capsys
+    )
+    assert status == 2
+    assert out == ""
+    assert err.strip() == (
+        "torch-secorder report: error: --activations selects 'act', which is called 2 times in "
+        "the forward pass of data batch 0, so it has no single output; choose a module called "
+        "once (one nn.ReLU reused at several places is called several times)."
+    )
+
+
+def test_failed_activation_eigenvalues_keep_the_activation_traces(
+    tmp_path, factories, capsys, monkeypatch
+):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("failed to allocate 7.3 GB")
+
+    monkeypatch.setattr("torch_secorder._report.activation_top_eigenvalues", out_of_memory)
+    args = [*user_args(factories, tmp_path), *SMALL, "--activations", "0", "2"]
+    status, _, err = run(args, capsys)
+    assert status == 2
+    assert "stage 'activation top eigenvalues' failed: RuntimeError: failed to allocate" in err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [entry["status"] for entry in report["plan"]["stages"]][-2:] == ["done", "failed"]
+    assert [row["top_eigenvalue"] for row in report["activations"]] == [None, None]
+    assert all(row["trace"] > 0 for row in report["activations"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "top eigenvalues not computed (failed)" in markdown
+
+
+def test_progress_bars_count_every_product(tmp_path, factories, capsys, monkeypatch):
+    bars = {}
+
+    class Bar:
+        def __init__(self, stage, total):
+            self.total, self.count = total, 0
+            bars[stage] = self
+
+        def update(self, products):
+            self.count += products
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(
+        "torch_secorder._report._bar", lambda enabled, stage, total: Bar(stage, total)
+    )
+    args = ["report", *user_args(factories, tmp_path), *SMALL, "--layer-matvecs", "9"]
+    status = main([*args, "--per-layer", "all", "--activations", "1", "2"])
+    capsys.readouterr()
+    assert status == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for entry in report["plan"]["stages"]:
+        bar = bars[entry["stage"]]
+        assert bar.total == entry["products"]
+        assert bar.count == entry["products_used"], entry["stage"]

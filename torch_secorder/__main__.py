@@ -1,7 +1,8 @@
 """Command line: ``torch-secorder report`` (also ``python -m torch_secorder report``).
 
 Writes a Hessian report of a model (top eigenvalues, trace, spectral density plot, per-layer
-table) as Markdown, JSON and PNG. With no arguments it trains a small network on data the
+table, and with ``--activations`` a table of the Hessians with respect to module outputs) as
+Markdown, JSON and PNG. With no arguments it trains a small network on data the
 package generates, so it runs on a fresh machine without downloads.
 """
 
@@ -89,6 +90,15 @@ def parser() -> argparse.ArgumentParser:
         "--layer-matvecs",
         type=int,
         help="budget of each module's trace, exact or Hutch++ (default: --trace-matvecs)",
+    )
+    report.add_argument(
+        "--activations",
+        nargs="*",
+        metavar="MODULE",
+        help="add a table of the loss Hessian with respect to module outputs (HAWQ-style "
+        "layer sensitivity): each module's trace, exact or Hutch++ with --layer-matvecs, and "
+        "top eigenvalue; the modules by name or glob pattern, or without names those of the "
+        "per-layer table (the modules owning the analysed parameters)",
     )
     report.add_argument("--batch-size", type=int, default=256, help="batch size for a Dataset")
     report.add_argument("--seed", type=int, default=0, help="seed of the random probes")
@@ -293,9 +303,16 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def plan_for(model: nn.Module, args: argparse.Namespace) -> Any:
-    """The report's plan; a selection that matches nothing is an error of ``--params``."""
+    """The report's plan; a selection that matches nothing is an error of its option."""
     from torch_secorder._report import make_plan
+    from torch_secorder.core._variables import select_modules
 
+    if args.activations:
+        try:
+            select_modules("select_modules", model, args.activations)
+        except ValueError as err:
+            message = str(err).replace("select_modules: modules ", "", 1)
+            raise UsageError(f"--activations: {message}") from None
     try:
         return make_plan(
             model,
@@ -306,6 +323,7 @@ def plan_for(model: nn.Module, args: argparse.Namespace) -> Any:
             probes=args.probes,
             steps=args.steps,
             per_layer=args.per_layer,
+            activations=args.activations,
         )
     except (TypeError, ValueError) as err:
         message = str(err).replace("select_params: params ", "", 1)
@@ -338,6 +356,25 @@ def demo_train(model: nn.Module, inputs: Any, targets: Any, progress: bool) -> f
     finally:
         if bar is not None:
             bar.close()
+
+
+def activations_for(plan: Any, model: nn.Module, loss_fn: Any, data: Any) -> Any:
+    """The operator of ``--activations`` (``None`` without it), built before any product.
+
+    Building it runs the model once over the data; a module that is not called once or does
+    not return one floating-point tensor is an error of the option.
+    """
+    from torch_secorder._report import activation_table_operator
+
+    if plan.activations is None:
+        return None
+    try:
+        return activation_table_operator(plan, model, loss_fn, data)
+    except (TypeError, ValueError) as err:
+        message = str(err).strip().splitlines()[0].removeprefix("HessianOperator.from_model: ")
+        if message.startswith("modules selects "):  # "--activations selects 'relu', which ..."
+            raise UsageError(f"--activations {message.removeprefix('modules ')}") from None
+        raise UsageError(f"--activations: {message}") from None
 
 
 def run_report(args: argparse.Namespace, log: Any = print) -> list[Path]:
@@ -386,6 +423,7 @@ def run_report(args: argparse.Namespace, log: Any = print) -> list[Path]:
             setup["model"] = "tanh MLP 2-32-32-3 (torch_secorder demo), weights from checkpoint"
         model.to(device)
         data = list(zip(inputs.to(device).split(256), targets.to(device).split(256)))
+    activations = activations_for(plan, model, loss_fn, data)
     first = next(iter(model.parameters()), None)
     setup["dtype"] = str(first.dtype).removeprefix("torch.") if first is not None else "-"
     setup["device"] = str(device)
@@ -403,6 +441,7 @@ def run_report(args: argparse.Namespace, log: Any = print) -> list[Path]:
         setup=setup,
         progress=progress,
         log=log,
+        activations=activations,
     )
 
 

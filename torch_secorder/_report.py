@@ -8,14 +8,22 @@ each stage's method, products and estimated time, runs the stages over one
 :class:`~torch_secorder.HessianOperator` with a progress bar per stage, and writes
 ``report.md`` and ``report.json`` (and ``density.png``) after every stage, so that a failure or
 an interruption in a later stage keeps what the earlier ones found.
+
+On request (``activations=`` of :func:`make_plan`) two more stages make a table of the Hessian
+with respect to chosen modules' outputs: each module's trace, exact where the planned diagonal
+of its output fits the module budget (as ``method="auto"`` chooses), and its top eigenvalue,
+as :func:`~torch_secorder.model_hessian_trace` and :func:`~torch_secorder.model_top_eigenvalues`
+compute them with ``wrt="activations", groups="module"``, over one activation operator
+(:func:`activation_table_operator`, timed and planned before the stages as well).
 """
 
+import contextlib
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +38,23 @@ from torch_secorder.analysis import (
     top_eigenvalues,
 )
 from torch_secorder.analysis._driver import Problem, run
-from torch_secorder.analysis._eigensolvers import default_max_matvecs, eigen_steps
+from torch_secorder.analysis._eigensolvers import (
+    default_max_matvecs,
+    eigen_steps,
+    model_eigenpairs,
+)
 from torch_secorder.analysis._estimators import estimator_steps
-from torch_secorder.analysis._groups import ROOT, group_problems, module_groups, rows_of
+from torch_secorder.analysis._groups import (
+    ROOT,
+    group_problems,
+    module_groups,
+    rows_of,
+    run_model,
+)
 from torch_secorder.analysis._sampling import make_generator, spawn
+from torch_secorder.analysis._variables import variables_exact_or_estimate
+from torch_secorder.analysis.results import TraceEstimate
+from torch_secorder.core._variables import Variables, select_modules
 from torch_secorder.core.operator import (
     HessianOperator,
     exact_diagonal,
@@ -51,6 +72,8 @@ STAGES = (
 )
 WHOLE = STAGES[:3]
 """The whole-model stages."""
+ACTIVATION_STAGES = ("activation traces", "activation top eigenvalues")
+"""The stages of the activation table, after :data:`STAGES` when it is asked for."""
 PER_LAYER = ("auto", "all", "trace", "none")
 AUTO_FACTOR = 2
 """``per_layer="auto"`` runs the per-layer traces when their products are at most this many
@@ -90,6 +113,43 @@ class StageInterrupted(KeyboardInterrupt):
 
 
 @dataclass
+class ActivationPlan:
+    """The modules of the activation table and how their traces are computed.
+
+    Attributes:
+        modules: The modules whose outputs are analysed, in model order, by their names of
+            :meth:`~torch.nn.Module.named_modules` (``"(root)"``: the model's own output).
+        sizes: Entries of each module's output over the data set (every batch's); ``None``
+            before the operator is built.
+        per_sample: Entries of each module's output per sample, where its leading dimension
+            counts the samples of every batch and the rest has one shape (else ``None``).
+        diagonal: Products of the exact diagonal of each module's output, planned on the
+            first batch; ``None`` before it is planned, or when planning failed.
+        exact_products: Products of the one exact diagonal of the outputs whose trace is
+            exact, as planned.
+        methods: Module name -> the method of its trace.
+        note: Why the exact diagonal was not planned, if it was not.
+    """
+
+    modules: list[str]
+    sizes: list[int] | None = None
+    per_sample: list[int | None] | None = None
+    diagonal: list[int] | None = None
+    exact_products: int | None = None
+    methods: dict[str, str] = field(default_factory=dict)
+    note: str | None = None
+
+    @property
+    def selection(self) -> list[str]:
+        """The modules as ``modules=`` of the model forms takes them (``""``: the model)."""
+        return ["" if name == ROOT else name for name in self.modules]
+
+    def exact_modules(self) -> list[str]:
+        """The modules whose trace is exact, in model order."""
+        return [name for name, method in self.methods.items() if method == EXACT]
+
+
+@dataclass
 class Plan:
     """What the report will compute, by which method, and what each stage costs in products.
 
@@ -121,6 +181,7 @@ class Plan:
             (``"trace"``) each module's top eigenvalue; the eigenvalues at their budget.
         products: Products per stage, at most (Lanczos stops once converged); 0 when skipped.
         note: Why the exact diagonal was not planned, if it was not.
+        activations: The activation table's plan; ``None`` when it is not asked for.
     """
 
     size: int
@@ -142,6 +203,12 @@ class Plan:
     layer_costs: dict[str, int]
     products: dict[str, int]
     note: str | None = None
+    activations: ActivationPlan | None = None
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages, in order: :data:`STAGES`, then those of the activation table if asked."""
+        return STAGES if self.activations is None else STAGES + ACTIVATION_STAGES
 
     @property
     def whole_products(self) -> int:
@@ -179,6 +246,7 @@ def make_plan(
     per_layer: str = "auto",
     diagonal: list[int] | None = None,
     subset_products: Callable[[list[str]], int] | None = None,
+    activations: Sequence[str] | None = None,
 ) -> Plan:
     """Count the products of every stage, choose the traces' methods and the per-layer stages.
 
@@ -192,6 +260,10 @@ def make_plan(
     parameters, and Hutch++ else; when that takes every module (the whole diagonal) and the
     per-layer traces run, the whole-model trace, which runs first, computes it and is exact
     as well.
+
+    With ``activations``, the activation table's traces are priced with Hutch++ at
+    ``layer_matvecs`` each, and its top eigenvalues at their budget, until
+    :func:`price_activations` plans the exact diagonal of the modules' outputs.
 
     Args:
         model: The model.
@@ -209,13 +281,18 @@ def make_plan(
         subset_products: ``subset_products(modules)``, the planned products of the exact
             diagonal of those modules' parameters (default: the sum of their shares of
             ``diagonal``).
+        activations: Module names or glob patterns of the activation table (``""``: the
+            model's own output), as ``modules=`` of the model forms takes them; an empty
+            list: the modules owning the selected parameters (the per-layer table's);
+            ``None`` (default): no activation table.
 
     Returns:
         The plan.
 
     Raises:
         TypeError, ValueError: From :func:`~torch_secorder.select_params`.
-        ValueError: On an unknown ``per_layer``, or a ``diagonal`` of another length.
+        ValueError: On an unknown ``per_layer``, a ``diagonal`` of another length, or an
+            ``activations`` entry that matches no module.
     """
     if per_layer not in PER_LAYER:
         raise ValueError(f"per_layer must be one of {', '.join(PER_LAYER)}; got {per_layer!r}")
@@ -227,11 +304,19 @@ def make_plan(
             f"got {len(diagonal)}"
         )
     sizes = [p.numel() for p in tensors]
+    groups = module_groups(model, tensors)
+    if activations is None:
+        chosen = None
+    elif activations:
+        picked = select_modules("make_plan", model, list(activations))
+        chosen = ActivationPlan([name for name, _ in picked])
+    else:
+        chosen = ActivationPlan(list(groups))
     plan = Plan(
         size=sum(sizes),
         tensors=len(tensors),
         names=names,
-        groups=module_groups(model, tensors),
+        groups=groups,
         sizes=sizes,
         k=min(k, sum(sizes)),
         trace_matvecs=trace_matvecs,
@@ -246,6 +331,7 @@ def make_plan(
         layer_methods={},
         layer_costs={},
         products={},
+        activations=chosen,
     )
     return _choose(plan, subset_products)
 
@@ -297,7 +383,7 @@ def _choose(plan: Plan, subset_products: Callable[[list[str]], int] | None) -> P
             subset = layer_trace - hutch
     products["per-layer traces"] = 0 if chosen == "none" else costs["trace"]
     products["per-layer top eigenvalues"] = layer_eigen if chosen == "all" else 0
-    return replace(
+    plan = replace(
         plan,
         per_layer=chosen,
         trace_method=trace_method,
@@ -305,6 +391,44 @@ def _choose(plan: Plan, subset_products: Callable[[list[str]], int] | None) -> P
         layer_costs=costs,
         products=products,
     )
+    return _choose_activations(plan)
+
+
+def _choose_activations(plan: Plan) -> Plan:
+    """Fill in the methods of the activation table's traces and the products of its stages.
+
+    A module's trace is exact when its output's planned diagonal takes at most
+    ``plan.layer_matvecs`` products (all such modules from one diagonal), else Hutch++ with
+    that many, as ``method="auto"`` of :func:`~torch_secorder.model_hessian_trace` chooses.
+    """
+    act = plan.activations
+    if act is None:
+        return plan
+    budget = plan.layer_matvecs
+    if act.diagonal is None:
+        methods = dict.fromkeys(act.modules, HUTCH)
+    else:
+        costs = zip(act.modules, act.diagonal)
+        methods = {name: EXACT if cost <= budget else HUTCH for name, cost in costs}
+    exact = [i for i, name in enumerate(act.modules) if methods[name] == EXACT]
+    shared = act.exact_products
+    if shared is None:
+        shared = sum(act.diagonal[i] for i in exact) if exact else 0  # type: ignore[index]
+    traces = shared
+    for i, name in enumerate(act.modules):
+        if methods[name] == EXACT:
+            continue
+        if act.sizes is None:  # priced before the operator's sizes are known
+            traces += budget
+        else:
+            traces += hutch_plus_plus_products(act.sizes[i], budget)
+    products = {
+        **plan.products,
+        "activation traces": traces,
+        "activation top eigenvalues": len(act.modules) * LAYER_EIGEN_BUDGET,
+    }
+    act = replace(act, methods=methods, exact_products=shared)
+    return replace(plan, activations=act, products=products)
 
 
 def module_names(plan: Plan, modules: list[str]) -> list[str]:
@@ -351,6 +475,86 @@ def price_plan(
     except Exception as err:  # the report goes on with Hutch++, and says why
         forget_plan(operator)
         return replace(plan, note=f"the exact diagonal could not be planned ({one_line(err)})")
+
+
+def activation_table_operator(
+    plan: Plan, model: nn.Module, loss_fn: Callable[..., Tensor], data: Any
+) -> HessianOperator:
+    """The Hessian with respect to the outputs of the activation table's modules.
+
+    Building it runs the model once over the data, forward only, and checks that each module
+    is called once and returns one floating-point tensor.
+
+    Raises:
+        TypeError, ValueError: From :meth:`HessianOperator.from_model
+            <torch_secorder.HessianOperator.from_model>`, naming the module.
+    """
+    if plan.activations is None:
+        raise ValueError("the plan has no activation table")
+    return HessianOperator.from_model(
+        model, loss_fn, data, wrt="activations", modules=plan.activations.selection
+    )
+
+
+def price_activations(plan: Plan, operator: HessianOperator) -> Plan:
+    """Plan the exact diagonal of the activation operator and choose its traces' methods.
+
+    As :func:`~torch_secorder.model_hessian_trace` with ``groups="module"`` plans it (on the
+    first batch, with the checks of independent samples), then dropped, as
+    :func:`price_plan` drops its own; a failure to plan leaves every activation trace to
+    Hutch++ and is noted.
+
+    Args:
+        plan: A plan with ``activations``.
+        operator: From :func:`activation_table_operator`.
+
+    Returns:
+        The plan with the activation table's sizes, methods and products.
+    """
+    act = plan.activations
+    if act is None:
+        return plan
+    batch_sizes = operator._source.sizes
+    modules = list(operator.names or [])  # the operator's order, the model's
+    sizes = [0] * len(modules)
+    shapes: list[set[Any]] = [set() for _ in modules]
+    for batch, name, shape in operator.variables or []:
+        sizes[modules.index(name)] += shape.numel()
+        counted = len(shape) > 0 and shape[0] == batch_sizes[batch]
+        shapes[modules.index(name)].add(shape[1:].numel() if counted else None)
+    per_sample = [kinds.pop() if len(kinds) == 1 else None for kinds in shapes]
+    diagonal, note, exact_products = None, None, None
+    try:
+        diagonal = planned_diagonal_costs(operator)
+        needed = [v for v, cost in enumerate(diagonal) if cost <= plan.layer_matvecs]
+        exact_products = _subset_products(operator, diagonal, needed)
+    except Exception as err:  # the report goes on with Hutch++, and says why
+        diagonal, note = None, f"the exact diagonal could not be planned ({one_line(err)})"
+    finally:
+        forget_plan(operator)
+    act = replace(
+        act,
+        modules=modules,
+        sizes=sizes,
+        per_sample=per_sample,
+        diagonal=diagonal,
+        exact_products=exact_products,
+        note=note,
+    )
+    return _choose_activations(replace(plan, activations=act))
+
+
+def _subset_products(operator: HessianOperator, costs: list[int], needed: list[int]) -> int:
+    """Planned products of one exact diagonal of the variables ``needed`` of ``operator``.
+
+    ``costs`` count the checks of independent samples with the first variable; a diagonal of
+    some variables counts them with the first of those, so where the plan kept the checks'
+    outcome, the products are planned again for ``needed`` from it.
+    """
+    source = operator._source
+    if source.planned is None or not needed:
+        return sum(costs[v] for v in needed)
+    return sum(source._planned_costs(source.planned[1], needed))
 
 
 def stage_methods(plan: Plan) -> dict[str, tuple[str, str, bool]]:
@@ -418,23 +622,75 @@ def stage_methods(plan: Plan) -> dict[str, tuple[str, str, bool]]:
             eigen += f" ({plan.layer_costs['all']} with the traces), {limit}"
         eigen += "; --per-layer all runs it"
     methods["per-layer top eigenvalues"] = ("Lanczos", eigen, plan.per_layer != "all")
+    if plan.activations is not None:
+        methods.update(_activation_methods(plan))
     return methods
+
+
+def _activation_methods(plan: Plan) -> dict[str, tuple[str, str, bool]]:
+    """The methods and details of the activation table's stages."""
+    act = plan.activations
+    assert act is not None
+    count, budget = len(act.modules), plan.layer_matvecs
+    exact = act.exact_modules()
+    kinds = {EXACT: "exact", HUTCH: "Hutch++"}
+    method = " and ".join(kinds[m] for m in (EXACT, HUTCH) if m in act.methods.values())
+    outputs = f"{count} module output{'s' if count > 1 else ''}"
+    if exact:
+        shared = act.exact_products
+        if len(exact) == count:
+            detail = f"{outputs}, from one exact diagonal ({shared} products)"
+        else:
+            hutch = plan.products["activation traces"] - shared
+            detail = (
+                f"{outputs}: {len(exact)} exact, from one exact diagonal ({shared} products); "
+                f"{count - len(exact)} by Hutch++, budget {budget} each ({hutch} products)"
+            )
+    else:
+        detail = f"{outputs}, Hutch++ with budget {budget} each"
+        if act.diagonal is not None:
+            detail += "; their exact diagonals would take more"
+        elif act.note is not None:
+            detail += f"; {act.note}"
+    eigen = (
+        f"{outputs}, at most {LAYER_EIGEN_BUDGET} products each, tol {LAYER_TOL:g}; stops once "
+        "converged"
+    )
+    return {
+        "activation traces": (method, detail, False),
+        "activation top eigenvalues": ("Lanczos", eigen, False),
+    }
 
 
 def at_most(stage: str) -> bool:
     """Whether the stage's products are a bound (Lanczos stops once converged)."""
-    return stage in ("top eigenvalues", "per-layer top eigenvalues")
+    return stage in ("top eigenvalues", "per-layer top eigenvalues", "activation top eigenvalues")
 
 
-def plan_lines(plan: Plan, seconds_per_product: float | None) -> list[str]:
-    """The plan as lines of text, with times estimated from one product's time."""
+def plan_lines(
+    plan: Plan, seconds_per_product: float | None, activation_seconds: float | None = None
+) -> list[str]:
+    """The plan as lines of text, with times estimated from one product's time.
 
-    def cost(products: int, bound: bool) -> str:
+    The activation table's stages are timed by ``activation_seconds``, one product of the
+    activation operator, where given.
+    """
+
+    def rate(stage: str) -> float | None:
+        if stage in ACTIVATION_STAGES and activation_seconds is not None:
+            return activation_seconds
+        return seconds_per_product
+
+    def cost(products: int, bound: bool, seconds: float | None) -> str:
         word = "at most " if bound else ""
         text = f"{word}{products} products"
-        if seconds_per_product is not None:
-            text += f", {word}{duration(products * seconds_per_product)}"
+        if seconds is not None:
+            text += f", {word}{duration(seconds)}"
         return text
+
+    def estimate(stage: str) -> float | None:
+        seconds = rate(stage)
+        return None if seconds is None else plan.products[stage] * seconds
 
     lines = [f"Plan: {plan.size} parameters in {plan.tensors} tensors, {len(plan.groups)} modules."]
     if seconds_per_product is not None:
@@ -449,15 +705,34 @@ def plan_lines(plan: Plan, seconds_per_product: float | None) -> list[str]:
         )
     elif plan.note is not None:
         lines.append(f"Every trace by Hutch++: {plan.note}.")
+    act = plan.activations
+    if act is not None:
+        count = len(act.modules)
+        listed = ", ".join(act.modules[:8]) + (", ..." if count > 8 else "")
+        text = f"Activations: the outputs of {count} module{'s' if count > 1 else ''} ({listed})"
+        if act.sizes is not None:
+            text += f", {sum(act.sizes)} entries over the data"
+        if activation_seconds is not None:
+            text += f"; one product with respect to them took {activation_seconds:.3g} s"
+        lines.append(text + ".")
+        if act.diagonal is not None:
+            lines.append(
+                f"Their exact diagonal, planned on the first batch, takes {sum(act.diagonal)} "
+                "products."
+            )
+        elif act.note is not None:
+            lines.append(f"Every activation trace by Hutch++: {act.note}.")
     for index, (stage, (method, detail, skipped)) in enumerate(stage_methods(plan).items(), 1):
         if skipped:
             lines.append(f"  {index}. {stage}: skipped ({detail})")
         elif stage == "per-layer traces" and plan.products[stage] == 0:
             lines.append(f"  {index}. {stage}: {method}, no further products ({detail})")
         else:
-            products = cost(plan.products[stage], at_most(stage))
+            products = cost(plan.products[stage], at_most(stage), estimate(stage))
             lines.append(f"  {index}. {stage}: {method}, {products} ({detail})")
-    lines.append(f"Total: {cost(sum(plan.products.values()), True)}.")
+    times = [estimate(stage) for stage in plan.stages]
+    total = None if None in times else sum(times)  # type: ignore[arg-type]
+    lines.append(f"Total: {cost(sum(plan.products.values()), True, total)}.")
     return lines
 
 
@@ -473,6 +748,39 @@ class _Counted:
         if self.bar is not None:
             self.bar.update(V.shape[1])
         return result
+
+
+class _Tracked:
+    """An activation operator whose products, its exact diagonal's included, advance a bar.
+
+    The analyses of activations use more of the operator than ``matmat`` (its variables, the
+    plan and products of its exact diagonal), which this wrapper passes through; the
+    diagonal's products arrive as an increase of :attr:`num_matvecs`.
+    """
+
+    def __init__(self, operator: HessianOperator, bar: Any) -> None:
+        self.__dict__.update(operator=operator, bar=bar)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.operator, name)
+
+    @property
+    def num_matvecs(self) -> int:
+        return self.operator.num_matvecs
+
+    @num_matvecs.setter
+    def num_matvecs(self, value: int) -> None:
+        self._advance(value - self.operator.num_matvecs)
+        self.operator.num_matvecs = value
+
+    def matmat(self, V: Tensor) -> Tensor:
+        result = self.operator.matmat(V)
+        self._advance(V.shape[1])
+        return result
+
+    def _advance(self, products: int) -> None:
+        if self.bar is not None and products > 0:
+            self.bar.update(products)
 
 
 def _bar(enabled: bool, stage: str, total: int) -> Any:
@@ -518,6 +826,8 @@ class _Stages:
     seed: int
     sums: dict[str, tuple[float, int]] | None = None
     rows: list[dict[str, Any]] | None = None
+    activations: HessianOperator | None = None
+    activation_rows: list[dict[str, Any]] | None = None
 
 
 def hessian_report(
@@ -532,8 +842,13 @@ def hessian_report(
     setup: dict[str, Any] | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    activations: HessianOperator | None = None,
 ) -> list[Path]:
     """Time one product, plan the exact diagonal, show the plan, run its stages, write after each.
+
+    With the plan's activation table, the activation operator is timed and its exact diagonal
+    planned (:func:`price_activations`) first, and its graph released before the parameters'
+    operator is timed, so that the two are not held together.
 
     Args:
         model: The model, in the mode to analyse.
@@ -547,6 +862,8 @@ def hessian_report(
         setup: What the report says about the model and data.
         progress: Show a progress bar of products per stage (needs ``tqdm``).
         log: Where the plan and a line per finished stage go (``None``: nowhere).
+        activations: The operator of the plan's activation table, from
+            :func:`activation_table_operator` (built here if ``None`` and the plan has the table).
 
     Returns:
         The files written.
@@ -554,6 +871,7 @@ def hessian_report(
     Raises:
         StageFailed: If a stage raised (the finished stages are written).
         StageInterrupted: On Ctrl-C during a stage (the finished stages are written).
+        TypeError, ValueError: From :func:`activation_table_operator`, before any stage.
     """
     say = log or (lambda line: None)
     report: dict[str, Any] = {
@@ -564,17 +882,27 @@ def hessian_report(
         "num_matvecs": 0,
     }
     writer = _Writer(out, report)
+    if plan.activations is not None and activations is None:
+        activations = activation_table_operator(plan, model, loss_fn, data)
     operator = HessianOperator.from_model(model, loss_fn, data, params=params)
-    with operator:
+    kept = contextlib.nullcontext() if activations is None else activations
+    with operator, kept:
+        activation_seconds = None
+        if activations is not None:
+            activation_seconds = time_one_product(activations, seed)
+            act = plan.activations
+            if act is not None and act.sizes is None:
+                plan = price_activations(plan, activations)
+            activations.release()
         seconds_per_product = time_one_product(operator, seed)
         if plan.diagonal is None and plan.note is None:
             plan = price_plan(plan, operator, model, loss_fn, data)
-        report["plan"] = _plan_json(plan, seconds_per_product)
-        for line in plan_lines(plan, seconds_per_product):
+        report["plan"] = _plan_json(plan, seconds_per_product, activation_seconds)
+        for line in plan_lines(plan, seconds_per_product, activation_seconds):
             say(line)
         writer.write()
-        shared = _Stages(operator, plan, model, loss_fn, data, seed)
-        stages = [s for s in STAGES if _status_of(report, s) == "pending"]
+        shared = _Stages(operator, plan, model, loss_fn, data, seed, activations=activations)
+        stages = [s for s in plan.stages if _status_of(report, s) == "pending"]
         for index, stage in enumerate(stages, 1):
             say(f"[{index}/{len(stages)}] {stage} ...")
             bar = _bar(progress, stage, plan.products[stage])
@@ -614,13 +942,24 @@ KEYS = {
     "spectral density": "spectral_density",
     "per-layer traces": "per_layer",
     "per-layer top eigenvalues": "per_layer",
+    "activation traces": "activations",
+    "activation top eigenvalues": "activations",
 }
-"""The key of each stage's section in ``report.json``; the per-layer stages share a table."""
+"""The key of each stage's section in ``report.json``; the per-layer stages share a table, and
+so do the activation stages."""
 
 
-def _plan_json(plan: Plan, seconds_per_product: float) -> dict[str, Any]:
+def _plan_json(
+    plan: Plan, seconds_per_product: float, activation_seconds: float | None = None
+) -> dict[str, Any]:
     methods = stage_methods(plan)
-    return {
+
+    def rate(stage: str) -> float:
+        if stage in ACTIVATION_STAGES and activation_seconds is not None:
+            return activation_seconds
+        return seconds_per_product
+
+    section: dict[str, Any] = {
         "seconds_per_product": round(seconds_per_product, 4),
         "exact_diagonal": {"products": plan.diagonal_products, "note": plan.note},
         "per_layer": {
@@ -637,12 +976,26 @@ def _plan_json(plan: Plan, seconds_per_product: float) -> dict[str, Any]:
                 "detail": methods[stage][1],
                 "products": plan.products[stage],
                 "at_most": at_most(stage),
-                "estimated_seconds": round(plan.products[stage] * seconds_per_product, 1),
+                "estimated_seconds": round(plan.products[stage] * rate(stage), 1),
                 "status": "skipped" if methods[stage][2] else "pending",
             }
-            for stage in STAGES
+            for stage in plan.stages
         ],
     }
+    act = plan.activations
+    if act is not None:
+        section["activations"] = {
+            "modules": act.modules,
+            "seconds_per_product": (
+                None if activation_seconds is None else round(activation_seconds, 4)
+            ),
+            "exact_diagonal": {
+                "products": None if act.diagonal is None else dict(zip(act.modules, act.diagonal)),
+                "note": act.note,
+            },
+            "trace_methods": act.methods,
+        }
+    return section
 
 
 def _status_of(report: dict[str, Any], stage: str) -> str:
@@ -711,8 +1064,15 @@ def _run_stage(stage: str, shared: _Stages, operator: _Counted) -> tuple[Any, in
     if stage == "per-layer traces":
         shared.rows, used = layer_traces(shared, operator)
         return shared.rows, used
-    shared.rows, used = layer_top_eigenvalues(shared, operator)
-    return shared.rows, used
+    if stage == "per-layer top eigenvalues":
+        shared.rows, used = layer_top_eigenvalues(shared, operator)
+        return shared.rows, used
+    tracked = _Tracked(shared.activations, operator.bar)  # type: ignore[arg-type]
+    if stage == "activation traces":
+        shared.activation_rows, used = activation_traces(shared, tracked)
+    else:
+        shared.activation_rows, used = activation_top_eigenvalues(shared, tracked)
+    return shared.activation_rows, used
 
 
 def exact_traces(
@@ -831,6 +1191,126 @@ def layer_top_eigenvalues(shared: _Stages, operator: _Counted) -> tuple[list[dic
             }
         )
     return rows, sum(top.num_matvecs for top in tops)
+
+
+def activation_traces(shared: _Stages, operator: Any) -> tuple[list[dict[str, Any]], int]:
+    """Each module's activation-Hessian trace, exact or Hutch++ as the plan chose.
+
+    As :func:`~torch_secorder.model_hessian_trace` computes them with ``wrt="activations",
+    modules=..., groups="module", num_matvecs=layer_matvecs`` and a generator seeded ``seed``
+    (``method="auto"``: one exact diagonal of the modules whose planned products fit the
+    budget, Hutch++ for the others), on the report's activation operator.
+
+    Args:
+        shared: What the stages share, with the activation operator.
+        operator: That operator, or a :class:`_Tracked` view of it.
+
+    Returns:
+        The rows of the activation table (top eigenvalues ``None``) and the products used; the
+        graphs of both operators are released.
+    """
+    plan, act = shared.plan, shared.plan.activations
+    assert act is not None
+    assert act.sizes is not None
+    assert act.per_sample is not None
+    fname, budget = "model_hessian_trace", plan.layer_matvecs
+    generator = torch.Generator().manual_seed(shared.seed)
+    options = {"seed": 0, "distributed": None, "progress": False}
+
+    def make_steps(
+        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+    ) -> Any:
+        return estimator_steps(HUTCH, n, budget, dtype, device, gen, span=span)
+
+    def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> TraceEstimate:
+        return TraceEstimate(result[0], result[1], count, HUTCH)
+
+    def estimate(selection: Any, groups: object) -> Any:
+        return run_model(
+            fname, shared.model, shared.loss_fn, shared.data, selection, groups, generator,
+            make_steps, finish, options, budget,
+        )  # fmt: skip
+
+    def exact(diagonal: list[Tensor], count: int) -> TraceEstimate:
+        value = torch.stack([d.sum() for d in diagonal]).sum()
+        return TraceEstimate(value, torch.zeros_like(value), count, EXACT)
+
+    shared.operator.release()  # the parameters' kept graph (of a lone batch) is not needed here
+    before = operator.num_matvecs
+    selection = Variables("activations", act.selection, operator)
+    if act.diagonal is None:  # not planned: every trace by Hutch++
+        traces = estimate(selection, "module")
+    else:
+        traces = variables_exact_or_estimate(
+            fname, shared.model, shared.loss_fn, shared.data, selection, "module", budget,
+            options, exact, estimate,
+        )  # fmt: skip
+    operator.release()
+    modules = dict(shared.model.named_modules())
+    rows = []
+    for name, size, per_sample in zip(act.modules, act.sizes, act.per_sample):
+        trace = traces[name]
+        value = float(trace.value)
+        rows.append(
+            {
+                "module": name,
+                "type": type(shared.model if name == ROOT else modules[name]).__name__,
+                "entries": size,
+                "entries_per_sample": per_sample,
+                "trace": value,
+                "trace_stderr": float(trace.stderr),
+                "trace_method": trace.method,
+                "trace_per_entry": None if not per_sample else value / per_sample,
+                "trace_num_matvecs": trace.num_matvecs,
+                "top_eigenvalue": None,
+                "converged": None,
+                "eigen_num_matvecs": None,
+                "num_matvecs": trace.num_matvecs,
+            }
+        )
+    return rows, operator.num_matvecs - before
+
+
+def activation_top_eigenvalues(shared: _Stages, operator: Any) -> tuple[list[dict[str, Any]], int]:
+    """Each module's activation-Hessian top eigenvalue by Lanczos, all modules in lockstep.
+
+    As :func:`~torch_secorder.model_top_eigenvalues` computes them with
+    ``wrt="activations", modules=..., groups="module"`` and its defaults (``k=1``,
+    ``tol=1e-4``, at most 300 products each) and a generator seeded ``seed``, on the report's
+    activation operator.
+
+    Returns:
+        The rows of the activation traces with their top eigenvalues, and the products used.
+    """
+    act = shared.plan.activations
+    assert act is not None
+    generator = torch.Generator().manual_seed(shared.seed)
+    options = {"seed": 0, "distributed": None, "progress": False}
+    solver = ("lanczos", 1, "largest", LAYER_TOL, LAYER_EIGEN_BUDGET)
+    shared.operator.release()
+    before = operator.num_matvecs
+    with warnings.catch_warnings():
+        # the table states convergence itself
+        warnings.filterwarnings("ignore", "model_top_eigenvalues: .*", RuntimeWarning)
+        tops = model_eigenpairs(
+            "model_top_eigenvalues", shared.model, shared.loss_fn, shared.data,
+            Variables("activations", act.selection, operator), "module", generator, options,
+            solver,
+        )  # fmt: skip
+    operator.release()
+    rows = []
+    for row in shared.activation_rows or []:
+        top = tops[row["module"]]  # type: ignore[index]
+        rows.append(
+            {
+                **row,
+                "top_eigenvalue": float(top.eigenvalues[0]),
+                "converged": bool(top.converged),
+                "eigen_num_matvecs": top.num_matvecs,
+                "num_matvecs": row["trace_num_matvecs"] + top.num_matvecs,
+            }
+        )
+    return rows, operator.num_matvecs - before
 
 
 def per_layer_rows(

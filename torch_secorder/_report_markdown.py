@@ -56,6 +56,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _trace_section(report.get("trace"), status.get("trace"))
     lines += _density_section(report, status.get("spectral density"))
     lines += _per_layer_section(report.get("per_layer"), status, plan)
+    if "activation traces" in status:
+        lines += _activation_section(report.get("activations"), status)
     if plan:
         lines += _plan_section(plan, seconds)
     return "\n".join(lines)
@@ -67,6 +69,13 @@ def _plan_section(plan: dict[str, Any], seconds: dict[str, float]) -> list[str]:
         f"One product over the data took {plan['seconds_per_product']:.3g} s, timed before "
         "the stages; estimates are products times that."
     )
+    activations = plan.get("activations")
+    if activations and activations.get("seconds_per_product") is not None:
+        lines.append(
+            f"One product with respect to the activations took "
+            f"{activations['seconds_per_product']:.3g} s; the activation stages are estimated "
+            "from that."
+        )
     diagonal = plan.get("exact_diagonal", {})
     if diagonal.get("products") is not None:
         lines.append(
@@ -215,6 +224,56 @@ def _per_layer_section(
         lines.append(
             f"| {row['module']} | {row['type']} | {row['parameters']} | {row['trace']:.6g} | "
             f"{error} | {'exact' if exact else 'Hutch++'} | {top} | {row['num_matvecs']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _activation_section(rows: list[dict[str, Any]] | None, status: dict[str, str]) -> list[str]:
+    traces, tops = status.get("activation traces"), status.get("activation top eigenvalues")
+    if rows is None:
+        return _missing("Activations", traces)
+    methods = {row["trace_method"] for row in rows}
+    how = " and ".join(
+        text
+        for method, text in (
+            ("exact", "exact traces (sums of the exact diagonal; no ±)"),
+            ("hutch++", "Hutch++ traces (± their standard errors)"),
+        )
+        if method in methods
+    )
+    if tops == "done":
+        how += ", Lanczos top eigenvalues"
+    else:
+        how += f"; top eigenvalues not computed ({tops or 'pending'})"
+    lines = [
+        "## Activations",
+        "",
+        "The Hessian of the loss with respect to each module's output, parameters held fixed "
+        "(the model split at the module, all curvature after it): how sensitive the loss is "
+        "to perturbing that layer's activations, as HAWQ ranks layers for quantization. Over "
+        "the data set it is block diagonal over the batches, and over the samples where they "
+        "are independent: its trace is then the mean over the samples of their own traces, "
+        "and its top eigenvalue the largest of the samples' own divided by their number. "
+        "Per output is the trace divided by the module's outputs per sample.",
+        "",
+        f"{how[0].upper()}{how[1:]}.",
+        "",
+        "| module | type | outputs per sample | trace | ± | method | per output | "
+        "top eigenvalue | products |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        top = _number(row["top_eigenvalue"], ".6g")
+        if row["converged"] is False:
+            top += " (not converged)"
+        exact = row["trace_method"] == "exact"
+        error = "" if exact else _number(row["trace_stderr"], ".2g")
+        per_sample = row["entries_per_sample"]
+        lines.append(
+            f"| {row['module']} | {row['type']} | {'-' if per_sample is None else per_sample} | "
+            f"{row['trace']:.6g} | {error} | {'exact' if exact else 'Hutch++'} | "
+            f"{_number(row['trace_per_entry'], '.4g')} | {top} | {row['num_matvecs']} |"
         )
     lines.append("")
     return lines
