@@ -90,7 +90,7 @@ def test_progress_must_be_a_bool():
 
 
 def test_long_diagonals_and_matrices_warn_with_their_cost(monkeypatch):
-    monkeypatch.setattr(_progress, "LONG_PRODUCTS", 10)
+    monkeypatch.setattr(_progress, "LONG_PRODUCTS", 1)
     built = _mlp()
     P = sum(p.numel() for p in built.params)
     with pytest.warns(UserWarning, match=rf"hessian_diagonal: the exact diagonal takes {P} "):
@@ -102,6 +102,23 @@ def test_long_diagonals_and_matrices_warn_with_their_cost(monkeypatch):
         model_hessian_diagonal(m.model, m.loss_fn, m.inputs, m.targets)
     with pytest.warns(UserWarning, match="model_hessian_matrix: the exact Hessian takes"):
         model_hessian_matrix(m.model, m.loss_fn, m.inputs, m.targets)
+
+
+def test_the_time_warning_takes_the_rate_of_the_products_at_the_users_line(monkeypatch):
+    built = _mlp()
+    P = sum(p.numel() for p in built.params)
+    monkeypatch.setattr(_progress, "TIMED_PRODUCTS", 2)
+    monkeypatch.setattr(_progress, "LONG_SECONDS", 0.0)
+    with pytest.warns(UserWarning, match=rf"^hessian_diagonal: the exact diagonal takes {P} ") as w:
+        hessian_diagonal(built.func, built.params, chunk_size=1)
+    assert w[0].filename == __file__  # the user's line, not the library's
+    m = built
+    with pytest.warns(UserWarning, match=r"^model_hessian_diagonal: the exact diagonal") as w:
+        model_hessian_diagonal(m.model, m.loss_fn, m.inputs, m.targets, chunk_size=1)
+    assert w[0].filename == __file__
+    # a rate measured from the products: a day per product would be long, a second is not
+    monkeypatch.setattr(_progress, "LONG_SECONDS", 86400.0 * P)
+    hessian_diagonal(built.func, built.params, chunk_size=1)  # filterwarnings=error
 
 
 def test_short_computations_do_not_warn():

@@ -20,7 +20,6 @@ touch ``.grad``.
 """
 
 import contextlib
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
@@ -67,8 +66,6 @@ class GradientGraph:
 
     Attributes:
         loss: The loss value (detached).
-        seconds: Wall-clock seconds the forward pass and the gradient took, about one
-            product's work (for cost warnings only, never for a numeric choice).
         params: The parameters.
         grads: :math:`\partial f/\partial\theta_i` with its graph, or ``None`` where it is
             constant (zero curvature: the parameter is unused or enters linearly).
@@ -103,7 +100,6 @@ class GradientGraph:
         self._saved_bytes: int | None = None
         self.num_products = 0
         self.on_products: Callable[[int], object] | None = None
-        start = time.perf_counter()
         with forward_context([*params, *others], seed):
             loss = check_loss(fname, func(), source)
         self.params = [*params, *probes]  # probes the forward pass made are known now
@@ -124,7 +120,6 @@ class GradientGraph:
         cpu = all(not t.is_cuda for t in self.params) and loss.grad_fn is not None
         after = loss.grad_fn._sequence_nr() if cpu else -1  # type: ignore[union-attr]
         _report_cuts(fname, grads[: len(params)], names, strict, after)
-        self.seconds = time.perf_counter() - start
         self.loss = loss.detach()
         self.grads: list[Tensor | None] = [
             g if g is not None and g.requires_grad else None for g in grads

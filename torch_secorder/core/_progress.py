@@ -2,14 +2,17 @@
 
 The cost of an exact diagonal or matrix is known before its products run (one per parameter
 element, or the plan's count), and so is an analysis's budget. A call warns once when it
-plans more than :data:`LONG_PRODUCTS` products, or when its time, estimated from the time of
-its first products (or of building the gradient graph, about one product's work), passes
+plans more than :data:`LONG_PRODUCTS` products, or when its time, estimated from the time per
+product of its second chunk of products (the first also pays for setting up), passes
 :data:`LONG_SECONDS` for at least :data:`TIMED_PRODUCTS` products; the warning names the count,
-the estimate and the faster alternatives. ``progress=True`` shows a ``tqdm`` bar over the
-products with its rate and time left (the ``progress`` extra). Warnings never change a result.
+the estimate and the faster alternatives, at the user's line that called the library.
+``progress=True`` shows a ``tqdm`` bar over the products with its rate and time left (the
+``progress`` extra). Warnings never change a result.
 """
 
 import contextlib
+import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -38,6 +41,20 @@ def require_tqdm(fname: str) -> None:
         ) from err
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the user's line for a warning raised by this function's caller.
+
+    That is the first frame outside this package, however deep the library's calls go.
+    """
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} minutes" if seconds < 7200 else f"{seconds / 3600:.1f} hours"
 
@@ -48,8 +65,6 @@ def warn_if_long(
     what: str,
     hint: str,
     seconds_per_product: float | None = None,
-    *,
-    stacklevel: int = 3,
 ) -> None:
     """Warn (``UserWarning``) before ``products`` products that will take long.
 
@@ -66,34 +81,33 @@ def warn_if_long(
         f"{fname}: the {what} takes {products:,} Hessian-vector products{estimate}, which can "
         f"take long; progress=True shows how far it is. {hint}",
         UserWarning,
-        stacklevel=stacklevel,
+        stacklevel=_outside_stacklevel(),
     )
 
 
 @contextlib.contextmanager
-def counted(graph: GradientGraph, products: int, progress: bool, what: str) -> Iterator[None]:
-    """Show a progress bar over the graph's next ``products`` products, if ``progress``."""
-    if not progress:
-        yield
-        return
-    from tqdm.auto import tqdm
+def counted(
+    graph: GradientGraph, fname: str, products: int, progress: bool, what: str, hint: str
+) -> Iterator[None]:
+    """Meter the graph's next ``products`` products (:class:`Meter`).
 
-    bar = tqdm(total=products, desc=f"exact {what}", unit="product", leave=False)
-    graph.on_products = bar.update
-    try:
-        yield
-    finally:
-        graph.on_products = None
-        bar.close()
+    The cost warning comes from their measured rate; a progress bar shows if ``progress``.
+    """
+    with Meter(fname, products, progress, what, hint) as meter:
+        graph.on_products = meter.update
+        try:
+            yield
+        finally:
+            graph.on_products = None
 
 
 class Meter:
     """Products done of a planned total: a progress bar on request, and the cost warning.
 
-    The warning comes at the second :meth:`update`, from the time per product of the products
-    since the first (the first products also pay for setting up, a data pass's first graph),
-    and only where ``total`` is what the computation will take (not a cap it may stop short
-    of, as an eigen-solver's budget).
+    The warning comes only where ``total`` is what the computation will take (not a cap it
+    may stop short of, as an eigen-solver's budget): up front above :data:`LONG_PRODUCTS`,
+    else at the second :meth:`update`, from the time per product of the products since the
+    first (the first products also pay for setting up, a data pass's first graph).
 
     Args:
         fname: Public function name, for messages and the bar.
@@ -123,6 +137,9 @@ class Meter:
         self.done = 0
         self.first: tuple[float, int] | None = None  # time and count at the first update
         self.checked = not certain
+        if certain and total > LONG_PRODUCTS:  # long whatever the rate: say so up front
+            warn_if_long(fname, total, what, hint)
+            self.checked = True
 
     def update(self, products: int) -> None:
         """Count ``products`` more; warn once if the whole will take long."""
@@ -138,7 +155,7 @@ class Meter:
         self.checked = True
         seconds, since = now - self.first[0], self.done - self.first[1]
         per_product = seconds / since if since else 0.0
-        warn_if_long(self.fname, self.total, self.what, self.hint, per_product, stacklevel=4)
+        warn_if_long(self.fname, self.total, self.what, self.hint, per_product)
 
     def close(self) -> None:
         """Close the bar."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch_secorder._checks import check_bool, check_chunk_size, check_vector
 from torch_secorder._types import LossClosure, Params, ParamSelection
 from torch_secorder.core._model import Objective, closure_objective, model_objective
-from torch_secorder.core._progress import counted, require_tqdm, warn_if_long
+from torch_secorder.core._progress import counted, require_tqdm
 from torch_secorder.core._structured import StructuredDiagonal
 from torch_secorder.core.params import flatten
 
@@ -154,8 +154,7 @@ def _hessian_diagonal(
         products = sum(p.numel() for p, g in zip(params, graph.grads) if g is not None)
         hint = "model_hessian_diagonal uses layer structure where it can, and "
         hint += "hessian_diagonal_estimate estimates the diagonal from far fewer products."
-        warn_if_long(fname, products, "exact diagonal", hint, graph.seconds)
-        with counted(graph, products, progress, "diagonal"):
+        with counted(graph, fname, products, progress, "exact diagonal", hint):
             diagonal = [
                 graph.own_diagonal(i, chunk_size=chunk_size, create_graph=create_graph)
                 for i in range(len(params))

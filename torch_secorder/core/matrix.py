@@ -17,7 +17,7 @@ from torch_secorder._checks import (
 )
 from torch_secorder._types import LossClosure, Params, ParamSelection
 from torch_secorder.core._model import Objective, closure_objective, model_objective
-from torch_secorder.core._progress import counted, require_tqdm, warn_if_long
+from torch_secorder.core._progress import counted, require_tqdm
 from torch_secorder.core.blocks import DEFAULT_MAX_BYTES
 
 __all__ = ["hessian_matrix", "model_hessian_matrix"]
@@ -88,8 +88,7 @@ def _hessian_matrix(
     check_dense_size(fname, what, size * size, params[0].dtype, max_bytes, _HINT)
     with objective.gradient() as graph:
         hint = "HessianOperator multiplies with it matrix-free."
-        warn_if_long(fname, size, "exact Hessian", hint, graph.seconds)
-        with counted(graph, size, progress, "Hessian"):
+        with counted(graph, fname, size, progress, "exact Hessian", hint):
             return graph.dense(params, chunk_size=chunk_size)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.core._autograd import GradientGraph
-from torch_secorder.core._progress import counted, warn_if_long
+from torch_secorder.core._progress import counted
 from torch_secorder.core._structured import contraction, gauss_newton, plan
 from torch_secorder.core._structured.graph import consumers, private
 from torch_secorder.core._structured.independence import count, hessian_reached
@@ -430,14 +430,6 @@ class StructuredDiagonal:
         graph, params = self.graph, self.params
         remaining = sum(rule.count for rule in self.rules.values())
         remaining += sum(params[i].numel() for i in self.generic if graph.grads[i] is not None)
-        warn_if_long(
-            self.fname,
-            graph.num_products + remaining,
-            "exact diagonal",
-            "hessian_diagonal_estimate estimates it from far fewer products.",
-            graph.seconds,
-            stacklevel=4,
-        )
         diagonal: list[Tensor | None] = [None] * len(params)
         if self.factored:
             layers = [
@@ -454,7 +446,8 @@ class StructuredDiagonal:
             for layer, (weight, bias) in zip(self.factored.values(), sums):
                 self._assign(diagonal, layer, contraction.shaped(layer.layout, weight, bias))  # type: ignore[arg-type]
         self.output = None
-        with counted(graph, remaining, progress, "diagonal"):
+        hint = "hessian_diagonal_estimate estimates it from far fewer products."
+        with counted(graph, self.fname, remaining, progress, "exact diagonal", hint):
             for layer in self.layers:
                 if layer.method == "zero":
                     zeros = {role: torch.zeros_like(params[i]) for role, i in layer.roles.items()}
