@@ -336,9 +336,18 @@ def test_default_chunks_follow_the_device_rule(monkeypatch):
 
 def test_larger_products_run_in_smaller_chunks_on_the_cpu():
     cpu = torch.device("cpu")
-    sizes = [2**10, 2**18, 2**18 + 1, 2**20, 2**20 + 1, 2**26]
-    assert [_chunks.device_default(cpu, size) for size in sizes] == [2**14, 64, 8, 8, 1, 1]
+    sizes = [2**10, 2**19, 2**19 + 1, 2**20, 2**20 + 1, 2**23, 2**23 + 1, 2**26]
+    plain = [2**14, 32, 8, 8, 1, 1, 1, 1]
+    assert [_chunks.device_default(cpu, size) for size in sizes] == plain
+    convolutional = [2**14, 32, 8, 8, 8, 8, 1, 1]
+    assert [_chunks.device_default(cpu, size, True) for size in sizes] == convolutional
     assert _chunks.device_default(torch.device("cuda"), 2**26) == _chunks.GPU_CHUNK_SIZE
+
+
+@pytest.mark.parametrize(("name", "convolves"), [("mlp-tanh-ce", False), ("cnn-bn-train", True)])
+def test_the_graph_says_whether_it_convolves(name, convolves):
+    built = build(case_by_id(name))
+    assert GradientGraph(built.func, built.params, fname="t").convolves is convolves
 
 
 def test_memory_bounds_the_default_chunk(monkeypatch):

@@ -97,7 +97,7 @@ class GradientGraph:
         self.locate = locate
         others = [t for t in extra if all(t is not p for p in params)]
         self.engine: str | None = ENGINES[0]
-        self._saved_bytes: int | None = None
+        self._measured: tuple[int, bool] | None = None
         self.num_products = 0
         self.on_products: Callable[[int], object] | None = None
         with forward_context([*params, *others], seed):
@@ -327,9 +327,16 @@ class GradientGraph:
     @property
     def saved_bytes(self) -> int:
         """Bytes the graph of the gradient saved for backward, measured on first access."""
-        if self._saved_bytes is None:
-            self._saved_bytes = _chunks.saved_bytes(self.grads)
-        return self._saved_bytes
+        if self._measured is None:
+            self._measured = _chunks.measure(self.grads)
+        return self._measured[0]
+
+    @property
+    def convolves(self) -> bool:
+        """Whether the graph of the gradient has a convolution, seen on first access."""
+        if self._measured is None:
+            self._measured = _chunks.measure(self.grads)
+        return self._measured[1]
 
 
 def _report_cuts(

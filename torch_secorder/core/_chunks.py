@@ -3,10 +3,11 @@
 This module owns the chunk-size rule of :class:`~torch_secorder.core._autograd.GradientGraph`
 when a caller does not choose (``chunk_size=None``): the smallest of the number of products,
 a default per device type and product size (:func:`device_default`: on the CPU, hundreds of
-small products per call, eight of medium ones, and large ones one at a time) and the largest
+small products per call, eight of medium ones and of convolutional ones up to 8 MiB, and
+large ones one at a time) and the largest
 chunk whose estimated memory fits :data:`CHUNK_MEMORY_BYTES` (:func:`memory_cap`). The
 estimate of one product (:func:`product_bytes`) is what the graph of the gradient saved for
-backward (:func:`saved_bytes`, read off the autograd graph once) plus one cotangent and one
+backward (:func:`measure`, read off the autograd graph once) plus one cotangent and one
 result.
 Nothing here is timed, so the same call always makes the same chunks and computes the same
 numbers.
@@ -32,19 +33,26 @@ CPU_CHUNK_BYTES = 2**24
 estimated memory stays under this: such products cost mostly the call itself and keep getting
 cheaper in chunks of hundreds."""
 
-CPU_SMALL_BYTES = 2**18
-"""On the CPU products above this estimate (256 KiB) run in chunks of
-:data:`CPU_MEDIUM_CHUNK`: on one thread, batching larger products stops paying."""
+CPU_SMALL_BYTES = 2**19
+"""On the CPU products above this estimate (512 KiB) run in chunks of
+:data:`CPU_MEDIUM_CHUNK`: on one thread, larger chunks of larger products stop paying."""
 
 CPU_MEDIUM_CHUNK = 8
 """Products per call on the CPU for products between :data:`CPU_SMALL_BYTES` and
-:data:`CPU_LOOP_BYTES`."""
+:data:`CPU_LOOP_BYTES` (:data:`CPU_CONV_LOOP_BYTES` for a graph with a convolution)."""
 
 CPU_LOOP_BYTES = 2**20
 """On the CPU products above this estimate (1 MiB) run one at a time, a loop over the kept
-graph: measured per vector on one thread, batching them took 1.1 to 2.2 times as long as the
-loop on tanh MLPs (1 to 14 MiB per product) and a CNN of 65 MiB per product, and 0 to 45% less,
-not reproducibly, on mid-sized CNNs (1 to 8 MiB), as ``benchmarks/README.md`` tabulates."""
+graph, unless the graph convolves (:data:`CPU_CONV_LOOP_BYTES`): measured per vector on one
+thread, batching them took up to 1.3 to 2.2 times as long as the loop on tanh MLPs (1 to 14
+MiB per product), as ``benchmarks/README.md`` tabulates."""
+
+CPU_CONV_LOOP_BYTES = 2**23
+"""On the CPU products of a graph with a convolution run :data:`CPU_MEDIUM_CHUNK` to a call up
+to this estimate (8 MiB), one at a time above: the double backward of small convolutions
+pays mostly per call, and chunks of 8 took 0.4 to 0.9 times the loop's time per vector on
+CNNs and a CIFAR ResNet of 1 to 4 MiB per product, as much as the loop at 8 MiB, and more on
+a CNN of 65 MiB."""
 
 GPU_CHUNK_SIZE = 1024
 """Most products per batched call on a device type without an entry in
@@ -52,13 +60,18 @@ GPU_CHUNK_SIZE = 1024
 
 
 class Measured(Protocol):
-    """A gradient graph as the rule sees it: its parameters and the bytes it saved."""
+    """A gradient graph as the rule sees it: its parameters, the bytes it saved, its kind."""
 
     params: list[Tensor]
 
     @property
     def saved_bytes(self) -> int:
         """Bytes the graph of the gradient saved for backward."""
+        ...
+
+    @property
+    def convolves(self) -> bool:
+        """Whether the graph of the gradient has a convolution."""
         ...
 
 
@@ -71,22 +84,22 @@ def chunk_size(graph: Measured, count: int, inputs: Sequence[Tensor]) -> int:
     """
     if count <= 1:
         return 1
-    default = device_default(inputs[0].device, product_bytes(graph, inputs))
+    default = device_default(inputs[0].device, product_bytes(graph, inputs), graph.convolves)
     return min(count, default, memory_cap(graph, inputs))
 
 
-def device_default(device: torch.device, per_product: int) -> int:
+def device_default(device: torch.device, per_product: int, convolves: bool = False) -> int:
     """Products per call on ``device`` for products of ``per_product`` bytes, memory aside.
 
-    On the CPU one (a loop) above :data:`CPU_LOOP_BYTES`, :data:`CPU_MEDIUM_CHUNK` above
-    :data:`CPU_SMALL_BYTES`, else :data:`DEFAULT_CHUNK_SIZE` or as many as fit
-    :data:`CPU_CHUNK_BYTES` when that is more; elsewhere the device type's entry or
-    :data:`GPU_CHUNK_SIZE`.
+    On the CPU one (a loop) above :data:`CPU_LOOP_BYTES` (:data:`CPU_CONV_LOOP_BYTES` where the
+    graph ``convolves``), :data:`CPU_MEDIUM_CHUNK` above :data:`CPU_SMALL_BYTES`, else
+    :data:`DEFAULT_CHUNK_SIZE` or as many as fit :data:`CPU_CHUNK_BYTES` when that is more;
+    elsewhere the device type's entry or :data:`GPU_CHUNK_SIZE`.
     """
     default = DEFAULT_CHUNK_SIZE.get(device.type, GPU_CHUNK_SIZE)
     if device.type != "cpu":
         return default
-    if per_product > CPU_LOOP_BYTES:
+    if per_product > (CPU_CONV_LOOP_BYTES if convolves else CPU_LOOP_BYTES):
         return 1
     if per_product > CPU_SMALL_BYTES:
         return CPU_MEDIUM_CHUNK
@@ -111,21 +124,25 @@ def product_bytes(graph: Measured, inputs: Sequence[Tensor]) -> int:
     return max(1, graph.saved_bytes + vector_bytes)
 
 
-def saved_bytes(roots: Sequence[Tensor | None]) -> int:
-    """Bytes of the distinct storages that the graph behind ``roots`` saved for backward.
+def measure(roots: Sequence[Tensor | None]) -> tuple[int, bool]:
+    """The bytes the graph behind ``roots`` saved for backward, and whether it convolves.
 
-    Walks the autograd graph once and reads each node's saved tensors (``_saved_*`` fields,
-    ``saved_tensors`` of custom functions). Costs about one backward pass in Python; unlike
-    saved-tensor hooks, it adds nothing to the products themselves.
+    The bytes are those of the distinct storages of the saved tensors; it convolves where a
+    convolution is among its nodes. Walks the autograd graph once and reads each node's saved
+    tensors (``_saved_*`` fields, ``saved_tensors`` of custom functions). Costs about one
+    backward pass in Python; unlike saved-tensor hooks, it adds nothing to the products
+    themselves.
     """
     stack = [t.grad_fn for t in roots if t is not None and t.grad_fn is not None]
     seen = set()
     storages: dict[int, int] = {}
+    convolves = False
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
+        convolves = convolves or type(node).__name__.startswith("ConvolutionBackward")
         for field in _saved_fields(type(node)):
             try:
                 value = getattr(node, field)
@@ -136,7 +153,7 @@ def saved_bytes(roots: Sequence[Tensor | None]) -> int:
                     storage = t.untyped_storage()
                     storages[storage.data_ptr()] = storage.nbytes()
         stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-    return sum(storages.values())
+    return sum(storages.values()), convolves
 
 
 @functools.cache
