@@ -126,6 +126,13 @@ def test_auto_estimates_where_the_diagonal_costs_more():
     # "3" (4 entries per sample, plus count(3) = 3 checks) fits 7 products, "1" (5 + 3) not
     assert per_module["3"].method == "exact"
     assert per_module["1"].method == "hutch++"
+    assert all(r.num_matvecs <= 7 for r in per_module.values())
+    # at 5, "3" alone would fit if the checks were charged to "1": they are its own
+    tight = ts.model_hessian_trace(
+        model, CE, batches, wrt="activations", modules=MODULES, groups="module", num_matvecs=5
+    )
+    assert [r.method for r in tight.values()] == ["hutch++", "hutch++"]
+    assert all(r.num_matvecs <= 5 for r in tight.values())
     H = oracle(model, batches, MODULES)
     rows = rows_of_module(batches, [5, 4], 1)
     assert_close(per_module["3"].value, H[rows][:, rows].trace())

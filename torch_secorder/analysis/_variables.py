@@ -372,16 +372,22 @@ def variables_exact_or_estimate(
     """
     with _opened(fname, model, loss_fn, data, variables, options) as operator:
         resolved = resolve(fname, operator, groups)
-        finite = groups is None and math.isfinite(budget)
-        costs = planned_diagonal_costs(operator, budget if finite else math.inf)
-        cheap = [
-            key
-            for key, group in resolved.members.items()
-            if sum(costs[v] for v in group.variables) <= budget
-        ]
+        planning = budget if groups is None and math.isfinite(budget) else math.inf
+        costs = planned_diagonal_costs(operator, planning)
+
+        def within(keys: list[Any], costs: list[int]) -> list[Any]:
+            members = resolved.members
+            return [k for k in keys if sum(costs[v] for v in members[k].variables) <= budget]
+
+        cheap = within(list(resolved.members), costs)
+        while cheap:  # the checks count for the first variable of the diagonal taken: replan
+            needed = sorted({v for key in cheap for v in resolved.members[key].variables})
+            fitting = within(cheap, operator._source.plan_diagonal(planning, needed))
+            if fitting == cheap:
+                break
+            cheap = fitting
         results: dict[Any, Any] = {}
         if cheap:
-            needed = sorted({v for key in cheap for v in resolved.members[key].variables})
             (diagonal,), used = operator._source.diagonal(needed)
             operator.num_matvecs += sum(used)
             diagonal = diagonal * resolved.scale if resolved.scale != 1 else diagonal

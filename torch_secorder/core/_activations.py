@@ -434,13 +434,14 @@ class ActivationProducts(_DataSetProducts):
             return set()
         return hessian_reached(graph, members, None)
 
-    def plan_diagonal(self, budget: float) -> list[int]:
-        """Per variable, the products :meth:`diagonal` will take, before the work.
+    def plan_diagonal(self, budget: float, only: Sequence[int] | None = None) -> list[int]:
+        """Per variable, the products :meth:`diagonal` ``(only)`` will take, before the work.
 
-        A product over the data counts one. Batch 0's samples are checked only where that can
-        bring the diagonal within ``budget``; its graph and check are kept for the diagonal.
+        A product over the data counts one; a batch's checks count for the first variable of
+        ``only`` (default: all). Batch 0's samples are checked only where that can bring the
+        diagonal within ``budget``; its graph and check are kept for the diagonal.
         """
-        only = range(len(self.names))
+        only = range(len(self.names)) if only is None else sorted(only)
         generic = self._planned_costs(None, only)
         if (math.isfinite(budget) and sum(generic) <= budget) or not self._by_sample(0, only):
             return generic
