@@ -8,10 +8,14 @@ alternate within each repeat) per vector, divided by the time of one gradient me
 same process. The column ``estimate`` is the library's memory estimate of one product
 (``torch_secorder.core._chunks.product_bytes``), on which its chunk rule decides.
 
+With ``--sizes``, the vmap engine in chunks of the given sizes instead, each time relative to
+the best of its row, beside the chunk the library's rule takes (``chunk_size=None``).
+
 Usage::
 
     python benchmarks/bench_chunks.py                 # all workloads, one thread
     python benchmarks/bench_chunks.py --models mlp64x256 cnn8x32x12 --repeats 9
+    python benchmarks/bench_chunks.py --models resnet8 cnn8x32x16 --k 64 --sizes 1 8 16 32
 
 Not collected by pytest.
 """
@@ -49,6 +53,14 @@ def cnn(channels: int, batch: int, size: int) -> tuple[nn.Module, torch.Tensor, 
     return model, torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
 
 
+def _resnet8() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The CIFAR ResNet-8 of ``bench_core.py`` (width 8, 8 images of 16x16)."""
+    from bench_core import resnet
+
+    w = resnet(8, 8, 16, torch.float32, torch.device("cpu"))
+    return w.model, w.inputs, w.targets
+
+
 WORKLOADS = {
     "mlp16x32": lambda: mlp(16, 32),
     "mlp32x64": lambda: mlp(32, 64),
@@ -67,6 +79,8 @@ WORKLOADS = {
     "cnn16x32x16": lambda: cnn(16, 32, 16),
     "cnn16x64x16": lambda: cnn(16, 64, 16),
     "cnn32x64x32": lambda: cnn(32, 64, 32),
+    "cnn8x64x16": lambda: cnn(8, 64, 16),
+    "resnet8": lambda: _resnet8(),
 }
 """Name -> (model, inputs, targets): ``mlp{width}x{batch}``, ``cnn{channels}x{batch}x{side}``."""
 
@@ -86,16 +100,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32, help="products per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", type=int, nargs="+", help="vmap chunk sizes to compare")
     args = parser.parse_args()
+    methods = METHODS if not args.sizes else [(str(c), "vmap", c) for c in args.sizes]
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     print(
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
-        f"{torch.get_num_threads()} thread(s), float32; per-vector time / one gradient"
+        f"{torch.get_num_threads()} thread(s), float32"
     )
-    header = "| workload | parameters | estimate | " + " | ".join(m for m, _, _ in METHODS)
-    print(header + " |")
-    print("|---|---:|---:|" + "---:|" * len(METHODS))
+    print("times relative to the row's best" if args.sizes else "per-vector time / one gradient")
+    header = "| workload | parameters | estimate | " + " | ".join(m for m, _, _ in methods)
+    print(header + (" | the rule's chunk |" if args.sizes else " |"))
+    print("|---|---:|---:|" + "---:|" * (len(methods) + bool(args.sizes)))
     loss_fn = nn.CrossEntropyLoss()
     for name in args.models:
         torch.manual_seed(0)
@@ -106,9 +123,9 @@ def main() -> None:
         estimate = _chunks.product_bytes(graph, params)
         gen = torch.Generator().manual_seed(1)
         vectors = [torch.randn((args.k, *p.shape), generator=gen) for p in params]
-        times: dict[str, list[float]] = {label: [] for label, _, _ in METHODS + [("gradient",) * 3]}
+        times: dict[str, list[float]] = {label: [] for label, _, _ in methods + [("gradient",) * 3]}
         for repeat in range(args.repeats + 1):  # the first round warms up
-            for label, engine, chunk in METHODS:
+            for label, engine, chunk in methods:
                 graph.engine = engine
                 tic = time.perf_counter()
                 for start in range(0, args.k, chunk):
@@ -120,8 +137,12 @@ def main() -> None:
             torch.autograd.grad(func(), params)
             if repeat:
                 times["gradient"].append(time.perf_counter() - tic)
-        gradient = statistics.median(times["gradient"])
-        cells = " | ".join(f"{statistics.median(times[m]) / gradient:.2f}" for m, _, _ in METHODS)
+        unit = statistics.median(times["gradient"])
+        if args.sizes:
+            unit = min(statistics.median(times[m]) for m, _, _ in methods)
+        cells = " | ".join(f"{statistics.median(times[m]) / unit:.2f}" for m, _, _ in methods)
+        if args.sizes:
+            cells += f" | {_chunks.chunk_size(graph, args.k, params)}"
         size = sum(p.numel() for p in params)
         print(f"| {name} | {size} | {estimate / 2**20:.2f} MiB | {cells} |", flush=True)
 

@@ -339,7 +339,7 @@ def test_larger_products_run_in_smaller_chunks_on_the_cpu():
     sizes = [2**10, 2**19, 2**19 + 1, 2**20, 2**20 + 1, 2**23, 2**23 + 1, 2**26]
     plain = [2**14, 32, 8, 8, 1, 1, 1, 1]
     assert [_chunks.device_default(cpu, size) for size in sizes] == plain
-    convolutional = [2**14, 32, 8, 8, 8, 8, 1, 1]
+    convolutional = [2**14, 32, 32, 24, 23, 8, 1, 1]
     assert [_chunks.device_default(cpu, size, True) for size in sizes] == convolutional
     assert _chunks.device_default(torch.device("cuda"), 2**26) == _chunks.GPU_CHUNK_SIZE
 

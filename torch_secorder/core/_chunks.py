@@ -3,8 +3,8 @@
 This module owns the chunk-size rule of :class:`~torch_secorder.core._autograd.GradientGraph`
 when a caller does not choose (``chunk_size=None``): the smallest of the number of products,
 a default per device type and product size (:func:`device_default`: on the CPU, hundreds of
-small products per call, eight of medium ones and of convolutional ones up to 8 MiB, and
-large ones one at a time) and the largest
+small products per call, eight of medium ones, 8 to 32 of convolutional ones up to 8 MiB,
+and large ones one at a time) and the largest
 chunk whose estimated memory fits :data:`CHUNK_MEMORY_BYTES` (:func:`memory_cap`). The
 estimate of one product (:func:`product_bytes`) is what the graph of the gradient saved for
 backward (:func:`measure`, read off the autograd graph once) plus one cotangent and one
@@ -48,11 +48,17 @@ thread, batching them took up to 1.3 to 2.2 times as long as the loop on tanh ML
 MiB per product), as ``benchmarks/README.md`` tabulates."""
 
 CPU_CONV_LOOP_BYTES = 2**23
-"""On the CPU products of a graph with a convolution run :data:`CPU_MEDIUM_CHUNK` to a call up
-to this estimate (8 MiB), one at a time above: the double backward of small convolutions
-pays mostly per call, and chunks of 8 took 0.4 to 0.9 times the loop's time per vector on
-CNNs and a CIFAR ResNet of 1 to 4 MiB per product, as much as the loop at 8 MiB, and more on
-a CNN of 65 MiB."""
+"""On the CPU products of a graph with a convolution run in chunks of about
+:data:`CPU_CONV_CHUNK_BYTES` up to this estimate (8 MiB), one at a time above: the double
+backward of small convolutions pays mostly per call, and chunks of 8 to 24 took 0.3 to 0.8
+times the loop's time per vector on CNNs and a CIFAR ResNet of 1 to 4 MiB per product, as
+much as the loop at 8 MiB, and more on a CNN of 65 MiB (``benchmarks/README.md``)."""
+
+CPU_CONV_CHUNK_BYTES = 24 * 2**20
+"""On the CPU products of a graph with a convolution above :data:`CPU_SMALL_BYTES` run as
+many to a call as fit this estimate (24 MiB), from :data:`CPU_MEDIUM_CHUNK` to
+:data:`DEFAULT_CHUNK_SIZE`: measured, the best chunks of such products held 17 to 35 MiB,
+and this rule came within 8% of the best chunk on each of five CNNs and a ResNet."""
 
 GPU_CHUNK_SIZE = 1024
 """Most products per batched call on a device type without an entry in
@@ -92,15 +98,19 @@ def device_default(device: torch.device, per_product: int, convolves: bool = Fal
     """Products per call on ``device`` for products of ``per_product`` bytes, memory aside.
 
     On the CPU one (a loop) above :data:`CPU_LOOP_BYTES` (:data:`CPU_CONV_LOOP_BYTES` where the
-    graph ``convolves``), :data:`CPU_MEDIUM_CHUNK` above :data:`CPU_SMALL_BYTES`, else
-    :data:`DEFAULT_CHUNK_SIZE` or as many as fit :data:`CPU_CHUNK_BYTES` when that is more;
-    elsewhere the device type's entry or :data:`GPU_CHUNK_SIZE`.
+    graph ``convolves``); above :data:`CPU_SMALL_BYTES` :data:`CPU_MEDIUM_CHUNK`, or where the
+    graph convolves as many as fit :data:`CPU_CONV_CHUNK_BYTES` (8 to
+    :data:`DEFAULT_CHUNK_SIZE`); else :data:`DEFAULT_CHUNK_SIZE` or as many as fit
+    :data:`CPU_CHUNK_BYTES` when that is more; elsewhere the device type's entry or
+    :data:`GPU_CHUNK_SIZE`.
     """
     default = DEFAULT_CHUNK_SIZE.get(device.type, GPU_CHUNK_SIZE)
     if device.type != "cpu":
         return default
     if per_product > (CPU_CONV_LOOP_BYTES if convolves else CPU_LOOP_BYTES):
         return 1
+    if convolves and per_product > CPU_SMALL_BYTES:
+        return min(default, max(CPU_MEDIUM_CHUNK, CPU_CONV_CHUNK_BYTES // per_product))
     if per_product > CPU_SMALL_BYTES:
         return CPU_MEDIUM_CHUNK
     return max(default, CPU_CHUNK_BYTES // per_product)

@@ -122,8 +122,8 @@ def batched_hvp(func, params, vs, *, chunk_size=None, strict=False):
             ``vs[i]`` has shape ``(k, *params[i].shape)``, or a flat ``(k, P)`` tensor.
         chunk_size: Products per batched call, bounding peak memory; ``1`` runs a loop.
             ``None`` (default) applies a fixed rule of sizes: on the CPU hundreds of small
-            products per call, 8 of medium ones (over 512 KiB each) and larger ones (over
-            1 MiB, or 8 MiB in a graph with a convolution) one at a time; 1024 on GPUs;
+            products per call, 8 to 32 of medium ones (over 512 KiB each) and larger ones
+            (over 1 MiB, or 8 MiB in a graph with a convolution) one at a time; 1024 on GPUs;
             fewer where the estimated intermediates of a chunk would exceed about 1 GiB.
         strict: Raise if the loss does not depend on one of ``params``.
 
