@@ -186,14 +186,7 @@ def _per_layer_section(
             ]
         return _missing("Per layer", traces)
     methods = {row["trace_method"] for row in rows}
-    how = " and ".join(
-        text
-        for method, text in (
-            ("exact", "exact traces (sums of the exact diagonal; no ±)"),
-            ("hutch++", "Hutch++ traces (± their standard errors)"),
-        )
-        if method in methods
-    )
+    how = _trace_methods(methods)
     if tops == "done":
         how += ", Lanczos top eigenvalues"
     elif tops == "skipped":
@@ -229,12 +222,9 @@ def _per_layer_section(
     return lines
 
 
-def _activation_section(rows: list[dict[str, Any]] | None, status: dict[str, str]) -> list[str]:
-    traces, tops = status.get("activation traces"), status.get("activation top eigenvalues")
-    if rows is None:
-        return _missing("Activations", traces)
-    methods = {row["trace_method"] for row in rows}
-    how = " and ".join(
+def _trace_methods(methods: set[str]) -> str:
+    """How a table's traces were computed, for its introduction."""
+    return " and ".join(
         text
         for method, text in (
             ("exact", "exact traces (sums of the exact diagonal; no ±)"),
@@ -242,6 +232,14 @@ def _activation_section(rows: list[dict[str, Any]] | None, status: dict[str, str
         )
         if method in methods
     )
+
+
+def _activation_section(rows: list[dict[str, Any]] | None, status: dict[str, str]) -> list[str]:
+    traces, tops = status.get("activation traces"), status.get("activation top eigenvalues")
+    if rows is None:
+        return _missing("Activations", traces)
+    methods = {row["trace_method"] for row in rows}
+    how = _trace_methods(methods)
     if tops == "done":
         how += ", Lanczos top eigenvalues"
     else:
