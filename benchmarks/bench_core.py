@@ -125,6 +125,23 @@ def cnn(channels: int, batch: int, size: int, dtype: torch.dtype, device: torch.
     return Workload("cnn", model, inputs, torch.randint(0, 10, (batch,)).to(device))
 
 
+def bn_cnn(dtype: torch.dtype, device: torch.device) -> Workload:
+    """A small CNN with eval BatchNorm: 3,978 parameters, 64 RGB images of 16x16."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 10),
+    ).to(device, dtype)
+    model.eval()
+    inputs = torch.randn(64, 3, 16, 16, dtype=dtype).to(device)
+    return Workload("bn-cnn", model, inputs, torch.randint(0, 10, (64,)).to(device))
+
+
 class _BasicBlock(nn.Module):
     """A CIFAR ResNet block: two 3x3 convolutions with BatchNorm, in-place ReLU, a shortcut."""
 
@@ -997,7 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--models",
         nargs="+",
         default=["mlp", "cnn"],
-        choices=["mlp", "cnn", "resnet", "transformer"],
+        choices=["mlp", "cnn", "bn-cnn", "resnet", "transformer"],
         help="workloads; resnet and transformer serve (c), the diagonal",
     )
     parser.add_argument("--resnet-width", type=int, default=8, help="channels of the first stage")
@@ -1052,6 +1069,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "cnn": cnn(args.cnn_channels, args.cnn_batch, args.cnn_size, dtype, device),
         "resnet": resnet(args.resnet_width, args.resnet_batch, args.resnet_size, dtype, device),
         "transformer": transformer(args.tf_width, args.tf_tokens, args.tf_batch, dtype, device),
+        "bn-cnn": bn_cnn(dtype, device),  # last: the others' initial weights stay as they were
     }
     gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
     header = (
