@@ -13,6 +13,8 @@ from tests.analysis.operators import (
 from torch_secorder.analysis._driver import Problem, run
 from torch_secorder.analysis._lanczos import (
     RitzPairs,
+    _against_basis,
+    _combine,
     _explicit,
     _inner,
     _restarted_lanczos,
@@ -132,6 +134,39 @@ def test_explicit_residuals_of_float32_pairs_are_summed_in_float64():
     torch.testing.assert_close(pairs.values.double(), theta.reshape(1), rtol=1e-7, atol=0)
     torch.testing.assert_close(pairs.residuals.double(), residual.reshape(1), rtol=1e-7, atol=0)
     assert abs(float(Xd.norm()) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_step_orthogonalises_twice_where_the_first_pass_cancels(dtype):
+    # W lies in the span of the basis up to 1e-3 of its norm: one classical Gram-Schmidt pass
+    # leaves components of 1e3 times the rounding unit, the second (twice is enough) removes them
+    g = generator(4)
+    n, j = 300, 6
+    Q, _ = torch.linalg.qr(torch.randn(n, j + 3, generator=g, dtype=torch.float64))
+    V = torch.zeros(j + 1, n, dtype=dtype)
+    V[:j] = Q[:, :j].T.to(dtype)
+    locked = Q[:, j : j + 2].to(dtype)
+    W = Q[:, :j] @ torch.randn(j, 1, generator=g, dtype=torch.float64)
+    W += Q[:, j : j + 2] @ torch.full((2, 1), 1e-2, dtype=torch.float64) + 1e-3 * Q[:, j + 2 :]
+    W = W.to(dtype)
+    H, size = _against_basis(W, V, j, j - 2, locked)
+    new, eps = V[j].double(), torch.finfo(dtype).eps
+    assert float((Q[:, : j + 2].T @ new).abs().max()) < 10 * eps
+    assert abs(float(new.norm()) - 1) < 10 * eps
+    # the step's relation: W = V^T H + (its part along locked) + |remainder| new
+    Wd, L = W.double(), locked.double()
+    rebuilt = V[:j].double().T @ H + L @ (L.T @ Wd) + size.sqrt() * new[:, None]
+    torch.testing.assert_close(rebuilt, Wd, rtol=0, atol=10 * eps * float(Wd.norm()))
+
+
+def test_a_restart_combines_the_basis_a_slice_at_a_time(monkeypatch):
+    monkeypatch.setattr("torch_secorder.analysis._lanczos.COMBINE_BYTES", 7 * 3 * 8)
+    g = generator(5)
+    V = torch.randn(8, 50, generator=g, dtype=DTYPE)  # slices of 7 columns, the last of 1
+    Q = torch.randn(6, 3, generator=g, dtype=DTYPE)
+    expected = torch.cat([Q.T @ V[:6], V[3:]])
+    _combine(V, Q, 6)
+    torch.testing.assert_close(V, expected)
 
 
 @pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])

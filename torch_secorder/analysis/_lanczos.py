@@ -49,6 +49,9 @@ BASIS_BYTES = 2**32
 SLICE = 2**17
 """Entries of each partial sum that a sum over the operator's size adds up in float64."""
 
+COMBINE_BYTES = 2**22
+"""Memory of the temporary with which a thick restart combines the basis, a slice at a time."""
+
 
 @dataclass
 class RitzPairs:
@@ -96,30 +99,30 @@ def relative_floor(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** (1 / 3)
 
 
-def _orthogonalise(W: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
-    """Classical Gram-Schmidt of the columns of ``W`` against ``basis``, twice.
+def _fill(V: Tensor, begin: int, end: int, locked: Tensor, generator: torch.Generator) -> None:
+    """Rows ``begin`` to ``end`` of ``V``: random unit vectors orthogonal to the rows above."""
+    for i in range(begin, end):
+        V[i] = gaussian(generator, (V.shape[1],), V.dtype, V.device)
+        _orthonormalise(V, i, locked)
+
+
+def _orthonormalise(V: Tensor, i: int, locked: Tensor) -> float:
+    """Make row ``i`` of ``V`` orthogonal to ``locked``'s columns and the rows above, and unit.
+
+    Classical Gram-Schmidt, twice, in place.
 
     Returns:
-        ``W`` minus its projection (a new tensor; ``W`` is left as it was), and the
-        coefficients ``basis^T W``.
+        The row's norm before it was divided by it (zero: the row is left zero).
     """
-    H = _inner(basis.T, W.T).to(W.dtype)
-    W = torch.addmm(W, basis, H, alpha=-1)
-    H2 = _inner(basis.T, W.T).to(W.dtype)
-    return W.addmm_(basis, H2, alpha=-1), H + H2
-
-
-def _fill(
-    basis: Tensor, count: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """``count`` random unit vectors orthogonal to ``basis`` and to each other."""
-    columns = []
-    for _ in range(count):
-        r = gaussian(generator, (basis.shape[0], 1), dtype, device)
-        current = torch.cat([basis, *columns], dim=1)
-        r, _ = _orthogonalise(r, current)
-        columns.append(r / _inner(r.T, r.T).sqrt().to(dtype))
-    return torch.cat(columns, dim=1)
+    row = V[i : i + 1]
+    for _ in range(2):
+        for basis in (locked.T, V[:i]):
+            if basis.shape[0]:
+                row.T.addmm_(basis.T, _inner(basis, row).to(V.dtype), alpha=-1)
+    norm = float(_inner(row, row)) ** 0.5
+    if norm > 0:
+        row.div_(norm)
+    return norm
 
 
 def wanted_key(theta: Tensor, which: str) -> Tensor:
@@ -331,7 +334,9 @@ def _restarted_lanczos(
     ``bound`` by more than its residual: :math:`\text{key}(\theta) + \|r\| \le` ``bound``.
     ``start`` (columns whose span should seed the search, e.g. Ritz vectors found before)
     replaces the random first vector by their sum. The basis is the first rows of the one in
-    ``workspace`` where that has enough (else a new one, kept there).
+    ``workspace`` where that has enough (else a new one, kept there); each step writes the
+    next block into the rows below the basis and a restart combines them in place, so no
+    vector of the operator's size is allocated per step.
 
     Returns:
         ``(pairs, products used)``; ``pairs`` is ``None`` after such an early stop.
@@ -347,35 +352,29 @@ def _restarted_lanczos(
         least = (k + b) + (k + 2 * b + locked.shape[1])  # the basis, and what it keeps besides
         raise refuse("Lanczos", least, n, dtype, device)
     floor = relative_floor(dtype)
-    if not workspace or workspace[0].shape[0] < m:
-        workspace[:] = [torch.empty(m, n, dtype=dtype, device=device)]
-    V = workspace[0][:m]  # the basis, one vector per row; rows below j are written before read
+    if not workspace or workspace[0].shape[0] < m + b:
+        workspace[:] = [torch.empty(m + b, n, dtype=dtype, device=device)]
+    # The basis, one vector per row, with room below it for the block it grows by; rows
+    # below j + b are written before they are read.
+    V = workspace[0][: m + b]
     T = torch.zeros(m, m, dtype=work, device=device)
-    first = None
+    given = 0
     if start is not None:  # their sum, made orthogonal to what is locked
-        first, _ = _orthogonalise(start.sum(dim=1, keepdim=True), locked)
-        size = float(_inner(first.T, first.T))
-        first = first / size**0.5 if size > 0 else None
-    if first is None:
-        V[:b] = _as_rows(_fill(locked, b, generator, dtype, device))
-    else:
-        V[:1] = _as_rows(first)
-        if b > 1:
-            spanned = torch.cat([locked, first], dim=1)
-            V[1:b] = _as_rows(_fill(spanned, b - 1, generator, dtype, device))
+        V[0] = start.sum(dim=1)
+        given = int(_orthonormalise(V, 0, locked) > 0)
+    _fill(V, given, b, locked, generator)
     j, current, recent = b, slice(0, b), 0
     used, norm = 0, 0.0
     while True:
         W = yield V[current].T.contiguous()
         used += current.stop - current.start
-        if locked.shape[1]:
-            W, _ = _orthogonalise(W, locked)
-        W, H = _against_basis(W, V[:j], recent)
-        T[:j, current] = H.to(work)
+        new = V[j : j + W.shape[1]]  # the next block: A V[current]^T - V[:j]^T H = new^T B
+        H, size = _against_basis(W, V, j, recent, locked)
+        T[:j, current] = H
         theta, Y = torch.linalg.eigh((T[:j, :j] + T[:j, :j].T) / 2)
         norm = max(norm, float(theta.abs().max()))
-        U, singular, Vh = _factor(W)
-        B = (singular[:, None] * Vh).to(work)  # W = U B
+        singular, Vh = _factor(new, size)
+        B = (singular[:, None] * Vh).to(work)
         # Residuals of all Ritz pairs, from A V = V T + U B E^T (zero once V spans everything).
         residuals = (B @ Y[current]).norm(dim=0) if j < free else theta.new_zeros(j)
         order = wanted_order(theta, which)
@@ -398,7 +397,8 @@ def _restarted_lanczos(
         if restart:
             kept = order[:keep]
             coupling = B @ Y[current][:, kept]
-            V[:keep] = Y[:, kept].to(dtype).T @ V[:j]
+            _combine(V, Y[:, kept].to(dtype), j)
+            V[keep : keep + new.shape[0]] = new  # the next block follows the kept vectors
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[kept])
         else:
@@ -406,57 +406,59 @@ def _restarted_lanczos(
             coupling[:, current] = B
         recent = 0 if restart else current.start  # the columns the next product couples with
         j = keep
-        take = min(width, U.shape[1])
+        take = min(width, B.shape[0])
         # A vanishing residual direction means V spans an invariant subspace: go on in fresh
         # random directions.
         strong = singular[:take] > eps ** (2 / 3) * norm
-        block, rows = U[:, :take], coupling[:take]
-        if not bool(strong.all()):
-            block, rows = block[:, strong], rows[strong]
-        if block.shape[1] < width:
-            missing = width - block.shape[1]
-            spanned = torch.cat([locked, V[:j].T, block], dim=1)
-            block = torch.cat([block, _fill(spanned, missing, generator, dtype, device)], dim=1)
-            rows = torch.cat([rows, rows.new_zeros(missing, j)])
-        V[j : j + width] = _as_rows(block)
-        T[j : j + width, :j] = rows
+        if not bool(strong.all()) or take < width:
+            coupling = _replace_weak(V, j, width, strong, coupling, locked, generator)
+        T[j : j + width, :j] = coupling[:width]
         current = slice(j, j + width)
         j += width
-    X = (Y[:, wanted].to(dtype).T @ V[: Y.shape[0]]).T
+    X = V[: Y.shape[0]].T @ Y[:, wanted].to(dtype)
     spanned = j >= free and locked.shape[1] == 0
     pairs = RitzPairs(theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged, spanned)
     return pairs, used
 
 
-def _against_basis(W: Tensor, rows: Tensor, recent: int) -> tuple[Tensor, Tensor]:
-    """Orthogonalise the columns of ``W`` against the basis ``rows``, for a Lanczos step.
+def _against_basis(
+    W: Tensor, V: Tensor, j: int, recent: int, locked: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Orthogonalise the columns of ``W`` against the basis ``V[:j]`` into the rows below it.
 
     The product of the last block couples (in exact arithmetic) with the rows from ``recent``
-    on only, so those are taken out first, then the whole basis once; a third pass runs only
-    where that one removed more than a third of what was left (the "twice is enough" test).
-    Costs one pass over the whole basis where classical Gram-Schmidt twice costs two.
-
-    The passes update one new vector in place: a temporary of the operator's size costs a
-    fresh allocation (page faults included) of the size of the product, each time.
+    on only, so those are taken out first (written into the rows ``new`` below the basis: no
+    temporary of the operator's size), then the whole basis and the columns of ``locked``
+    once; a second pass runs only where that one removed more than a third of what was left
+    (the "twice is enough" test). The norm of ``new`` after a pass follows from its norm before
+    and the coefficients (Pythagoras), so one row is divided by it in the same update.
 
     Returns:
-        ``W`` minus its projection (a new tensor; ``W`` is left as it was), and the
-        coefficients ``rows W`` (in the work dtype, summed by :func:`_inner`).
+        The coefficients ``V[:j] W`` (in the work dtype) and the squared norms of ``new``
+        (one row is then unit).
     """
-    local = rows[recent:]
+    basis, new = V[:j], V[j : j + W.shape[1]]
+    local = basis[recent:]
     near = _inner(local, W.T)
-    W = torch.addmm(W, local.T, near.to(W.dtype), alpha=-1)
-    H = torch.zeros(rows.shape[0], W.shape[1], dtype=near.dtype, device=W.device)
+    # (columns: BLAS takes the product of one row with a matrix as a slow matrix product)
+    torch.addmm(W, local.T, near.to(W.dtype), alpha=-1, out=new.T)
+    H = torch.zeros(j, W.shape[1], dtype=near.dtype, device=W.device)
     H[recent:] = near
-    before = _inner(W.T, W.T).diagonal()
-    coefficients = _inner(rows, W.T)
-    W.addmm_(rows.T, coefficients.to(W.dtype), alpha=-1)
-    H += coefficients
-    if bool((_inner(W.T, W.T).diagonal() < before * (4 / 9)).any()):  # |W| < 2/3 |before|
-        again = _inner(rows, W.T)
-        W.addmm_(rows.T, again.to(W.dtype), alpha=-1)
-        H += again
-    return W, H
+    for again in (True, False):
+        coefficients, deflation = _inner(basis, new), _inner(locked.T, new)
+        removed = coefficients.square().sum(dim=0) + deflation.square().sum(dim=0)
+        size = (_inner(new, new).diagonal() - removed).clamp(min=0)
+        # |before|^2 = |after|^2 + |coefficients|^2: again where |after| < 2/3 |before|
+        again = again and bool((removed > 1.25 * size).any())
+        unit = not again and W.shape[1] == 1 and float(size) > 0
+        scale = float(size) ** -0.5 if unit else 1.0
+        new.T.addmm_(basis.T, coefficients.to(new.dtype), beta=scale, alpha=-scale)
+        if locked.shape[1]:
+            new.T.addmm_(locked, deflation.to(new.dtype), alpha=-scale)
+        H += coefficients
+        if not again:
+            break
+    return H, size
 
 
 def _inner(A: Tensor, B: Tensor) -> Tensor:
@@ -479,22 +481,60 @@ def _inner(A: Tensor, B: Tensor) -> Tensor:
     return total
 
 
-def _as_rows(columns: Tensor) -> Tensor:
-    """``columns.T``, to be copied into rows of a basis.
+def _combine(V: Tensor, Q: Tensor, j: int) -> None:
+    r"""``V[:q] = Q^\top V[:j]`` in place, for ``(j, q)`` ``Q``, a slice of columns at a time.
 
-    One column becomes a row view: PyTorch copies the transpose of an ``(n, 1)`` tensor an
-    order of magnitude slower.
+    The thick restart's Ritz vectors, without a temporary of their size (its first pages
+    cost about as much as the product itself).
     """
-    return columns.reshape(1, -1) if columns.shape[1] == 1 else columns.T
+    step = max(1, COMBINE_BYTES // (V.element_size() * Q.shape[1]))
+    Qt = Q.T.contiguous()
+    buffer = V.new_empty(Q.shape[1], min(step, V.shape[1]))
+    for start in range(0, V.shape[1], step):
+        columns = slice(start, start + step)
+        part = buffer[:, : V[0, columns].shape[0]]
+        torch.mm(Qt, V[:j, columns], out=part)
+        V[: Q.shape[1], columns] = part
 
 
-def _factor(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``W = U diag(s) Vh`` (thin): a column by its norm (in place), more by an SVD."""
-    if W.shape[1] != 1:
-        return torch.linalg.svd(W, full_matrices=False)
-    norm = _inner(W.T, W.T).sqrt().reshape(1).to(W.dtype)
-    U = W.div_(norm) if float(norm) > 0 else W
-    return U, norm, torch.ones(1, 1, dtype=W.dtype, device=W.device)
+def _replace_weak(
+    V: Tensor,
+    j: int,
+    width: int,
+    strong: Tensor,
+    coupling: Tensor,
+    locked: Tensor,
+    generator: torch.Generator,
+) -> Tensor:
+    """Keep the strong rows of the block at ``j`` and fill it up to ``width`` rows at random.
+
+    The random rows are orthogonal to ``locked``, to the basis and to each other; their
+    coupling with the basis is zero.
+
+    Returns:
+        The coupling rows of the block's ``width`` rows.
+    """
+    index = strong.nonzero().squeeze(1)
+    V[j : j + len(index)] = V[j + index]
+    _fill(V, j + len(index), j + width, locked, generator)
+    missing = width - len(index)
+    return torch.cat([coupling[index], coupling.new_zeros(missing, coupling.shape[1])])
+
+
+def _factor(rows: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """``rows^T = U diag(s) Vh`` (thin), ``U^T`` written into ``rows``.
+
+    One row is unit already (:func:`_against_basis`): its ``s`` is the square root of
+    ``size``. More take an SVD.
+
+    Returns:
+        ``(s, Vh)``.
+    """
+    if rows.shape[0] != 1:
+        U, singular, Vh = torch.linalg.svd(rows.T, full_matrices=False)
+        rows.copy_(U.T)
+        return singular, Vh
+    return size.sqrt().to(rows.dtype), torch.ones(1, 1, dtype=rows.dtype, device=rows.device)
 
 
 def lanczos_quadrature(
