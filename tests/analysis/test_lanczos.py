@@ -393,3 +393,16 @@ def test_a_warm_start_from_the_eigenvectors_of_a_nearby_operator_takes_fewer_pro
     assert again.converged
     torch.testing.assert_close(warm.values, again.values, rtol=1e-7, atol=0)
     assert warm_problem.num_matvecs < again_problem.num_matvecs
+
+
+def test_float32_quadrature_of_millions_of_entries_sums_accurately():
+    # A diagonal operator and a Rademacher probe: Gauss quadrature is exact to degree 2s - 1,
+    # sum_j tau_j theta_j^m = z^T A^m z / z^T z = mean(d^m), also after 2^22 float32 terms.
+    n = 2**22
+    d = torch.rand(n, generator=generator(5), dtype=torch.float64).float().double()
+    operator = Diagonal(d.float())
+    steps = lanczos_quadrature(n, 3, 1, torch.float32, CPU, generator(6))
+    ((nodes, weights),) = run("test", operator, [Problem(steps)])
+    for m in (1, 2, 3):
+        moment = float((nodes.double() ** m * weights.double()).sum())
+        assert abs(moment - float((d**m).mean())) <= 1e-5 * float((d**m).mean())

@@ -617,14 +617,15 @@ def _quadrature(q: Tensor, steps: int) -> Steps:
             # Probe by probe: each basis[p, :j+1] is a contiguous matrix, so these are two
             # matrix-vector products; a bmm over the strided (probes, j+1, n) slice was 14x
             # slower (float32, n = 34k) and made the batched quadrature slower than a loop.
+            # The coefficients are sums over the operator's size: accurate ones (_inner).
             for p in range(num_probes):
                 previous = basis[p, : j + 1]
-                c = previous @ w[p]
-                w[p] -= c @ previous
-                alpha[p, j] += c[j].to(work)
+                c = _inner(previous, w[p : p + 1])[:, 0]
+                w[p] -= c.to(dtype) @ previous
+                alpha[p, j] += c[j]
         if j == steps - 1:
             break
-        norms = w.norm(dim=1)
+        norms = torch.stack([_inner(row[None], row[None])[0, 0] for row in w]).sqrt().to(dtype)
         scale = max(scale, float(alpha[:, j].abs().max()), float(norms.max()))
         broken = active & (norms <= threshold * scale)
         length[broken.cpu()] = j + 1
