@@ -121,6 +121,14 @@ def test_the_time_warning_takes_the_rate_of_the_products_at_the_users_line(monke
     hessian_diagonal(built.func, built.params, chunk_size=1)  # filterwarnings=error
 
 
+def test_a_warning_up_front_points_at_the_users_line(monkeypatch):
+    monkeypatch.setattr(_progress, "LONG_PRODUCTS", 1)
+    built = _mlp()
+    with pytest.warns(UserWarning, match=r"^hessian_matrix: the exact Hessian takes") as w:
+        hessian_matrix(built.func, built.params)
+    assert w[0].filename == __file__
+
+
 def test_short_computations_do_not_warn():
     built = _mlp()
     hessian_diagonal(

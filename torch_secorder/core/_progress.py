@@ -16,6 +16,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from types import FrameType
 
 from torch_secorder.core._autograd import GradientGraph
 
@@ -42,6 +43,13 @@ def require_tqdm(fname: str) -> None:
 
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_CONTEXTLIB = os.path.abspath(contextlib.__file__)
+
+
+def _inside(frame: FrameType) -> bool:
+    """Whether ``frame`` runs this package's code (or a context manager's, on its behalf)."""
+    filename = os.path.abspath(frame.f_code.co_filename)
+    return filename.startswith(_PACKAGE) or filename == _CONTEXTLIB
 
 
 def _outside_stacklevel() -> int:
@@ -50,7 +58,7 @@ def _outside_stacklevel() -> int:
     That is the first frame outside this package, however deep the library's calls go.
     """
     frame, level = sys._getframe(2), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+    while frame is not None and _inside(frame):
         frame, level = frame.f_back, level + 1
     return level
 
