@@ -77,6 +77,31 @@ def test_single_whole_problem_passes_its_block_unchanged():
     assert problem.num_matvecs == 2
 
 
+def test_a_whole_request_receives_the_operators_product_without_a_copy():
+    A = with_spectrum(dominant(40))
+    returned = []
+
+    class Recording(DenseOperator):
+        def matmat(self, V):
+            returned.append(super().matmat(V))
+            return returned[-1]
+
+    class Identity(DenseOperator):
+        def matmat(self, V):
+            return V  # a product aliasing its request is copied
+
+    def steps():
+        V = torch.ones(40, 1, dtype=DTYPE)
+        HV = yield V
+        return V, HV
+
+    ((V, HV),) = run("test", Recording(A), [Problem(steps())])
+    assert HV is returned[0]
+    ((V, HV),) = run("test", Identity(torch.eye(40, dtype=DTYPE)), [Problem(steps())])
+    assert HV.untyped_storage().data_ptr() != V.untyped_storage().data_ptr()
+    torch.testing.assert_close(HV, V)
+
+
 def test_problem_without_products_and_empty_requests():
     def immediate():
         return "done"

@@ -366,16 +366,46 @@ def test_kronecker_block_returns_every_copy():
 
 
 def test_verification_is_cheap_with_a_gap():
-    lam = torch.cat([torch.tensor([10.0, 5.0], dtype=DTYPE), torch.linspace(0, 1, 98, dtype=DTYPE)])
+    lam = torch.cat([torch.tensor([10.0, 9.0, 5.0]), torch.linspace(0, 1, 97)]).to(DTYPE)
     A = with_spectrum(lam)
-    operator = Recording(A)
+    pairs, _, problem = solve(A, 2, tol=1e-8)
+    torch.testing.assert_close(pairs.values, lam[:2])
     main = _restarted_lanczos(
-        100, 1, 1000, None, None, "largest", 1e-8, DTYPE, CPU, generator(0), 1, None, []
+        100, 2, 1000, None, None, "largest", 1e-8, DTYPE, CPU, generator(0), 1, None, []
     )
-    ((_, used),) = run("test", operator, [Problem(main)])
+    ((_, used),) = run("test", Recording(A), [Problem(main)])
+    # the complement's top (5) is told apart from 9 quickly; two explicit residuals
+    assert problem.num_matvecs - used <= 8
+
+
+def test_one_eigenpair_takes_the_lanczos_steps_and_one_explicit_product():
+    # (another copy of the top eigenvalue would not change the result: no complement search)
+    A = with_spectrum(torch.tensor([10.0, 10.0, 10.0, *torch.linspace(0, 5, 57)], dtype=DTYPE))
+    main = _restarted_lanczos(
+        60, 1, 1000, None, None, "largest", 1e-8, DTYPE, CPU, generator(0), 1, None, []
+    )
+    ((_, used),) = run("test", Recording(A), [Problem(main)])
     pairs, _, problem = solve(A, 1, tol=1e-8)
-    torch.testing.assert_close(pairs.values, lam[:1])
-    assert problem.num_matvecs - used <= 6  # the complement's top (5) is told apart from 10 quickly
+    assert pairs.converged
+    torch.testing.assert_close(pairs.values, torch.tensor([10.0], dtype=DTYPE))
+    assert problem.num_matvecs == used + 1
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_warm_start_finds_an_eigenvalue_that_overtook_the_ones_given(k):
+    # the start spans the eigenvectors of 9 and 8 exactly: the eigenvalue 10 has no component
+    # in it, and a Krylov space grown from it alone would never see 10
+    lam = torch.cat([torch.tensor([10.0, 9.0, 8.0]), torch.linspace(-1, 1, 97)]).to(DTYPE)
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(100, 100, generator=g, dtype=DTYPE))
+    A = (Q * lam) @ Q.T
+    A = (A + A.T) / 2
+    steps = thick_restart_lanczos(
+        100, k, "largest", 1e-8, 1000, DTYPE, CPU, generator(1), start=Q[:, 1 : 1 + k]
+    )
+    (pairs,) = run("test", DenseOperator(A), [Problem(steps)])
+    assert pairs.converged
+    torch.testing.assert_close(pairs.values, lam[:k])
 
 
 def test_a_warm_start_from_the_eigenvectors_of_a_nearby_operator_takes_fewer_products():

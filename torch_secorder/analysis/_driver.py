@@ -163,12 +163,15 @@ def _run(fname: str, operator: Any, problems: Sequence[Problem], meter: Meter | 
     while active:
         rows = [problems[i].rows for i in active]
         requests: list[Tensor] = [problems[i].request for i in active]  # type: ignore[misc]
-        products = [r.new_empty(r.shape) for r in requests]
+        products: list[Tensor | None] = [None] * len(requests)
         for chunk in _pieces([r.shape[1] for r in requests], cap):
             _multiply(fname, operator, size, rows, requests, products, chunk)
             if meter is not None:
                 meter.update(sum(piece[2] for piece in chunk))
-        held: list[tuple[Tensor, Tensor] | None] = list(zip(requests, products))
+        held: list[tuple[Tensor, Tensor] | None] = [
+            (r, r.new_empty(r.shape) if p is None else p)  # (None: a request of no columns)
+            for r, p in zip(requests, products)
+        ]
         del requests, products
         for position, i in enumerate(active):
             # Hold no reference to a request while its algorithm computes the next one, so
@@ -213,10 +216,15 @@ def _multiply(
     size: int,
     rows: list[slice | Tensor | None],
     requests: list[Tensor],
-    products: list[Tensor],
+    products: list[Tensor | None],
     chunk: list[Piece],
 ) -> None:
-    """One ``matmat`` of a chunk: pad its pieces to full length, scatter the products back."""
+    """One ``matmat`` of a chunk: pad its pieces to full length, scatter the products back.
+
+    A whole-operator request multiplied whole receives the operator's result itself where
+    that is a contiguous tensor of its own (no copy of a product per step); every other
+    product is gathered into memory of its problem's size.
+    """
     width = sum(piece[2] for piece in chunk)
     first, start, _, _ = chunk[0]
     if len(chunk) == 1 and rows[first] is None:
@@ -229,6 +237,7 @@ def _multiply(
             block = requests[index][:, begin : begin + count]
             _put(padded, rows[index], at, block)
     result = operator.matmat(padded)
+    whole = padded is requests[first]
     del padded
     if not isinstance(result, Tensor) or tuple(result.shape) != (size, width):
         got = tuple(result.shape) if isinstance(result, Tensor) else type(result)
@@ -236,9 +245,20 @@ def _multiply(
             f"{fname}: func_or_operator.matmat returned {got} for a ({size}, {width}) "
             f"input; expected a tensor of shape ({size}, {width})."
         )
+    request = requests[first]
+    if (
+        whole
+        and result.is_contiguous()
+        and (result.dtype, result.device) == (request.dtype, request.device)
+        and result.untyped_storage().data_ptr() != request.untyped_storage().data_ptr()
+    ):
+        products[first] = result
+        return
     for index, begin, count, at in chunk:
-        block = _take(result[:, at : at + count], rows[index])
-        products[index][:, begin : begin + count] = block
+        product = products[index]
+        if product is None:
+            product = products[index] = requests[index].new_empty(requests[index].shape)
+        product[:, begin : begin + count] = _take(result[:, at : at + count], rows[index])
 
 
 def _advance(problem: Problem, products: Tensor | None) -> None:

@@ -155,13 +155,15 @@ def thick_restart_lanczos(
     r"""Find ``k`` extreme eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
 
     A Krylov space from one random vector holds one direction of each eigenspace, so it sees
-    one copy of a repeated eigenvalue. Once the ``k`` wanted pairs converge, the search goes
-    on in their orthogonal complement from a fresh random vector, as for the first of them:
+    one copy of a repeated eigenvalue. For ``k > 1``, once the ``k`` wanted pairs converge, the
+    search goes on in their orthogonal complement from a fresh random vector, as for the first
+    of them:
     it stops once the most wanted Ritz pair there has converged to :math:`\sqrt{\texttt{tol}}`
     (relative residual) and is less wanted than the ``k``-th pair found by more than its
     residual; a more wanted one converges to ``tol`` and joins the pairs found, which are then
     verified again. Repeated eigenvalues are so found with all their copies, at the cost of a
-    loosely converged extra eigenpair.
+    loosely converged extra eigenpair. (For one pair that search could only find another copy
+    of the same eigenvalue: it is left out.)
 
     The residuals Lanczos reads off its recurrence drift from the true ones in finite precision
     (in float32, by factors of two or more on large networks), so every returned pair is then
@@ -186,7 +188,9 @@ def thick_restart_lanczos(
         block_size: Vectors per step :math:`b` (one batched product of :math:`b` columns).
         basis_size: Largest basis before a restart (default :func:`default_basis_size`).
         start: ``(n, j)`` vectors to start from (eigenvectors found before, a warm start):
-            their sum replaces the random first vector.
+            their normalised sum plus a random unit vector is the first vector. The random
+            half gives it a direction in every eigenspace, as a random start has, so an
+            eigenvalue that has overtaken the ones found is found as from a cold start.
 
     Yields:
         Blocks of at most ``block_size`` columns; receives their products.
@@ -198,11 +202,13 @@ def thick_restart_lanczos(
     reserved = 0 if n <= max_matvecs else min(k, max_matvecs - 1)
     inner, best = tol, None
     used = 0
+    if start is not None:
+        start = _warm(start, generator)
     workspace: list[Tensor] = []  # one basis for every search, its pages touched once
     while True:
         options = (which, inner, dtype, device, generator, block_size, basis_size, workspace)
         budget = max_matvecs - (reserved if best is None else k) - used
-        pairs, spent = yield from _all_copies(n, k, budget, start, *options)
+        pairs, spent = yield from _all_copies(n, k, budget, start, k > 1, *options)
         used += spent
         if pairs.spanned:  # the basis spans everything: the pairs are exact to rounding
             return pairs
@@ -229,6 +235,15 @@ def thick_restart_lanczos(
         start, best = checked.vectors, checked
 
 
+def _warm(start: Tensor, generator: torch.Generator) -> Tensor:
+    """The normalised sum of the columns of ``start`` plus a random unit vector, ``(n, 1)``."""
+    noise = gaussian(generator, (start.shape[0], 1), start.dtype, start.device)
+    both = torch.cat([start.sum(dim=1, keepdim=True), noise], dim=1)
+    norms = _inner(both.T, both.T).diagonal().sqrt()
+    both /= norms.clamp(min=torch.finfo(norms.dtype).tiny).to(both.dtype)
+    return both.sum(dim=1, keepdim=True)
+
+
 def _worst(pairs: RitzPairs) -> float:
     return float(pairs.residuals.max())
 
@@ -238,11 +253,12 @@ def _all_copies(
     k: int,
     max_matvecs: int,
     start: Tensor | None,
+    copies: bool,
     which: str,
     tol: float,
     *options: object,
 ) -> Steps:
-    """The ``k`` wanted pairs, then a search for more copies of repeated eigenvalues.
+    """The ``k`` wanted pairs, then (``copies``) a search for more copies of repeated eigenvalues.
 
     Returns:
         ``(pairs, products used)``.
@@ -250,7 +266,7 @@ def _all_copies(
     pairs, used = yield from _restarted_lanczos(
         n, k, max_matvecs, None, None, which, tol, *options, start=start
     )
-    while pairs.converged and pairs.vectors.shape[1] < n and used < max_matvecs:
+    while copies and pairs.converged and pairs.vectors.shape[1] < n and used < max_matvecs:
         least = float(wanted_key(pairs.values[-1], which))
         candidate, spent = yield from _restarted_lanczos(
             n, 1, max_matvecs - used, pairs.vectors, least, which, tol, *options

@@ -97,10 +97,10 @@ def top_eigenvalues(
     Lanczos (default) needs fewer products than power iteration for the same accuracy, far
     fewer for several eigenpairs or close eigenvalues: it uses the whole Krylov space instead
     of its last vector (see the module docstring for both methods and their stopping rules).
-    It keeps a basis of :math:`\max(20, 2k + 2)` vectors of size :math:`P`. Once the wanted
-    pairs converge, it searches their orthogonal complement from a fresh random vector, so an
-    exactly repeated eigenvalue is reported with all its copies (a single Krylov space holds
-    only one of them).
+    It keeps a basis of :math:`\max(20, 2k + 2)` vectors of size :math:`P`. For ``k > 1``,
+    once the wanted pairs converge, it searches their orthogonal complement from a fresh random
+    vector, so an exactly repeated eigenvalue is reported with all its copies (a single Krylov
+    space holds only one of them).
 
     Args:
         {closure_or_operator}

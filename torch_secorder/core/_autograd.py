@@ -205,16 +205,22 @@ class GradientGraph:
         Returns:
             One ``(k, *x.shape)`` tensor per input ``x``.
         """
+        count = cotangents[0].shape[0]
         chunks = self.product_chunks(
-            cotangents[0].shape[0],
+            count,
             lambda start, stop: [u[start:stop] for u in cotangents],
             inputs,
             chunk_size=chunk_size,
         )
-        parts = [products for _, _, products in chunks]
-        if len(parts) == 1:
-            return parts[0]
-        return [torch.cat(column) for column in zip(*parts)]
+        out: list[Tensor] = []
+        for start, stop, products in chunks:
+            if stop - start == count:
+                return products
+            # each chunk's products are copied out at once (see _chunk's loop)
+            out = out or [r.new_empty((count, *r.shape[1:])) for r in products]
+            for rows, part in zip(out, products):
+                rows[start:stop] = part
+        return out
 
     def product_chunks(
         self,
@@ -314,15 +320,23 @@ class GradientGraph:
                     raise
                 following = ENGINES.index(self.engine) + 1
                 self.engine = ENGINES[following] if following < len(ENGINES) else None
-        columns = [
-            self.vjp(
-                [None if u is None else u[j] for u in cotangents], inputs, create_graph=create_graph
-            )
-            for j in range(size)
-        ]
+
+        def column(j: int) -> list[Tensor]:
+            cut = [None if u is None else u[j] for u in cotangents]
+            return self.vjp(cut, inputs, create_graph=create_graph)
+
         if size == 1:
-            return [r.unsqueeze(0) for r in columns[0]]
-        return [torch.stack(parts) for parts in zip(*columns)]
+            return [r.unsqueeze(0) for r in column(0)]
+        if create_graph:
+            return [torch.stack(parts) for parts in zip(*map(column, range(size)))]
+        # A loop writes each product into memory taken before it: small results kept between
+        # the large transient allocations of the backward passes would keep the allocator from
+        # reusing their memory (on glibc, resident memory grew by tens of MB per product).
+        out = [x.new_empty((size, *x.shape)) for x in inputs]
+        for j in range(size):
+            for rows, product in zip(out, column(j)):
+                rows[j] = product
+        return out
 
     @property
     def saved_bytes(self) -> int:
