@@ -174,13 +174,13 @@ def as_params(
         raise ValueError(f"{fname}: {argname} is empty; expected at least one tensor.")
     seen: dict[int, int] = {}
     for i, p in enumerate(params):
-        label = param_label(i, names, argname)
-        check_tensor(fname, label, p)
-        if not p.is_floating_point():
-            raise ValueError(
-                f"{fname}: {label} has dtype {p.dtype}; expected a floating-point tensor."
-            )
-        if id(p) in seen:
+        if not (isinstance(p, Tensor) and p.is_floating_point() and id(p) not in seen):
+            label = param_label(i, names, argname)  # (labels only for messages: not free)
+            check_tensor(fname, label, p)
+            if not p.is_floating_point():
+                raise ValueError(
+                    f"{fname}: {label} has dtype {p.dtype}; expected a floating-point tensor."
+                )
             raise ValueError(
                 f"{fname}: {label} is the same tensor as "
                 f"{param_label(seen[id(p)], names, argname)}; pass each parameter once."
@@ -263,6 +263,14 @@ def check_vector(
         )
     k = None
     for i, (t, p) in enumerate(zip(v, params)):
+        if (
+            not batched
+            and isinstance(t, Tensor)
+            and t.shape == p.shape
+            and t.dtype == p.dtype
+            and t.device == p.device
+        ):
+            continue  # (the common case, without the labels of the messages)
         label = param_label(i, names)
         check_tensor(fname, f"{argname}[{i}]", t)
         expected = tuple(p.shape)
@@ -339,7 +347,7 @@ def check_loss(fname: str, loss: object, source: str = "func") -> Tensor:
         )
     if not loss.is_floating_point():
         raise ValueError(f"{fname}: {source} must return a floating-point loss; got {loss.dtype}.")
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def check_dense_size(

@@ -7,8 +7,15 @@ from torch import nn
 from torch.testing import assert_close
 
 from tests.core.helpers import assert_unchanged, cdist_model, snapshot
-from torch_secorder import hessian_diagonal, hessian_matrix, model_hessian_matrix, model_hvp
-from torch_secorder.core._forward import forward_context
+from torch_secorder import (
+    HessianOperator,
+    hessian_diagonal,
+    hessian_matrix,
+    hvp,
+    model_hessian_matrix,
+    model_hvp,
+)
+from torch_secorder.core._forward import forward_context, forward_facts, next_node_number
 
 F64 = torch.float64
 
@@ -64,6 +71,71 @@ def test_hardsigmoid_is_differentiated_twice_in_model_and_closure_forms(inplace)
     assert_unchanged(before, model)
     params = list(model.parameters())
     assert_close(hessian_matrix(lambda: F.mse_loss(model(x), y), params), expected)
+
+
+def _facts(build):
+    first = next_node_number()
+    return forward_facts(build(), first)
+
+
+def test_forward_facts_find_what_needs_a_route_and_custom_functions():
+    z = torch.randn(2, 4, 3, 3, dtype=F64, requires_grad=True)
+    gn = nn.GroupNorm(2, 4).to(F64)
+    assert _facts(lambda: (z * 2).tanh().sum()) == (False, False)
+    assert _facts(lambda: F.hardsigmoid(z * 4).sum()) == (True, False)
+    assert _facts(lambda: gn(z * 1).sum()) == (False, False)
+    channels_last = (z * 1).contiguous(memory_format=torch.channels_last)
+    assert _facts(lambda: gn(channels_last).sum()) == (True, False)
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            ctx.save_for_backward(a)
+            return a * a
+
+        @staticmethod
+        def backward(ctx, grad):
+            (a,) = ctx.saved_tensors
+            return 2 * a * grad
+
+    assert _facts(lambda: Square.apply(z * 2).sum()) == (False, True)
+    # only the pass's own nodes: a hardsigmoid computed before it is not its concern
+    before = F.hardsigmoid(z * 4)
+    assert _facts(lambda: (before * 2).sum()) == (False, False)
+
+
+def test_a_forward_pass_runs_once_without_a_route_and_again_where_it_needs_one():
+    torch.manual_seed(0)
+    x, y = _data()
+    calls = []
+    for model in (nn.Sequential(nn.Linear(3, 3), nn.Tanh()).to(F64), _Gate().to(F64)):
+        params = list(model.parameters())
+
+        def loss(model=model):
+            calls.append(1)
+            return F.mse_loss(model(x), y)
+
+        v = [torch.ones_like(p) for p in params]
+        expected = hessian_matrix(loss, params) @ torch.ones(12, dtype=F64)
+        calls.clear()
+        got = torch.cat([t.reshape(-1) for t in hvp(loss, params, v)])
+        assert len(calls) == (2 if isinstance(model, _Gate) else 1)
+        assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_data_operator_routes_every_pass_once_one_needed_it():
+    torch.manual_seed(0)
+    model = _Gate().to(F64)
+    x, y = _data()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    operator = HessianOperator.from_model(model, nn.MSELoss(), [(x[:4], y[:4]), (x[4:], y[4:])])
+    forwards.clear()
+    first = operator.matvec(torch.ones(12, dtype=F64))
+    assert len(forwards) == 3  # batch 0 twice (found to need the route), batch 1 routed
+    forwards.clear()
+    assert torch.equal(operator.matvec(torch.ones(12, dtype=F64)), first)
+    assert len(forwards) == 2
 
 
 def test_routing_ends_with_the_forward_pass():

@@ -32,6 +32,8 @@ from torch_secorder.core import _chunks
 from torch_secorder.core._forward import (
     SecondDerivativeError,
     forward_context,
+    forward_facts,
+    next_node_number,
     requires_grad,
     second_derivative_error,
 )
@@ -63,9 +65,14 @@ class GradientGraph:
             differentiated like parameters: their gradients follow the params' (the graph's
             :attr:`params` list both); ``strict`` does not apply to them. Read after the
             closure's call, so the forward pass may append the probes it makes.
+        route: Run the forward pass under the routing mode of :mod:`._forward` from the start;
+            ``False`` runs it without, and again under the mode only where
+            :func:`~._forward.forward_facts` finds an operator to route (the closure is then
+            called twice: only for closures without side effects of their own).
 
     Attributes:
         loss: The loss value (detached).
+        routed: Whether the forward pass ran under the routing mode.
         params: The parameters.
         grads: :math:`\partial f/\partial\theta_i` with its graph, or ``None`` where it is
             constant (zero curvature: the parameter is unused or enters linearly).
@@ -92,6 +99,7 @@ class GradientGraph:
         source: str = "func",
         locate: Callable[[str], str | None] | None = None,
         probes: Sequence[Tensor] = (),
+        route: bool = True,
     ) -> None:
         self.fname = fname
         self.locate = locate
@@ -100,8 +108,16 @@ class GradientGraph:
         self._measured: tuple[int, bool] | None = None
         self.num_products = 0
         self.on_products: Callable[[int], object] | None = None
-        with forward_context([*params, *others], seed):
+        # the forward pass without the routing mode, again under it where it needs a route
+        first = -1 if route else next_node_number()  # (-1: route from the start)
+        with forward_context([*params, *others], seed, route=first < 0):
             loss = check_loss(fname, func(), source)
+        self.routed, custom = True, True  # (where the pass's nodes are not known apart)
+        if first >= 0:
+            self.routed, custom = forward_facts(loss, first)
+        if first >= 0 and self.routed:
+            with forward_context([*params, *others], seed):
+                loss = check_loss(fname, func(), source)
         self.params = [*params, *probes]  # probes the forward pass made are known now
         self.differentiable = [*self.params, *others]
         with requires_grad(self.differentiable):  # outside the forward's function mode
@@ -119,7 +135,8 @@ class GradientGraph:
         # on the CPU the backward runs on this thread, so its nodes come after the loss's
         cpu = all(not t.is_cuda for t in self.params) and loss.grad_fn is not None
         after = loss.grad_fn._sequence_nr() if cpu else -1  # type: ignore[union-attr]
-        _report_cuts(fname, grads[: len(params)], names, strict, after)
+        if custom:  # (only a custom autograd.Function can cut a gradient)
+            _report_cuts(fname, grads[: len(params)], names, strict, after)
         self.loss = loss.detach()
         self.grads: list[Tensor | None] = [
             g if g is not None and g.requires_grad else None for g in grads

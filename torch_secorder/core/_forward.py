@@ -18,8 +18,13 @@ without a second derivative, and :func:`module_calling` the module that calls it
 * recurrent layers on CUDA run without cuDNN (``_cudnn_rnn_backward`` has no derivative).
 
 The first two are routed by a :class:`~torch.overrides.TorchFunctionMode`, which is local to
-the thread (its only overhead is one Python call per torch call of the forward pass, measured
-in ``benchmarks/README.md``). The other two have only **global switches** in PyTorch,
+the thread. Its overhead, one Python call per torch call of the forward pass (about 4% of a
+small MLP's Hessian-vector product), is paid only where a route is needed: a gradient graph
+runs its forward pass without the mode, looks at the autograd nodes that pass made
+(:func:`forward_facts`: a hardsigmoid, a cuDNN recurrent layer, a GroupNorm of a
+non-contiguous input) and runs it again under the mode only if one is there; the two passes
+then compute the same function, so results never depend on which ran. The other two have
+only **global switches** in PyTorch,
 process-wide flags (the SDPA backend flags, :data:`_SDP_BACKENDS`, and
 ``torch.backends.cudnn.enabled``): they are set for the pass (attention) or for the call of a
 recurrent layer, and restored after, so another thread running attention or a CUDA RNN at
@@ -39,15 +44,19 @@ from torch.overrides import TorchFunctionMode
 
 @contextlib.contextmanager
 def forward_context(
-    params: Sequence[Tensor], seed: int | None = None, *, devices: Sequence[torch.device] = ()
+    params: Sequence[Tensor],
+    seed: int | None = None,
+    *,
+    devices: Sequence[torch.device] = (),
+    route: bool = True,
 ) -> Iterator[None]:
     """Run a forward pass that can be differentiated twice, leaving no trace.
 
     Gradients are enabled and ``params`` require them; the RNG of the CPU and of the
     params' CUDA devices (and of ``devices``) is forked, so dropout does not advance the
-    global RNG, and seeded with ``seed`` when given, so random draws repeat; operators
-    without a double backward are routed as the module docstring says, attention by setting
-    the global SDPA backend flags for the pass.
+    global RNG, and seeded with ``seed`` when given, so random draws repeat; attention runs
+    on its math kernel (global SDPA backend flags, for the pass); with ``route``, the other
+    operators without a double backward are routed as the module docstring says.
     """
     # Written out rather than with torch.random.fork_rng and sdpa_kernel, which cost more
     # than the rest of a small model's gradient graph.
@@ -61,7 +70,7 @@ def forward_context(
     try:
         for _, enable, use in _SDP_BACKENDS:
             enable(use)
-        with requires_grad(params), _TwiceDifferentiable():
+        with requires_grad(params), _TwiceDifferentiable() if route else contextlib.nullcontext():
             if seed is not None:
                 torch.default_generator.manual_seed(seed)
                 for index in cuda:
@@ -163,6 +172,43 @@ class _TwiceDifferentiable(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         return _ROUTES.get(func, func)(*args, **(kwargs or {}))
+
+
+def next_node_number() -> int:
+    """The sequence number of the next autograd node made on this thread (-1 where unknown)."""
+    peek = getattr(torch._C._autograd, "_get_sequence_nr", None)
+    return -1 if peek is None else int(peek())
+
+
+def forward_facts(loss: Tensor, first: int) -> tuple[bool, bool]:
+    """What the forward pass behind ``loss`` ran: ``(needs routes, custom functions)``.
+
+    Walks the autograd nodes numbered ``first`` or higher (those of the pass) back from the
+    loss. A hardsigmoid, a cuDNN recurrent layer or a GroupNorm of a non-contiguous input
+    (what :data:`_ROUTES` changes) means the pass must run again under the routing mode. A
+    node that is not one of PyTorch's generated backward nodes (named ``...Backward<n>``, or
+    ``AccumulateGrad``) is a custom ``autograd.Function`` (Python or C++) or an error node:
+    only behind such a node can a gradient be cut from its second derivatives.
+    """
+    route = custom = False
+    if loss.grad_fn is None:
+        return route, custom
+    stack, seen = [loss.grad_fn], {loss.grad_fn}
+    while stack:
+        node = stack.pop()
+        name = type(node).__name__
+        if name.startswith(("HardsigmoidBackward", "CudnnRnnBackward")):
+            route = True
+        elif name.startswith("NativeGroupNormBackward"):
+            route = route or not node._saved_input.is_contiguous()
+        elif not (name[-1].isdigit() or name == "AccumulateGrad"):
+            custom = True
+        for following, _ in node.next_functions:
+            fresh = following is not None and following not in seen
+            if fresh and following._sequence_nr() >= first:
+                seen.add(following)
+                stack.append(following)
+    return route, custom
 
 
 class SecondDerivativeError(RuntimeError):

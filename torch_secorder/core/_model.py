@@ -55,6 +55,7 @@ class Objective:
             seed=self.seed,
             source=self.source,
             locate=self.locate,
+            route=False,
         )
 
 
@@ -168,14 +169,14 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     Forward passes of the library run on copies of the buffers (:func:`batch_loss`); this
     guards against a forward that switches modes or re-registers buffers.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [
-        (module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
-    ]
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    buffers = [(module, name, buf) for module in modules for name, buf in module._buffers.items()]
     try:
         yield
     finally:
         for module, name, buf in buffers:
             module._buffers[name] = buf
-        for module, training in modes:
-            module.training = training
+        for module, training in zip(modules, modes):
+            if module.training != training:  # (setting a module's attribute is not free)
+                module.training = training

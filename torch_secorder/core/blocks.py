@@ -89,7 +89,7 @@ def hessian_block(
     )
     transpose = num_cols < num_rows
     outer, inner = (cols, rows) if transpose else (rows, cols)
-    with GradientGraph(func, outer, fname=fname, extra=inner) as graph:
+    with GradientGraph(func, outer, fname=fname, extra=inner, route=False) as graph:
         block = graph.dense(inner, chunk_size=chunk_size)
     return block.T.contiguous() if transpose else block
 
@@ -141,7 +141,7 @@ def hessian_blocks(
     check_dense_size(
         fname, f"a list of {len(params)} blocks", total, params[0].dtype, max_bytes, _HINT
     )
-    with GradientGraph(func, params, fname=fname) as graph:
+    with GradientGraph(func, params, fname=fname, route=False) as graph:
         blocks = []
         for i, p in enumerate(params):
             block = p.new_zeros(p.numel(), p.numel())

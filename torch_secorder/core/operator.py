@@ -533,6 +533,7 @@ class _DataSetProducts:
         self.cached: tuple[GradientGraph, int] | None = None  # graph and size of a lone batch
         self.planned: tuple[StructuredDiagonal, int, tuple[float, ...]] | None = None  # batch 0
         self.fingerprints: list[_Fingerprint] | None = None  # of each batch in the first pass
+        self.routed = False  # whether a forward pass needed the routing mode: all do from then
 
     def products(self, cotangents: list[Tensor]) -> list[Tensor]:
         dtype = cotangents[0].dtype
@@ -732,7 +733,9 @@ class _DataSetProducts:
             seed=self.seed + index,
             source="loss_fn",
             locate=operator_locator(self.model, inputs),
+            route=self.routed,
         )
+        self.routed = graph.routed
         size = batch_size(self.fname, index, inputs)
         return graph, size, (size, _checksum(inputs, targets), float(graph.loss))
 
