@@ -6,7 +6,14 @@ import torch
 
 import torch_secorder as ts
 from tests.analysis.operators import DTYPE, DenseOperator, dominant, generator, with_spectrum
-from torch_secorder.analysis._driver import Problem, SymmetryCheck, chunk_widths, max_columns, run
+from torch_secorder.analysis._driver import (
+    LOCKSTEP_COLUMNS,
+    Problem,
+    SymmetryCheck,
+    chunk_widths,
+    max_columns,
+    run,
+)
 from torch_secorder.analysis._estimators import hutch_plus_plus, hutchinson, xdiag
 from torch_secorder.analysis._lanczos import lanczos_quadrature, thick_restart_lanczos
 
@@ -54,6 +61,37 @@ def test_groups_in_lockstep_equal_each_block_alone(kind):
     for step, width in enumerate(together.widths):
         assert width == sum(w[step] for w in steps if step < len(w))
     assert together.num_matvecs == sum(p.num_matvecs for p in problems)
+
+
+@pytest.mark.parametrize("kind", range(5))
+def test_an_operator_that_keeps_its_graph_gets_chunks_as_wide_as_one_request(kind):
+    # (a closure, or one batch: the padded columns of G problems take what one would)
+    A = with_spectrum(dominant(80))
+
+    class Kept(DenseOperator):
+        keeps_graph = True
+
+    together = Kept(A)
+    problems = [
+        Problem(algorithms(len(torch.arange(80)[rows]), seed)[kind], rows)
+        for seed, rows in enumerate(ROWS)
+    ]
+    results = run("test", together, problems)
+    steps = []
+    for seed, (rows, result) in enumerate(zip(ROWS, results)):
+        index = torch.arange(80)[rows]
+        alone = DenseOperator(A[index][:, index])
+        (expected,) = run("test", alone, [Problem(algorithms(len(index), seed)[kind])])
+        for got, want in zip(flatten_result(result), flatten_result(expected)):
+            torch.testing.assert_close(got, want)
+        steps.append(alone.widths)
+    expected_widths = []
+    for step in range(max(len(w) for w in steps)):
+        widths = [w[step] for w in steps if step < len(w)]
+        expected_widths += chunk_widths(sum(widths), max(LOCKSTEP_COLUMNS, *widths))
+    assert together.widths == expected_widths
+    if kind == 1:  # three Hutchinson problems of 7 columns: three chunks a step
+        assert len(expected_widths) == 3 * max(len(w) for w in steps)
 
 
 def test_single_whole_problem_passes_its_block_unchanged():

@@ -568,3 +568,16 @@ def test_analyses_report_passes_that_differ_not_asymmetry():
 
     with pytest.raises(ValueError, match="model_top_eigenvalues: data batch 0 differs"):
         model_top_eigenvalues(make_mlp(), nn.MSELoss(), _Reordered(make_batches([3, 5])))
+
+
+def test_an_operator_keeps_its_graph_for_a_closure_and_one_batch():
+    model = torch.nn.Linear(3, 2).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    loss_fn = torch.nn.MSELoss()
+    params = list(model.parameters())
+    assert HessianOperator(lambda: loss_fn(model(x), y), params).keeps_graph
+    assert HessianOperator.from_model(model, loss_fn, (x, y)).keeps_graph
+    assert HessianOperator.from_model(model, loss_fn, [(x, y)]).keeps_graph
+    assert not HessianOperator.from_model(
+        model, loss_fn, [(x[:2], y[:2]), (x[2:], y[2:])]
+    ).keeps_graph

@@ -12,14 +12,17 @@ The operator multiplies full-length columns, so a problem's vectors are zero-pad
 its rows, but only a chunk at a time: the step's columns (all problems' requests side by
 side) are cut into consecutive chunks of at most :func:`max_columns` columns of the
 operator's size (:data:`._memory.BLOCK_BYTES`, or an eighth of the analysis's memory
-budget), each chunk padded, multiplied with one ``matmat`` and
-scattered back to each problem at the problem's own size. Requests and products are never held
-at full length for more than one chunk, so problems over blocks of one operator take the
-memory of one problem over all of it plus one chunk (the algorithms size what they hold, such
-as chunks of probes or Lanczos bases, by the operator's size, their ``span``, not by their
-block's); a whole-operator request that fits one chunk goes to ``matmat`` unchanged. Over a
-data set every ``matmat`` is one pass over the data; a step takes as many passes as it has
-chunks, a rule of sizes only (results are reproducible bitwise).
+budget), each chunk padded, multiplied with one ``matmat`` and scattered back to each
+problem at the problem's own size. Requests and products are never held at full length for
+more than one chunk, so problems over blocks of one operator take the memory of one problem
+over all of it plus one chunk (the algorithms size what they hold, such as chunks of probes
+or Lanczos bases, by the operator's size, their ``span``, not by their block's); a
+whole-operator request that fits one chunk goes to ``matmat`` unchanged. Over a data set
+every ``matmat`` is one pass over the data; a step takes as many passes as it has chunks, a
+rule of sizes only (results are reproducible bitwise). Where the operator ``keeps_graph``
+(its products cost the same in one ``matmat`` or in several: a closure, or one batch), a
+chunk is also no wider than the widest request, or :data:`LOCKSTEP_COLUMNS` columns: its
+padded columns then take about what one problem over the whole operator would send.
 
 Cost: a product of a problem on rows :math:`g` is a full product with the operator, whatever
 the size of :math:`g`, so :math:`G` problems of :math:`s` products each cost :math:`G s`
@@ -40,6 +43,9 @@ from torch import Tensor
 
 from torch_secorder.analysis._memory import max_columns
 from torch_secorder.core._progress import Meter
+
+LOCKSTEP_COLUMNS = 8
+"""Columns a chunk of an operator that ``keeps_graph`` may have however narrow the requests."""
 
 Steps = Generator[Tensor, Tensor, Any]
 """An algorithm: yields ``(n, j)`` blocks of vectors, receives their products, returns a result."""
@@ -156,6 +162,7 @@ def run(
 def _run(fname: str, operator: Any, problems: Sequence[Problem], meter: Meter | None) -> list[Any]:
     size = int(operator.shape[0])
     cap = max_columns(size, operator.dtype, operator.device)
+    narrow = bool(getattr(operator, "keeps_graph", False))
     checks = [SymmetryCheck(fname, operator.dtype) for _ in problems]
     for problem in problems:
         _advance(problem, None)
@@ -164,7 +171,10 @@ def _run(fname: str, operator: Any, problems: Sequence[Problem], meter: Meter | 
         rows = [problems[i].rows for i in active]
         requests: list[Tensor] = [problems[i].request for i in active]  # type: ignore[misc]
         products: list[Tensor | None] = [None] * len(requests)
-        for chunk in _pieces([r.shape[1] for r in requests], cap):
+        widths = [r.shape[1] for r in requests]
+        # (as wide as one request of a problem over the whole operator would be)
+        width = min(cap, max(LOCKSTEP_COLUMNS, *widths)) if narrow else cap
+        for chunk in _pieces(widths, width):
             _multiply(fname, operator, size, rows, requests, products, chunk)
             if meter is not None:
                 meter.update(sum(piece[2] for piece in chunk))

@@ -331,7 +331,7 @@ class ActivationProducts(_DataSetProducts):
         out[rows] = self._weight(index, _flat.join(products, batched=True).T)
 
     def _lone(self) -> bool:
-        return isinstance(self.batches, Sequence) and len(self.batches) == 1
+        return self.keeps_graph
 
     def _graphs(
         self,

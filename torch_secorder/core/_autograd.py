@@ -216,11 +216,19 @@ class GradientGraph:
         inputs: Sequence[Tensor],
         *,
         chunk_size: int | None = None,
+        out: list[Tensor] | None = None,
     ) -> list[Tensor]:
         """Products with ``k`` stacked cotangents (leading dimension ``k``), in chunks.
 
+        Args:
+            cotangents: One ``(k, *p.shape)`` tensor per parameter.
+            inputs: Tensors to differentiate with respect to.
+            chunk_size: Products per batched call (``None``: the rule of :mod:`._chunks`).
+            out: One ``(k, *x.shape)`` tensor per input to write the products into (views of
+                one flat buffer, say), else they are returned in memory of their own.
+
         Returns:
-            One ``(k, *x.shape)`` tensor per input ``x``.
+            One ``(k, *x.shape)`` tensor per input ``x`` (``out``, where given).
         """
         count = cotangents[0].shape[0]
         chunks = self.product_chunks(
@@ -229,15 +237,15 @@ class GradientGraph:
             inputs,
             chunk_size=chunk_size,
         )
-        out: list[Tensor] = []
         for start, stop, products in chunks:
-            if stop - start == count:
-                return products
-            # each chunk's products are copied out at once (see _chunk's loop)
-            out = out or [r.new_empty((count, *r.shape[1:])) for r in products]
+            if out is None:
+                if stop - start == count:
+                    return products
+                # each chunk's products are copied out at once (see _chunk's loop)
+                out = [r.new_empty((count, *r.shape[1:])) for r in products]
             for rows, part in zip(out, products):
                 rows[start:stop] = part
-        return out
+        return [] if out is None else out
 
     def product_chunks(
         self,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_secorder import _flat
 from torch_secorder._checks import (
     batch_size,
     check_batch,
@@ -79,6 +80,9 @@ class HessianOperator:
         dtype: The parameters' (variables') dtype.
         device: The parameters' (variables') device.
         num_matvecs: Hessian-vector products performed so far.
+        keeps_graph: Whether every product reuses one kept gradient graph (a closure, or a
+            data set of one batch), so that products cost the same in one ``matmat`` or in
+            several; over several batches each ``matmat`` is a pass over the data.
 
     Raises:
         TypeError: If ``func`` is not callable or ``params`` holds a non-tensor.
@@ -242,6 +246,7 @@ class HessianOperator:
         self.dtype = dtype
         self.device = device
         self.num_matvecs = 0
+        self.keeps_graph: bool = source.keeps_graph
 
     @property
     def num_samples(self) -> int | None:
@@ -365,8 +370,7 @@ class HessianOperator:
         if k == 0:
             return V.new_zeros(V.shape)
         if self.wrt == "params":
-            products = self._source.products(unflatten(V.T, self.params))
-            HV = flatten(products, batched=True).T
+            HV = self._source.products(unflatten(V.T, self.params)).T
         else:
             HV = self._source.matmat(V)
         self.num_matvecs += k
@@ -462,6 +466,15 @@ def model_operator(
     return operator
 
 
+def _flat_like(
+    cotangents: list[Tensor], params: list[Tensor], dtype: torch.dtype | None = None
+) -> Tensor:
+    """An uninitialised ``(k, P)`` buffer for the products with ``k`` stacked cotangents."""
+    k = cotangents[0].shape[0]
+    size = sum(p.numel() for p in params)
+    return cotangents[0].new_empty((k, size), dtype=dtype or cotangents[0].dtype)
+
+
 def _closure_source(fname: str, func: object, params: object) -> "_ClosureProducts":
     return _ClosureProducts(closure_objective(fname, func, params))
 
@@ -471,16 +484,20 @@ class _ClosureProducts:
 
     wrt = "params"
     variables = None
+    keeps_graph = True
 
     def __init__(self, objective: Any) -> None:
         self.objective = objective
         self.params = objective.params
         self.graph: GradientGraph | None = None
 
-    def products(self, cotangents: list[Tensor]) -> list[Tensor]:
+    def products(self, cotangents: list[Tensor]) -> Tensor:
+        """The products with ``k`` stacked cotangents like params, as a flat ``(k, P)`` tensor."""
         if self.graph is None:
             self.graph = self.objective.gradient()
-        return self.graph.products(cotangents, self.objective.params)
+        flat = _flat_like(cotangents, self.params)
+        self.graph.products(cotangents, self.params, out=_flat.split(flat, self.params))
+        return flat
 
     planned = None
 
@@ -534,12 +551,19 @@ class _DataSetProducts:
         self.planned: tuple[StructuredDiagonal, int, tuple[float, ...]] | None = None  # batch 0
         self.fingerprints: list[_Fingerprint] | None = None  # of each batch in the first pass
         self.routed = False  # whether a forward pass needed the routing mode: all do from then
+        self.keeps_graph = isinstance(batches, Sequence) and len(batches) == 1
 
-    def products(self, cotangents: list[Tensor]) -> list[Tensor]:
+    def products(self, cotangents: list[Tensor]) -> Tensor:
+        """The mean-loss Hessian's products with ``k`` stacked cotangents, flat ``(k, P)``.
+
+        Each batch's products are added into one flat buffer (weighted by its size) and
+        divided in place: beside the cotangents, the memory of two sets of products.
+        """
         dtype = cotangents[0].dtype
         # half precisions would overflow a sum weighted by batch sizes: accumulate in float32
         accumulator = torch.float32 if torch.finfo(dtype).bits < 32 else dtype
-        total = [torch.zeros_like(u, dtype=accumulator) for u in cotangents]
+        flat_total = _flat_like(cotangents, self.params, accumulator).zero_()
+        total = _flat.split(flat_total, self.params)
         count = 0
         differs: str | None = None
 
@@ -553,7 +577,7 @@ class _DataSetProducts:
         if self.cached is not None:
             accumulate(*self.cached)
         else:
-            lone = isinstance(self.batches, Sequence) and len(self.batches) == 1
+            lone = self.keeps_graph
             fingerprints = []
             with preserved_state(self.model), rng_kept():
                 for index, batch in enumerate(self._iterate()):
@@ -577,18 +601,18 @@ class _DataSetProducts:
                 count = int(samples.item())
             else:
                 count = self.num_samples
-            packed = flatten(total, batched=True).reshape(-1)
+            packed = flat_total.reshape(-1)
             packed = torch.cat([packed, packed.new_tensor([float(differs is not None)])])
             torch.distributed.all_reduce(packed)  # the flag: no process waits for one that raised
             if differs is None and packed[-1].item() > 0:
                 differs = "the data passes of another process differ"
-            total = unflatten(packed[:-1].reshape(len(total[0]), -1), self.params)
+            flat_total = packed[:-1].reshape(flat_total.shape)
         if differs is not None:
             self._refuse(differs)
         if count == 0:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
         self.num_samples = count
-        return [(acc / count).to(dtype) for acc in total]
+        return flat_total.div_(count).to(dtype)
 
     def _refuse(self, differs: str) -> None:
         raise ValueError(
