@@ -324,6 +324,27 @@ def test_quadrature_runs_probes_in_groups_when_memory_is_short(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+def test_a_quadrature_whose_basis_does_not_fit_keeps_its_last_vectors(monkeypatch):
+    # 40 steps with room for 12 vectors of the basis (it used to refuse): Gauss quadrature
+    # still reproduces the probe's moments z^T A^k z and puts nodes at the spectrum's edges
+    lam = dominant(200)
+    A = with_spectrum(lam)
+    monkeypatch.setattr("torch_secorder.analysis._lanczos.BASIS_BYTES", 12 * 200 * 8)
+    operator = Recording(A)
+    ((nodes, weights),) = run(
+        "test", operator, [Problem(lanczos_quadrature(200, 40, 1, DTYPE, CPU, generator(2)))]
+    )
+    assert len(operator.columns) == 40
+    z = operator.columns[0][:, 0]
+    power = z.clone()
+    for k in range(8):
+        moment = (weights[0] * nodes[0] ** k).sum()
+        torch.testing.assert_close(moment, z @ power, rtol=1e-9, atol=1e-12)
+        power = A @ power
+    torch.testing.assert_close(nodes[0].max(), lam.max(), rtol=1e-9, atol=0)
+    assert abs(nodes[0].min() - lam.min()) <= 1e-3 * (lam.max() - lam.min())
+
+
 def kron_identity(copies, size, seed=0):
     """I_copies (x) C: every eigenvalue of C repeated ``copies`` times (a last layer's block)."""
     g = torch.Generator().manual_seed(seed)

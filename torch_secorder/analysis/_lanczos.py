@@ -49,6 +49,9 @@ BASIS_BYTES = 2**32
 SLICE = 2**17
 """Entries of each partial sum that a sum over the operator's size adds up in float64."""
 
+MIN_WINDOW = 8
+"""Fewest vectors of its basis a quadrature probe keeps to reorthogonalise against."""
+
 COMBINE_BYTES = 2**22
 """Memory of the temporary with which a thick restart combines the basis, a slice at a time."""
 
@@ -578,6 +581,13 @@ def lanczos_quadrature(
     probes, drawn in the same order). The
     groups are sized for vectors of the operator's size ``span`` (default ``n``), so that the
     quadratures of all blocks of one operator together hold what one of the whole would.
+    Where not even one probe's basis fits (a ResNet-18's 100 vectors of 11M entries take
+    4.5 GB), each probe keeps its most recent vectors that do (at least :data:`MIN_WINDOW`)
+    and is reorthogonalised against those: orthogonality to the older ones is then kept by the
+    recurrence alone, and lost as Ritz values converge, which Gauss quadrature tolerates (the
+    nodes and weights are those of a slightly perturbed operator's; a converged extreme
+    eigenvalue may come back as a second node sharing its weight: Golub and Meurant 2010,
+    chapter 4; Paige 1980).
 
     Args:
         n: Dimension of the operator.
@@ -596,35 +606,43 @@ def lanczos_quadrature(
         ``(nodes, weights)``, each ``(num_probes, steps)``, nodes ascending per probe.
     """
     steps = min(steps, n)
-    per_basis = steps * (span or n) * torch.finfo(dtype).bits // 8
-    fit = min(BASIS_BYTES // per_basis, kept_vectors(span or n, dtype, device) // (steps + 2))
-    if fit < 1:
-        raise refuse(f"a Lanczos basis of {steps} steps", steps + 2, span or n, dtype, device)
-    group = min(num_probes, fit)
+    vector = (span or n) * torch.finfo(dtype).bits // 8
+    kept = kept_vectors(span or n, dtype, device)
+    fit = min(BASIS_BYTES // (steps * vector), kept // (steps + 2))  # probes at a time
+    window = steps if fit else min(steps, BASIS_BYTES // vector, kept - 2)  # vectors kept
+    if window < min(steps, MIN_WINDOW):
+        least = min(steps, MIN_WINDOW) + 2
+        raise refuse(f"a Lanczos basis of {steps} steps", least, span or n, dtype, device)
+    group = min(num_probes, max(fit, 1))
     nodes, weights = [], []
     for start in range(0, num_probes, group):
         count = min(group, num_probes - start)
         probes = rademacher(generator, (count, n), dtype, device) / n**0.5
-        group_nodes, group_weights = yield from _quadrature(probes, steps)
+        group_nodes, group_weights = yield from _quadrature(probes, steps, window)
         nodes.append(group_nodes)
         weights.append(group_weights)
     return torch.cat(nodes), torch.cat(weights)
 
 
-def _quadrature(q: Tensor, steps: int) -> Steps:
-    """Lanczos quadrature of the unit probes ``q`` (one per row), all advancing together."""
+def _quadrature(q: Tensor, steps: int, window: int) -> Steps:
+    """Lanczos quadrature of the unit probes ``q`` (one per row), all advancing together.
+
+    Each probe keeps its last ``window`` Lanczos vectors (all of them when ``window`` is
+    ``steps``), step ``j``'s in slot ``j % window``, and is reorthogonalised against those.
+    """
     num_probes, n = q.shape
     dtype, device = q.dtype, q.device
     work = work_dtype(device, dtype)
     threshold = torch.finfo(dtype).eps ** 0.5
-    basis = torch.zeros(num_probes, steps, n, dtype=dtype, device=device)
+    basis = torch.zeros(num_probes, window, n, dtype=dtype, device=device)
     alpha = torch.zeros(num_probes, steps, dtype=work, device=device)
     beta = torch.zeros(num_probes, steps, dtype=work, device=device)
     length = torch.full((num_probes,), steps, dtype=torch.long)
     active = torch.ones(num_probes, dtype=torch.bool, device=device)
     scale = 0.0
     for j in range(steps):
-        basis[:, j] = q
+        slot = j % window
+        basis[:, slot] = q
         index = active.nonzero().squeeze(1)
         products = yield q[index].T
         w = torch.zeros_like(q)
@@ -635,10 +653,10 @@ def _quadrature(q: Tensor, steps: int) -> Steps:
             # slower (float32, n = 34k) and made the batched quadrature slower than a loop.
             # The coefficients are sums over the operator's size: accurate ones (_inner).
             for p in range(num_probes):
-                previous = basis[p, : j + 1]
+                previous = basis[p, : min(j + 1, window)]
                 c = _inner(previous, w[p : p + 1])[:, 0]
                 w[p] -= c.to(dtype) @ previous
-                alpha[p, j] += c[j]
+                alpha[p, j] += c[slot]
         if j == steps - 1:
             break
         norms = torch.stack([_inner(row[None], row[None])[0, 0] for row in w]).sqrt().to(dtype)

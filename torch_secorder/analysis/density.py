@@ -13,7 +13,9 @@ Gauss quadrature of that sum with nodes :math:`\theta_j` (Ritz values) and weigh
 
 All probes run together, one batched product per Lanczos step, each with full
 reorthogonalisation (memory: ``num_probes * steps`` vectors of size :math:`P`; beyond 4 GiB
-the probes run in consecutive groups that fit). Extreme Ritz
+or ``max_bytes`` the probes run in consecutive groups that fit, and where not even one
+probe's basis fits, each keeps its last vectors that do, at least 8, and is
+reorthogonalised against those). Extreme Ritz
 values converge first, so the support's edges are resolved sharply; the interior is resolved
 to about the node spacing, which sets the default broadening :math:`\sigma`.
 
