@@ -581,3 +581,16 @@ def test_an_operator_keeps_its_graph_for_a_closure_and_one_batch():
     assert not HessianOperator.from_model(
         model, loss_fn, [(x[:2], y[:2]), (x[2:], y[2:])]
     ).keeps_graph
+
+
+def test_one_batch_gives_the_products_of_its_own_hessian_exactly():
+    # (no weighting by the batch size and division by the sample count: H = H_b)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    loss_fn = nn.MSELoss()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3)
+    closure = HessianOperator(lambda: loss_fn(model(x), y), list(model.parameters()))
+    data = HessianOperator.from_model(model, loss_fn, (x, y))
+    assert torch.equal(data.matmat(V), closure.matmat(V))
+    assert torch.equal(data.matmat(V), closure.matmat(V))  # the kept graph too

@@ -459,8 +459,12 @@ def _against_basis(
     basis, new = V[:j], V[j : j + W.shape[1]]
     local = basis[recent:]
     near = _inner(local, W.T)
-    # (columns: BLAS takes the product of one row with a matrix as a slow matrix product)
-    torch.addmm(W, local.T, near.to(W.dtype), alpha=-1, out=new.T)
+    if W.shape[1] == 1:  # a vector less a few: one pass of elementwise updates, no GEMM
+        torch.add(W[:, 0], local[0], alpha=-float(near[0, 0]), out=new[0])
+        for row, c in zip(local[1:], near[1:, 0].tolist()):
+            new[0].add_(row, alpha=-c)
+    else:  # (columns: BLAS takes the product of one row with a matrix as a slow product)
+        torch.addmm(W, local.T, near.to(W.dtype), alpha=-1, out=new.T)
     H = torch.zeros(j, W.shape[1], dtype=near.dtype, device=W.device)
     H[recent:] = near
     for again in (True, False):

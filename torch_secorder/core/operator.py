@@ -557,27 +557,33 @@ class _DataSetProducts:
         """The mean-loss Hessian's products with ``k`` stacked cotangents, flat ``(k, P)``.
 
         Each batch's products are added into one flat buffer (weighted by its size) and
-        divided in place: beside the cotangents, the memory of two sets of products.
+        divided in place: beside the cotangents, the memory of two sets of products. A lone
+        batch's products (one process) are the Hessian's: written into the buffer directly.
         """
         dtype = cotangents[0].dtype
+        lone = self.keeps_graph and not self._distributed()
         # half precisions would overflow a sum weighted by batch sizes: accumulate in float32
-        accumulator = torch.float32 if torch.finfo(dtype).bits < 32 else dtype
-        flat_total = _flat_like(cotangents, self.params, accumulator).zero_()
+        accumulator = torch.float32 if torch.finfo(dtype).bits < 32 and not lone else dtype
+        flat_total = _flat_like(cotangents, self.params, accumulator)
+        if not lone:
+            flat_total.zero_()
         total = _flat.split(flat_total, self.params)
         count = 0
         differs: str | None = None
 
         def accumulate(graph: GradientGraph, size: int) -> None:
             nonlocal count
+            count += size
+            if lone:
+                graph.products(cotangents, self.params, out=total)
+                return
             products = graph.products(cotangents, self.params)
             for acc, product in zip(total, products):
                 acc.add_(product.to(accumulator), alpha=size)
-            count += size
 
         if self.cached is not None:
             accumulate(*self.cached)
         else:
-            lone = self.keeps_graph
             fingerprints = []
             with preserved_state(self.model), rng_kept():
                 for index, batch in enumerate(self._iterate()):
@@ -587,7 +593,7 @@ class _DataSetProducts:
                     if differs is not None:
                         break
                     accumulate(graph, size)
-                    if lone:
+                    if self.keeps_graph:
                         self.cached = (graph, size)
                     else:
                         graph.release()  # before the next batch's forward pass
@@ -612,7 +618,7 @@ class _DataSetProducts:
         if count == 0:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
         self.num_samples = count
-        return flat_total.div_(count).to(dtype)
+        return (flat_total if lone else flat_total.div_(count)).to(dtype)
 
     def _refuse(self, differs: str) -> None:
         raise ValueError(
