@@ -68,6 +68,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from pyhessian_compat import eig_shim  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import torch_secorder as ts  # noqa: E402
@@ -108,29 +109,6 @@ def default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(before)
-
-
-@contextlib.contextmanager
-def eig_shim():
-    """PyHessian 0.1's density calls ``torch.eig``, removed in torch 2: supply it meanwhile.
-
-    The shim returns what ``torch.eig(T, eigenvectors=True)`` returned for a symmetric ``T``:
-    ``(n, 2)`` eigenvalues (real, imaginary) and the eigenvectors as columns.
-    """
-    before = getattr(torch, "eig", None)
-
-    def eig(T: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Tensor]:
-        values, vectors = torch.linalg.eigh(T)
-        return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
-
-    torch.eig = eig  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        if before is None:
-            del torch.eig  # type: ignore[attr-defined]
-        else:
-            torch.eig = before  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------- counting

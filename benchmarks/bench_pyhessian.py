@@ -49,7 +49,6 @@ Not collected by pytest.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -62,11 +61,12 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_resnet18 import BasicBlock  # torchvision's, as PyHessian's ResNet uses it
+from pyhessian_compat import eig_shim
 from torch import Tensor, nn
 
 RUNS = (  # (stage, library, setting)
@@ -84,28 +84,6 @@ RUNS = (  # (stage, library, setting)
 
 
 # ----------------------------------------------------------------------------- the network
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm; a 1x1 convolution on the shortcut if needed."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(out + shortcut)
-
-
 class ResNet20(nn.Module):
     """The CIFAR-10 ResNet of depth 6n + 2 = 20 (n = 3 blocks per stage)."""
 
@@ -148,21 +126,6 @@ def workload(batch: int, dtype: torch.dtype = torch.float32) -> tuple[nn.Module,
 def peak_mib() -> float:
     """The process's peak resident memory (``ru_maxrss``, KiB on Linux), in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@contextlib.contextmanager
-def eig_shim() -> Iterator[None]:
-    """``torch.eig(T, eigenvectors=True)`` for PyHessian 0.1's density, from ``eigh``."""
-
-    def eig(T: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Tensor]:
-        values, vectors = torch.linalg.eigh(T)
-        return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
-
-    torch.eig = eig  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        del torch.eig  # type: ignore[attr-defined]
 
 
 def run_pyhessian(stage: str, setting: str, model: nn.Module, batch: tuple, seed: int):

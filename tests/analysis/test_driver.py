@@ -38,24 +38,33 @@ def flatten_result(result) -> list[torch.Tensor]:
     return [result.values, result.vectors, result.residuals]
 
 
-@pytest.mark.parametrize("kind", range(5))
-def test_groups_in_lockstep_equal_each_block_alone(kind):
-    A = with_spectrum(dominant(80))
-    together = DenseOperator(A)
+def lockstep(together, A, kind):
+    """Run one algorithm of ``kind`` per block of ``ROWS`` in lockstep on ``together``, check
+    each result against its block alone; return the problems and each one's widths alone."""
     problems = [
         Problem(algorithms(len(torch.arange(80)[rows]), seed)[kind], rows)
         for seed, rows in enumerate(ROWS)
     ]
     results = run("test", together, problems)
-    steps = []
-    for seed, (rows, problem, result) in enumerate(zip(ROWS, problems, results)):
+    alones = []
+    for seed, (rows, result) in enumerate(zip(ROWS, results)):
         index = torch.arange(80)[rows]
         alone = DenseOperator(A[index][:, index])
         (expected,) = run("test", alone, [Problem(algorithms(len(index), seed)[kind])])
         for got, want in zip(flatten_result(result), flatten_result(expected)):
             torch.testing.assert_close(got, want)
+        alones.append(alone)
+    return problems, alones
+
+
+@pytest.mark.parametrize("kind", range(5))
+def test_groups_in_lockstep_equal_each_block_alone(kind):
+    A = with_spectrum(dominant(80))
+    together = DenseOperator(A)
+    problems, alones = lockstep(together, A, kind)
+    for problem, alone in zip(problems, alones):
         assert problem.num_matvecs == alone.num_matvecs
-        steps.append(alone.widths)
+    steps = [alone.widths for alone in alones]
     # one product per step, its columns the problems' requests side by side
     assert together.calls == max(len(w) for w in steps)
     for step, width in enumerate(together.widths):
@@ -72,19 +81,8 @@ def test_an_operator_that_keeps_its_graph_gets_chunks_as_wide_as_one_request(kin
         keeps_graph = True
 
     together = Kept(A)
-    problems = [
-        Problem(algorithms(len(torch.arange(80)[rows]), seed)[kind], rows)
-        for seed, rows in enumerate(ROWS)
-    ]
-    results = run("test", together, problems)
-    steps = []
-    for seed, (rows, result) in enumerate(zip(ROWS, results)):
-        index = torch.arange(80)[rows]
-        alone = DenseOperator(A[index][:, index])
-        (expected,) = run("test", alone, [Problem(algorithms(len(index), seed)[kind])])
-        for got, want in zip(flatten_result(result), flatten_result(expected)):
-            torch.testing.assert_close(got, want)
-        steps.append(alone.widths)
+    _, alones = lockstep(together, A, kind)
+    steps = [alone.widths for alone in alones]
     expected_widths = []
     for step in range(max(len(w) for w in steps)):
         widths = [w[step] for w in steps if step < len(w)]

@@ -211,7 +211,7 @@ def thick_restart_lanczos(
     while True:
         options = (which, inner, dtype, device, generator, block_size, basis_size, workspace)
         budget = max_matvecs - (reserved if best is None else k) - used
-        pairs, spent = yield from _all_copies(n, k, budget, start, k > 1, *options)
+        pairs, spent = yield from _all_copies(n, k, budget, start, *options)
         used += spent
         if pairs.spanned:  # the basis spans everything: the pairs are exact to rounding
             return pairs
@@ -256,12 +256,11 @@ def _all_copies(
     k: int,
     max_matvecs: int,
     start: Tensor | None,
-    copies: bool,
     which: str,
     tol: float,
     *options: object,
 ) -> Steps:
-    """The ``k`` wanted pairs, then (``copies``) a search for more copies of repeated eigenvalues.
+    """The ``k`` wanted pairs, then (``k > 1``) a search for more copies of repeated eigenvalues.
 
     Returns:
         ``(pairs, products used)``.
@@ -269,7 +268,7 @@ def _all_copies(
     pairs, used = yield from _restarted_lanczos(
         n, k, max_matvecs, None, None, which, tol, *options, start=start
     )
-    while copies and pairs.converged and pairs.vectors.shape[1] < n and used < max_matvecs:
+    while k > 1 and pairs.converged and pairs.vectors.shape[1] < n and used < max_matvecs:
         least = float(wanted_key(pairs.values[-1], which))
         candidate, spent = yield from _restarted_lanczos(
             n, 1, max_matvecs - used, pairs.vectors, least, which, tol, *options

@@ -330,9 +330,6 @@ class ActivationProducts(_DataSetProducts):
         products = graph.products(cotangents, graph.params)
         out[rows] = self._weight(index, _flat.join(products, batched=True).T)
 
-    def _lone(self) -> bool:
-        return self.keeps_graph
-
     def _graphs(
         self,
         wanted: Callable[[int], bool] = lambda index: True,
@@ -347,7 +344,7 @@ class ActivationProducts(_DataSetProducts):
         if self.cached is not None:
             yield 0, self.cached
             return
-        lone = self._lone()
+        lone = self.keeps_graph
         fingerprints: list[Any] = []
         with preserved_state(self.model), rng_kept():
             for index, batch in enumerate(self._iterate()):
@@ -452,7 +449,7 @@ class ActivationProducts(_DataSetProducts):
                 before = graph.num_products  # type: ignore[union-attr]
                 coupled = self._coupled(graph, 0)  # type: ignore[arg-type]
                 checks = graph.num_products - before  # type: ignore[union-attr]
-                kept = None if self._lone() else graph
+                kept = None if self.keeps_graph else graph
                 self.planned = (kept, coupled, checks)  # type: ignore[assignment]
                 break
         return self._planned_costs(self.planned[1], only)  # type: ignore[index]
