@@ -99,6 +99,13 @@ def test_forward_facts_find_what_needs_a_route_and_custom_functions():
             return 2 * a * grad
 
     assert _facts(lambda: Square.apply(z * 2).sum()) == (False, True)
+
+    def in_place_on_a_view():  # (the hardsigmoid hides in the view's CopySlices node)
+        y = z * 4
+        F.hardsigmoid(y[:, :2], inplace=True)
+        return y.sum()
+
+    assert _facts(in_place_on_a_view)[0]
     # only the pass's own nodes: a hardsigmoid computed before it is not its concern
     before = F.hardsigmoid(z * 4)
     assert _facts(lambda: (before * 2).sum()) == (False, False)
@@ -121,6 +128,23 @@ def test_a_forward_pass_runs_once_without_a_route_and_again_where_it_needs_one()
         got = torch.cat([t.reshape(-1) for t in hvp(loss, params, v)])
         assert len(calls) == (2 if isinstance(model, _Gate) else 1)
         assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_an_in_place_hardsigmoid_on_a_view_is_routed():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4).to(F64)
+    x, _ = _data()
+
+    def loss(gate):
+        y = layer(x) * 4
+        gate(y[:, :2])
+        return y.square().mean()
+
+    params = list(layer.parameters())
+    got = hessian_diagonal(lambda: loss(lambda t: F.hardsigmoid(t, inplace=True)), params)
+    want = hessian_diagonal(lambda: loss(lambda t: t.copy_(F.relu6(t + 3) / 6)), params)
+    for a, b in zip(got, want):
+        assert_close(a, b)
 
 
 def test_a_data_operator_routes_every_pass_once_one_needed_it():

@@ -22,7 +22,8 @@ the thread. Its overhead, one Python call per torch call of the forward pass (ab
 small MLP's Hessian-vector product), is paid only where a route is needed: a gradient graph
 runs its forward pass without the mode, looks at the autograd nodes that pass made
 (:func:`forward_facts`: a hardsigmoid, a cuDNN recurrent layer, a GroupNorm of a
-non-contiguous input) and runs it again under the mode only if one is there; the two passes
+non-contiguous input, or an in-place operation on a view, whose node hides which operation it
+was) and runs it again under the mode only if one is there; the two passes
 then compute the same function, so results never depend on which ran. The other two have
 only **global switches** in PyTorch,
 process-wide flags (the SDPA backend flags, :data:`_SDP_BACKENDS`, and
@@ -185,7 +186,9 @@ def forward_facts(loss: Tensor, first: int) -> tuple[bool, bool]:
 
     Walks the autograd nodes numbered ``first`` or higher (those of the pass) back from the
     loss. A hardsigmoid, a cuDNN recurrent layer or a GroupNorm of a non-contiguous input
-    (what :data:`_ROUTES` changes) means the pass must run again under the routing mode. A
+    (what :data:`_ROUTES` changes) means the pass must run again under the routing mode, and
+    so does an in-place operation on a view (its ``CopySlices`` node wraps the operation's
+    own, which the walk cannot see: an in-place hardsigmoid, say). A
     node that is not one of PyTorch's generated backward nodes (named ``...Backward<n>``, or
     ``AccumulateGrad``) is a custom ``autograd.Function`` (Python or C++) or an error node:
     only behind such a node can a gradient be cut from its second derivatives.
@@ -197,7 +200,7 @@ def forward_facts(loss: Tensor, first: int) -> tuple[bool, bool]:
     while stack:
         node = stack.pop()
         name = type(node).__name__
-        if name.startswith(("HardsigmoidBackward", "CudnnRnnBackward")):
+        if name.startswith(("HardsigmoidBackward", "CudnnRnnBackward")) or name == "CopySlices":
             route = True
         elif name.startswith("NativeGroupNormBackward"):
             route = route or not node._saved_input.is_contiguous()
