@@ -17,13 +17,21 @@ yields blocks of vectors and receives their products with the symmetric operator
   (read off the Lanczos relation :math:`AV = VT + U B E^\top`, no extra product) below
   ``tol`` times :math:`\max(|\theta|, \varepsilon^{1/3}\|A\|)`.
 * :func:`lanczos_quadrature` runs several probes together (one batched product per step),
-  each with its own fully reorthogonalised basis, and returns each probe's Gauss quadrature
+  each reorthogonalised against its own basis (its last vectors, on large operators), and
+  returns each probe's Gauss quadrature
   nodes (Ritz values) and weights (squared first components of the Ritz vectors), the input
   of stochastic Lanczos quadrature.
 
 References:
     Those cited by :mod:`torch_secorder.analysis.eigen` (Lanczos 1950; Wu and Simon 2000)
     and :mod:`torch_secorder.analysis.density` (Golub and Meurant 2010), and
+
+    Greenbaum, A. (1989). Behavior of slightly perturbed Lanczos and conjugate-gradient
+    recurrences. Linear Algebra Appl. 113, 7-63. https://doi.org/10.1016/0024-3795(89)90285-1
+
+    Knizhnerman, L. A. (1996). The simple Lanczos procedure: estimates of the error of the
+    Gauss quadrature formula and their applications. Comput. Math. Math. Phys. 36(11),
+    1481-1492.
 
     Stathopoulos, A., Saad, Y. and Wu, K. (1998). Dynamic thick restarting of the Davidson,
     and the implicitly restarted Arnoldi methods. SIAM J. Sci. Comput. 19(1), 227-245.
@@ -51,6 +59,11 @@ SLICE = 2**17
 
 MIN_WINDOW = 8
 """Fewest vectors of its basis a quadrature probe keeps to reorthogonalise against."""
+
+WINDOW_BYTES = 2**28
+"""Memory of a quadrature probe's basis beyond which it keeps only its last vectors (at least
+:data:`MIN_WINDOW`): a step reads the kept vectors twice, so this bounds the
+reorthogonalisation's memory traffic per step (512 MiB) next to the product's."""
 
 COMBINE_BYTES = 2**22
 """Memory of the temporary with which a thick restart combines the basis, a slice at a time."""
@@ -572,25 +585,31 @@ def lanczos_quadrature(
     r"""Gauss quadrature nodes and weights of several random probes, run together.
 
     Each probe :math:`z` (Rademacher, scaled to unit norm) starts its own Lanczos recurrence;
-    the probes advance together, one product of all active probes per step. Each basis is
-    fully reorthogonalised. After ``s`` steps the tridiagonal :math:`T_s = Y \Theta Y^\top`
-    gives nodes :math:`\theta_j` and weights :math:`\tau_j = (e_1^\top y_j)^2`, so that
+    the probes advance together, one product of all active probes per step. Each step takes
+    the three-term recurrence's terms out of the product, then reorthogonalises against the
+    probe's basis (:func:`_next_vector`). After ``s`` steps the tridiagonal
+    :math:`T_s = Y \Theta Y^\top` gives nodes :math:`\theta_j` and weights
+    :math:`\tau_j = (e_1^\top y_j)^2`, so that
     :math:`z^\top f(A) z \approx \sum_j \tau_j f(\theta_j)`. A probe whose Krylov space is
     exhausted (:math:`\beta_j \le \sqrt{\varepsilon}\,\|A\|`) stops early; its quadrature is
     then exact and its rows are padded with weight zero.
 
-    The bases take ``num_probes * steps`` vectors; when that exceeds :data:`BASIS_BYTES` or the
-    memory budget (:mod:`._memory`), the probes run in consecutive groups that fit (the same
-    probes, drawn in the same order). The
-    groups are sized for vectors of the operator's size ``span`` (default ``n``), so that the
-    quadratures of all blocks of one operator together hold what one of the whole would.
-    Where not even one probe's basis fits (a ResNet-18's 100 vectors of 11M entries take
-    4.5 GB), each probe keeps its most recent vectors that do (at least :data:`MIN_WINDOW`)
-    and is reorthogonalised against those: orthogonality to the older ones is then kept by the
-    recurrence alone, and lost as Ritz values converge, which Gauss quadrature tolerates (the
-    nodes and weights are those of a slightly perturbed operator's; a converged extreme
-    eigenvalue may come back as a second node sharing its weight: Golub and Meurant 2010,
-    chapter 4; Paige 1980).
+    A probe keeps its whole basis up to :data:`WINDOW_BYTES` (100 steps of vectors of up to
+    671k float32 entries), else its last vectors that fit there (at least
+    :data:`MIN_WINDOW`; 8 for a ResNet-18's 11.2M), and is reorthogonalised against those:
+    orthogonality to the older ones is then kept by the recurrence alone, and lost as Ritz
+    values converge, which Gauss quadrature tolerates (the nodes and weights are those of a
+    slightly perturbed operator's, a converged extreme eigenvalue may come back as a second
+    node sharing its weight: Greenbaum 1989; Knizhnerman 1996; Golub and Meurant 2010,
+    chapter 4). A step's reorthogonalisation reads the kept vectors twice: the window bounds
+    its cost next to the product's on large networks.
+
+    The kept vectors of all probes may exceed :data:`BASIS_BYTES` or the memory budget
+    (:mod:`._memory`): the probes then run in consecutive groups that fit (the same probes,
+    drawn in the same order), sized for vectors of the operator's size ``span`` (default
+    ``n``), so that the quadratures of all blocks of one operator together hold what one of
+    the whole would; where not even one probe's vectors fit, it keeps fewer (down to
+    :data:`MIN_WINDOW`).
 
     Args:
         n: Dimension of the operator.
@@ -611,8 +630,10 @@ def lanczos_quadrature(
     steps = min(steps, n)
     vector = (span or n) * torch.finfo(dtype).bits // 8
     kept = kept_vectors(span or n, dtype, device)
-    fit = min(BASIS_BYTES // (steps * vector), kept // (steps + 2))  # probes at a time
-    window = steps if fit else min(steps, BASIS_BYTES // vector, kept - 2)  # vectors kept
+    window = min(steps, max(MIN_WINDOW, WINDOW_BYTES // vector))  # vectors kept per probe
+    fit = min(BASIS_BYTES // (window * vector), kept // (window + 2))  # probes at a time
+    if not fit:  # not even one probe's vectors fit: it keeps fewer
+        window = min(window, BASIS_BYTES // vector, kept - 2)
     if window < min(steps, MIN_WINDOW):
         least = min(steps, MIN_WINDOW) + 2
         raise refuse(f"a Lanczos basis of {steps} steps", least, span or n, dtype, device)
@@ -631,46 +652,43 @@ def _quadrature(q: Tensor, steps: int, window: int) -> Steps:
     """Lanczos quadrature of the unit probes ``q`` (one per row), all advancing together.
 
     Each probe keeps its last ``window`` Lanczos vectors (all of them when ``window`` is
-    ``steps``), step ``j``'s in slot ``j % window``, and is reorthogonalised against those.
+    ``steps``), step ``j``'s in slot ``j % window``; a step writes the next one into slot
+    ``(j + 1) % window`` (:func:`_next_vector`).
     """
     num_probes, n = q.shape
     dtype, device = q.dtype, q.device
     work = work_dtype(device, dtype)
     threshold = torch.finfo(dtype).eps ** 0.5
-    basis = torch.zeros(num_probes, window, n, dtype=dtype, device=device)
+    basis = q.new_empty(num_probes, window, n)  # rows are written before they are read
+    basis[:, 0] = q
     alpha = torch.zeros(num_probes, steps, dtype=work, device=device)
     beta = torch.zeros(num_probes, steps, dtype=work, device=device)
     length = torch.full((num_probes,), steps, dtype=torch.long)
-    active = torch.ones(num_probes, dtype=torch.bool, device=device)
+    active = list(range(num_probes))
     scale = 0.0
     for j in range(steps):
         slot = j % window
-        basis[:, slot] = q
-        index = active.nonzero().squeeze(1)
-        products = yield q[index].T
-        w = torch.zeros_like(q)
-        w[index] = products.T
-        for _ in range(2):  # classical Gram-Schmidt, twice
-            # Probe by probe: each basis[p, :j+1] is a contiguous matrix, so these are two
-            # matrix-vector products; a bmm over the strided (probes, j+1, n) slice was 14x
-            # slower (float32, n = 34k) and made the batched quadrature slower than a loop.
-            # The coefficients are sums over the operator's size: accurate ones (_inner).
-            for p in range(num_probes):
-                previous = basis[p, : min(j + 1, window)]
-                c = _inner(previous, w[p : p + 1])[:, 0]
-                w[p] -= c.to(dtype) @ previous
-                alpha[p, j] += c[slot]
-        if j == steps - 1:
+        vectors = basis[active[0], slot, :, None] if len(active) == 1 else basis[active, slot].T
+        products = yield vectors
+        # the products as rows (one copy where there are several: a column is strided)
+        rows = products.T if products.shape[1] == 1 else products.T.contiguous()
+        last = j == steps - 1
+        for p, w in zip(list(active), rows):
+            a = float(_inner(basis[p, slot, None], w[None]))
+            alpha[p, j] = a
+            if last:
+                continue
+            previous = (basis[p, (j - 1) % window], float(beta[p, j - 1])) if j else None
+            norm, correction = _next_vector(basis[p], w, j, window, a, previous)
+            alpha[p, j] += correction
+            scale = max(scale, abs(a), norm)
+            if norm <= threshold * scale:  # the Krylov space is exhausted: exact from here
+                length[p] = j + 1
+                active.remove(p)
+            else:
+                beta[p, j] = norm
+        if not active:
             break
-        norms = torch.stack([_inner(row[None], row[None])[0, 0] for row in w]).sqrt().to(dtype)
-        scale = max(scale, float(alpha[:, j].abs().max()), float(norms.max()))
-        broken = active & (norms <= threshold * scale)
-        length[broken.cpu()] = j + 1
-        active = active & ~broken
-        if not bool(active.any()):
-            break
-        beta[:, j] = torch.where(active, norms, 0).to(work)
-        q = torch.where(active[:, None], w / norms.clamp_min(torch.finfo(dtype).tiny)[:, None], 0)
     nodes = torch.zeros(num_probes, steps, dtype=work, device=device)
     weights = torch.zeros_like(nodes)
     for p in range(num_probes):
@@ -685,3 +703,51 @@ def _quadrature(q: Tensor, steps: int, window: int) -> Steps:
         nodes[p, size:] = theta[0]
         weights[p, :size] = Y[0] ** 2
     return nodes.to(dtype), weights.to(dtype)
+
+
+def _next_vector(
+    basis: Tensor,
+    w: Tensor,
+    j: int,
+    window: int,
+    alpha: float,
+    previous: tuple[Tensor, float] | None,
+) -> tuple[float, float]:
+    r"""Write a probe's next Lanczos vector into slot ``(j + 1) % window`` of its ``basis``.
+
+    The three-term recurrence :math:`w - \alpha q_j - \beta_{j-1} q_{j-1}` first, then one
+    classical Gram-Schmidt pass against the other kept vectors (again where it removed more
+    than a third of what was left: "twice is enough"), whose norm follows from the
+    coefficients (Pythagoras) and which is made unit in the same update, as
+    :func:`_against_basis` does. The coefficients beyond the recurrence are rounding errors;
+    the one of :math:`q_j` corrects :math:`\alpha`.
+
+    Returns:
+        The norm :math:`\beta_j` before the division, and the correction of :math:`\alpha`.
+    """
+    slot, following = j % window, (j + 1) % window
+    new = basis[following]
+    torch.add(w, basis[slot], alpha=-alpha, out=new)
+    if previous is not None:
+        new.add_(previous[0], alpha=-previous[1])
+    kept = min(j + 1, window)  # slots written so far (a full window drops the one replaced)
+    pieces = [(0, following), (following + 1, kept)] if kept == window else [(0, kept)]
+    pieces = [(begin, end) for begin, end in pieces if end > begin]
+    correction, size = 0.0, 0.0
+    for again in (True, False):
+        coefficients = [_inner(basis[begin:end], new[None])[:, 0] for begin, end in pieces]
+        removed = sum(float(c.square().sum()) for c in coefficients)
+        size = max(float(_inner(new[None], new[None])) - removed, 0.0)
+        # |before|^2 = |after|^2 + |coefficients|^2: again where |after| < 2/3 |before|
+        again = again and removed > 1.25 * size
+        scale = 1.0 if again or size == 0 else size**-0.5
+        for i, ((begin, end), c) in enumerate(zip(pieces, coefficients)):
+            update = c[:, None].to(new.dtype)
+            new[None].T.addmm_(
+                basis[begin:end].T, update, beta=scale if i == 0 else 1.0, alpha=-scale
+            )
+            if begin <= slot < end:
+                correction += float(c[slot - begin])
+        if not again:
+            break
+    return size**0.5, correction

@@ -11,15 +11,21 @@ Gauss quadrature of that sum with nodes :math:`\theta_j` (Ritz values) and weigh
     \phi_\sigma(t) \approx \frac1m \sum_{l=1}^m \sum_{j=1}^s \tau_{lj}\,
     \frac{1}{\sqrt{2\pi}\sigma} e^{-(t - \theta_{lj})^2 / (2\sigma^2)} .
 
-All probes run together, one batched product per Lanczos step, each with full
-reorthogonalisation (memory: ``num_probes * steps`` vectors of size :math:`P`; beyond 4 GiB
-or ``max_bytes`` the probes run in consecutive groups that fit, and where not even one
-probe's basis fits, each keeps its last vectors that do, at least 8, and is
-reorthogonalised against those). Extreme Ritz
+All probes run together, one batched product per Lanczos step, each reorthogonalised
+against its basis (memory: ``num_probes * steps`` vectors of size :math:`P`). A probe keeps
+its last vectors in 256 MiB (at least 8: a ResNet-18's whole basis took several times the
+products' time to reorthogonalise against; Gauss quadrature tolerates the orthogonality the
+older vectors lose, Knizhnerman 1996); beyond 4 GiB or ``max_bytes`` the probes run in
+consecutive groups that fit, and where not even one probe's vectors fit, each keeps fewer,
+at least 8. Extreme Ritz
 values converge first, so the support's edges are resolved sharply; the interior is resolved
 to about the node spacing, which sets the default broadening :math:`\sigma`.
 
 References:
+    Knizhnerman, L. A. (1996). The simple Lanczos procedure: estimates of the error of the
+    Gauss quadrature formula and their applications. Comput. Math. Math. Phys. 36(11),
+    1481-1492.
+
     Lin, L., Saad, Y. and Yang, C. (2016). Approximating spectral densities of large matrices.
     SIAM Review 58(1), 34-65. https://doi.org/10.1137/130934283
 
