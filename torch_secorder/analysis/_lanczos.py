@@ -670,8 +670,7 @@ def _quadrature(q: Tensor, steps: int, window: int) -> Steps:
         slot = j % window
         vectors = basis[active[0], slot, :, None] if len(active) == 1 else basis[active, slot].T
         products = yield vectors
-        # the products as rows (one copy where there are several: a column is strided)
-        rows = products.T if products.shape[1] == 1 else products.T.contiguous()
+        rows = products.T.contiguous()  # (the operator's rows as they are: no copy)
         last = j == steps - 1
         for p, w in zip(list(active), rows):
             a = float(_inner(basis[p, slot, None], w[None]))
