@@ -460,9 +460,7 @@ def _against_basis(
     The product of the last block couples (in exact arithmetic) with the rows from ``recent``
     on only, so those are taken out first (written into the rows ``new`` below the basis: no
     temporary of the operator's size), then the whole basis and the columns of ``locked``
-    once; a second pass runs only where that one removed more than a third of what was left
-    (the "twice is enough" test). The norm of ``new`` after a pass follows from its norm before
-    and the coefficients (Pythagoras), so one row is divided by it in the same update.
+    (:func:`_project_out`: once, again where needed, one row made unit in the same update).
 
     Returns:
         The coefficients ``V[:j] W`` (in the work dtype) and the squared norms of ``new``
@@ -479,21 +477,47 @@ def _against_basis(
         torch.addmm(W, local.T, near.to(W.dtype), alpha=-1, out=new.T)
     H = torch.zeros(j, W.shape[1], dtype=near.dtype, device=W.device)
     H[recent:] = near
+    passes, size = _project_out(new, [basis, locked.T])
+    for coefficients in passes:
+        H += coefficients[0]
+    return H, size
+
+
+def _project_out(new: Tensor, pieces: list[Tensor]) -> tuple[list[list[Tensor]], Tensor]:
+    """Take the span of the rows of ``pieces`` out of the rows of ``new``, in place.
+
+    Classical Gram-Schmidt once, again only where that pass removed more than a third of what
+    was left (the "twice is enough" test). The squared norms of ``new`` after a pass follow
+    from its norms before and the coefficients (Pythagoras), so a single row is divided by its
+    norm in the same update.
+
+    Returns:
+        For each pass, the coefficients of each piece, ``(rows of the piece, rows of new)`` in
+        the work dtype; and the squared norms of ``new`` before the division (a single row is
+        then unit).
+    """
+    work = work_dtype(new.device, new.dtype)
+    passes: list[list[Tensor]] = []
     for again in (True, False):
-        coefficients, deflation = _inner(basis, new), _inner(locked.T, new)
-        removed = coefficients.square().sum(dim=0) + deflation.square().sum(dim=0)
+        coefficients = [
+            _inner(piece, new) if piece.shape[0] else new.new_zeros(0, new.shape[0], dtype=work)
+            for piece in pieces
+        ]
+        passes.append(coefficients)
+        removed = sum(c.square().sum(dim=0) for c in coefficients)
         size = (_inner(new, new).diagonal() - removed).clamp(min=0)
         # |before|^2 = |after|^2 + |coefficients|^2: again where |after| < 2/3 |before|
         again = again and bool((removed > 1.25 * size).any())
-        unit = not again and W.shape[1] == 1 and float(size) > 0
+        unit = not again and new.shape[0] == 1 and float(size) > 0
         scale = float(size) ** -0.5 if unit else 1.0
-        new.T.addmm_(basis.T, coefficients.to(new.dtype), beta=scale, alpha=-scale)
-        if locked.shape[1]:
-            new.T.addmm_(locked, deflation.to(new.dtype), alpha=-scale)
-        H += coefficients
+        beta = scale  # (the first update scales new, the others add to it)
+        for piece, c in zip(pieces, coefficients):
+            if piece.shape[0]:
+                new.T.addmm_(piece.T, c.to(new.dtype), beta=beta, alpha=-scale)
+                beta = 1.0
         if not again:
             break
-    return H, size
+    return passes, size
 
 
 def _inner(A: Tensor, B: Tensor) -> Tensor:
@@ -714,12 +738,10 @@ def _next_vector(
 ) -> tuple[float, float]:
     r"""Write a probe's next Lanczos vector into slot ``(j + 1) % window`` of its ``basis``.
 
-    The three-term recurrence :math:`w - \alpha q_j - \beta_{j-1} q_{j-1}` first, then one
-    classical Gram-Schmidt pass against the other kept vectors (again where it removed more
-    than a third of what was left: "twice is enough"), whose norm follows from the
-    coefficients (Pythagoras) and which is made unit in the same update, as
-    :func:`_against_basis` does. The coefficients beyond the recurrence are rounding errors;
-    the one of :math:`q_j` corrects :math:`\alpha`.
+    The three-term recurrence :math:`w - \alpha q_j - \beta_{j-1} q_{j-1}` first, then the
+    other kept vectors taken out and the result made unit (:func:`_project_out`). The
+    coefficients beyond the recurrence are rounding errors; the one of :math:`q_j` corrects
+    :math:`\alpha`.
 
     Returns:
         The norm :math:`\beta_j` before the division, and the correction of :math:`\alpha`.
@@ -731,22 +753,10 @@ def _next_vector(
         new.add_(previous[0], alpha=-previous[1])
     kept = min(j + 1, window)  # slots written so far (a full window drops the one replaced)
     pieces = [(0, following), (following + 1, kept)] if kept == window else [(0, kept)]
-    pieces = [(begin, end) for begin, end in pieces if end > begin]
-    correction, size = 0.0, 0.0
-    for again in (True, False):
-        coefficients = [_inner(basis[begin:end], new[None])[:, 0] for begin, end in pieces]
-        removed = sum(float(c.square().sum()) for c in coefficients)
-        size = max(float(_inner(new[None], new[None])) - removed, 0.0)
-        # |before|^2 = |after|^2 + |coefficients|^2: again where |after| < 2/3 |before|
-        again = again and removed > 1.25 * size
-        scale = 1.0 if again or size == 0 else size**-0.5
-        for i, ((begin, end), c) in enumerate(zip(pieces, coefficients)):
-            update = c[:, None].to(new.dtype)
-            new[None].T.addmm_(
-                basis[begin:end].T, update, beta=scale if i == 0 else 1.0, alpha=-scale
-            )
+    passes, size = _project_out(new[None], [basis[begin:end] for begin, end in pieces])
+    correction = 0.0
+    for coefficients in passes:
+        for (begin, end), c in zip(pieces, coefficients):
             if begin <= slot < end:
-                correction += float(c[slot - begin])
-        if not again:
-            break
-    return size**0.5, correction
+                correction += float(c[slot - begin, 0])
+    return float(size) ** 0.5, correction
