@@ -14,10 +14,10 @@ from torch_secorder.analysis._driver import Problem, run
 from torch_secorder.analysis._lanczos import (
     RitzPairs,
     _against_basis,
-    _combine,
     _explicit,
     _inner,
     _restarted_lanczos,
+    combine_rows,
     default_basis_size,
     lanczos_quadrature,
     thick_restart_lanczos,
@@ -165,7 +165,7 @@ def test_a_restart_combines_the_basis_a_slice_at_a_time(monkeypatch):
     V = torch.randn(8, 50, generator=g, dtype=DTYPE)  # slices of 7 columns, the last of 1
     Q = torch.randn(6, 3, generator=g, dtype=DTYPE)
     expected = torch.cat([Q.T @ V[:6], V[3:]])
-    _combine(V, Q, 6)
+    combine_rows(V, Q, 6)
     torch.testing.assert_close(V, expected)
 
 

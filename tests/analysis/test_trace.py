@@ -12,6 +12,7 @@ from tests.analysis.operators import (
     tanh_mlp,
     with_spectrum,
 )
+from torch_secorder.analysis._estimators import orthonormal_rows
 from torch_secorder.analysis.trace import METHODS
 
 STOCHASTIC = ["hutchinson", "hutch++", "xtrace"]
@@ -223,3 +224,35 @@ def test_closure_form_under_no_grad_leaves_rng_and_grads_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in params)
     assert result.num_matvecs == 9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("condition", [1e1, 1e5, 1e12])
+def test_orthonormal_rows_span_the_sketch_and_are_orthonormal(dtype, condition, monkeypatch):
+    # Cholesky QR twice up to about 1e7 in float32, Householder beyond (and for 1e12)
+    g = torch.Generator().manual_seed(0)
+    s, n = 12, 5000
+    U, _ = torch.linalg.qr(torch.randn(n, s, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(s, s, generator=g, dtype=torch.float64))
+    singular = torch.logspace(0, -math.log10(condition), s, dtype=torch.float64)
+    S = ((U * singular) @ V).T.contiguous().to(dtype)
+    if condition < 1e7:  # no Householder QR on this path
+
+        def householder(*args, **kwargs):
+            raise AssertionError("Householder QR called")
+
+        monkeypatch.setattr(torch.linalg, "qr", householder)
+    Q = orthonormal_rows(S.clone()).double()
+    eps = torch.finfo(dtype).eps
+    assert (Q @ Q.T - torch.eye(s, dtype=torch.float64)).abs().max() < 100 * eps
+    S = S.double()
+    assert (S - (S @ Q.T) @ Q).norm() <= 100 * eps * S.norm()
+
+
+def test_orthonormal_rows_of_a_rank_deficient_sketch():
+    g = torch.Generator().manual_seed(1)
+    S = torch.randn(4, 300, generator=g, dtype=torch.float64)
+    S = torch.cat([S, S[:2] + S[2:]])  # rank 4 of 6 rows: Householder
+    Q = orthonormal_rows(S.clone())
+    torch.testing.assert_close(Q @ Q.T, torch.eye(6, dtype=torch.float64))
+    assert (S - (S @ Q.T) @ Q).norm() <= 1e-12 * S.norm()

@@ -47,7 +47,13 @@ from torch_secorder.analysis._driver import Steps
 from torch_secorder.analysis._memory import kept_vectors, refuse
 from torch_secorder.analysis._sampling import gaussian, rademacher
 
-__all__ = ["RitzPairs", "default_basis_size", "lanczos_quadrature", "thick_restart_lanczos"]
+__all__ = [
+    "RitzPairs",
+    "combine_rows",
+    "default_basis_size",
+    "lanczos_quadrature",
+    "thick_restart_lanczos",
+]
 
 WHICH = ("largest", "smallest", "magnitude")
 
@@ -428,7 +434,7 @@ def _restarted_lanczos(
         if restart:
             kept = order[:keep]
             coupling = B @ Y[current][:, kept]
-            _combine(V, Y[:, kept].to(dtype), j)
+            combine_rows(V, Y[:, kept].to(dtype), j)
             V[keep : keep + new.shape[0]] = new  # the next block follows the kept vectors
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[kept])
@@ -540,7 +546,7 @@ def _inner(A: Tensor, B: Tensor) -> Tensor:
     return total
 
 
-def _combine(V: Tensor, Q: Tensor, j: int) -> None:
+def combine_rows(V: Tensor, Q: Tensor, j: int) -> None:
     r"""``V[:q] = Q^\top V[:j]`` in place, for ``(j, q)`` ``Q``, a slice of columns at a time.
 
     The thick restart's Ritz vectors, without a temporary of their size (its first pages
