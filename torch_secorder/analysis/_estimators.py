@@ -99,8 +99,8 @@ def hutch_plus_plus(
     :math:`\operatorname{tr}(Q^\top H Q)` is exact and no probes are spent. Every block goes
     out in chunks of :func:`max_columns` vectors of the operator's size ``span`` (default
     ``n``; :math:`Q`'s vectors and the first probes share one) and its products are reduced as
-    they come: it holds the :math:`s` sketch products (and, while :math:`Q` is factored from
-    them, :math:`Q`) plus one chunk, not all :math:`m` vectors with their products.
+    they come: it holds the :math:`s` sketch products (made orthonormal in place,
+    :func:`orthonormal_rows`) plus one chunk, not all :math:`m` vectors with their products.
     """
     chunk = max_columns(span or n, dtype, device)
     sketch = min(num_matvecs // 3, n, kept_vectors(span or n, dtype, device) // 2)
@@ -174,7 +174,12 @@ def orthonormal_rows(S: Tensor) -> Tensor:
 
 
 def _gram64(S: Tensor) -> Tensor:
-    """``S S^T`` in float64 (where the device has it), summed a slice of columns at a time."""
+    """``S S^T`` in float64 (where the device has it), summed a slice of columns at a time.
+
+    Each slice is converted before its product: the float32 partial products of
+    :func:`~._lanczos._inner` (errors near :math:`10^{-6}` relative) would limit Cholesky QR
+    to sketches conditioned below about :math:`10^3`.
+    """
     work = torch.float32 if S.device.type == "mps" else torch.float64
     gram = S.new_zeros(len(S), len(S), dtype=work)
     for start in range(0, S.shape[1], GRAM_SLICE):
