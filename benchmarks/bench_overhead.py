@@ -74,7 +74,7 @@ def main() -> None:
         answer = f"nodes in [{float(result.nodes.min()):.4f}, {float(result.nodes.max()):.4f}]"
     else:
         result = ts.hessian_trace(operator, method="hutch++", generator=generator)
-        answer = f"trace {float(result.value):.6g} ({result.method})"
+        answer = f"trace {float(result.value):.6g} ± {float(result.stderr):.2g} ({result.method})"
     total = time.process_time() - tic
     outside = (total - inside["seconds"]) / inside["seconds"]
     print(

@@ -15,10 +15,10 @@ from torch_secorder.analysis._lanczos import (
     RitzPairs,
     _against_basis,
     _explicit,
-    _inner,
     _restarted_lanczos,
     combine_rows,
     default_basis_size,
+    inner_rows,
     lanczos_quadrature,
     thick_restart_lanczos,
     wanted_order,
@@ -97,9 +97,9 @@ def test_sums_over_millions_of_float32_entries_are_accurate():
     V[1] = 0.6 * V[0] + 0.01 * V[1]  # a large inner product
     V /= V.double().norm(dim=1, keepdim=True).float()
     exact = V.double() @ V.double().T
-    torch.testing.assert_close(_inner(V, V), exact, rtol=0, atol=1e-5)
-    torch.testing.assert_close(_inner(V, V[:1]), exact[:, :1], rtol=0, atol=1e-5)
-    assert _inner(V, V).dtype == torch.float64
+    torch.testing.assert_close(inner_rows(V, V), exact, rtol=0, atol=1e-5)
+    torch.testing.assert_close(inner_rows(V, V[:1]), exact[:, :1], rtol=0, atol=1e-5)
+    assert inner_rows(V, V).dtype == torch.float64
 
 
 def test_a_large_float32_basis_stays_orthonormal():

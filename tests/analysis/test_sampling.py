@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from torch_secorder.analysis import _sampling
 from torch_secorder.analysis._sampling import (
     DEFAULT_SEED,
     gaussian,
@@ -25,6 +27,28 @@ def test_rademacher_signs_and_balance():
     assert z.dtype == torch.float64
     assert set(z.unique().tolist()) == {-1.0, 1.0}
     assert abs(float(z.mean())) < 4 / 4000**0.5
+
+
+@pytest.mark.parametrize("short", [True, False])
+@pytest.mark.parametrize("n", [1, 8, 13, 70001])
+def test_rademacher_signs_are_the_bits_of_random_bytes(monkeypatch, short, n):
+    # each row: the bits of its ceil(n/8) bytes, least significant first, as 2 bit - 1
+    if not short:
+        monkeypatch.setattr(_sampling, "_SHORT", 0)
+    z = rademacher(torch.Generator().manual_seed(4), (3, n), torch.float64, CPU)
+    codes = torch.randint(0, 256, (3, -(-n // 8)), generator=torch.Generator().manual_seed(4))
+    bits = torch.stack([(codes >> shift) % 2 for shift in range(8)], dim=-1)
+    assert torch.equal(z, 2.0 * bits.reshape(3, -1)[:, :n].double() - 1)
+
+
+def test_rademacher_writes_into_out_and_takes_empty_shapes():
+    out = torch.full((2, 20), 7.0)
+    z = rademacher(torch.Generator().manual_seed(5), (2, 20), torch.float32, CPU, out=out)
+    assert z is out
+    assert torch.equal(z, rademacher(torch.Generator().manual_seed(5), (2, 20), torch.float32, CPU))
+    assert rademacher(torch.Generator(), (0, 5), torch.float32, CPU).shape == (0, 5)
+    assert rademacher(torch.Generator(), (4, 0), torch.float32, CPU).shape == (4, 0)
+    assert rademacher(torch.Generator(), (), torch.float32, CPU).abs().item() == 1
 
 
 def test_columns_do_not_depend_on_chunking():

@@ -102,16 +102,23 @@ def test_exact_traces_of_the_whole_each_module_and_each_sample(method):
 def test_estimators_are_unbiased_within_their_errors(method):
     model, batches = make_mlp(), batches_of(SIZES)
     exact = oracle(model, batches).trace()
-    g = torch.Generator().manual_seed(3)
-    est = ts.model_hessian_trace(
-        model, CE, batches, wrt="inputs", method=method, num_matvecs=12, generator=g
-    )
-    assert est.method == method
-    assert est.num_matvecs <= 12
-    if method == "hutchinson":
-        assert abs(float(est.value - exact)) <= 4 * float(est.stderr)
-    else:  # 12 products sketch most of the 18 rows: close
-        assert abs(float(est.value - exact)) <= 0.5 * abs(float(exact)) + 1e-3
+    values = []
+    for seed in range(8):
+        est = ts.model_hessian_trace(
+            model,
+            CE,
+            batches,
+            wrt="inputs",
+            method=method,
+            num_matvecs=12,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        assert est.method == method
+        assert est.num_matvecs <= 12
+        values.append(est.value)
+    # the mean of 8 independent estimates, within 4 of its standard errors
+    values = torch.stack(values)
+    assert abs(float(values.mean() - exact)) <= 4 * float(values.std()) / 8**0.5
 
 
 def test_auto_estimates_where_the_diagonal_costs_more():

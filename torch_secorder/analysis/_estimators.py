@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from torch_secorder.analysis._driver import Steps
-from torch_secorder.analysis._lanczos import combine_rows
+from torch_secorder.analysis._lanczos import combine_rows, inner_rows
 from torch_secorder.analysis._memory import kept_vectors, max_columns, refuse
 from torch_secorder.analysis._sampling import make_generator, rademacher, rademacher_columns
 
@@ -107,11 +107,17 @@ def hutch_plus_plus(
     if sketch < 1:
         raise refuse("method='hutch++'", 2, span or n, dtype, device)
     # Vectors are kept as rows, the layout in which the operator writes its products and
-    # LAPACK reads a matrix (column-major): no transposing copy of n-long vectors.
+    # LAPACK reads a matrix (column-major): no transposing copy of n-long vectors. Requests
+    # are written into one buffer of a chunk's rows (new memory of this size costs about as
+    # much to touch first as the arithmetic on it).
+    block = torch.empty(
+        min(chunk, max(sketch, num_matvecs - sketch)), n, dtype=dtype, device=device
+    )
     HS = torch.empty(sketch, n, dtype=dtype, device=device)
     for start in range(0, sketch, chunk):
         stop = min(start + chunk, sketch)
-        HS[start:stop] = (yield rademacher(gen, (stop - start, n), dtype, device).T).T
+        probes = rademacher(gen, (stop - start, n), dtype, device, out=block[: stop - start])
+        HS[start:stop] = (yield probes.T).T
     Q = orthonormal_rows(HS)  # (in HS's memory, unless Householder QR took over)
     del HS
     # Q's rows, then the probes (drawn and deflated as they go out), a chunk at a time
@@ -119,23 +125,28 @@ def hutch_plus_plus(
     samples: list[Tensor] = []
     done, left = 0, 0 if sketch == n else num_matvecs - 2 * sketch
     while done < sketch or left > 0:
-        basis = Q[done : done + chunk]
-        count = min(chunk - basis.shape[0], left)
-        block = basis
+        width = min(chunk, sketch - done)
+        count = min(chunk - width, left)
+        request = Q[done : done + width]
         if count:
-            G = rademacher(gen, (count, n), dtype, device)
-            block = torch.cat([basis, G - (G @ Q.T) @ Q])
-            del G
-        products = (yield block.T).T
-        width = basis.shape[0]
-        low_rank = low_rank + (block[:width] * products[:width]).sum()
+            request = block[: width + count]
+            request[:width] = Q[done : done + width]
+            G = rademacher(gen, (count, n), dtype, device, out=request[width:])
+            G.addmm_(G @ Q.T, Q, alpha=-1)  # G - Q Q^T G, as rows
+        products = (yield request.T).T
+        low_rank = low_rank + _row_dots(request[:width], products[:width]).sum()
         if count:
-            samples.append((block[width:] * products[width:]).sum(dim=1))
+            samples.append(_row_dots(request[width:], products[width:]))
         done, left = done + width, left - count
     if not samples:
         return low_rank, torch.zeros_like(low_rank)
     mean, stderr = _mean_and_stderr(torch.cat(samples))
     return low_rank + mean, stderr
+
+
+def _row_dots(A: Tensor, B: Tensor) -> Tensor:
+    """The dot products of the rows of ``A`` with those of ``B`` (no temporary of their size)."""
+    return torch.einsum("ij,ij->i", A, B)
 
 
 GRAM_SLICE = 2**15
@@ -147,22 +158,25 @@ def orthonormal_rows(S: Tensor) -> Tensor:
 
     In place, and returned. Cholesky QR twice (Yamamoto et al. 2015): :math:`S \gets L^{-1}S`
     with :math:`LL^\top` the Cholesky factorisation of the Gram matrix :math:`SS^\top`,
-    summed in float64 a slice of :data:`GRAM_SLICE` entries at a time, then the same again:
-    two products of an :math:`s \times n` matrix with its transpose and two with
-    :math:`L^{-1}` (a slice at a time, :func:`~._lanczos.combine_rows`), where Householder QR
-    takes several times as long on long rows (a ResNet-18's sketch of 33 × 11.2M: 9 s) and
-    works on a copy. The first pass leaves the rows orthonormal to about the rounding unit
-    times the condition number of ``S``, the second to the rounding unit. Where a Cholesky
-    factorisation fails or the first pass's Gram matrix is off the identity by more than 1/2
-    (``S`` rank-deficient or conditioned beyond about :math:`10^7` in float32), Householder QR
-    of the rows as they are (spanning what ``S`` spans) instead; that result is a new tensor.
+    summed in float64 a slice of :data:`GRAM_SLICE` entries at a time, then the same again,
+    the new rows' Gram matrix a float64 sum of products in their own precision
+    (:func:`~._lanczos.inner_rows`; near the identity, its rounding errors are those of the
+    result, at a third of the time): two products of an :math:`s \times n` matrix with its
+    transpose and two with :math:`L^{-1}` (a slice at a time, :func:`~._lanczos.combine_rows`),
+    where Householder QR takes several times as long on long rows (a ResNet-18's sketch of
+    33 × 11.2M: 9 s) and works on a copy. The first pass leaves the rows orthonormal to about
+    the rounding unit times the condition number of ``S``, the second to the rounding unit.
+    Where a Cholesky factorisation fails or the first pass's Gram matrix is off the identity
+    by more than 1/2 (``S`` rank-deficient or conditioned beyond about :math:`10^7` in
+    float32), Householder QR of the rows as they are (spanning what ``S`` spans) instead; that
+    result is a new tensor.
 
     References:
         Yamamoto, Y., Nakatsukasa, Y., Yanagisawa, Y. and Fukaya, T. (2015). Roundoff error
         analysis of the CholeskyQR2 algorithm. Electron. Trans. Numer. Anal. 44, 306-326.
     """
     for second in (False, True):
-        gram = _gram64(S)
+        gram = inner_rows(S, S) if second else _gram64(S)
         identity = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
         off = second and float((gram - identity).abs().max()) > 0.5
         L, info = torch.linalg.cholesky_ex(gram)
@@ -177,13 +191,16 @@ def _gram64(S: Tensor) -> Tensor:
     """``S S^T`` in float64 (where the device has it), summed a slice of columns at a time.
 
     Each slice is converted before its product: the float32 partial products of
-    :func:`~._lanczos._inner` (errors near :math:`10^{-6}` relative) would limit Cholesky QR
+    :func:`~._lanczos.inner_rows` (errors near :math:`10^{-6}` relative) would limit Cholesky QR
     to sketches conditioned below about :math:`10^3`.
     """
     work = torch.float32 if S.device.type == "mps" else torch.float64
     gram = S.new_zeros(len(S), len(S), dtype=work)
+    buffer = S.new_empty(len(S), min(GRAM_SLICE, S.shape[1]), dtype=work)
     for start in range(0, S.shape[1], GRAM_SLICE):
-        part = S[:, start : start + GRAM_SLICE].to(work)
+        part = S[:, start : start + GRAM_SLICE]
+        if part.dtype != work:
+            part = buffer[:, : part.shape[1]].copy_(part)
         gram.addmm_(part, part.T)
     return gram
 

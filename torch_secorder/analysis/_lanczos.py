@@ -8,7 +8,7 @@ yields blocks of vectors and receives their products with the symmetric operator
   block against the block it couples with and then against the whole basis (classical
   Gram-Schmidt, again where that pass removed more than a third), so the Rayleigh-Ritz
   projection :math:`T = V^\top A V` stays accurate in finite precision. Its sums over the
-  operator's size add float32 partial sums in float64 (:func:`_inner`): summed in float32,
+  operator's size add float32 partial sums in float64 (:func:`inner_rows`): summed in float32,
   a norm of 11M entries is off by :math:`4 \cdot 10^{-4}`.
   When the basis is full it restarts *thick* (Wu & Simon 2000): it keeps the most wanted Ritz
   vectors and the current residual block and goes on, so memory stays bounded while the
@@ -140,8 +140,8 @@ def _orthonormalise(V: Tensor, i: int, locked: Tensor) -> float:
     for _ in range(2):
         for basis in (locked.T, V[:i]):
             if basis.shape[0]:
-                row.T.addmm_(basis.T, _inner(basis, row).to(V.dtype), alpha=-1)
-    norm = float(_inner(row, row)) ** 0.5
+                row.T.addmm_(basis.T, inner_rows(basis, row).to(V.dtype), alpha=-1)
+    norm = float(inner_rows(row, row)) ** 0.5
     if norm > 0:
         row.div_(norm)
     return norm
@@ -261,7 +261,7 @@ def _warm(start: Tensor, generator: torch.Generator) -> Tensor:
     """The normalised sum of the columns of ``start`` plus a random unit vector, ``(n, 1)``."""
     noise = gaussian(generator, (start.shape[0], 1), start.dtype, start.device)
     both = torch.cat([start.sum(dim=1, keepdim=True), noise], dim=1)
-    norms = _inner(both.T, both.T).diagonal().sqrt()
+    norms = inner_rows(both.T, both.T).diagonal().sqrt()
     both /= norms.clamp(min=torch.finfo(norms.dtype).tiny).to(both.dtype)
     return both.sum(dim=1, keepdim=True)
 
@@ -315,7 +315,7 @@ def _explicit(pairs: RitzPairs, which: str, tol: float, dtype: torch.dtype, foun
     :math:`\max(|\theta|, \varepsilon^{1/3} \max_i |\theta_i|)` and the pairs were ``found``
     (their search converged, or they refine pairs that had).
     """
-    X = pairs.vectors / _inner(pairs.vectors.T, pairs.vectors.T).diagonal().sqrt().to(dtype)
+    X = pairs.vectors / inner_rows(pairs.vectors.T, pairs.vectors.T).diagonal().sqrt().to(dtype)
     AX = yield X
     work = work_dtype(X.device, dtype)
     slices = [slice(start, start + SLICE) for start in range(0, X.shape[0], SLICE)]
@@ -474,7 +474,7 @@ def _against_basis(
     """
     basis, new = V[:j], V[j : j + W.shape[1]]
     local = basis[recent:]
-    near = _inner(local, W.T)
+    near = inner_rows(local, W.T)
     if W.shape[1] == 1:  # a vector less a few: one pass of elementwise updates, no GEMM
         torch.add(W[:, 0], local[0], alpha=-float(near[0, 0]), out=new[0])
         for row, c in zip(local[1:], near[1:, 0].tolist()):
@@ -506,12 +506,12 @@ def _project_out(new: Tensor, pieces: list[Tensor]) -> tuple[list[list[Tensor]],
     passes: list[list[Tensor]] = []
     for again in (True, False):
         coefficients = [
-            _inner(piece, new) if piece.shape[0] else new.new_zeros(0, new.shape[0], dtype=work)
+            inner_rows(piece, new) if piece.shape[0] else new.new_zeros(0, new.shape[0], dtype=work)
             for piece in pieces
         ]
         passes.append(coefficients)
         removed = sum(c.square().sum(dim=0) for c in coefficients)
-        size = (_inner(new, new).diagonal() - removed).clamp(min=0)
+        size = (inner_rows(new, new).diagonal() - removed).clamp(min=0)
         # |before|^2 = |after|^2 + |coefficients|^2: again where |after| < 2/3 |before|
         again = again and bool((removed > 1.25 * size).any())
         unit = not again and new.shape[0] == 1 and float(size) > 0
@@ -526,7 +526,7 @@ def _project_out(new: Tensor, pieces: list[Tensor]) -> tuple[list[list[Tensor]],
     return passes, size
 
 
-def _inner(A: Tensor, B: Tensor) -> Tensor:
+def inner_rows(A: Tensor, B: Tensor) -> Tensor:
     r"""``A B^\top`` for rows of the operator's size, in the work dtype.
 
     On a CPU, BLAS and PyTorch sum the float32 products of millions of entries in float32,
@@ -703,7 +703,7 @@ def _quadrature(q: Tensor, steps: int, window: int) -> Steps:
         rows = products.T.contiguous()  # (the operator's rows as they are: no copy)
         last = j == steps - 1
         for p, w in zip(list(active), rows):
-            a = float(_inner(basis[p, slot, None], w[None]))
+            a = float(inner_rows(basis[p, slot, None], w[None]))
             alpha[p, j] = a
             if last:
                 continue
