@@ -94,6 +94,8 @@ def test_exhausted_krylov_space_is_exact_and_padded():
         torch.testing.assert_close(nodes[real], torch.tensor([-1.0, 2.0, 5.0], dtype=DTYPE))
         assert bool((weights[~real] == 0).all())
         assert bool((nodes[~real] == nodes[0]).all())
+        assert real.tolist() == [False, False, True, True, True]  # padded in front: ascending
+        assert bool((nodes[1:] >= nodes[:-1]).all())
     # each probe stopped after 3 products (its Krylov space has dimension 3)
     assert result.num_matvecs == operator.num_matvecs == 6
 

@@ -728,9 +728,10 @@ def _quadrature(q: Tensor, steps: int, window: int) -> Steps:
             + torch.diag(beta[p, : size - 1], -1)
         )
         theta, Y = torch.linalg.eigh(tridiagonal)
-        nodes[p, :size] = theta
-        nodes[p, size:] = theta[0]
-        weights[p, :size] = Y[0] ** 2
+        pad = steps - size  # (in front, with weight zero: the nodes stay ascending)
+        nodes[p, pad:] = theta
+        nodes[p, :pad] = theta[0]
+        weights[p, pad:] = Y[0] ** 2
     return nodes.to(dtype), weights.to(dtype)
 
 

@@ -65,8 +65,8 @@ class DensityResult:
         density: ``(grid_size,)`` non-negative density on ``grid``; its trapezoidal integral
             over the grid is 1.
         nodes: ``(num_probes, steps)`` Ritz values of each probe's Lanczos tridiagonal matrix,
-            ascending per probe; a probe whose Krylov space was exhausted early is padded with
-            copies of its first node of weight zero.
+            ascending per probe; a probe whose Krylov space was exhausted early is padded in
+            front with copies of its first node, of weight zero.
         weights: ``(num_probes, steps)`` Gauss quadrature weights of the nodes; each row sums
             to 1.
         num_matvecs: Hessian-vector products used.
