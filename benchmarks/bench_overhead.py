@@ -1,8 +1,8 @@
 """Time an analysis spends outside its Hessian-vector products, on a ResNet-18.
 
 The ResNet-18 of ``bench_resnet18.py`` (11.2M parameters, eval mode, float32) on one batch
-of 8 random 32×32 images with random labels, cross-entropy, one torch thread. The analysis
-runs on the model's :class:`~torch_secorder.HessianOperator` (the trace by Hutch++: the
+of 8 (``--batch``) random 32×32 images with random labels, cross-entropy, one torch thread.
+The analysis runs on the model's :class:`~torch_secorder.HessianOperator` (the trace by Hutch++: the
 exact default takes a diagonal, not products), whose ``matmat`` is timed
 (CPU time of the process); one product runs first, so that torch's first-call imports are
 not counted. Printed: products, total time, time in products, and the time outside them over
@@ -14,6 +14,7 @@ Usage::
     python benchmarks/bench_overhead.py density --probes 4 --steps 100   # about 2 minutes
     python benchmarks/bench_overhead.py trace               # Hutch++, 100 products: a minute
     python benchmarks/bench_overhead.py top --quick         # a narrow ResNet-18: seconds
+    python benchmarks/bench_overhead.py top --batch 64      # products 8 times the cost
 
 Not collected by pytest.
 """
@@ -39,12 +40,16 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=4, help="probes (density)")
     parser.add_argument("--steps", type=int, default=100, help="steps per probe (density)")
     parser.add_argument("--quick", action="store_true", help="a ResNet-18 of width 8")
+    parser.add_argument("--batch", type=int, default=8, help="images in the batch")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the weights of bench_resnet18.model()
     model = bench_resnet18.ResNet18(width=8 if args.quick else 64).eval()
     g = torch.Generator().manual_seed(0)
-    batch = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    batch = (
+        torch.randn(args.batch, 3, 32, 32, generator=g),
+        torch.randint(0, 10, (args.batch,), generator=g),
+    )
     operator = ts.HessianOperator.from_model(model, nn.CrossEntropyLoss(), batch)
     inside = {"seconds": 0.0, "products": 0}
     matmat = operator.matmat
