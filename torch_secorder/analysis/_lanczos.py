@@ -671,7 +671,7 @@ def lanczos_quadrature(
     nodes, weights = [], []
     for start in range(0, num_probes, group):
         count = min(group, num_probes - start)
-        probes = rademacher(generator, (count, n), dtype, device) / n**0.5
+        probes = rademacher(generator, (count, n), dtype, device).div_(n**0.5)
         group_nodes, group_weights = yield from _quadrature(probes, steps, window)
         nodes.append(group_nodes)
         weights.append(group_weights)
