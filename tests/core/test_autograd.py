@@ -167,6 +167,22 @@ def test_product_chunks_cover_all_products_in_order(chunk_size):
     assert_close(H, torch.diag(6 * x.detach()))
 
 
+def test_products_written_out_keep_the_last_chunk_until_the_next_or_release():
+    x = torch.arange(1.0, 8.0, dtype=F64, requires_grad=True)
+    graph = GradientGraph(lambda: (x**3).sum(), [x], fname="t")
+    cotangents = [torch.eye(7, dtype=F64)]
+    out = [torch.empty(7, 7, dtype=F64)]
+    graph.products(cotangents, [x], chunk_size=3, out=out)
+    assert_close(out[0], torch.diag(6 * x.detach()))
+    kept = weakref.ref(graph._recent[0])  # the last chunk's own result (a row here)
+    assert graph._recent[0].shape == (1, 7)
+    graph.products(cotangents, [x], chunk_size=3, out=out)  # the next product lets it go
+    assert kept() is None
+    kept = weakref.ref(graph._recent[0])
+    graph.release()
+    assert kept() is None
+
+
 # ----------------------------------------------------------------------------- unit cotangents
 
 
