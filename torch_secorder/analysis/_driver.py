@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from torch_secorder.analysis._memory import max_columns
+from torch_secorder.analysis._rows import inner_rows
 from torch_secorder.core._progress import Meter
 
 LOCKSTEP_COLUMNS = 8
@@ -68,8 +69,9 @@ class SymmetryCheck:
     The relative difference :math:`|a - b| / (|a| + |b| + \sqrt{\varepsilon}\,c)`, with
     :math:`c = \|u\|\|Hv\| + \|v\|\|Hu\|` guarding products that vanish, must stay below
     :math:`\varepsilon^{1/4}` (:math:`\varepsilon` the dtype's machine epsilon, about
-    :math:`10^{-4}` in float64 and :math:`2 \cdot 10^{-2}` in float32). The test is skipped for
-    half precisions, whose rounding is too coarse for it.
+    :math:`10^{-4}` in float64 and :math:`2 \cdot 10^{-2}` in float32), the sums in float64
+    (:func:`~._rows.inner_rows`: no float64 copies of the four vectors). The test is skipped
+    for half precisions, whose rounding is too coarse for it.
     """
 
     def __init__(self, fname: str, dtype: torch.dtype) -> None:
@@ -91,9 +93,11 @@ class SymmetryCheck:
             u, Hu = self.first
         v, Hv = V[:, -1], HV[:, -1]
         self.done, self.first = True, None
-        u, Hu, v, Hv = (t.double() for t in (u, Hu, v, Hv))
-        a, b = float(u @ Hv), float(v @ Hu)
-        scale = float(u.norm() * Hv.norm() + v.norm() * Hu.norm())
+        u, Hu, v, Hv = (t[None] for t in (u, Hu, v, Hv))
+        a, b = float(inner_rows(u, Hv)), float(inner_rows(v, Hu))
+        scale = sum(
+            float(inner_rows(x, x) * inner_rows(y, y)) ** 0.5 for x, y in ((u, Hv), (v, Hu))
+        )
         denominator = abs(a) + abs(b) + self.eps**0.5 * scale
         if denominator > 0 and abs(a - b) > self.eps**0.25 * denominator:
             raise ValueError(

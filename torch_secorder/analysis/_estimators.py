@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from torch_secorder.analysis._driver import Steps
-from torch_secorder.analysis._lanczos import combine_rows, inner_rows
 from torch_secorder.analysis._memory import kept_vectors, max_columns, refuse
+from torch_secorder.analysis._rows import combine_rows, inner_rows
 from torch_secorder.analysis._sampling import make_generator, rademacher, rademacher_columns
 
 
@@ -160,9 +160,9 @@ def orthonormal_rows(S: Tensor) -> Tensor:
     with :math:`LL^\top` the Cholesky factorisation of the Gram matrix :math:`SS^\top`,
     summed in float64 a slice of :data:`GRAM_SLICE` entries at a time, then the same again,
     the new rows' Gram matrix a float64 sum of products in their own precision
-    (:func:`~._lanczos.inner_rows`; near the identity, its rounding errors are those of the
+    (:func:`~._rows.inner_rows`; near the identity, its rounding errors are those of the
     result, at a third of the time): two products of an :math:`s \times n` matrix with its
-    transpose and two with :math:`L^{-1}` (a slice at a time, :func:`~._lanczos.combine_rows`),
+    transpose and two with :math:`L^{-1}` (a slice at a time, :func:`~._rows.combine_rows`),
     where Householder QR takes several times as long on long rows (a ResNet-18's sketch of
     33 × 11.2M: 9 s against 2.7 s) and works on a copy. The first pass leaves the rows
     orthonormal to about the rounding unit times the condition number of ``S``, the second to
@@ -192,7 +192,7 @@ def _gram64(S: Tensor) -> Tensor:
     """``S S^T`` in float64 (where the device has it), summed a slice of columns at a time.
 
     Each slice is converted before its product: the float32 partial products of
-    :func:`~._lanczos.inner_rows` (errors near :math:`10^{-6}` relative) would limit Cholesky QR
+    :func:`~._rows.inner_rows` (errors near :math:`10^{-6}` relative) would limit Cholesky QR
     to sketches conditioned below about :math:`10^3`.
     """
     work = torch.float32 if S.device.type == "mps" else torch.float64

@@ -8,8 +8,8 @@ yields blocks of vectors and receives their products with the symmetric operator
   block against the block it couples with and then against the whole basis (classical
   Gram-Schmidt, again where that pass removed more than a third), so the Rayleigh-Ritz
   projection :math:`T = V^\top A V` stays accurate in finite precision. Its sums over the
-  operator's size add float32 partial sums in float64 (:func:`inner_rows`): summed in float32,
-  a norm of 11M entries is off by :math:`4 \cdot 10^{-4}`.
+  operator's size add float32 partial sums in float64 (:func:`~._rows.inner_rows`): summed
+  in float32, a norm of 11M entries is off by :math:`4 \cdot 10^{-4}`.
   When the basis is full it restarts *thick* (Wu & Simon 2000): it keeps the most wanted Ritz
   vectors and the current residual block and goes on, so memory stays bounded while the
   wanted Ritz values keep improving. It stops when every wanted Ritz pair
@@ -45,11 +45,11 @@ from torch import Tensor
 
 from torch_secorder.analysis._driver import Steps
 from torch_secorder.analysis._memory import kept_vectors, refuse
+from torch_secorder.analysis._rows import SLICE, combine_rows, inner_rows, work_dtype
 from torch_secorder.analysis._sampling import gaussian, rademacher
 
 __all__ = [
     "RitzPairs",
-    "combine_rows",
     "default_basis_size",
     "lanczos_quadrature",
     "thick_restart_lanczos",
@@ -60,9 +60,6 @@ WHICH = ("largest", "smallest", "magnitude")
 BASIS_BYTES = 2**32
 """Memory the quadrature's Lanczos bases may take together; more probes run in groups."""
 
-SLICE = 2**17
-"""Entries of each partial sum that a sum over the operator's size adds up in float64."""
-
 MIN_WINDOW = 8
 """Fewest vectors of its basis a quadrature probe keeps to reorthogonalise against."""
 
@@ -70,9 +67,6 @@ WINDOW_BYTES = 2**28
 """Memory of a quadrature probe's basis beyond which it keeps only its last vectors (at least
 :data:`MIN_WINDOW`): a step reads the kept vectors twice, so this bounds the
 reorthogonalisation's memory traffic per step (512 MiB) next to the product's."""
-
-COMBINE_BYTES = 2**22
-"""Memory of the temporary with which a thick restart combines the basis, a slice at a time."""
 
 
 @dataclass
@@ -95,11 +89,6 @@ class RitzPairs:
     converged: bool
     spanned: bool = False  # the basis spanned the whole space: exact to rounding
     stalled: bool = False
-
-
-def work_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the small projected problems: float64 where the device supports it."""
-    return dtype if device.type == "mps" else torch.float64
 
 
 def wanted_order(theta: Tensor, which: str) -> Tensor:
@@ -524,42 +513,6 @@ def _project_out(new: Tensor, pieces: list[Tensor]) -> tuple[list[list[Tensor]],
         if not again:
             break
     return passes, size
-
-
-def inner_rows(A: Tensor, B: Tensor) -> Tensor:
-    r"""``A B^\top`` for rows of the operator's size, in the work dtype.
-
-    On a CPU, BLAS and PyTorch sum the float32 products of millions of entries in float32,
-    off by :math:`10^{-4}` relative (a norm) to :math:`10^{-2}` (a product of one row with
-    one column): so every slice of :data:`SLICE` entries is a product of its own (a dot
-    product for one row with one row), and the slices add up in float64, leaving errors
-    near :math:`10^{-6}` relative. Elsewhere one product.
-    """
-    work = work_dtype(A.device, A.dtype)
-    if A.device.type != "cpu":
-        return (A @ B.T).to(work)
-    total = torch.zeros(A.shape[0], B.shape[0], dtype=work)
-    single = A.shape[0] == B.shape[0] == 1
-    for start in range(0, A.shape[1], SLICE):
-        a, b = A[:, start : start + SLICE], B[:, start : start + SLICE]
-        total += torch.dot(a[0], b[0]) if single else a @ b.T
-    return total
-
-
-def combine_rows(V: Tensor, Q: Tensor, j: int) -> None:
-    r"""``V[:q] = Q^\top V[:j]`` in place, for ``(j, q)`` ``Q``, a slice of columns at a time.
-
-    The thick restart's Ritz vectors, without a temporary of their size (its first pages
-    cost about as much as the product itself).
-    """
-    step = max(1, COMBINE_BYTES // (V.element_size() * Q.shape[1]))
-    Qt = Q.T.contiguous()
-    buffer = V.new_empty(Q.shape[1], min(step, V.shape[1]))
-    for start in range(0, V.shape[1], step):
-        columns = slice(start, start + step)
-        part = buffer[:, : V[0, columns].shape[0]]
-        torch.mm(Qt, V[:j, columns], out=part)
-        V[: Q.shape[1], columns] = part
 
 
 def _replace_weak(

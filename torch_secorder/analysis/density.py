@@ -51,9 +51,10 @@ from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
 from torch_secorder.analysis._driver import Problem, Steps, run
 from torch_secorder.analysis._groups import run_model
-from torch_secorder.analysis._lanczos import lanczos_quadrature, work_dtype
+from torch_secorder.analysis._lanczos import lanczos_quadrature
 from torch_secorder.analysis._memory import memory_budget
 from torch_secorder.analysis._operator import resolve
+from torch_secorder.analysis._rows import work_dtype
 from torch_secorder.analysis._sampling import make_generator
 from torch_secorder.analysis._variables import model_selection
 from torch_secorder.analysis.results import DensityResult
