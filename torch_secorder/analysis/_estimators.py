@@ -166,11 +166,10 @@ def orthonormal_rows(S: Tensor) -> Tensor:
     where Householder QR takes several times as long on long rows (a ResNet-18's sketch of
     33 × 11.2M: 9 s against 2.7 s) and works on a copy. The first pass leaves the rows
     orthonormal to about the rounding unit times the condition number of ``S``, the second to
-    a small multiple of the rounding unit.
-    Where a Cholesky factorisation fails or the first pass's Gram matrix is off the identity
-    by more than 1/2 (``S`` rank-deficient or conditioned beyond about :math:`10^7` in
-    float32), Householder QR of the rows as they are (spanning what ``S`` spans) instead; that
-    result is a new tensor.
+    a small multiple of the rounding unit. Where a Cholesky factorisation fails or the first
+    pass's Gram matrix is off the identity by more than 1/2 (``S`` rank-deficient or
+    conditioned beyond about :math:`10^7` in float32), Householder QR of the rows as they are
+    (spanning what ``S`` spans) instead; that result is a new tensor.
 
     References:
         Yamamoto, Y., Nakatsukasa, Y., Yanagisawa, Y. and Fukaya, T. (2015). Roundoff error

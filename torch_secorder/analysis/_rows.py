@@ -46,8 +46,8 @@ def inner_rows(A: Tensor, B: Tensor) -> Tensor:
 def combine_rows(V: Tensor, Q: Tensor, j: int) -> None:
     r"""``V[:q] = Q^\top V[:j]`` in place, for ``(j, q)`` ``Q``, a slice of columns at a time.
 
-    The thick restart's Ritz vectors, without a temporary of their size (its first pages
-    cost about as much as the product itself).
+    A thick restart's Ritz vectors, Cholesky QR's new rows: without a temporary of their size
+    (its first pages cost about as much as the product itself).
     """
     step = max(1, COMBINE_BYTES // (V.element_size() * Q.shape[1]))
     Qt = Q.T.contiguous()
