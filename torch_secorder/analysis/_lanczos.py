@@ -48,12 +48,7 @@ from torch_secorder.analysis._memory import kept_vectors, refuse
 from torch_secorder.analysis._rows import SLICE, combine_rows, inner_rows, work_dtype
 from torch_secorder.analysis._sampling import gaussian, rademacher
 
-__all__ = [
-    "RitzPairs",
-    "default_basis_size",
-    "lanczos_quadrature",
-    "thick_restart_lanczos",
-]
+__all__ = ["RitzPairs", "default_basis_size", "lanczos_quadrature", "thick_restart_lanczos"]
 
 WHICH = ("largest", "smallest", "magnitude")
 
