@@ -76,6 +76,8 @@ class RitzPairs:
         spanned: Whether the basis spanned the whole space (the pairs are then exact).
         stalled: Whether the search stopped, products left, because the explicit residuals
             no longer improved (the rounding of the products limits them).
+        products: ``(n, k)`` products :math:`Ax` of the vectors, where the solver kept its
+            basis's products (``None`` where not).
     """
 
     values: Tensor
@@ -84,6 +86,7 @@ class RitzPairs:
     converged: bool
     spanned: bool = False  # the basis spanned the whole space: exact to rounding
     stalled: bool = False
+    products: Tensor | None = None
 
 
 def wanted_order(theta: Tensor, which: str) -> Tensor:
@@ -172,10 +175,13 @@ def thick_restart_lanczos(
     of the same eigenvalue: it is left out.)
 
     The residuals Lanczos reads off its recurrence drift from the true ones in finite precision
-    (in float32, by factors of two or more on large networks), so every returned pair is then
-    checked with one product of its own: the vector normalised, the value its Rayleigh
-    quotient, the residual :math:`\|Ax - \theta x\|` computed, and ``converged`` only if that
-    explicit residual meets ``tol``. Where the recurrence's residuals met ``tol`` but the
+    (in float32, by factors of two or more on large networks, once near the rounding of the
+    products), so every returned pair is then checked against the products: the vector
+    normalised, the value its Rayleigh quotient, the residual :math:`\|Ax - \theta x\|`
+    computed, and ``converged`` only if that explicit residual meets ``tol``. Where the budget
+    holds the basis's products :math:`AV` besides the basis, they are kept as they arrive
+    (combined at a restart as the basis is), and :math:`Ax = (AV)y` costs no product; else
+    each pair takes one product of its own. Where the recurrence's residuals met ``tol`` but the
     explicit ones do not, the search goes on from the pairs found, with the inner tolerance
     lowered by as much as they were off (not below the rounding unit), while the explicit
     residuals at least halve and products remain; where a refinement does not halve them, the
@@ -204,8 +210,11 @@ def thick_restart_lanczos(
     Returns:
         The wanted :class:`RitzPairs`, most wanted first.
     """
-    # products kept for the explicit residuals, unless the budget can span the whole space
-    reserved = 0 if n <= max_matvecs else min(k, max_matvecs - 1)
+    # products kept back for the explicit residuals, unless the budget can span the whole space
+    # or the basis's products are kept
+    _, keeps_products = _basis_plan(n, k, min(block_size, n), 0, basis_size, dtype, device)
+    check = 0 if keeps_products else k
+    reserved = 0 if n <= max_matvecs else min(check, max_matvecs - 1)
     inner, best = tol, None
     used = 0
     if start is not None:
@@ -213,19 +222,20 @@ def thick_restart_lanczos(
     workspace: list[Tensor] = []  # one basis for every search, its pages touched once
     while True:
         options = (which, inner, dtype, device, generator, block_size, basis_size, workspace)
-        budget = max_matvecs - (reserved if best is None else k) - used
+        budget = max_matvecs - (reserved if best is None else check) - used
         pairs, spent = yield from _all_copies(n, k, budget, start, *options)
         used += spent
         if pairs.spanned:  # the basis spans everything: the pairs are exact to rounding
             return pairs
-        if used + k > max_matvecs:  # no products left to check them: not known to converge
+        asked = 0 if pairs.products is not None else k  # products the check takes
+        if used + asked > max_matvecs:  # no products left to check them: not known to converge
             pairs.converged = False
             return pairs
         # A refinement starts from pairs already found: its explicit residuals decide alone.
         checked = yield from _explicit(
             pairs, which, tol, dtype, pairs.converged or best is not None
         )
-        used += k
+        used += asked
         halved = best is None or _worst(checked) <= _worst(best) / 2
         if best is not None and _worst(best) < _worst(checked):
             checked = best  # the better of the two checked sets
@@ -299,8 +309,9 @@ def _explicit(pairs: RitzPairs, which: str, tol: float, dtype: torch.dtype, foun
     :math:`\max(|\theta|, \varepsilon^{1/3} \max_i |\theta_i|)` and the pairs were ``found``
     (their search converged, or they refine pairs that had).
     """
-    X = pairs.vectors / inner_rows(pairs.vectors.T, pairs.vectors.T).diagonal().sqrt().to(dtype)
-    AX = yield X
+    norms = inner_rows(pairs.vectors.T, pairs.vectors.T).diagonal().sqrt().to(dtype)
+    X = pairs.vectors / norms
+    AX = (yield X) if pairs.products is None else pairs.products / norms
     work = work_dtype(X.device, dtype)
     slices = [slice(start, start + SLICE) for start in range(0, X.shape[0], SLICE)]
     size, quotient, squares = (X.new_zeros(X.shape[1], dtype=work) for _ in range(3))
@@ -323,11 +334,13 @@ def _merge(pairs: RitzPairs, other: RitzPairs, k: int, which: str) -> RitzPairs:
     """The ``k`` most wanted of two sets of converged pairs."""
     values = torch.cat([pairs.values, other.values])
     keep = wanted_order(values, which)[:k]
+    both = pairs.products is not None and other.products is not None
     return RitzPairs(
         values[keep],
         torch.cat([pairs.vectors, other.vectors], dim=1)[:, keep],
         torch.cat([pairs.residuals, other.residuals])[keep],
         True,
+        products=torch.cat([pairs.products, other.products], dim=1)[:, keep] if both else None,
     )
 
 
@@ -367,17 +380,20 @@ def _restarted_lanczos(
     locked = torch.zeros(n, 0, dtype=dtype, device=device) if locked is None else locked
     free = n - locked.shape[1]
     b = min(block_size, free)
-    room = kept_vectors(n, dtype, device) - locked.shape[1] - k - 2 * b  # besides the basis
-    m = min(free, basis_size or default_basis_size(k, b), room)
-    if m < min(free, k + b):
-        least = (k + b) + (k + 2 * b + locked.shape[1])  # the basis, and what it keeps besides
-        raise refuse("Lanczos", least, n, dtype, device)
+    m, keeps_products = _basis_plan(n, k, b, locked.shape[1], basis_size, dtype, device)
     floor = relative_floor(dtype)
     if not workspace or workspace[0].shape[0] < m + b:
         workspace[:] = [torch.empty(m + b, n, dtype=dtype, device=device)]
     # The basis, one vector per row, with room below it for the block it grows by; rows
     # below j + b are written before they are read.
     V = workspace[0][: m + b]
+    # The basis's products, row for row, where the budget holds them too: the pairs' explicit
+    # residuals then need no product.
+    AV = None
+    if keeps_products:
+        if len(workspace) < 2 or workspace[1].shape[0] < m:
+            workspace[1:] = [torch.empty(m, n, dtype=dtype, device=device)]
+        AV = workspace[1][:m]
     T = torch.zeros(m, m, dtype=work, device=device)
     given = 0
     if start is not None:  # their sum, made orthogonal to what is locked
@@ -389,6 +405,8 @@ def _restarted_lanczos(
     while True:
         W = yield V[current].T.contiguous()
         used += current.stop - current.start
+        if AV is not None:
+            AV[current] = W.T
         new = V[j : j + W.shape[1]]  # the next block: A V[current]^T - V[:j]^T H = new^T B
         H, size = _against_basis(W, V, j, recent, locked)
         T[:j, current] = H
@@ -419,6 +437,8 @@ def _restarted_lanczos(
             kept = order[:keep]
             coupling = B @ Y[current][:, kept]
             combine_rows(V, Y[:, kept].to(dtype), j)
+            if AV is not None:
+                combine_rows(AV, Y[:, kept].to(dtype), j)
             V[keep : keep + new.shape[0]] = new  # the next block follows the kept vectors
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[kept])
@@ -437,9 +457,39 @@ def _restarted_lanczos(
         current = slice(j, j + width)
         j += width
     X = V[: Y.shape[0]].T @ Y[:, wanted].to(dtype)
+    AX = None if AV is None else AV[: Y.shape[0]].T @ Y[:, wanted].to(dtype)
     spanned = j >= free and locked.shape[1] == 0
-    pairs = RitzPairs(theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged, spanned)
+    pairs = RitzPairs(
+        theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged, spanned, products=AX
+    )
     return pairs, used
+
+
+def _basis_plan(
+    n: int,
+    k: int,
+    b: int,
+    locked: int,
+    basis_size: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[int, bool]:
+    """The largest basis of a search besides ``locked`` vectors, and whether its products fit too.
+
+    The budget (:func:`~._memory.kept_vectors`) holds the basis of ``m + b`` rows, ``k`` Ritz
+    vectors and a block besides; the products of the basis, ``m`` rows and ``k`` for the
+    pairs', where it holds them too.
+
+    Raises:
+        ValueError: Where not even a basis of ``k + b`` vectors fits.
+    """
+    free = n - locked
+    room = kept_vectors(n, dtype, device) - locked - k - 2 * b  # besides the basis
+    m = min(free, basis_size or default_basis_size(k, b), room)
+    if m < min(free, k + b):
+        least = (k + b) + (k + 2 * b + locked)  # the basis, and what it keeps besides
+        raise refuse("Lanczos", least, n, dtype, device)
+    return m, 2 * m + k <= room
 
 
 def _against_basis(
