@@ -423,6 +423,18 @@ def test_one_eigenpair_takes_the_lanczos_steps_and_its_check(keeps_products, mon
     assert problem.num_matvecs == used + (0 if keeps_products else 1)
 
 
+@pytest.mark.parametrize("room", [0, -1])
+def test_the_products_are_kept_up_to_their_memory_limit(room, monkeypatch):
+    # the default basis of 20 vectors of 60 float64 entries: 9,600 bytes of products
+    monkeypatch.setattr(_lanczos, "PRODUCTS_BYTES", 20 * 60 * 8 + room)
+    A = with_spectrum(indefinite(60))
+    main = _restarted_lanczos(
+        60, 1, 1000, None, None, "largest", 1e-8, DTYPE, CPU, generator(0), 1, None, []
+    )
+    ((found, _),) = run("test", Recording(A), [Problem(main)])
+    assert (found.products is not None) == (room == 0)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_a_warm_start_finds_an_eigenvalue_that_overtook_the_ones_given(k):
     # the start spans the eigenvectors of 9 and 8 exactly: the eigenvalue 10 has no component
