@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/bench_groups_memory.py            # about 15 minutes on one core
     python benchmarks/bench_groups_memory.py --quick    # a narrower MLP: a minute
+    python benchmarks/bench_groups_memory.py --analyses "top eigenvalue"   # one of them
 
 Not collected by pytest.
 """
@@ -73,6 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="width 64 instead of 256")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument(
+        "--analyses", nargs="+", choices=ANALYSES, default=ANALYSES, help="(default: all)"
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -91,7 +95,7 @@ def main() -> None:
     print("|---|---|---|---:|")
     figures = {}
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for analysis in ANALYSES:
+    for analysis in args.analyses:
         runs = []
         for per_layer in ("0", "1"):
             command = [sys.executable, __file__, "--child", analysis, per_layer, str(width)]
