@@ -186,14 +186,14 @@ def thick_restart_lanczos(
     normalised, the value its Rayleigh quotient, the residual :math:`\|Ax - \theta x\|`
     computed, and ``converged`` only if that explicit residual meets ``tol``. Where the basis's
     products :math:`AV` take at most :data:`PRODUCTS_BYTES` and the budget holds them besides
-    the basis, they are kept as they arrive
-    (combined at a restart as the basis is), and :math:`Ax = (AV)y` costs no product; else
-    each pair takes one product of its own. Where the recurrence's residuals met ``tol`` but the
-    explicit ones do not, the search goes on from the pairs found, with the inner tolerance
-    lowered by as much as they were off (not below the rounding unit), while the explicit
-    residuals at least halve and products remain; where a refinement does not halve them, the
-    result is ``stalled``. A refinement's pairs converge when their explicit residuals meet
-    ``tol``, also where its own recurrence ran out of products.
+    the basis, they are kept as they arrive (combined at a restart as the basis is), and
+    :math:`Ax = (AV)y` costs no product; else each pair takes one product of its own. Where the
+    recurrence's residuals met ``tol`` but the explicit ones do not, the search goes on from
+    the pairs found, with the inner tolerance lowered by as much as they were off (not below
+    the rounding unit), while the explicit residuals at least halve and products remain; where
+    a refinement does not halve them, the result is ``stalled``. A refinement's pairs converge
+    when their explicit residuals meet ``tol``, also where its own recurrence ran out of
+    products.
 
     Args:
         n: Dimension of the operator.
