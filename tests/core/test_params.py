@@ -5,8 +5,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from tests.cases import build, case_by_id
+from tests.cases import CASES, build, case_by_id
 from torch_secorder import flatten, select_params, unflatten
+from torch_secorder.core.params import module_tree
 
 
 def _model():
@@ -51,6 +52,47 @@ def test_select_params_shared_parameter_appears_once_under_its_first_name():
         ValueError, match=r"entry 'out\.weight' names 'out\.weight', a parameter shared"
     ):
         select_params(built.model, "out.weight")
+
+
+class _Reused(nn.Module):
+    """A submodule under two names, a parameter in two modules, an unset parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+        self.b = nn.Sequential(self.a[0], nn.Linear(2, 2))
+        self.b[1].weight = self.a[0].weight
+        self.register_parameter("unset", None)
+        self.add_module("empty", None)
+        self.scale = nn.Parameter(torch.ones(()))
+
+
+class _OwnNamedModules(nn.Sequential):
+    def named_modules(self, *args, **kwargs):  # (a container listing its children its way)
+        yield from reversed(list(super().named_modules(*args, **kwargs)))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        *(pytest.param(lambda case=case: build(case).model, id=case.id) for case in CASES),
+        pytest.param(_Reused, id="reused"),
+        pytest.param(
+            lambda: nn.Sequential(nn.Linear(2, 2), _OwnNamedModules(nn.Linear(2, 2), nn.Tanh())),
+            id="own",
+        ),
+    ],
+)
+def test_module_tree_and_selection_follow_named_modules_and_parameters(model):
+    model = model()
+    tree = module_tree(model)
+    assert [(name, id(m)) for name, m in tree] == [
+        (name, id(m)) for name, m in model.named_modules()
+    ]
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    selected = select_params(model)
+    assert list(selected) == list(named)
+    assert all(selected[name] is p for name, p in named.items())
 
 
 @pytest.mark.parametrize(

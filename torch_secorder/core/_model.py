@@ -15,7 +15,7 @@ from torch_secorder._checks import as_params, check_callable, check_inputs, chec
 from torch_secorder._types import LossClosure, ParamSelection
 from torch_secorder.core._autograd import GradientGraph
 from torch_secorder.core._forward import module_calling
-from torch_secorder.core.params import select_params
+from torch_secorder.core.params import module_tree, selection
 
 
 @dataclass(frozen=True)
@@ -75,26 +75,39 @@ def model_objective(
     params: ParamSelection,
 ) -> Iterator[Objective]:
     """Validate the model form and yield its objective; the model's state is restored after."""
-    names, tensors = model_params(fname, model, params)
+    check_module(fname, "model", model)
+    tree = module_tree(model)  # type: ignore[arg-type]
+    names, tensors = model_params(fname, model, params, tree)
     check_callable(fname, "loss_fn", loss_fn)
     check_inputs(fname, "inputs", inputs)
-    func = batch_loss(model, loss_fn, inputs, targets)  # type: ignore[arg-type]
-    with preserved_state(model):  # type: ignore[arg-type]
+    modules = [module for _, module in tree]  # one walk for the selection, state and buffers
+    func = batch_loss(model, loss_fn, inputs, targets, modules)  # type: ignore[arg-type]
+    with preserved_state(model, modules):  # type: ignore[arg-type]
         locate = operator_locator(model, inputs)  # type: ignore[arg-type]
         yield Objective(fname, func, tensors, names, "loss_fn", seed=0, locate=locate)
 
 
 def model_params(
-    fname: str, model: object, params: ParamSelection
+    fname: str,
+    model: object,
+    params: ParamSelection,
+    tree: list[tuple[str, nn.Module]] | None = None,
 ) -> tuple[list[str], list[Tensor]]:
-    """Select the parameters of a model, with messages naming the public function."""
-    check_module(fname, "model", model)
+    """Select the parameters of a model, with messages naming the public function.
+
+    ``tree``: the model's :func:`~.params.module_tree`, where known (the model then checked).
+    """
+    if tree is None:
+        check_module(fname, "model", model)
+        tree = module_tree(model)  # type: ignore[arg-type]
     try:
-        selected = select_params(model, params)
+        selected = selection(model, params, tree)  # type: ignore[arg-type]
     except (TypeError, ValueError) as err:
         raise type(err)(str(err).replace("select_params:", f"{fname}:", 1)) from None
-    names = list(selected)
-    return names, as_params(fname, selected.values(), names)
+    names, tensors = list(selected), list(selected.values())
+    if not all(p.is_floating_point() for p in tensors):  # (distinct parameters by selection)
+        as_params(fname, tensors, names)  # raises, naming the parameter
+    return names, tensors
 
 
 def call_model(model: Callable[..., object], inputs: object) -> object:
@@ -107,18 +120,23 @@ def call_model(model: Callable[..., object], inputs: object) -> object:
 
 
 def batch_loss(
-    model: nn.Module, loss_fn: Callable[[object, object], Tensor], inputs: object, targets: object
+    model: nn.Module,
+    loss_fn: Callable[[object, object], Tensor],
+    inputs: object,
+    targets: object,
+    modules: list[nn.Module] | None = None,
 ) -> LossClosure:
     """The closure ``loss_fn(model(inputs), targets)``, run on copies of the model's buffers.
 
     Each call runs the forward pass under :func:`private_buffers`, so what the pass does to
     buffers (BatchNorm updating its running statistics in train mode) happens to copies: the
     model's own buffers are never written, and a gradient graph that saved buffers for
-    backward stays valid however long it is kept.
+    backward stays valid however long it is kept. ``modules``: the model's modules, where
+    known for the closure's lifetime.
     """
 
     def func() -> Tensor:
-        with private_buffers(model):
+        with private_buffers(model, modules):
             return loss_fn(call_model(model, inputs), targets)
 
     return func
@@ -138,15 +156,16 @@ def operator_locator(model: nn.Module, inputs: object) -> Callable[[str], str | 
 
 
 @contextlib.contextmanager
-def private_buffers(model: nn.Module) -> Iterator[None]:
+def private_buffers(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """Give every module a fresh copy of its buffers for the block, and its own back after.
 
     The buffers themselves are neither written nor replaced (their values and version
     counters stay as they are); a buffer registered in several modules gets one shared copy.
+    ``modules``: ``list(model.modules())``, where known.
     """
     slots = [
         (module, name, buf)
-        for module in model.modules()
+        for module in (model.modules() if modules is None else modules)
         for name, buf in module._buffers.items()
         if buf is not None
     ]
@@ -163,13 +182,14 @@ def private_buffers(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
+def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """Restore every module's train/eval mode, and every buffer object, on exit.
 
     Forward passes of the library run on copies of the buffers (:func:`batch_loss`); this
-    guards against a forward that switches modes or re-registers buffers.
+    guards against a forward that switches modes or re-registers buffers. ``modules``:
+    ``list(model.modules())``, where known.
     """
-    modules = list(model.modules())
+    modules = list(model.modules()) if modules is None else modules
     modes = [m.training for m in modules]
     buffers = [(module, name, buf) for module in modules for name, buf in module._buffers.items()]
     try:

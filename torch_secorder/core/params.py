@@ -48,7 +48,14 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
         ['0.bias', '1.weight', '1.bias']
     """
     check_module("select_params", "model", model)
-    named = dict(model.named_parameters())
+    return selection(model, params, module_tree(model))
+
+
+def selection(
+    model: nn.Module, params: ParamSelection, tree: list[tuple[str, nn.Module]]
+) -> dict[str, nn.Parameter]:
+    """:func:`select_params` of a checked module, given its :func:`module_tree`."""
+    named = _named_parameters(model, tree)
     if params is None:
         selected = {name: p for name, p in named.items() if p.requires_grad}
         if not selected:
@@ -90,6 +97,48 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
             )
         chosen.update(matches)
     return {name: p for name, p in named.items() if name in chosen}
+
+
+def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())``: each module once, under its first qualified name, in order.
+
+    Walked with a list rather than through ``named_modules``'s nested generators; a model with
+    a module whose class defines its own ``named_modules`` is asked for it.
+    """
+    tree: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if type(module).named_modules is not _NAMED_MODULES:
+            return list(model.named_modules())
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        tree.append((prefix, module))
+        stack.extend(
+            (f"{prefix}.{name}" if prefix else name, child)
+            for name, child in reversed(module._modules.items())
+            if child is not None
+        )
+    return tree
+
+
+_NAMED_MODULES = nn.Module.named_modules
+
+
+def _named_parameters(model: nn.Module, tree: list[tuple[str, nn.Module]]) -> dict[str, Tensor]:
+    """``dict(model.named_parameters())``, read off the model's :func:`module_tree`."""
+    if type(model).named_parameters is not nn.Module.named_parameters:
+        return dict(model.named_parameters())
+    named: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for prefix, module in tree:
+        for key, p in module._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                named[f"{prefix}.{key}" if prefix else key] = p
+    return named
 
 
 def shared_names(model: nn.Module, pattern: str) -> list[tuple[str, str]]:
