@@ -33,6 +33,7 @@ that moment sees them too.
 """
 
 import contextlib
+import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -199,19 +200,37 @@ def forward_facts(loss: Tensor, first: int) -> tuple[bool, bool]:
     stack, seen = [loss.grad_fn], {loss.grad_fn}
     while stack:
         node = stack.pop()
-        name = type(node).__name__
-        if name.startswith(("HardsigmoidBackward", "CudnnRnnBackward")) or name == "CopySlices":
+        kind = _node_kind(type(node))
+        if kind == _ROUTE:
             route = True
-        elif name.startswith("NativeGroupNormBackward"):
+        elif kind == _GROUP_NORM:
             route = route or not node._saved_input.is_contiguous()
-        elif not (name[-1].isdigit() or name == "AccumulateGrad"):
+        elif kind == _CUSTOM:
             custom = True
         for following, _ in node.next_functions:
+            # (a leaf's AccumulateGrad ends a path: neither routed nor custom)
             fresh = following is not None and following not in seen
-            if fresh and following._sequence_nr() >= first:
+            if fresh and type(following) is not _ACCUMULATE and following._sequence_nr() >= first:
                 seen.add(following)
                 stack.append(following)
     return route, custom
+
+
+_PLAIN, _ROUTE, _GROUP_NORM, _CUSTOM = range(4)
+_ACCUMULATE = getattr(torch._C._functions, "AccumulateGrad", None)
+
+
+@functools.cache
+def _node_kind(node_type: type) -> int:
+    """What an autograd node of this type means to :func:`forward_facts`."""
+    name = node_type.__name__
+    if name.startswith(("HardsigmoidBackward", "CudnnRnnBackward")) or name == "CopySlices":
+        return _ROUTE
+    if name.startswith("NativeGroupNormBackward"):
+        return _GROUP_NORM
+    if not (name[-1].isdigit() or name == "AccumulateGrad"):
+        return _CUSTOM
+    return _PLAIN
 
 
 class SecondDerivativeError(RuntimeError):
