@@ -68,9 +68,9 @@ def forward_context(
     )
     cpu_state = torch.get_rng_state()
     cuda_states = [torch.cuda.get_rng_state(index) for index in cuda]
-    attention = [(enabled(), enable) for enabled, enable, _ in _SDP_BACKENDS]
+    changed = [(use, enable) for enabled, enable, use in _SDP_BACKENDS if enabled() != use]
     try:
-        for _, enable, use in _SDP_BACKENDS:
+        for use, enable in changed:
             enable(use)
         with requires_grad(params), _TwiceDifferentiable() if route else contextlib.nullcontext():
             if seed is not None:
@@ -79,8 +79,8 @@ def forward_context(
                     torch.cuda.default_generators[index].manual_seed(seed)
             yield
     finally:
-        for was_enabled, enable in attention:
-            enable(was_enabled)
+        for use, enable in changed:
+            enable(not use)
         torch.set_rng_state(cpu_state)
         for index, state in zip(cuda, cuda_states):
             torch.cuda.set_rng_state(state, index)
