@@ -114,7 +114,7 @@ def test_explicit_residuals_of_float32_pairs_are_summed_in_float64():
     g = generator(3)
     d = torch.rand(2**21, generator=g)
     x = torch.randn(2**21, 1, generator=g)  # spread over all entries
-    steps = _explicit(RitzPairs(d[:1], x, d[:1], True), "largest", 1e-4, torch.float32, True)
+    steps = _explicit(RitzPairs(d[:1], x, d[:1], True), None, "largest", 1e-4, torch.float32, True)
     X = next(steps)
     AX = d[:, None] * X
     with pytest.raises(StopIteration) as stop:
@@ -419,6 +419,7 @@ def test_one_eigenpair_takes_the_lanczos_steps_and_its_check(keeps_products, mon
         torch.testing.assert_close(found.products, A @ found.vectors)
     pairs, _, problem = solve(A, 1, tol=1e-8)
     assert pairs.converged
+    assert pairs.products is None  # what the solver returns keeps no products
     torch.testing.assert_close(pairs.values, torch.tensor([10.0], dtype=DTYPE))
     assert problem.num_matvecs == used + (0 if keeps_products else 1)
 

@@ -82,8 +82,8 @@ class RitzPairs:
         spanned: Whether the basis spanned the whole space (the pairs are then exact).
         stalled: Whether the search stopped, products left, because the explicit residuals
             no longer improved (the rounding of the products limits them).
-        products: ``(n, k)`` products :math:`Ax` of the vectors, where the solver kept its
-            basis's products (``None`` where not).
+        products: ``(n, k)`` products :math:`Ax` of the vectors, where a search kept its
+            basis's products (``None`` where not, and in what a solver returns).
     """
 
     values: Tensor
@@ -232,15 +232,16 @@ def thick_restart_lanczos(
         budget = max_matvecs - (reserved if best is None else check) - used
         pairs, spent = yield from _all_copies(n, k, budget, start, *options)
         used += spent
+        products, pairs.products = pairs.products, None  # the check's, not the caller's
         if pairs.spanned:  # the basis spans everything: the pairs are exact to rounding
             return pairs
-        asked = 0 if pairs.products is not None else k  # products the check takes
+        asked = 0 if products is not None else k  # products the check takes
         if used + asked > max_matvecs:  # no products left to check them: not known to converge
             pairs.converged = False
             return pairs
         # A refinement starts from pairs already found: its explicit residuals decide alone.
         checked = yield from _explicit(
-            pairs, which, tol, dtype, pairs.converged or best is not None
+            pairs, products, which, tol, dtype, pairs.converged or best is not None
         )
         used += asked
         halved = best is None or _worst(checked) <= _worst(best) / 2
@@ -305,10 +306,18 @@ def _all_copies(
     return pairs, used
 
 
-def _explicit(pairs: RitzPairs, which: str, tol: float, dtype: torch.dtype, found: bool) -> Steps:
-    r"""The pairs with explicit residuals: one product per vector, as the user would check.
+def _explicit(
+    pairs: RitzPairs,
+    products: Tensor | None,
+    which: str,
+    tol: float,
+    dtype: torch.dtype,
+    found: bool,
+) -> Steps:
+    r"""The pairs with explicit residuals, as the user would check them.
 
-    The vectors are normalised, the values are their Rayleigh quotients
+    The pairs' products are ``products`` where the search kept them, else one product per
+    vector is asked for. The vectors are normalised, the values are their Rayleigh quotients
     :math:`x^\top A x / x^\top x` and the residuals :math:`\|Ax - \theta x\| / \|x\|`,
     from the products, computed in float64 (a float32 norm of millions of entries, off by
     :math:`10^{-4}`, would bias both by as much), a slice of :data:`SLICE` rows at a time;
@@ -318,7 +327,7 @@ def _explicit(pairs: RitzPairs, which: str, tol: float, dtype: torch.dtype, foun
     """
     norms = inner_rows(pairs.vectors.T, pairs.vectors.T).diagonal().sqrt().to(dtype)
     X = pairs.vectors / norms
-    AX = (yield X) if pairs.products is None else pairs.products / norms
+    AX = (yield X) if products is None else products / norms
     work = work_dtype(X.device, dtype)
     slices = [slice(start, start + SLICE) for start in range(0, X.shape[0], SLICE)]
     size, quotient, squares = (X.new_zeros(X.shape[1], dtype=work) for _ in range(3))
