@@ -193,3 +193,27 @@ def test_an_operator_without_second_derivative_is_named_in_the_closure_form():
     ) as info:
         hessian_diagonal(lambda: model(x).square().mean(), list(model.parameters()))
     assert "called in" not in str(info.value)
+
+
+_FLAGS = (
+    (torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp),
+    (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
+    (torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),
+    (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp),
+)
+
+
+@pytest.mark.parametrize("users", [(True, True, True, True), (False, False, True, False)])
+def test_attention_runs_on_its_math_kernel_and_the_flags_are_restored(users):
+    before = [enabled() for enabled, _ in _FLAGS]
+    try:
+        for (_, enable), on in zip(_FLAGS, users):
+            enable(on)
+        with forward_context([]):
+            inside = tuple(enabled() for enabled, _ in _FLAGS)
+        after = tuple(enabled() for enabled, _ in _FLAGS)
+    finally:
+        for (_, enable), on in zip(_FLAGS, before):
+            enable(on)
+    assert inside == (True, False, False, False)  # the one kernel with a double backward
+    assert after == users
