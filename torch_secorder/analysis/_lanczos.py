@@ -452,9 +452,10 @@ def _restarted_lanczos(
         if restart:
             kept = order[:keep]
             coupling = B @ Y[current][:, kept]
-            combine_rows(V, Y[:, kept].to(dtype), j)
+            ritz = Y[:, kept].to(dtype)
+            combine_rows(V, ritz, j)
             if AV is not None:
-                combine_rows(AV, Y[:, kept].to(dtype), j)
+                combine_rows(AV, ritz, j)
             V[keep : keep + new.shape[0]] = new  # the next block follows the kept vectors
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[kept])

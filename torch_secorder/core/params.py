@@ -110,7 +110,7 @@ def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
     stack = [("", model)]
     while stack:
         prefix, module = stack.pop()
-        if type(module).named_modules is not _NAMED_MODULES:
+        if type(module).named_modules is not nn.Module.named_modules:
             return list(model.named_modules())
         if id(module) in seen:
             continue
@@ -122,9 +122,6 @@ def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if child is not None
         )
     return tree
-
-
-_NAMED_MODULES = nn.Module.named_modules
 
 
 def _named_parameters(model: nn.Module, tree: list[tuple[str, nn.Module]]) -> dict[str, Tensor]:
