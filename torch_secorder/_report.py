@@ -59,6 +59,7 @@ from torch_secorder.core.operator import (
     HessianOperator,
     exact_diagonal,
     forget_plan,
+    kept_gradient,
     planned_diagonal_costs,
 )
 from torch_secorder.core.params import select_params
@@ -1171,13 +1172,21 @@ def layer_top_eigenvalues(shared: _Stages, operator: _Counted) -> tuple[list[dic
     """
     plan = shared.plan
 
-    def eigen_problem(n: int, dtype: Any, device: Any, gen: Any, span: int) -> Any:
+    def eigen_problem(n: int, dtype: Any, device: Any, gen: Any, span: int, gradient: Any) -> Any:
         return eigen_steps(
-            "lanczos", n, 1, "largest", LAYER_TOL, LAYER_EIGEN_BUDGET, dtype, device, gen
-        )
+            "lanczos", n, 1, "largest", LAYER_TOL, LAYER_EIGEN_BUDGET, dtype, device, gen,
+            gradient,
+        )  # fmt: skip
 
     generator = torch.Generator().manual_seed(shared.seed)
-    tops = group_problems(operator, plan.sizes, plan.groups, generator, eigen_problem)
+    tops = group_problems(
+        operator,
+        plan.sizes,
+        plan.groups,
+        generator,
+        eigen_problem,
+        gradient=lambda: kept_gradient(shared.operator),
+    )
     run("per-layer top eigenvalues", operator, tops)
     rows = []
     for row, top in zip(shared.rows or [], tops):
@@ -1218,7 +1227,7 @@ def activation_traces(shared: _Stages, operator: Any) -> tuple[list[dict[str, An
     options = {"seed": 0, "distributed": None, "progress": False}
 
     def make_steps(
-        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int, _: Any
     ) -> Any:
         return estimator_steps(HUTCH, n, budget, dtype, device, gen, span=span)
 

@@ -594,3 +594,44 @@ def test_one_batch_gives_the_products_of_its_own_hessian_exactly():
     data = HessianOperator.from_model(model, loss_fn, (x, y))
     assert torch.equal(data.matmat(V), closure.matmat(V))
     assert torch.equal(data.matmat(V), closure.matmat(V))  # the kept graph too
+
+
+def test_kept_gradient_is_the_loss_gradient_of_the_kept_graph():
+    from torch_secorder.core.operator import kept_gradient
+
+    model = make_mlp()
+    ((x, y),) = make_batches([6])
+    loss_fn = nn.functional.mse_loss
+    params = list(model.parameters())
+    truth = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(model(x), y), params)])
+    func = CountingClosure(lambda: loss_fn(model(x), y))
+    closure = HessianOperator(func, params)
+    for operator in (
+        closure,
+        HessianOperator.from_model(model, loss_fn, (x, y)),
+        HessianOperator.from_model(model, loss_fn, [(x, y)]),
+    ):
+        gradient = kept_gradient(operator)
+        assert not gradient.requires_grad
+        assert_close(gradient, truth, rtol=1e-14, atol=0)
+        operator.matmat(columns(truth.numel(), 2))  # the products reuse the graph built
+        assert operator.num_matvecs == 2
+    assert func.calls == 1
+    assert all(p.grad is None for p in params)
+    # no graph kept: several batches, several processes, other operators
+    assert kept_gradient(HessianOperator.from_model(model, loss_fn, make_batches([3, 3]))) is None
+    spread = HessianOperator.from_model(model, loss_fn, (x, y), distributed=True)
+    assert kept_gradient(spread) is None
+    assert kept_gradient(torch.eye(3)) is None
+
+
+def test_kept_gradient_is_zero_where_the_gradient_is_constant():
+    from torch_secorder.core.operator import kept_gradient
+
+    a = torch.tensor([1.0, 2.0], dtype=DTYPE, requires_grad=True)
+    b = torch.tensor([3.0], dtype=DTYPE, requires_grad=True)  # enters linearly
+    unused = torch.zeros(2, dtype=DTYPE, requires_grad=True)
+    operator = HessianOperator(lambda: (a**3).sum() + 5 * b.sum(), [a, b, unused])
+    assert torch.equal(
+        kept_gradient(operator), torch.tensor([3.0, 12.0, 0.0, 0.0, 0.0], dtype=DTYPE)
+    )

@@ -34,7 +34,7 @@ Along the way each problem's first two product vectors :math:`u, v` test symmetr
 :math:`u^\top(Hv)` must equal :math:`v^\top(Hu)` up to rounding.
 """
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,13 @@ LOCKSTEP_COLUMNS = 8
 
 Steps = Generator[Tensor, Tensor, Any]
 """An algorithm: yields ``(n, j)`` blocks of vectors, receives their products, returns a result."""
+
+MakeSteps = Callable[
+    [int, torch.dtype, torch.device, torch.Generator, int, Callable[[], Tensor | None]], Steps
+]
+"""``make_steps(n, dtype, device, generator, span, gradient)``: an algorithm for a block of
+size ``n`` of an operator of size ``span``, ``gradient()`` the block's loss gradient or ``None``
+(:func:`._groups.run_model`)."""
 
 
 def chunk_widths(total: int, cap: int) -> list[int]:

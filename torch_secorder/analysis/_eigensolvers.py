@@ -9,6 +9,7 @@ which holds the public functions.
 """
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,11 +47,24 @@ def eigen_steps(
     dtype: torch.dtype,
     device: torch.device,
     gen: torch.Generator,
+    gradient: Callable[[], Tensor | None] | None = None,
 ) -> Steps:
-    """The eigen-solver ``method`` as a product-requesting generator returning RitzPairs."""
-    if method == "lanczos":
-        return thick_restart_lanczos(n, k, which, tol, budget, dtype, device, gen)
-    return power_iteration(n, k, which, tol, budget, dtype, device, gen)
+    """The eigen-solver ``method`` as a product-requesting generator returning RitzPairs.
+
+    Where ``gradient()`` gives the loss gradient ``(n,)`` (asked for when the first product
+    is) and the wanted end is not the smallest, Lanczos starts from its direction plus a
+    random unit vector (``start`` of :func:`~._lanczos.thick_restart_lanczos`): a network's
+    loss gradient lies largely in the top eigenspace of its Hessian (Gur-Ari et al. 2018),
+    and the random half keeps every eigenspace in the Krylov space, as a random start does.
+    Else, and for power iteration (as in PyHessian), the start is random.
+    """
+    if method == "power":
+        return (yield from power_iteration(n, k, which, tol, budget, dtype, device, gen))
+    start = gradient() if gradient is not None and which != "smallest" else None
+    column = None if start is None else start[:, None]
+    return (
+        yield from thick_restart_lanczos(n, k, which, tol, budget, dtype, device, gen, start=column)
+    )
 
 
 def power_iteration(
@@ -179,10 +193,15 @@ def model_eigenpairs(
     method, k, which, tol, budget = solver
 
     def make_steps(
-        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, _: int
+        n: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        gen: torch.Generator,
+        _: int,
+        gradient: Callable[[], Tensor | None],
     ) -> Steps:
         check_k(fname, k, n, "the size of a group" if groups is not None else "P")
-        return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen)
+        return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen, gradient)
 
     stalled_results: list[EigenResult] = []  # stopped by rounding, not by the budget
 

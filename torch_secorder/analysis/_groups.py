@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.analysis._driver import Problem, Steps, run
+from torch_secorder.analysis._driver import MakeSteps, Problem, run
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.analysis._variables import run_variables
 from torch_secorder.core._model import model_params
 from torch_secorder.core._progress import require_tqdm
 from torch_secorder.core._variables import Variables
-from torch_secorder.core.operator import HessianOperator, model_operator
+from torch_secorder.core.operator import HessianOperator, kept_gradient, model_operator
 from torch_secorder.core.params import shared_names
 
 GROUP_KINDS = ("module", "parameter")
@@ -153,7 +153,7 @@ def run_model(
     params: Any,
     groups: object,
     generator: torch.Generator | None,
-    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
+    make_steps: MakeSteps,
     finish: Callable[[Any, int, list[Tensor]], Any],
     options: dict[str, Any],
     budget: int | None = None,
@@ -172,10 +172,12 @@ def run_model(
         groups: Group specification (see :func:`resolve_groups`).
         generator: The caller's generator or ``None``; with groups, each group draws from its
             own generator derived from it in group order.
-        make_steps: ``make_steps(n, dtype, device, generator, span)``, the algorithm for a
-            block of size ``n`` of an operator of size ``span``, which sizes its memory (chunks
-            of probes, bases held at once) for ``span`` so that all groups together hold what
-            one analysis of the whole operator would.
+        make_steps: ``make_steps(n, dtype, device, generator, span, gradient)``, the
+            algorithm for a block of size ``n`` of an operator of size ``span``, which sizes
+            its memory (chunks of probes, bases held at once) for ``span`` so that all groups
+            together hold what one analysis of the whole operator would; ``gradient()`` gives
+            the block's rows of the loss gradient where the operator keeps it
+            (:func:`~torch_secorder.core.operator.kept_gradient`), else ``None``.
         finish: ``finish(raw_result, num_matvecs, group_params)``, the public result.
         options: Keyword options of :meth:`HessianOperator.from_model` (``seed``,
             ``distributed``), and ``progress`` for a bar over the analysis's products.
@@ -238,7 +240,7 @@ def _run_groups(
     resolved: dict[str, list[int]] | None,
     tensors: list[Tensor],
     generator: torch.Generator | None,
-    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
+    make_steps: MakeSteps,
     options: dict[str, Any],
     budget: int | None,
     certain: bool,
@@ -278,11 +280,12 @@ def group_problems(
     sizes: list[int],
     members: dict[Any, list[int]],
     generator: torch.Generator | None,
-    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
+    make_steps: MakeSteps,
     *,
     whole: bool = False,
     budget: int | None = None,
     certain: bool = True,
+    gradient: Callable[[], Tensor | None] | None = None,
 ) -> list[Problem]:
     """One problem per group of an operator's parameters, for :func:`._driver.run`.
 
@@ -296,16 +299,34 @@ def group_problems(
         whole: A single group spanning the whole operator (it uses ``generator`` itself).
         budget: Products each problem may use at most, where known.
         certain: Whether the problems use about their budget.
+        gradient: Gives the operator's flat loss gradient or ``None`` (default:
+            :func:`~torch_secorder.core.operator.kept_gradient` of ``operator``); asked once,
+            by the first group that wants its rows.
 
     Returns:
         The problems, in group order.
     """
     base = make_generator(generator)
     generators = [base] if whole else spawn(base, len(members))
+    kept: list[Tensor | None] = []
+
+    def block(rows: slice | Tensor | None) -> Tensor | None:
+        if not kept:
+            kept.append(gradient() if gradient is not None else kept_gradient(operator))
+        whole_gradient = kept[0]
+        return whole_gradient if whole_gradient is None or rows is None else whole_gradient[rows]
+
     problems = []
     for indices, gen in zip(members.values(), generators):
         rows = None if whole else rows_of(indices, sizes, operator.device)
         count = sum(sizes[i] for i in indices)
-        steps = make_steps(count, operator.dtype, operator.device, gen, operator.shape[0])
+        steps = make_steps(
+            count,
+            operator.dtype,
+            operator.device,
+            gen,
+            operator.shape[0],
+            lambda rows=rows: block(rows),
+        )
         problems.append(Problem(steps, rows, budget, certain))
     return problems

@@ -206,10 +206,11 @@ def thick_restart_lanczos(
         generator: Source of the random starting vectors.
         block_size: Vectors per step :math:`b` (one batched product of :math:`b` columns).
         basis_size: Largest basis before a restart (default :func:`default_basis_size`).
-        start: ``(n, j)`` vectors to start from (eigenvectors found before, a warm start):
-            their normalised sum plus a random unit vector is the first vector. The random
-            half gives it a direction in every eigenspace, as a random start has, so an
-            eigenvalue that has overtaken the ones found is found as from a cold start.
+        start: ``(n, j)`` vectors to start from (eigenvectors found before, a warm start; or
+            the loss gradient): their normalised sum plus a random unit vector is the first
+            vector. The random half gives it a direction in every eigenspace, as a random
+            start has, so an eigenvalue that has overtaken the ones found is found as from a
+            cold start. (A zero ``start`` leaves the random vector alone.)
 
     Yields:
         Blocks of at most ``block_size`` columns; receives their products.
@@ -260,11 +261,14 @@ def thick_restart_lanczos(
 
 
 def _warm(start: Tensor, generator: torch.Generator) -> Tensor:
-    """The normalised sum of the columns of ``start`` plus a random unit vector, ``(n, 1)``."""
+    """The normalised sum of the columns of ``start`` plus a random unit vector, ``(n, 1)``.
+
+    A sum of norm below the dtype's smallest normal number counts as zero (left out).
+    """
     noise = gaussian(generator, (start.shape[0], 1), start.dtype, start.device)
     both = torch.cat([start.sum(dim=1, keepdim=True), noise], dim=1)
     norms = inner_rows(both.T, both.T).diagonal().sqrt()
-    both /= norms.clamp(min=torch.finfo(norms.dtype).tiny).to(both.dtype)
+    both /= torch.where(norms > torch.finfo(both.dtype).tiny, norms, torch.inf).to(both.dtype)
     return both.sum(dim=1, keepdim=True)
 
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from torch_secorder import _flat
 from torch_secorder._checks import type_name
-from torch_secorder.analysis._driver import Problem, Steps, run
+from torch_secorder.analysis._driver import MakeSteps, Problem, Steps, run
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.core._activations import activation_operator
 from torch_secorder.core._progress import require_tqdm
@@ -277,6 +277,10 @@ def _opened(
         yield operator
 
 
+def _no_gradient() -> None:
+    """Activations and inputs start their eigen-solvers at random (no parameter gradient)."""
+
+
 def run_variables(
     fname: str,
     model: nn.Module,
@@ -285,7 +289,7 @@ def run_variables(
     variables: Variables,
     groups: object,
     generator: torch.Generator | None,
-    make_steps: Callable[[int, torch.dtype, torch.device, torch.Generator, int], Steps],
+    make_steps: MakeSteps,
     finish: Callable[[Any, int, list[Tensor]], Any],
     options: dict[str, Any],
     budget: int | None = None,
@@ -301,7 +305,10 @@ def run_variables(
         base = make_generator(generator)
         gens = [base] if resolved.whole else spawn(base, len(resolved.members))
         groups_ = list(resolved.members.values())
-        steps = [make_steps(g.size, dtype, device, gen, size) for g, gen in zip(groups_, gens)]
+        steps = [
+            make_steps(g.size, dtype, device, gen, size, _no_gradient)
+            for g, gen in zip(groups_, gens)
+        ]
         target = operator if resolved.scale == 1 else _Scaled(operator, resolved.scale)
         if resolved.scale != 1:  # samples: packed where their blocks are decoupled
             slots = _slots(operator, groups_)

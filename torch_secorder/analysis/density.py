@@ -202,7 +202,12 @@ def model_spectral_density(
         params = model_selection(fname, params, wrt, modules, groups)
 
         def make_steps(
-            n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+            n: int,
+            dtype: torch.dtype,
+            device: torch.device,
+            gen: torch.Generator,
+            span: int,
+            _: object,
         ) -> Steps:
             return lanczos_quadrature(n, steps, num_probes, dtype, device, gen, span=span)
 

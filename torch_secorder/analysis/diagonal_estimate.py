@@ -194,7 +194,12 @@ def model_hessian_diagonal_estimate(
         estimator = "xdiag" if method == "auto" else method
 
         def make_steps(
-            n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int
+            n: int,
+            dtype: torch.dtype,
+            device: torch.device,
+            gen: torch.Generator,
+            span: int,
+            _: object,
         ) -> Steps:
             return estimator_steps(
                 estimator, n, num_matvecs, dtype, device, gen, span=span, diagonal=True

@@ -6,11 +6,18 @@ until every wanted Ritz pair has a relative residual
 .. math:: \frac{\|Hx - \theta x\|}{\max(|\theta|,\ \varepsilon^{1/3}\|H\|)} \le \texttt{tol},
 
 where :math:`\varepsilon` is the dtype's machine epsilon and :math:`\|H\|` is estimated by the
-largest Ritz value magnitude seen. The residuals reported, and ``converged``, are explicit:
-one more product per returned pair gives :math:`\|Hx - \theta x\|` for the normalised
-vector :math:`x` and its Rayleigh quotient :math:`\theta` (what a user recomputing it would
-find), not the estimate of the Lanczos recurrence, which drifts in finite precision (a basis
-spanning the whole space needs no check: its pairs are exact to rounding). Since
+largest Ritz value magnitude seen. It starts from a random vector, or, where the operator
+keeps the loss gradient (a closure, a model's lone batch on one process) and the wanted end is
+not the smallest, from the gradient's direction plus a random unit vector: a network's loss
+gradient lies largely in the top eigenspace of its Hessian (Gur-Ari et al. 2018), and the
+random half keeps every eigenspace in the Krylov space.
+
+The residuals reported, and ``converged``, are explicit: :math:`\|Hx - \theta x\|` for the
+normalised vector :math:`x` and its Rayleigh quotient :math:`\theta` (what a user
+recomputing it would find), from the basis's products kept beside it where they fit, else
+from one more product per returned pair; not the estimate of the Lanczos recurrence, which
+drifts in finite precision (a basis spanning the whole space needs no check: its pairs are
+exact to rounding). Since
 :math:`|\lambda - \theta| \le \|Hx - \theta x\|` for a unit :math:`x`, the eigenvalue is
 then accurate to ``tol`` relative; eigenvalues smaller
 than :math:`\varepsilon^{1/3}\|H\|` (about :math:`6 \cdot 10^{-6}\|H\|` in float64,
@@ -35,6 +42,9 @@ References:
     Lanczos, C. (1950). An iteration method for the solution of the eigenvalue problem of
     linear differential and integral operators. J. Res. Nat. Bur. Standards 45(4), 255-282.
     https://doi.org/10.6028/jres.045.026
+
+    Gur-Ari, G., Roberts, D. A. and Dyer, E. (2018). Gradient descent happens in a tiny
+    subspace. arXiv:1812.04754.
 
     Wu, K. and Simon, H. (2000). Thick-restart Lanczos method for large symmetric eigenvalue
     problems. SIAM J. Matrix Anal. Appl. 22(2), 602-616.
@@ -73,6 +83,7 @@ from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis._sampling import make_generator
 from torch_secorder.analysis._variables import model_selection
 from torch_secorder.analysis.results import EigenResult
+from torch_secorder.core.operator import kept_gradient
 
 __all__ = ["model_top_eigenvalues", "top_eigenvalues"]
 
@@ -161,6 +172,7 @@ def top_eigenvalues(
                 target.dtype,
                 target.device,
                 make_generator(generator),
+                lambda: kept_gradient(operator),
             )
             problem = Problem(steps, budget=budget, certain=False)
             run(fname, operator, [problem])

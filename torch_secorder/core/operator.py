@@ -14,7 +14,7 @@ or the inputs of every batch instead of the parameters (:mod:`._activations`).
 """
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -419,6 +419,19 @@ def forget_plan(operator: HessianOperator) -> None:
     operator._source.planned = None
 
 
+def kept_gradient(operator: object) -> Tensor | None:
+    """The loss gradient, flat, where a :class:`HessianOperator` keeps one gradient graph.
+
+    A closure's operator and a lone batch's on one process build the graph as their first
+    product would, and their products reuse it. Elsewhere (several batches or processes,
+    where the gradient would take a pass of its own; activations; other operators): ``None``.
+    """
+    if not isinstance(operator, HessianOperator) or operator.wrt != "params":
+        return None
+    gradient = getattr(operator._source, "gradient", None)
+    return None if gradient is None else gradient()
+
+
 def closure_operator(fname: str, func: object, params: object) -> HessianOperator:
     """``HessianOperator(func, params)`` whose errors name the public function ``fname``."""
     operator = HessianOperator.__new__(HessianOperator)
@@ -475,6 +488,14 @@ def _flat_like(
     return cotangents[0].new_empty((k, size), dtype=dtype or cotangents[0].dtype)
 
 
+def _flat_gradient(graph: GradientGraph, params: list[Tensor]) -> Tensor:
+    """A graph's gradient as one flat vector (zero where it is constant)."""
+    grads = graph.grads[: len(params)]
+    return flatten(
+        [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+    )
+
+
 def _closure_source(fname: str, func: object, params: object) -> "_ClosureProducts":
     return _ClosureProducts(closure_objective(fname, func, params))
 
@@ -498,6 +519,12 @@ class _ClosureProducts:
         flat = _flat_like(cotangents, self.params)
         self.graph.products(cotangents, self.params, out=_flat.split(flat, self.params))
         return flat
+
+    def gradient(self) -> Tensor:
+        """The loss gradient, flat, from the kept graph (built as the first product would)."""
+        if self.graph is None:
+            self.graph = self.objective.gradient()
+        return _flat_gradient(self.graph, self.params)
 
     planned = None
 
@@ -569,7 +596,6 @@ class _DataSetProducts:
             flat_total.zero_()
         total = _flat.split(flat_total, self.params)
         count = 0
-        differs: str | None = None
 
         def accumulate(graph: GradientGraph, size: int) -> None:
             nonlocal count
@@ -581,25 +607,7 @@ class _DataSetProducts:
             for acc, product in zip(total, products):
                 acc.add_(product.to(accumulator), alpha=size)
 
-        if self.cached is not None:
-            accumulate(*self.cached)
-        else:
-            fingerprints = []
-            with preserved_state(self.model), rng_kept():
-                for index, batch in enumerate(self._iterate()):
-                    graph, size, fingerprint = self._gradient(index, batch)
-                    fingerprints.append(fingerprint)
-                    differs = self._compare(fingerprints)
-                    if differs is not None:
-                        break
-                    accumulate(graph, size)
-                    if self.keeps_graph:
-                        self.cached = (graph, size)
-                    else:
-                        graph.release()  # before the next batch's forward pass
-            if differs is None and self.fingerprints is not None:
-                differs = self._compare(fingerprints, complete=True)
-            self.fingerprints = self.fingerprints or fingerprints
+        differs = self._pass(accumulate)
         if self._distributed():
             if self.num_samples is None:  # counted once, exactly: the passes are checked equal
                 samples = torch.tensor([count], dtype=torch.int64, device=total[0].device)
@@ -619,6 +627,46 @@ class _DataSetProducts:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
         self.num_samples = count
         return (flat_total if lone else flat_total.div_(count)).to(dtype)
+
+    def _pass(self, accumulate: Callable[[GradientGraph, int], None]) -> str | None:
+        """One pass over the data, each batch's gradient graph and size given to ``accumulate``.
+
+        A lone batch's graph is kept (and reused by the next pass); the others are released
+        before the next batch's forward pass.
+
+        Returns:
+            How this pass differs from the first (``None``: not at all).
+        """
+        if self.cached is not None:
+            accumulate(*self.cached)
+            return None
+        fingerprints: list[_Fingerprint] = []
+        differs = None
+        with preserved_state(self.model), rng_kept():
+            for index, batch in enumerate(self._iterate()):
+                graph, size, fingerprint = self._gradient(index, batch)
+                fingerprints.append(fingerprint)
+                differs = self._compare(fingerprints)
+                if differs is not None:
+                    break
+                accumulate(graph, size)
+                if self.keeps_graph:
+                    self.cached = (graph, size)
+                else:
+                    graph.release()
+        if differs is None and self.fingerprints is not None:
+            differs = self._compare(fingerprints, complete=True)
+        self.fingerprints = self.fingerprints or fingerprints
+        return differs
+
+    def gradient(self) -> Tensor | None:
+        """The flat loss gradient where a lone batch's graph is kept (one process); else None."""
+        if not self.keeps_graph or self._distributed():
+            return None
+        differs = self._pass(lambda graph, size: None)
+        if differs is not None:
+            self._refuse(differs)
+        return None if self.cached is None else _flat_gradient(self.cached[0], self.params)
 
     def _refuse(self, differs: str) -> None:
         raise ValueError(
