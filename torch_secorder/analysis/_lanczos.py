@@ -266,10 +266,10 @@ def _warm(start: Tensor, generator: torch.Generator) -> Tensor:
     A sum of norm below the dtype's smallest normal number counts as zero (left out).
     """
     noise = gaussian(generator, (start.shape[0], 1), start.dtype, start.device)
-    both = torch.cat([start.sum(dim=1, keepdim=True), noise], dim=1)
-    norms = inner_rows(both.T, both.T).diagonal().sqrt()
-    both /= torch.where(norms > torch.finfo(both.dtype).tiny, norms, torch.inf).to(both.dtype)
-    return both.sum(dim=1, keepdim=True)
+    total = start.sum(dim=1, keepdim=True) if start.shape[1] > 1 else start
+    size = float(inner_rows(total.T, total.T)) ** 0.5
+    noise.div_(float(inner_rows(noise.T, noise.T)) ** 0.5)
+    return noise if size <= torch.finfo(start.dtype).tiny else noise.add_(total, alpha=1 / size)
 
 
 def _worst(pairs: RitzPairs) -> float:
@@ -417,7 +417,7 @@ def _restarted_lanczos(
     T = torch.zeros(m, m, dtype=work, device=device)
     given = 0
     if start is not None:  # their sum, made orthogonal to what is locked
-        V[0] = start.sum(dim=1)
+        torch.sum(start, dim=1, out=V[0])
         given = int(_orthonormalise(V, 0, locked) > 0)
     _fill(V, given, b, locked, generator)
     j, current, recent = b, slice(0, b), 0
