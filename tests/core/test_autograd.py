@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from tests import reference as ref
-from tests.cases import build, case_by_id
+from tests.cases import CASES, build, case_by_id
 from tests.core.helpers import CALLS, CLOSURE_FORMS, Recorder, like, tensors_of
 from torch_secorder import (
     batched_hvp,
@@ -295,6 +295,52 @@ def test_memory_cap_is_at_least_one_and_shrinks_with_saved_bytes(monkeypatch):
     assert 1 <= _chunks.memory_cap(graph, built.params) < 8  # saved bytes and vectors per product
     monkeypatch.setattr(_chunks, "CHUNK_MEMORY_BYTES", 1)
     assert _chunks.memory_cap(graph, built.params) == 1
+
+
+def _every_saved_storage(roots):
+    """Bytes of the storages in every ``_saved_`` field (and custom ``saved_tensors``)."""
+    stack, seen, storages = [t.grad_fn for t in roots if t is not None], set(), {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for field in [f for f in dir(node) if f.startswith("_saved_") or f == "saved_tensors"]:
+            try:
+                value = getattr(node, field)
+            except RuntimeError:
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
+    return sum(storages.values())
+
+
+class _SavesTwo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return torch.sin(x * w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad * torch.cos(x * w) * w, (grad * torch.cos(x * w) * x).sum(0)
+
+
+@pytest.mark.parametrize("case", [c.id for c in CASES])
+def test_saved_bytes_read_every_field_holding_tensors(case):
+    built = build(case_by_id(case))
+    graph = GradientGraph(built.func, built.params, fname="t")
+    assert graph.saved_bytes == _every_saved_storage(graph.grads) > 0
+    assert graph.convolves == case.startswith("cnn")
+
+
+def test_saved_bytes_of_a_custom_function():
+    x, w = torch.randn(5, 3), torch.randn(3, requires_grad=True)
+    graph = GradientGraph(lambda: _SavesTwo.apply(x, w).pow(2).sum(), [w], fname="t")
+    assert graph.saved_bytes == _every_saved_storage(graph.grads) >= x.numel() * 4
 
 
 def test_a_cap_of_one_runs_single_products(monkeypatch):

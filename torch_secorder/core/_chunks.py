@@ -139,21 +139,19 @@ def measure(roots: Sequence[Tensor | None]) -> tuple[int, bool]:
 
     The bytes are those of the distinct storages of the saved tensors; it convolves where a
     convolution is among its nodes. Walks the autograd graph once and reads each node's saved
-    tensors (``_saved_*`` fields, ``saved_tensors`` of custom functions). Costs about one
-    backward pass in Python; unlike saved-tensor hooks, it adds nothing to the products
-    themselves.
+    tensors (``_saved_*`` fields, ``saved_tensors`` of custom functions). Costs about a tenth
+    of a backward pass of a small network; unlike saved-tensor hooks, it adds nothing to the
+    products themselves.
     """
     stack = [t.grad_fn for t in roots if t is not None and t.grad_fn is not None]
-    seen = set()
+    seen = set(stack)
     storages: dict[int, int] = {}
     convolves = False
     while stack:
         node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        convolves = convolves or type(node).__name__.startswith("ConvolutionBackward")
-        for field in _saved_fields(type(node)):
+        fields, convolution = _node_kind(type(node))
+        convolves = convolves or convolution
+        for field in fields:
             try:
                 value = getattr(node, field)
             except RuntimeError:  # freed, or not available: nothing to count
@@ -162,13 +160,22 @@ def measure(roots: Sequence[Tensor | None]) -> tuple[int, bool]:
                 if isinstance(t, Tensor) and t.layout == torch.strided:
                     storage = t.untyped_storage()
                     storages[storage.data_ptr()] = storage.nbytes()
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+        for following, _ in node.next_functions:
+            if following is not None and following not in seen:
+                seen.add(following)
+                stack.append(following)
     return sum(storages.values()), convolves
 
 
 @functools.cache
-def _saved_fields(node_type: type) -> tuple[str, ...]:
-    names = [name for name in dir(node_type) if name.startswith("_saved_")]
-    if hasattr(node_type, "saved_tensors"):
+def _node_kind(node_type: type) -> tuple[tuple[str, ...], bool]:
+    """The fields of a node type holding saved tensors, and whether it is a convolution's.
+
+    A saved tensor (or list of them) ``_saved_x`` comes with its raw ``_raw_saved_x``; the
+    other ``_saved_`` fields hold sizes, strides and scalars, not read.
+    """
+    attributes = set(dir(node_type))
+    names = [a for a in sorted(attributes) if a.startswith("_saved_") and "_raw" + a in attributes]
+    if "saved_tensors" in attributes:
         names.append("saved_tensors")
-    return tuple(names)
+    return tuple(names), node_type.__name__.startswith("ConvolutionBackward")
