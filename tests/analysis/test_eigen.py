@@ -443,3 +443,31 @@ def test_model_groups_start_from_their_block_of_the_loss_gradient():
     assert [r.num_matvecs for r in streamed.values()] == [
         r.num_matvecs for r in runs["cold"].values()
     ]
+
+
+def test_the_gradient_start_holds_no_vector_once_the_search_runs(monkeypatch):
+    import weakref
+
+    from torch_secorder.analysis import eigen
+
+    A, Q = _slowly_separated_top(50, seed=3)
+    x = torch.zeros(50, dtype=DTYPE, requires_grad=True)
+    gradients, alive = [], []
+    kept_gradient = eigen.kept_gradient
+
+    def spy(operator):
+        gradient = kept_gradient(operator)
+        gradients.append(weakref.ref(gradient))
+        return gradient
+
+    matmat = ts.HessianOperator.matmat
+
+    def watched(self, V):
+        alive.append(gradients[0]() is not None)
+        return matmat(self, V)
+
+    monkeypatch.setattr(eigen, "kept_gradient", spy)
+    monkeypatch.setattr(ts.HessianOperator, "matmat", watched)
+    result = ts.top_eigenvalues(lambda: 0.5 * x @ (A @ x) + Q[:, 0] @ x, [x])
+    assert result.converged
+    assert alive == [False] * result.num_matvecs

@@ -62,9 +62,9 @@ def eigen_steps(
         return (yield from power_iteration(n, k, which, tol, budget, dtype, device, gen))
     start = gradient() if gradient is not None and which != "smallest" else None
     column = None if start is None else start[:, None]
-    return (
-        yield from thick_restart_lanczos(n, k, which, tol, budget, dtype, device, gen, start=column)
-    )
+    steps = thick_restart_lanczos(n, k, which, tol, budget, dtype, device, gen, start=column)
+    gradient = start = column = None  # (the search's start replaces the gradient: none kept here)
+    return (yield from steps)
 
 
 def power_iteration(
