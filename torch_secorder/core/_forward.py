@@ -35,7 +35,7 @@ that moment sees them too.
 import contextlib
 import functools
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,14 +44,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 
-@contextlib.contextmanager
-def forward_context(
-    params: Sequence[Tensor],
-    seed: int | None = None,
-    *,
-    devices: Sequence[torch.device] = (),
-    route: bool = True,
-) -> Iterator[None]:
+class forward_context:  # noqa: N801 - used as a context manager, as torch.enable_grad
     """Run a forward pass that can be differentiated twice, leaving no trace.
 
     Gradients are enabled and ``params`` require them; the RNG of the CPU and of the
@@ -60,30 +53,57 @@ def forward_context(
     on its math kernel (global SDPA backend flags, for the pass); with ``route``, the other
     operators without a double backward are routed as the module docstring says.
     """
-    # Written out rather than with torch.random.fork_rng and sdpa_kernel, which cost more
-    # than the rest of a small model's gradient graph.
-    cuda = sorted(
-        {p.device.index or 0 for p in params if p.is_cuda}
-        | {d.index or 0 for d in devices if d.type == "cuda"}
-    )
-    cpu_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(index) for index in cuda]
-    changed = [(use, enable) for enabled, enable, use in _SDP_BACKENDS if enabled() != use]
-    try:
-        for use, enable in changed:
-            enable(use)
-        with requires_grad(params), _TwiceDifferentiable() if route else contextlib.nullcontext():
-            if seed is not None:
-                torch.default_generator.manual_seed(seed)
-                for index in cuda:
-                    torch.cuda.default_generators[index].manual_seed(seed)
-            yield
-    finally:
-        for use, enable in changed:
-            enable(not use)
-        torch.set_rng_state(cpu_state)
-        for index, state in zip(cuda, cuda_states):
-            torch.cuda.set_rng_state(state, index)
+
+    # Written out rather than with torch.random.fork_rng, sdpa_kernel and a generator-based
+    # context manager, which cost more than the rest of a small model's gradient graph.
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        seed: int | None = None,
+        *,
+        devices: Sequence[torch.device] = (),
+        route: bool = True,
+    ) -> None:
+        self.params, self.seed, self.devices, self.route = params, seed, devices, route
+        self.cuda: list[int] = []
+        self.states: list[Tensor] = []
+        self.changed: list[tuple[bool, Callable[[bool], None]]] = []
+        self.entered: list[Any] = []  # the context managers entered, innermost last
+
+    def __enter__(self) -> None:
+        if torch.cuda.is_initialized():  # (no tensor is on a CUDA device before that)
+            self.cuda = sorted(
+                {p.device.index or 0 for p in self.params if p.is_cuda}
+                | {d.index or 0 for d in self.devices if d.type == "cuda"}
+            )
+        self.states = [torch.get_rng_state()]
+        self.states += [torch.cuda.get_rng_state(index) for index in self.cuda]
+        self.changed = [(use, on) for enabled, on, use in _SDP_BACKENDS if enabled() != use]
+        try:
+            for use, enable in self.changed:
+                enable(use)
+            for manager in (requires_grad(self.params), _TwiceDifferentiable())[: 1 + self.route]:
+                manager.__enter__()
+                self.entered.append(manager)
+            if self.seed is not None:
+                torch.default_generator.manual_seed(self.seed)
+                for index in self.cuda:
+                    torch.cuda.default_generators[index].manual_seed(self.seed)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            while self.entered:
+                self.entered.pop().__exit__(None, None, None)
+        finally:
+            for use, enable in self.changed:
+                enable(not use)
+            torch.set_rng_state(self.states[0])
+            for index, state in zip(self.cuda, self.states[1:]):
+                torch.cuda.set_rng_state(state, index)
 
 
 _SDP_BACKENDS = [
