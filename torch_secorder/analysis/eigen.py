@@ -108,6 +108,9 @@ def top_eigenvalues(
     Lanczos (default) needs fewer products than power iteration for the same accuracy, far
     fewer for several eigenpairs or close eigenvalues: it uses the whole Krylov space instead
     of its last vector (see the module docstring for both methods and their stopping rules).
+    It starts from the loss gradient plus a random vector where the operator keeps the
+    gradient (a closure; a :class:`HessianOperator` of one batch on one process) and
+    ``which`` is not ``"smallest"``, else from a random vector.
     It keeps a basis of :math:`\max(20, 2k + 2)` vectors of size :math:`P`. For ``k > 1``,
     once the wanted pairs converge, it searches their orthogonal complement from a fresh random
     vector, so an exactly repeated eigenvalue is reported with all its copies (a single Krylov
