@@ -448,26 +448,32 @@ def test_model_groups_start_from_their_block_of_the_loss_gradient():
 def test_the_gradient_start_holds_no_vector_once_the_search_runs(monkeypatch):
     import weakref
 
-    from torch_secorder.analysis import eigen
+    from torch_secorder.analysis import _lanczos, eigen
 
     A, Q = _slowly_separated_top(50, seed=3)
     x = torch.zeros(50, dtype=DTYPE, requires_grad=True)
-    gradients, alive = [], []
-    kept_gradient = eigen.kept_gradient
+    vectors, alive = [], []  # the gradient, and the start made of it
+    kept_gradient, warm = eigen.kept_gradient, _lanczos._warm
 
     def spy(operator):
         gradient = kept_gradient(operator)
-        gradients.append(weakref.ref(gradient))
+        vectors.append(weakref.ref(gradient))
         return gradient
+
+    def spied_start(start, generator):
+        made = warm(start, generator)
+        vectors.append(weakref.ref(made))
+        return made
 
     matmat = ts.HessianOperator.matmat
 
     def watched(self, V):
-        alive.append(gradients[0]() is not None)
+        alive.append([vector() is not None for vector in vectors])
         return matmat(self, V)
 
     monkeypatch.setattr(eigen, "kept_gradient", spy)
+    monkeypatch.setattr(_lanczos, "_warm", spied_start)
     monkeypatch.setattr(ts.HessianOperator, "matmat", watched)
     result = ts.top_eigenvalues(lambda: 0.5 * x @ (A @ x) + Q[:, 0] @ x, [x])
     assert result.converged
-    assert alive == [False] * result.num_matvecs
+    assert alive == [[False, False]] * result.num_matvecs

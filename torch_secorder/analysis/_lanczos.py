@@ -225,13 +225,14 @@ def thick_restart_lanczos(
     reserved = 0 if n <= max_matvecs else min(check, max_matvecs - 1)
     inner, best = tol, None
     used = 0
-    if start is not None:
-        start = _warm(start, generator)
+    # (held in a list the search takes it from: nothing keeps it once it is in the basis)
+    starts = [] if start is None else [_warm(start, generator)]
+    start = None
     workspace: list[Tensor] = []  # one basis for every search, its pages touched once
     while True:
         options = (which, inner, dtype, device, generator, block_size, basis_size, workspace)
         budget = max_matvecs - (reserved if best is None else check) - used
-        pairs, spent = yield from _all_copies(n, k, budget, start, *options)
+        pairs, spent = yield from _all_copies(n, k, budget, starts, *options)
         used += spent
         products, pairs.products = pairs.products, None  # the check's, not the caller's
         if pairs.spanned:  # the basis spans everything: the pairs are exact to rounding
@@ -257,7 +258,7 @@ def thick_restart_lanczos(
         off = float(pairs.residuals.min()) / max(_worst(checked), 1e-300)
         # (no lower than the rounding unit: a recurrence aiming below it would not stop)
         inner = max(inner * min(1.0, off) / 2, torch.finfo(dtype).eps)
-        start, best = checked.vectors, checked
+        starts, best = [checked.vectors], checked
 
 
 def _warm(start: Tensor, generator: torch.Generator) -> Tensor:
@@ -280,18 +281,20 @@ def _all_copies(
     n: int,
     k: int,
     max_matvecs: int,
-    start: Tensor | None,
+    starts: list[Tensor],
     which: str,
     tol: float,
     *options: object,
 ) -> Steps:
     """The ``k`` wanted pairs, then (``k > 1``) a search for more copies of repeated eigenvalues.
 
+    The first search starts from the vectors in ``starts`` (taken out), if any.
+
     Returns:
         ``(pairs, products used)``.
     """
     pairs, used = yield from _restarted_lanczos(
-        n, k, max_matvecs, None, None, which, tol, *options, start=start
+        n, k, max_matvecs, None, None, which, tol, *options, starts=starts
     )
     while k > 1 and pairs.converged and pairs.vectors.shape[1] < n and used < max_matvecs:
         least = float(wanted_key(pairs.values[-1], which))
@@ -379,18 +382,18 @@ def _restarted_lanczos(
     basis_size: int | None,
     workspace: list[Tensor],
     *,
-    start: Tensor | None = None,
+    starts: list[Tensor] | None = None,
 ) -> Steps:
     r"""Thick-restart Lanczos in the orthogonal complement of the columns of ``locked``.
 
     With ``bound``, stops early (returning ``None``) once the most wanted Ritz pair has
     converged to the screening tolerance :math:`\sqrt{\texttt{tol}}` and is less wanted than
     ``bound`` by more than its residual: :math:`\text{key}(\theta) + \|r\| \le` ``bound``.
-    ``start`` (columns whose span should seed the search, e.g. Ritz vectors found before)
-    replaces the random first vector by their sum. The basis is the first rows of the one in
-    ``workspace`` where that has enough (else a new one, kept there); each step writes the
-    next block into the rows below the basis and a restart combines them in place, so no
-    vector of the operator's size is allocated per step.
+    Columns whose span should seed the search (e.g. Ritz vectors found before), taken out of
+    ``starts`` where it holds them, replace the random first vector by their sum. The basis
+    is the first rows of the one in ``workspace`` where that has enough (else a new one, kept
+    there); each step writes the next block into the rows below the basis and a restart
+    combines them in place, so no vector of the operator's size is allocated per step.
 
     Returns:
         ``(pairs, products used)``; ``pairs`` is ``None`` after such an early stop.
@@ -416,8 +419,8 @@ def _restarted_lanczos(
         AV = workspace[1][:m]
     T = torch.zeros(m, m, dtype=work, device=device)
     given = 0
-    if start is not None:  # their sum, made orthogonal to what is locked
-        torch.sum(start, dim=1, out=V[0])
+    if starts:  # their sum, made orthogonal to what is locked
+        torch.sum(starts.pop(), dim=1, out=V[0])
         given = int(_orthonormalise(V, 0, locked) > 0)
     _fill(V, given, b, locked, generator)
     j, current, recent = b, slice(0, b), 0
