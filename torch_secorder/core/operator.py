@@ -489,7 +489,11 @@ def _flat_like(
 
 
 def _flat_gradient(graph: GradientGraph, params: list[Tensor]) -> Tensor:
-    """A graph's gradient as one flat vector (zero where it is constant)."""
+    """A graph's gradient as one flat vector.
+
+    Zero where the graph keeps none: a parameter the loss does not use or that enters it
+    linearly (no curvature there).
+    """
     grads = graph.grads[: len(params)]
     return flatten(
         [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
