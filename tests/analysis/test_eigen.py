@@ -477,3 +477,16 @@ def test_the_gradient_start_holds_no_vector_once_the_search_runs(monkeypatch):
     result = ts.top_eigenvalues(lambda: 0.5 * x @ (A @ x) + Q[:, 0] @ x, [x])
     assert result.converged
     assert alive == [[False, False]] * result.num_matvecs
+
+
+def test_a_gradient_start_finds_every_copy_of_a_repeated_top_eigenvalue():
+    # the gradient along one copy of the top eigenvalue 5 (twice): the search of the found
+    # pairs' complement, from a random vector, finds the other copy
+    spectrum = torch.cat([torch.tensor([5.0, 5.0]), torch.linspace(-1, 3, 58)]).to(DTYPE)
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, generator=generator(4), dtype=DTYPE))
+    A = (Q * spectrum) @ Q.T
+    A = (A + A.T) / 2
+    x = torch.zeros(60, dtype=DTYPE, requires_grad=True)
+    result = ts.top_eigenvalues(lambda: 0.5 * x @ (A @ x) + Q[:, 0] @ x, [x], k=3)
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([5.0, 5.0, 3.0], dtype=DTYPE))
