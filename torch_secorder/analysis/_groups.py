@@ -15,6 +15,7 @@ several modules (tied weights) is selected, grouped and reported once, under its
 """
 
 import fnmatch
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -308,13 +309,11 @@ def group_problems(
     """
     base = make_generator(generator)
     generators = [base] if whole else spawn(base, len(members))
-    kept: list[Tensor | None] = []
+    whole_gradient = functools.cache(gradient or (lambda: kept_gradient(operator)))
 
     def block(rows: slice | Tensor | None) -> Tensor | None:
-        if not kept:
-            kept.append(gradient() if gradient is not None else kept_gradient(operator))
-        whole_gradient = kept[0]
-        return whole_gradient if whole_gradient is None or rows is None else whole_gradient[rows]
+        full = whole_gradient()
+        return full if full is None or rows is None else full[rows]
 
     problems = []
     for indices, gen in zip(members.values(), generators):

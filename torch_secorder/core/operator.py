@@ -516,19 +516,21 @@ class _ClosureProducts:
         self.params = objective.params
         self.graph: GradientGraph | None = None
 
-    def products(self, cotangents: list[Tensor]) -> Tensor:
-        """The products with ``k`` stacked cotangents like params, as a flat ``(k, P)`` tensor."""
+    def _kept(self) -> GradientGraph:
+        """The kept gradient graph, built on first use."""
         if self.graph is None:
             self.graph = self.objective.gradient()
+        return self.graph
+
+    def products(self, cotangents: list[Tensor]) -> Tensor:
+        """The products with ``k`` stacked cotangents like params, as a flat ``(k, P)`` tensor."""
         flat = _flat_like(cotangents, self.params)
-        self.graph.products(cotangents, self.params, out=_flat.split(flat, self.params))
+        self._kept().products(cotangents, self.params, out=_flat.split(flat, self.params))
         return flat
 
     def gradient(self) -> Tensor:
         """The loss gradient, flat, from the kept graph (built as the first product would)."""
-        if self.graph is None:
-            self.graph = self.objective.gradient()
-        return _flat_gradient(self.graph, self.params)
+        return _flat_gradient(self._kept(), self.params)
 
     planned = None
 
@@ -536,13 +538,12 @@ class _ClosureProducts:
         return [p.numel() for p in self.params]
 
     def diagonal(self) -> tuple[list[Tensor], list[int]]:
-        if self.graph is None:
-            self.graph = self.objective.gradient()
+        graph = self._kept()
         diagonal, costs = [], []
         for i in range(len(self.params)):
-            before = self.graph.num_products
-            diagonal.append(self.graph.own_diagonal(i))
-            costs.append(self.graph.num_products - before)
+            before = graph.num_products
+            diagonal.append(graph.own_diagonal(i))
+            costs.append(graph.num_products - before)
         return diagonal, costs
 
     def release(self) -> None:
@@ -592,7 +593,7 @@ class _DataSetProducts:
         batch's products (one process) are the Hessian's: written into the buffer directly.
         """
         dtype = cotangents[0].dtype
-        lone = self.keeps_graph and not self._distributed()
+        lone = self._lone()
         # half precisions would overflow a sum weighted by batch sizes: accumulate in float32
         accumulator = torch.float32 if torch.finfo(dtype).bits < 32 and not lone else dtype
         flat_total = _flat_like(cotangents, self.params, accumulator)
@@ -665,12 +666,17 @@ class _DataSetProducts:
 
     def gradient(self) -> Tensor | None:
         """The flat loss gradient where a lone batch's graph is kept (one process); else None."""
-        if not self.keeps_graph or self._distributed():
+        if not self._lone():
             return None
-        differs = self._pass(lambda graph, size: None)
+        differs = self._pass(lambda graph, size: None)  # (keeps the batch's graph)
         if differs is not None:
             self._refuse(differs)
-        return None if self.cached is None else _flat_gradient(self.cached[0], self.params)
+        assert self.cached is not None
+        return _flat_gradient(self.cached[0], self.params)
+
+    def _lone(self) -> bool:
+        """Whether the data is one batch on one process: its graph is kept, its H is the H."""
+        return self.keeps_graph and not self._distributed()
 
     def _refuse(self, differs: str) -> None:
         raise ValueError(
