@@ -184,7 +184,7 @@ def bad_options(form: Form) -> list[tuple[str, dict[str, Any], type[Exception], 
                 TypeError,
                 f"num_matvecs must be an int; got {type(value).__name__}.",
             )
-            for value in (10.0, True, None)
+            for value in (10.0, True) + (() if family == "density" else (None,))
         ]
     if family in ("trace", "diagonal"):  # the Hutchinson estimators
         cases.append(
@@ -257,6 +257,12 @@ def bad_options(form: Form) -> list[tuple[str, dict[str, Any], type[Exception], 
                 {"num_probes": 2.5},
                 TypeError,
                 "num_probes must be an int; got float.",
+            ),
+            (
+                "num_matvecs-0",
+                {"num_matvecs": 0},
+                ValueError,
+                "num_matvecs must be at least 1; got 0.",
             ),
             (
                 "num_matvecs-per-probe",

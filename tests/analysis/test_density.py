@@ -172,6 +172,45 @@ def test_model_groups_run_together():
     assert int((results["4"].weights > 1e-12).sum(dim=1).max()) == 5
 
 
+class Diagonal:
+    """diag(d) as an operator: large sizes at the cost of an elementwise product."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.d, self.shape, self.dtype, self.device = d, (len(d), len(d)), d.dtype, d.device
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.d[:, None] * V
+
+
+@pytest.mark.parametrize(
+    ("size", "probes"), [(21845, 4), (21846, 3), (32767, 3), (32768, 2), (65535, 2), (65536, 1)]
+)
+def test_default_probes_fall_with_the_size(size, probes):
+    # the fewest probes (at most 4) whose count times P reaches 2^16, 100 steps each
+    operator = Diagonal(torch.linspace(-1, 2, size, dtype=DTYPE))
+    result = ts.spectral_density(operator)
+    assert result.nodes.shape == (probes, 100)
+    assert result.num_matvecs == 100 * probes
+    # a budget alone keeps the rule; the rule never takes more probes than the budget
+    assert ts.spectral_density(operator, num_matvecs=50).nodes.shape == (probes, 50 // probes)
+    small = DenseOperator(with_spectrum(dominant()))
+    assert ts.spectral_density(small, num_matvecs=3).nodes.shape == (3, 1)
+    assert ts.spectral_density(small).nodes.shape == (4, 100)
+
+
+def test_model_groups_take_default_probes_by_their_size():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 2))
+    model = model.double()
+    data = (torch.randn(4, 256, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE))
+    results = ts.model_spectral_density(
+        model, torch.nn.MSELoss(), data, groups="module", num_matvecs=8
+    )
+    assert results["0"].nodes.shape == (1, 8)  # 65,792 parameters
+    assert results["2"].nodes.shape == (4, 2)  # 514
+    assert results["0"].num_matvecs == results["2"].num_matvecs == 8
+
+
 def test_global_rng_is_untouched_and_defaults_reproducible():
     operator = DenseOperator(with_spectrum(dominant()))
     state = torch.get_rng_state()

@@ -58,6 +58,15 @@ MakeSteps = Callable[
 size ``n`` of an operator of size ``span``, ``gradient()`` the block's loss gradient or ``None``
 (:func:`._groups.run_model`)."""
 
+Budget = int | Callable[[int], int] | None
+"""Products a problem may use at most: a number, a function of the problem's size ``n``
+(an algorithm whose default budget grows or shrinks with it), or ``None`` where unknown."""
+
+
+def budget_of(budget: Budget, n: int) -> int | None:
+    """The budget of a problem of size ``n``."""
+    return budget(n) if callable(budget) else budget
+
 
 def chunk_widths(total: int, cap: int) -> list[int]:
     """Split ``total`` columns into the fewest chunks of at most ``cap``, as even as possible.

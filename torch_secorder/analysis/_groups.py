@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.analysis._driver import MakeSteps, Problem, run
+from torch_secorder.analysis._driver import Budget, MakeSteps, Problem, budget_of, run
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.analysis._variables import run_variables
 from torch_secorder.core._model import model_params
@@ -157,7 +157,7 @@ def run_model(
     make_steps: MakeSteps,
     finish: Callable[[Any, int, list[Tensor]], Any],
     options: dict[str, Any],
-    budget: int | None = None,
+    budget: Budget = None,
     certain: bool = True,
 ) -> Any:
     """Run one problem per group (or one for the whole selection) over the data's Hessian.
@@ -182,7 +182,8 @@ def run_model(
         finish: ``finish(raw_result, num_matvecs, group_params)``, the public result.
         options: Keyword options of :meth:`HessianOperator.from_model` (``seed``,
             ``distributed``), and ``progress`` for a bar over the analysis's products.
-        budget: Products each group's algorithm may use at most, where known.
+        budget: Products each group's algorithm may use at most, where known (a function of
+            the group's size where that decides it).
         certain: Whether the algorithms use about their budget (not an eigen-solver's cap).
 
     Returns:
@@ -243,7 +244,7 @@ def _run_groups(
     generator: torch.Generator | None,
     make_steps: MakeSteps,
     options: dict[str, Any],
-    budget: int | None,
+    budget: Budget,
     certain: bool,
 ) -> tuple[list[Any], dict[Any, list[int]], list[Problem], HessianOperator]:
     progress = options.get("progress", False)
@@ -284,7 +285,7 @@ def group_problems(
     make_steps: MakeSteps,
     *,
     whole: bool = False,
-    budget: int | None = None,
+    budget: Budget = None,
     certain: bool = True,
     gradient: Callable[[], Tensor | None] | None = None,
 ) -> list[Problem]:
@@ -298,7 +299,8 @@ def group_problems(
             generator derived from it in group order (unless ``whole``).
         make_steps: As for :func:`run_model`.
         whole: A single group spanning the whole operator (it uses ``generator`` itself).
-        budget: Products each problem may use at most, where known.
+        budget: Products each problem may use at most, where known (as for
+            :func:`run_model`).
         certain: Whether the problems use about their budget.
         gradient: Gives the operator's flat loss gradient or ``None`` (default:
             :func:`~torch_secorder.core.operator.kept_gradient` of ``operator``); asked once,
@@ -327,5 +329,5 @@ def group_problems(
             operator.shape[0],
             lambda rows=rows: block(rows),
         )
-        problems.append(Problem(steps, rows, budget, certain))
+        problems.append(Problem(steps, rows, budget_of(budget, count), certain))
     return problems

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from torch_secorder import _flat
 from torch_secorder._checks import type_name
-from torch_secorder.analysis._driver import MakeSteps, Problem, Steps, run
+from torch_secorder.analysis._driver import Budget, MakeSteps, Problem, Steps, budget_of, run
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.core._activations import activation_operator
 from torch_secorder.core._progress import require_tqdm
@@ -292,7 +292,7 @@ def run_variables(
     make_steps: MakeSteps,
     finish: Callable[[Any, int, list[Tensor]], Any],
     options: dict[str, Any],
-    budget: int | None = None,
+    budget: Budget = None,
     certain: bool = True,
 ) -> Any:
     """:func:`._groups.run_model` for activations and inputs (see the module docstring)."""
@@ -316,7 +316,7 @@ def run_variables(
                 Problem(
                     packed([steps[i] for i in slot], [groups_[i].rows for i in slot], size),  # type: ignore[misc]
                     None,
-                    budget,
+                    max((budget_of(budget, groups_[i].size) or 0) for i in slot) or None,
                     certain,
                 )
                 for slot in slots
@@ -328,7 +328,7 @@ def run_variables(
                     outcome[i] = pair
         else:
             problems = [
-                Problem(s, None if resolved.whole else g.rows, budget, certain)
+                Problem(s, None if resolved.whole else g.rows, budget_of(budget, g.size), certain)
                 for s, g in zip(steps, groups_)
             ]
             run(fname, target, problems, progress=progress)

@@ -33,6 +33,9 @@ References:
     Lanczos quadrature. SIAM J. Matrix Anal. Appl. 38(4), 1075-1099.
     https://doi.org/10.1137/16M1104974
 
+    Ghorbani, B., Krishnan, S. and Xiao, Y. (2019). An investigation into neural net
+    optimization via Hessian eigenvalue density. ICML 2019. arXiv:1901.10159.
+
     Golub, G. H. and Meurant, G. (2010). Matrices, Moments and Quadrature with Applications.
     Princeton University Press. https://doi.org/10.1515/9781400833887
 
@@ -61,6 +64,16 @@ from torch_secorder.analysis.results import DensityResult
 
 __all__ = ["model_spectral_density", "spectral_density"]
 
+STEPS = 100
+"""Default Lanczos steps per probe (PyHessian's ``iter=100``)."""
+
+PROBE_ENTRIES = 2**16
+r"""Default probes: the fewest, at most 4, with which ``probes`` times :math:`P` reaches this.
+The relative variance of the density at a point falls as one over the probes times the
+number of eigenvalues near it (Ubaru et al. 2017), which grows with :math:`P` at a given
+share of the spectrum: 4 probes on small models, one from 65,536 parameters on (as Ghorbani
+et al. 2019 and PyHessian take on networks), where products cost most."""
+
 SIGMA_PER_STEP = 0.5
 r"""Default broadening: :math:`\sigma` = ``SIGMA_PER_STEP`` times the node range over the steps."""
 
@@ -70,8 +83,8 @@ def spectral_density(
     func_or_operator: Any,
     params: Any = None,
     *,
-    num_matvecs: int = 400,
-    num_probes: int = 4,
+    num_matvecs: int | None = None,
+    num_probes: int | None = None,
     grid_size: int = 1000,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
@@ -80,15 +93,18 @@ def spectral_density(
     r"""Estimate the Hessian's eigenvalue density by stochastic Lanczos quadrature.
 
     Runs ``num_probes`` Lanczos recurrences of ``steps = num_matvecs // num_probes`` steps
-    each (at most :math:`P`), all probes in one batched product per step (in groups when their
-    bases would exceed 4 GiB), and broadens the pooled Ritz nodes with Gaussians (see the
-    module docstring).
+    each (at most :math:`P`; 100 by default), all probes in one batched product per step
+    (in groups when their bases would exceed 4 GiB), and broadens the pooled Ritz nodes with
+    Gaussians (see the module docstring).
 
     Args:
         {closure_or_operator}
-        num_matvecs: Budget of Hessian-vector products (default 400), at least ``num_probes``.
-        num_probes: Number of random probes (default 4; 100 steps each by default, as
-            PyHessian's ``iter=100``).
+        num_matvecs: Budget of Hessian-vector products, at least ``num_probes``; ``None``
+            (default) means 100 steps per probe (PyHessian's ``iter=100``).
+        num_probes: Number of random probes; ``None`` (default) means the fewest, at most 4
+            and at most ``num_matvecs``, with ``num_probes`` times :math:`P` at least
+            :math:`2^{16}` (the density's variance falls with both): 4 up to :math:`P` =
+            21,845, one from 65,536 on.
         grid_size: Number of grid points (default 1000), at least 2.
         sigma: Standard deviation of the Gaussian broadening; ``None`` means half the range of
             the Ritz nodes divided by ``steps`` (about the quadrature's resolution).
@@ -120,19 +136,20 @@ def spectral_density(
     fname = "spectral_density"
     check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        steps = _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
+        _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
         target = resolve(fname, func_or_operator, params)
+        probes, steps = _plan(target.size, num_matvecs, num_probes)
         with target.open() as operator:
             problem = Problem(
                 lanczos_quadrature(
                     target.size,
                     steps,
-                    num_probes,
+                    probes,
                     target.dtype,
                     target.device,
                     make_generator(generator),
                 ),
-                budget=steps * num_probes,  # type: ignore[operator]
+                budget=steps * probes,
             )
             run(fname, operator, [problem])
         nodes, weights = problem.result
@@ -149,8 +166,8 @@ def model_spectral_density(
     groups: object = None,
     wrt: str = "params",
     modules: ParamSelection = None,
-    num_matvecs: int = 400,
-    num_probes: int = 4,
+    num_matvecs: int | None = None,
+    num_probes: int | None = None,
     grid_size: int = 1000,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
@@ -172,7 +189,7 @@ def model_spectral_density(
         {model_data}
         {model_wrt}
         num_matvecs: Budget per group, as for :func:`spectral_density`.
-        num_probes: As for :func:`spectral_density`.
+        num_probes: As for :func:`spectral_density` (by default from each group's size).
         grid_size: As for :func:`spectral_density`.
         sigma: As for :func:`spectral_density` (``None``: per group).
         {model_run}
@@ -198,7 +215,7 @@ def model_spectral_density(
     fname = "model_spectral_density"
     check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        steps = _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
+        _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
         params = model_selection(fname, params, wrt, modules, groups)
 
         def make_steps(
@@ -209,13 +226,18 @@ def model_spectral_density(
             span: int,
             _: object,
         ) -> Steps:
-            return lanczos_quadrature(n, steps, num_probes, dtype, device, gen, span=span)
+            probes, steps = _plan(n, num_matvecs, num_probes)
+            return lanczos_quadrature(n, steps, probes, dtype, device, gen, span=span)
 
         def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> DensityResult:
             return _density_result(result[0], result[1], count, grid_size, sigma)
 
         options = {"seed": seed, "distributed": distributed, "progress": progress}
-        budget = steps * num_probes  # type: ignore[operator]
+
+        def budget(n: int) -> int:
+            probes, steps = _plan(n, num_matvecs, num_probes)
+            return probes * steps
+
         return run_model(
             fname,
             model,
@@ -238,21 +260,23 @@ def _check_options(
     grid_size: object,
     sigma: object,
     generator: object,
-) -> int:
-    """Validate the options; return the Lanczos steps per probe."""
-    check_int(fname, "num_probes", num_probes, 1)
-    check_int(
-        fname,
-        "num_matvecs",
-        num_matvecs,
-        num_probes,
-        f"one Lanczos step for each of num_probes={num_probes}",  # type: ignore[arg-type]
-    )
+) -> None:
+    """Validate the options."""
+    if num_probes is not None:
+        check_int(fname, "num_probes", num_probes, 1)
+    if num_matvecs is not None:
+        why = f"one Lanczos step for each of num_probes={num_probes}" if num_probes else ""
+        check_int(fname, "num_matvecs", num_matvecs, num_probes or 1, why)  # type: ignore[arg-type]
     check_int(fname, "grid_size", grid_size, 2)
     if sigma is not None:
         check_positive(fname, "sigma", sigma)
     check_generator(fname, generator)
-    return num_matvecs // num_probes  # type: ignore[operator]
+
+
+def _plan(n: int, num_matvecs: int | None, num_probes: int | None) -> tuple[int, int]:
+    """Probes and Lanczos steps per probe for an operator of size ``n`` (see the defaults)."""
+    probes = num_probes or min(4, -(-PROBE_ENTRIES // n), num_matvecs or 4)
+    return probes, (num_matvecs or STEPS * probes) // probes
 
 
 def _default_sigma(nodes: Tensor) -> float:
