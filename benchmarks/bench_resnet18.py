@@ -154,9 +154,11 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
     widths: list[int] = []
     matmat = ts.HessianOperator.matmat
 
-    def recording(self: ts.HessianOperator, V: torch.Tensor) -> torch.Tensor:
+    def recording(
+        self: ts.HessianOperator, V: torch.Tensor, **kwargs: torch.Tensor
+    ) -> torch.Tensor:
         widths.append(V.shape[1])
-        return matmat(self, V)
+        return matmat(self, V, **kwargs)
 
     ts.HessianOperator.matmat = recording  # type: ignore[method-assign]
     before = resident_gib()

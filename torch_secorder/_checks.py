@@ -329,6 +329,48 @@ def check_columns(fname: str, argname: str, v: object, dim: int, operator: Any) 
         )
 
 
+def check_out(fname: str, out: object, V: Tensor, operator: Any) -> None:
+    """Check an ``out`` argument for the products with the columns ``V``.
+
+    It must be like ``V`` (shape, dtype, device), each column contiguous (the products are
+    written as rows, ``out.T``), and not overlap ``V``'s memory (the columns are read while
+    the products are written).
+    """
+    check_columns(fname, "out", out, 2, operator)
+    t: Tensor = out  # type: ignore[assignment]
+    if t.shape != V.shape:
+        raise ValueError(
+            f"{fname}: out has shape {tuple(t.shape)}; expected {tuple(V.shape)}, as V."
+        )
+    if t.numel() and t.shape[0] > 1 and t.stride(0) != 1:
+        raise ValueError(
+            f"{fname}: out has strides {t.stride()}; expected contiguous columns (stride 1 "
+            "along the first dimension), such as the transpose of a (k, P) tensor."
+        )
+    if t.numel() and V.numel() and _overlap(t, V):
+        raise ValueError(f"{fname}: out overlaps V in memory; expected separate memory.")
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two ``(P, k)`` tensors may share an element: their columns' byte ranges meet.
+
+    Columns of stride 1 are ranges of their own (rows of one matrix, interleaved, do not
+    meet); other tensors count as the whole range they span.
+    """
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def ranges(t: Tensor) -> list[tuple[int, int]]:
+        size = t.element_size()
+        if t.stride(0) == 1 or t.shape[0] == 1:
+            starts = [t.data_ptr() + c * t.stride(1) * size for c in range(t.shape[1])]
+            return [(start, start + t.shape[0] * size) for start in starts]
+        extent = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+        return [(t.data_ptr(), t.data_ptr() + (extent + 1) * size)]
+
+    return any(x0 < y1 and y0 < x1 for x0, x1 in ranges(a) for y0, y1 in ranges(b))
+
+
 # ----------------------------------------------------------------------------- losses and sizes
 
 

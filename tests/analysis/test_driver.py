@@ -251,6 +251,69 @@ def test_chunks_of_full_length_columns_stay_under_the_cap(kind, monkeypatch):
             torch.testing.assert_close(a, b)
 
 
+def out_request(width: int):
+    """An algorithm asking for its products in rows it keeps, below its vectors."""
+    rows = torch.randn(2 * width, 40, generator=generator(1), dtype=DTYPE)
+    HV = yield rows[:width].T, rows[width:].T
+    return rows, HV
+
+
+@pytest.mark.parametrize("kind", ["hessian operator", "other operator", "group"])
+def test_products_go_where_the_request_asks(kind, monkeypatch):
+    # a HessianOperator writes them there itself (in chunks where the cap cuts the request),
+    # other operators' products and a group's gathered ones are copied there
+    monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 3 * 40 * 8)
+    A = with_spectrum(dominant(40))
+    x = torch.zeros(40, dtype=DTYPE, requires_grad=True)
+    hessian = ts.HessianOperator(lambda: 0.5 * x @ (A @ x), [x])
+    outs = []
+    matmat = ts.HessianOperator.matmat
+
+    def recording(self, V, **kwargs):
+        outs.append(kwargs.get("out"))
+        return matmat(self, V, **kwargs)
+
+    monkeypatch.setattr(ts.HessianOperator, "matmat", recording)
+    operator = DenseOperator(A) if kind == "other operator" else hessian
+    rows = None if kind != "group" else slice(0, 40)
+    problem = Problem(out_request(5), rows)
+    other = Problem(out_request(1), slice(0, 40)) if kind == "group" else None
+    results = run("test", operator, [problem] + ([other] if other else []))
+    for (stored, HV), width in zip(results, (5, 1)):
+        assert HV.data_ptr() == stored[width].data_ptr()  # the rows below the vectors
+        torch.testing.assert_close(HV, A @ stored[:width].T)
+    if kind == "hessian operator":
+        assert [o.shape[1] for o in outs] == [3, 2]  # the chunks' columns of out
+    elif kind == "group":
+        assert outs == [None, None]  # (padded chunks: copied)
+
+
+@pytest.mark.parametrize(
+    "analysis",
+    [
+        lambda H: ts.top_eigenvalues(H, k=2),
+        lambda H: ts.hessian_trace(H, method="hutch++", num_matvecs=30),
+        lambda H: ts.spectral_density(H, num_matvecs=20, num_probes=1),
+        lambda H: ts.spectral_density(H, num_matvecs=40, num_probes=4),
+    ],
+    ids=["lanczos", "hutch++", "density", "density-4"],
+)
+def test_analyses_have_the_operator_write_into_memory_they_keep(analysis, monkeypatch):
+    A = with_spectrum(dominant(40))
+    x = torch.zeros(40, dtype=DTYPE, requires_grad=True)
+    written = []
+    matmat = ts.HessianOperator.matmat
+
+    def recording(self, V, **kwargs):
+        written.append(kwargs.get("out") is not None)
+        return matmat(self, V, **kwargs)
+
+    monkeypatch.setattr(ts.HessianOperator, "matmat", recording)
+    result = analysis(ts.HessianOperator(lambda: 0.5 * x @ (A @ x), [x]))
+    assert written and all(written)
+    assert result.num_matvecs > 0
+
+
 def test_a_whole_request_wider_than_the_cap_is_split(monkeypatch):
     monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 3 * 40 * 8)
     A = with_spectrum(dominant(40))

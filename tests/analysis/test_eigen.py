@@ -467,9 +467,9 @@ def test_the_gradient_start_holds_no_vector_once_the_search_runs(monkeypatch):
 
     matmat = ts.HessianOperator.matmat
 
-    def watched(self, V):
+    def watched(self, V, **kwargs):
         alive.append([vector() is not None for vector in vectors])
-        return matmat(self, V)
+        return matmat(self, V, **kwargs)
 
     monkeypatch.setattr(eigen, "kept_gradient", spy)
     monkeypatch.setattr(_lanczos, "_warm", spied_start)

@@ -142,7 +142,8 @@ def test_a_step_orthogonalises_twice_where_the_first_pass_cancels(dtype):
     W = Q[:, :j] @ torch.randn(j, 1, generator=g, dtype=torch.float64)
     W += Q[:, j : j + 2] @ torch.full((2, 1), 1e-2, dtype=torch.float64) + 1e-3 * Q[:, j + 2 :]
     W = W.to(dtype)
-    H, size = _against_basis(W, V, j, j - 2, locked)
+    V[j] = W[:, 0]  # the product, written below the basis, is orthogonalised in place
+    H, size = _against_basis(V[j:].T, V, j, j - 2, locked)
     new, eps = V[j].double(), torch.finfo(dtype).eps
     assert float((Q[:, : j + 2].T @ new).abs().max()) < 10 * eps
     assert abs(float(new.norm()) - 1) < 10 * eps

@@ -188,9 +188,9 @@ def test_the_samples_of_one_data_set_advance_together(monkeypatch):
     columns = []
     matmat = ts.HessianOperator.matmat
 
-    def counted(self, V):
+    def counted(self, V, **kwargs):
         columns.append(V.shape[1])
-        return matmat(self, V)
+        return matmat(self, V, **kwargs)
 
     monkeypatch.setattr(ts.HessianOperator, "matmat", counted)
     batches = batches_of((4, 4))

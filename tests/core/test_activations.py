@@ -96,6 +96,15 @@ def test_input_hessian_matches_torch_func(name, sizes):
     assert_close(H.diagonal(), torch.diagonal(expected))
 
 
+def test_input_products_are_written_into_out():
+    make, shape, classes, _ = MODELS["mlp"]
+    H = HessianOperator.from_model(make(), CE, batches_of((4,), shape, classes)[0], wrt="inputs")
+    V = torch.randn(H.shape[0], 2, dtype=H.dtype)
+    out = torch.empty(2, H.shape[0], dtype=H.dtype).T
+    assert H.matmat(V, out=out) is out
+    assert torch.equal(out, H.matmat(V))
+
+
 def test_the_block_of_one_module_is_the_model_split_there():
     # One module's block among several is the Hessian of the model split at that module.
     model = make_mlp()

@@ -119,6 +119,55 @@ def test_closure_graph_built_once_and_rebuilt_after_release(mlp_problem):
     assert H._source.graph is None
 
 
+@pytest.mark.parametrize("source", ["closure", "one batch", "batches"])
+def test_products_are_written_into_out(mlp_problem, source):
+    func, params, dense = mlp_problem
+    if source == "closure":
+        H = HessianOperator(func, params)
+    else:
+        model = make_mlp()
+        batches = make_batches([4] if source == "one batch" else [4, 3])
+        H = HessianOperator.from_model(model, nn.MSELoss(), batches)
+        dense = dense_data_hessian(model, nn.functional.mse_loss, batches)
+    P = dense.shape[0]
+    V = columns(P, 3)
+    rows = torch.full((5, P), 7.0, dtype=DTYPE)  # the products into rows 1 and 3 of 5
+    out = rows[1::2][:2].T
+    assert H.matmat(V[:, :2], out=out) is out
+    assert_close(rows[[1, 3]], (dense @ V[:, :2]).T)
+    assert bool((rows[[0, 2, 4]] == 7).all())
+    # bitwise the products written into new memory, and counted alike
+    assert torch.equal(out, H.matmat(V[:, :2]))
+    assert H.num_matvecs == 4
+    # rows of the same matrix as V, below it (not overlapping)
+    both = torch.zeros(4, P, dtype=DTYPE)
+    both[:2] = V[:, :2].T
+    H.matmat(both[:2].T, out=both[2:].T)
+    assert_close(both[2:], (dense @ V[:, :2]).T)
+
+
+def test_out_is_checked(mlp_problem):
+    func, params, dense = mlp_problem
+    H = HessianOperator(func, params)
+    P = dense.shape[0]
+    V = columns(P, 2)
+    with pytest.raises(ValueError, match=rf"HessianOperator.matmat: out has shape \({P}, 3\); "):
+        H.matmat(V, out=torch.zeros(P, 3, dtype=DTYPE))
+    with pytest.raises(ValueError, match=r"matmat: out is torch.float32 on cpu; expected torch.f"):
+        H.matmat(V, out=torch.zeros(P, 2))
+    with pytest.raises(ValueError, match=r"out has strides \(2, 1\); expected contiguous columns"):
+        H.matmat(V, out=torch.zeros(P, 2, dtype=DTYPE))
+    columnwise = V.T.contiguous().T
+    with pytest.raises(ValueError, match=r"matmat: out overlaps V in memory; expected separate"):
+        H.matmat(columnwise, out=columnwise)
+    rows = torch.zeros(3, P, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"out overlaps V"):
+        H.matmat(rows[:2].T, out=rows[1:].T)
+    with pytest.raises(TypeError, match=r"HessianOperator.matmat: out must be a Tensor; got list"):
+        H.matmat(V, out=[0.0])
+    assert func.calls == 0
+
+
 def test_counts_every_product(mlp_problem):
     func, params, dense = mlp_problem
     H = HessianOperator(func, params)

@@ -44,12 +44,21 @@ from torch import Tensor
 from torch_secorder.analysis._memory import max_columns
 from torch_secorder.analysis._rows import inner_rows
 from torch_secorder.core._progress import Meter
+from torch_secorder.core.operator import HessianOperator
 
 LOCKSTEP_COLUMNS = 8
 """Columns a chunk of an operator that ``keeps_graph`` may have however narrow the requests."""
 
-Steps = Generator[Tensor, Tensor, Any]
-"""An algorithm: yields ``(n, j)`` blocks of vectors, receives their products, returns a result."""
+Request = Tensor | tuple[Tensor, Tensor]
+"""What an algorithm yields: an ``(n, j)`` block of vectors ``V``, or ``(V, out)`` with ``out``
+an ``(n, j)`` tensor of contiguous columns (the transpose of rows the algorithm keeps) not
+overlapping ``V``: the products are then written there (by a
+:class:`~torch_secorder.HessianOperator` itself, copied from other operators), and the
+algorithm receives ``out``. Memory written again costs nothing to touch first, where new
+memory of a product's size costs about a fifth of a ResNet-18's product on a CPU."""
+
+Steps = Generator[Request, Tensor, Any]
+"""An algorithm: yields requests (blocks of vectors), receives their products, returns a result."""
 
 MakeSteps = Callable[
     [int, torch.dtype, torch.device, torch.Generator, int, Callable[[], Tensor | None]], Steps
@@ -66,6 +75,18 @@ Budget = int | Callable[[int], int] | None
 def budget_of(budget: Budget, n: int) -> int | None:
     """The budget of a problem of size ``n``."""
     return budget(n) if callable(budget) else budget
+
+
+def split_request(request: Request) -> tuple[Tensor, Tensor | None]:
+    """``(V, out)`` of a request (``out`` ``None`` where it names none)."""
+    return request if isinstance(request, tuple) else (request, None)
+
+
+def delivered(products: Tensor, out: Tensor | None) -> Tensor:
+    """The products as the algorithm receives them: in ``out``, where it gave one."""
+    if out is None or products.data_ptr() == out.data_ptr():
+        return products
+    return out.copy_(products)
 
 
 def chunk_widths(total: int, cap: int) -> list[int]:
@@ -136,6 +157,8 @@ class Problem:
             (an eigen-solver): only the first warn of their cost.
         num_matvecs: Products it has used so far.
         result: Its return value, once finished.
+        request: The vectors it asks to multiply next (``None`` once finished).
+        out: Where it asks for their products (``None``: new memory).
     """
 
     steps: Steps
@@ -145,6 +168,7 @@ class Problem:
     num_matvecs: int = 0
     result: Any = None
     request: Tensor | None = field(default=None, repr=False)
+    out: Tensor | None = field(default=None, repr=False)
 
 
 def run(
@@ -190,7 +214,7 @@ def _run(fname: str, operator: Any, problems: Sequence[Problem], meter: Meter | 
     while active:
         rows = [problems[i].rows for i in active]
         requests: list[Tensor] = [problems[i].request for i in active]  # type: ignore[misc]
-        products: list[Tensor | None] = [None] * len(requests)
+        products: list[Tensor | None] = [problems[i].out for i in active]
         widths = [r.shape[1] for r in requests]
         # (as wide as one request of a problem over the whole operator would be)
         width = min(cap, max(LOCKSTEP_COLUMNS, *widths)) if narrow else cap
@@ -208,7 +232,7 @@ def _run(fname: str, operator: Any, problems: Sequence[Problem], meter: Meter | 
             # that the algorithm can free it (products stay referenced during the send).
             request, block = held[position]  # type: ignore[misc]
             held[position] = None
-            problems[i].request = None
+            problems[i].request = problems[i].out = None
             problems[i].num_matvecs += request.shape[1]
             checks[i].update(request, block)
             del request
@@ -251,25 +275,34 @@ def _multiply(
 ) -> None:
     """One ``matmat`` of a chunk: pad its pieces to full length, scatter the products back.
 
-    A whole-operator request multiplied whole receives the operator's result itself where
-    that is a tensor of its own, contiguous or the transpose of a contiguous one (an operator
-    that writes its products as rows: no transposing copy of the products per step, which
-    on a ResNet-18 took as long as the product of four columns); every other product is
-    gathered into memory of its problem's size.
+    ``products`` holds each request's ``out`` (or ``None``) on entry. A whole-operator
+    request goes to the operator as it is, and a :class:`~torch_secorder.HessianOperator`
+    writes its products into its ``out`` directly. A whole-operator request multiplied whole
+    without an ``out`` receives the operator's result itself where that is a tensor of its
+    own, contiguous or the transpose of a contiguous one (an operator that writes its
+    products as rows: no transposing copy of the products per step, which on a ResNet-18 took
+    as long as the product of four columns); every other product is gathered into its
+    ``out`` or memory of its problem's size.
     """
     width = sum(piece[2] for piece in chunk)
     first, start, _, _ = chunk[0]
+    target = None
     if len(chunk) == 1 and rows[first] is None:
         padded = requests[first][:, start : start + width]  # a whole-operator request: as is
         if width == requests[first].shape[1]:
             padded = requests[first]
+        out = products[first]
+        if out is not None and isinstance(operator, HessianOperator):
+            target = out[:, start : start + width]
     else:
         padded = requests[first].new_zeros(size, width)
         for index, begin, count, at in chunk:
             block = requests[index][:, begin : begin + count]
             _put(padded, rows[index], at, block)
-    result = operator.matmat(padded)
-    whole = padded is requests[first]
+    result = operator.matmat(padded) if target is None else operator.matmat(padded, out=target)
+    if result is target:
+        return
+    whole = padded is requests[first] and products[first] is None
     del padded
     if not isinstance(result, Tensor) or tuple(result.shape) != (size, width):
         got = tuple(result.shape) if isinstance(result, Tensor) else type(result)
@@ -295,12 +328,10 @@ def _multiply(
 
 def _advance(problem: Problem, products: Tensor | None) -> None:
     try:
-        if products is None:
-            problem.request = next(problem.steps)
-        else:
-            problem.request = problem.steps.send(products)
+        request = next(problem.steps) if products is None else problem.steps.send(products)
+        problem.request, problem.out = split_request(request)
     except StopIteration as stop:
-        problem.request = None
+        problem.request = problem.out = None
         problem.result = stop.value
 
 

@@ -100,7 +100,8 @@ def hutch_plus_plus(
     out in chunks of :func:`max_columns` vectors of the operator's size ``span`` (default
     ``n``; :math:`Q`'s vectors and the first probes share one) and its products are reduced as
     they come: it holds the :math:`s` sketch products (made orthonormal in place,
-    :func:`orthonormal_rows`) plus one chunk, not all :math:`m` vectors with their products.
+    :func:`orthonormal_rows`) plus a chunk of requests and one of products (the operator
+    writes them there), not all :math:`m` vectors with their products.
     """
     chunk = max_columns(span or n, dtype, device)
     sketch = min(num_matvecs // 3, n, kept_vectors(span or n, dtype, device) // 2)
@@ -117,9 +118,10 @@ def hutch_plus_plus(
     for start in range(0, sketch, chunk):
         stop = min(start + chunk, sketch)
         probes = rademacher(gen, (stop - start, n), dtype, device, out=block[: stop - start])
-        HS[start:stop] = (yield probes.T).T
+        yield probes.T, HS[start:stop].T  # the products straight into their rows
     Q = orthonormal_rows(HS)  # (in HS's memory, unless Householder QR took over)
     del HS
+    results = torch.empty_like(block)  # every later block's products, in the same memory
     # Q's rows, then the probes (drawn and deflated as they go out), a chunk at a time
     low_rank = torch.zeros((), dtype=dtype, device=device)
     samples: list[Tensor] = []
@@ -133,7 +135,7 @@ def hutch_plus_plus(
             request[:width] = Q[done : done + width]
             G = rademacher(gen, (count, n), dtype, device, out=request[width:])
             G.addmm_(G @ Q.T, Q, alpha=-1)  # G - Q Q^T G, as rows
-        products = (yield request.T).T
+        products = (yield request.T, results[: width + count].T).T
         low_rank = low_rank + _row_dots(request[:width], products[:width]).sum()
         if count:
             samples.append(_row_dots(request[width:], products[width:]))

@@ -426,11 +426,13 @@ def _restarted_lanczos(
     j, current, recent = b, slice(0, b), 0
     used, norm = 0, 0.0
     while True:
-        W = yield V[current].T.contiguous()
+        # the products go into the rows below the basis, which become the next block
+        new = V[j : j + current.stop - current.start]
+        W = yield V[current].T.contiguous(), new.T
         used += current.stop - current.start
         if AV is not None:
             AV[current] = W.T
-        new = V[j : j + W.shape[1]]  # the next block: A V[current]^T - V[:j]^T H = new^T B
+        # new^T B = A V[current]^T - V[:j]^T H, in place
         H, size = _against_basis(W, V, j, recent, locked)
         T[:j, current] = H
         theta, Y = torch.linalg.eigh((T[:j, :j] + T[:j, :j].T) / 2)
@@ -520,26 +522,25 @@ def _basis_plan(
 def _against_basis(
     W: Tensor, V: Tensor, j: int, recent: int, locked: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Orthogonalise the columns of ``W`` against the basis ``V[:j]`` into the rows below it.
+    """Orthogonalise the columns of ``W``, the rows below the basis ``V[:j]``, in place.
 
     The product of the last block couples (in exact arithmetic) with the rows from ``recent``
-    on only, so those are taken out first (written into the rows ``new`` below the basis: no
-    temporary of the operator's size), then the whole basis and the columns of ``locked``
-    (:func:`_project_out`: once, again where needed, one row made unit in the same update).
+    on only, so those are taken out first (no temporary of the operator's size), then the
+    whole basis and the columns of ``locked`` (:func:`_project_out`: once, again where
+    needed, one row made unit in the same update).
 
     Returns:
         The coefficients ``V[:j] W`` (in the work dtype) and the squared norms of ``new``
         (one row is then unit).
     """
-    basis, new = V[:j], V[j : j + W.shape[1]]
+    basis, new = V[:j], W.T
     local = basis[recent:]
-    near = inner_rows(local, W.T)
+    near = inner_rows(local, new)
     if W.shape[1] == 1:  # a vector less a few: one pass of elementwise updates, no GEMM
-        torch.add(W[:, 0], local[0], alpha=-float(near[0, 0]), out=new[0])
-        for row, c in zip(local[1:], near[1:, 0].tolist()):
+        for row, c in zip(local, near[:, 0].tolist()):
             new[0].add_(row, alpha=-c)
     else:  # (columns: BLAS takes the product of one row with a matrix as a slow product)
-        torch.addmm(W, local.T, near.to(W.dtype), alpha=-1, out=new.T)
+        W.addmm_(local.T, near.to(W.dtype), alpha=-1)
     H = torch.zeros(j, W.shape[1], dtype=near.dtype, device=W.device)
     H[recent:] = near
     passes, size = _project_out(new, [basis, locked.T])
@@ -720,10 +721,20 @@ def _quadrature(q: Tensor, steps: int, window: int) -> Steps:
     active = list(range(num_probes))
     scale = 0.0
     for j in range(steps):
-        slot = j % window
-        vectors = basis[active[0], slot, :, None] if len(active) == 1 else basis[active, slot].T
-        products = yield vectors
-        rows = products.T.contiguous()  # (the operator's rows as they are: no copy)
+        slot, following = j % window, (j + 1) % window
+        # The products go into the slots of the next vectors (the oldest, dropped next),
+        # where the probes' vectors are views: one probe, or all.
+        if window == 1:  # (one step: the product goes nowhere)
+            request = basis[active, slot].T
+        elif len(active) == 1:
+            request = basis[active[0], slot, :, None], basis[active[0], following, :, None]
+        elif len(active) == num_probes:
+            request = basis[:, slot].T, basis[:, following].T
+        else:
+            request = basis[active, slot].T
+        products = yield request
+        # (the slots written, or the operator's rows as they are: no copy)
+        rows = products.T if isinstance(request, tuple) else products.T.contiguous()
         last = j == steps - 1
         for p, w in zip(list(active), rows):
             a = float(inner_rows(basis[p, slot, None], w[None]))

@@ -40,7 +40,16 @@ from torch import Tensor, nn
 
 from torch_secorder import _flat
 from torch_secorder._checks import type_name
-from torch_secorder.analysis._driver import Budget, MakeSteps, Problem, Steps, budget_of, run
+from torch_secorder.analysis._driver import (
+    Budget,
+    MakeSteps,
+    Problem,
+    Steps,
+    budget_of,
+    delivered,
+    run,
+    split_request,
+)
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.core._activations import activation_operator
 from torch_secorder.core._progress import require_tqdm
@@ -233,13 +242,14 @@ def packed(steps: list[Steps], rows: list[slice | Tensor], size: int) -> Steps:
     algorithm's rows as products with its own block. Returns each algorithm's result and
     its products, in order.
     """
-    requests: dict[int, Tensor] = {}
+    requests: dict[int, tuple[Tensor, Tensor | None]] = {}
     results: list[Any] = [None] * len(steps)
     counts = [0] * len(steps)
 
     def advance(i: int, products: Tensor | None) -> None:
         try:
-            requests[i] = next(steps[i]) if products is None else steps[i].send(products)
+            request = next(steps[i]) if products is None else steps[i].send(products)
+            requests[i] = split_request(request)
         except StopIteration as stop:
             requests.pop(i, None)
             results[i] = stop.value
@@ -247,16 +257,16 @@ def packed(steps: list[Steps], rows: list[slice | Tensor], size: int) -> Steps:
     for i in range(len(steps)):
         advance(i, None)
     while requests:
-        first = next(iter(requests.values()))
-        width = max(V.shape[1] for V in requests.values())
+        first = next(iter(requests.values()))[0]
+        width = max(V.shape[1] for V, _ in requests.values())
         block = first.new_zeros(size, width)
-        for i, V in requests.items():
+        for i, (V, _) in requests.items():
             block[rows[i], : V.shape[1]] = V
         products = yield block
         del block
-        for i, V in list(requests.items()):
+        for i, (V, out) in list(requests.items()):
             counts[i] += V.shape[1]
-            advance(i, products[rows[i], : V.shape[1]])
+            advance(i, delivered(products[rows[i], : V.shape[1]], out))
         del products
     return list(zip(results, counts))
 

@@ -29,6 +29,7 @@ from torch_secorder._checks import (
     check_columns,
     check_data,
     check_int,
+    check_out,
     flat_layout,
 )
 from torch_secorder._data import rng_kept, to_device
@@ -271,20 +272,28 @@ class HessianOperator:
         check_columns("HessianOperator.matvec", "v", v, 1, self)
         return self._apply(v.unsqueeze(1)).squeeze(1)
 
-    def matmat(self, V: Tensor) -> Tensor:
+    def matmat(self, V: Tensor, *, out: Tensor | None = None) -> Tensor:
         """Multiply with ``k`` flat vectors given as columns, batched.
 
         Args:
             V: A ``(P, k)`` tensor of the operator's dtype and device.
+            out: A ``(P, k)`` tensor to write :math:`HV` into instead of new memory, with
+                contiguous columns (such as the transpose of a ``(k, P)`` tensor, whose
+                rows the products are written into) and not overlapping ``V``. Memory
+                reused this way costs nothing to touch first, where new memory of a product's
+                size costs about a fifth of a ResNet-18's product on a CPU.
 
         Returns:
-            :math:`HV`, shape ``(P, k)``.
+            :math:`HV`, shape ``(P, k)`` (``out``, where given).
 
         Raises:
-            ValueError: If ``V`` has the wrong shape, dtype or device.
+            ValueError: If ``V`` or ``out`` has the wrong shape, dtype or device, ``out``
+                non-contiguous columns or memory shared with ``V``.
         """
         check_columns("HessianOperator.matmat", "V", V, 2, self)
-        return self._apply(V)
+        if out is not None:
+            check_out("HessianOperator.matmat", out, V, self)
+        return self._apply(V, out)
 
     def __matmul__(self, other: Tensor) -> Tensor:
         """``H @ v`` for a ``(P,)`` vector or ``(P, k)`` columns."""
@@ -365,16 +374,19 @@ class HessianOperator:
             self.shape, matvec=vector, rmatvec=vector, matmat=columns, rmatmat=columns, dtype=dtype
         )
 
-    def _apply(self, V: Tensor) -> Tensor:
+    def _apply(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         k = V.shape[1]
         if k == 0:
-            return V.new_zeros(V.shape)
+            return V.new_zeros(V.shape) if out is None else out
         if self.wrt == "params":
-            HV = self._source.products(unflatten(V.T, self.params)).T
+            rows = None if out is None else out.T
+            HV = self._source.products(unflatten(V.T, self.params), rows).T
         else:
             HV = self._source.matmat(V)
         self.num_matvecs += k
-        return HV
+        if out is not None and HV.data_ptr() != out.data_ptr():  # (written elsewhere)
+            HV = out.copy_(HV)
+        return out if out is not None else HV
 
 
 _Fingerprint = tuple[int, tuple[float, ...], float]
@@ -480,9 +492,17 @@ def model_operator(
 
 
 def _flat_like(
-    cotangents: list[Tensor], params: list[Tensor], dtype: torch.dtype | None = None
+    cotangents: list[Tensor],
+    params: list[Tensor],
+    out: Tensor | None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """An uninitialised ``(k, P)`` buffer for the products with ``k`` stacked cotangents."""
+    """A ``(k, P)`` buffer for the products with ``k`` stacked cotangents.
+
+    ``out`` where it has the dtype, else uninitialised new memory.
+    """
+    if out is not None and out.dtype == (dtype or out.dtype):
+        return out
     k = cotangents[0].shape[0]
     size = sum(p.numel() for p in params)
     return cotangents[0].new_empty((k, size), dtype=dtype or cotangents[0].dtype)
@@ -522,9 +542,9 @@ class _ClosureProducts:
             self.graph = self.objective.gradient()
         return self.graph
 
-    def products(self, cotangents: list[Tensor]) -> Tensor:
-        """The products with ``k`` stacked cotangents like params, as a flat ``(k, P)`` tensor."""
-        flat = _flat_like(cotangents, self.params)
+    def products(self, cotangents: list[Tensor], out: Tensor | None = None) -> Tensor:
+        """The products with ``k`` stacked cotangents like params, flat ``(k, P)`` (in ``out``)."""
+        flat = _flat_like(cotangents, self.params, out)
         self._kept().products(cotangents, self.params, out=_flat.split(flat, self.params))
         return flat
 
@@ -585,18 +605,19 @@ class _DataSetProducts:
         self.routed = False  # whether a forward pass needed the routing mode: all do from then
         self.keeps_graph = isinstance(batches, Sequence) and len(batches) == 1
 
-    def products(self, cotangents: list[Tensor]) -> Tensor:
+    def products(self, cotangents: list[Tensor], out: Tensor | None = None) -> Tensor:
         """The mean-loss Hessian's products with ``k`` stacked cotangents, flat ``(k, P)``.
 
-        Each batch's products are added into one flat buffer (weighted by its size) and
-        divided in place: beside the cotangents, the memory of two sets of products. A lone
-        batch's products (one process) are the Hessian's: written into the buffer directly.
+        Each batch's products are added into one flat buffer (``out`` where given and of the
+        accumulator's dtype; weighted by its size) and divided in place: beside the
+        cotangents, the memory of two sets of products. A lone batch's products (one
+        process) are the Hessian's: written into the buffer directly.
         """
         dtype = cotangents[0].dtype
         lone = self._lone()
         # half precisions would overflow a sum weighted by batch sizes: accumulate in float32
         accumulator = torch.float32 if torch.finfo(dtype).bits < 32 and not lone else dtype
-        flat_total = _flat_like(cotangents, self.params, accumulator)
+        flat_total = _flat_like(cotangents, self.params, out, accumulator)
         if not lone:
             flat_total.zero_()
         total = _flat.split(flat_total, self.params)
