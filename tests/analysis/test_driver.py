@@ -299,6 +299,8 @@ def test_products_go_where_the_request_asks(kind, monkeypatch):
     ids=["lanczos", "hutch++", "density", "density-4"],
 )
 def test_analyses_have_the_operator_write_into_memory_they_keep(analysis, monkeypatch):
+    # (Hutch++ reuses one buffer over several blocks: chunks of 4 columns make several)
+    monkeypatch.setattr("torch_secorder.analysis._memory.BLOCK_BYTES", 4 * 40 * 8)
     A = with_spectrum(dominant(40))
     x = torch.zeros(40, dtype=DTYPE, requires_grad=True)
     written = []

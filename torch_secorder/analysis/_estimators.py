@@ -121,11 +121,13 @@ def hutch_plus_plus(
         yield probes.T, HS[start:stop].T  # the products straight into their rows
     Q = orthonormal_rows(HS)  # (in HS's memory, unless Householder QR took over)
     del HS
-    results = torch.empty_like(block)  # every later block's products, in the same memory
     # Q's rows, then the probes (drawn and deflated as they go out), a chunk at a time
     low_rank = torch.zeros((), dtype=dtype, device=device)
     samples: list[Tensor] = []
     done, left = 0, 0 if sketch == n else num_matvecs - 2 * sketch
+    # over several blocks, their products in one buffer written again (a single block's
+    # products go to new memory: a buffer held for the whole phase raised the peak)
+    results = torch.empty_like(block) if sketch + left > chunk else None
     while done < sketch or left > 0:
         width = min(chunk, sketch - done)
         count = min(chunk - width, left)
@@ -135,7 +137,8 @@ def hutch_plus_plus(
             request[:width] = Q[done : done + width]
             G = rademacher(gen, (count, n), dtype, device, out=request[width:])
             G.addmm_(G @ Q.T, Q, alpha=-1)  # G - Q Q^T G, as rows
-        products = (yield request.T, results[: width + count].T).T
+        ask = request.T if results is None else (request.T, results[: width + count].T)
+        products = (yield ask).T
         low_rank = low_rank + _row_dots(request[:width], products[:width]).sum()
         if count:
             samples.append(_row_dots(request[width:], products[width:]))
