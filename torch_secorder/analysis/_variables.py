@@ -271,6 +271,12 @@ def packed(steps: list[Steps], rows: list[slice | Tensor], size: int) -> Steps:
     return list(zip(results, counts))
 
 
+def _packed_budget(budget: Budget, sizes: list[int]) -> int | None:
+    """The budget of algorithms run as one (:func:`packed`): the largest of theirs."""
+    budgets = [budget_of(budget, n) for n in sizes]
+    return None if None in budgets else max(budgets)  # type: ignore[type-var]
+
+
 @contextlib.contextmanager
 def _opened(
     fname: str, model: Any, loss_fn: Any, data: Any, variables: Variables, options: dict[str, Any]
@@ -326,7 +332,7 @@ def run_variables(
                 Problem(
                     packed([steps[i] for i in slot], [groups_[i].rows for i in slot], size),  # type: ignore[misc]
                     None,
-                    max((budget_of(budget, groups_[i].size) or 0) for i in slot) or None,
+                    _packed_budget(budget, [groups_[i].size for i in slot]),
                     certain,
                 )
                 for slot in slots
