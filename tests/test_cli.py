@@ -241,6 +241,7 @@ def test_one_batch_mse(tmp_path, factories, capsys):
         (["--checkpoint", "missing.pt"], r"--checkpoint: no such file missing.pt"),
         (["--loss", "hinge"], r"--loss must be one of cross-entropy, mse or module:fn"),
         (["--k", "0"], r"--k must be positive"),
+        (["--probes", "0"], r"--probes must be positive"),
         (["--device", "nonsense"], r"--device: unknown device 'nonsense'"),
         (
             ["--model", "{f}:model", "--data", "{f}:data", "--params", "nope.*"],
@@ -614,6 +615,18 @@ def test_auto_per_layer_is_a_rule_of_products():
         "per-layer traces": 600,
         "per-layer top eigenvalues": 1800,
     }
+
+
+def test_density_probes_follow_the_library_default():
+    from torch_secorder._report import make_plan
+
+    # 4 probes on a small selection, one from 65,536 parameters on, as spectral_density takes
+    assert make_plan(nn.Linear(8, 8)).probes == 4
+    big = nn.Sequential(nn.Linear(8, 8), nn.Linear(256, 256))
+    assert make_plan(big).probes == 1
+    assert make_plan(big).products["spectral density"] == 100
+    assert make_plan(big, params="0.*").probes == 4  # the selection's size decides
+    assert make_plan(big, probes=3).probes == 3
 
 
 def test_exact_traces_are_priced_from_the_planned_diagonal():

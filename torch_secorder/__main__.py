@@ -68,7 +68,11 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--device", default="cpu", help="device, e.g. cpu or cuda:0")
     report.add_argument("--dtype", choices=sorted(DTYPES), help="cast the model and data")
     report.add_argument("--k", type=int, default=5, help="number of top eigenvalues")
-    report.add_argument("--probes", type=int, default=4, help="spectral density probes")
+    report.add_argument(
+        "--probes",
+        type=int,
+        help="spectral density probes (default: 4 on small models, 1 from 65,536 parameters)",
+    )
     report.add_argument("--steps", type=int, default=100, help="Lanczos steps per probe")
     report.add_argument(
         "--trace-matvecs",
@@ -289,7 +293,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be positive; got {args.threads}")
     for option in ("k", "probes", "steps", "batch_size"):
-        if getattr(args, option) < 1:
+        if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UsageError(
                 f"--{option.replace('_', '-')} must be positive; got {getattr(args, option)}"
             )

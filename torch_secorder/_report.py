@@ -53,6 +53,7 @@ from torch_secorder.analysis._groups import (
 )
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.analysis._variables import variables_exact_or_estimate
+from torch_secorder.analysis.density import default_probes
 from torch_secorder.analysis.results import TraceEstimate
 from torch_secorder.core._variables import Variables, select_modules
 from torch_secorder.core.operator import (
@@ -242,7 +243,7 @@ def make_plan(
     k: int = 5,
     trace_matvecs: int = 100,
     layer_matvecs: int | None = None,
-    probes: int = 4,
+    probes: int | None = None,
     steps: int = 100,
     per_layer: str = "auto",
     diagonal: list[int] | None = None,
@@ -272,7 +273,9 @@ def make_plan(
         k: Number of top eigenvalues.
         trace_matvecs: Budget of the whole-model trace.
         layer_matvecs: Budget of each module's trace (default ``trace_matvecs``).
-        probes: Stochastic Lanczos quadrature probes for the density.
+        probes: Stochastic Lanczos quadrature probes for the density (``None``: as
+            :func:`~torch_secorder.spectral_density` takes them by default for the
+            selection's size, 4 on small models and one from 65,536 parameters on).
         steps: Lanczos steps per density probe.
         per_layer: ``"all"`` (each module's trace and top eigenvalue), ``"trace"``,
             ``"none"``, or ``"auto"``: the traces when their products are at most
@@ -322,7 +325,7 @@ def make_plan(
         k=min(k, sum(sizes)),
         trace_matvecs=trace_matvecs,
         layer_matvecs=trace_matvecs if layer_matvecs is None else layer_matvecs,
-        probes=probes,
+        probes=probes or default_probes(sum(sizes)),
         steps=min(steps, sum(sizes)),
         requested=per_layer,
         per_layer="none",
