@@ -53,7 +53,7 @@ from torch_secorder.analysis._groups import (
 )
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.analysis._variables import variables_exact_or_estimate
-from torch_secorder.analysis.density import default_probes
+from torch_secorder.analysis.density import _default_probes
 from torch_secorder.analysis.results import TraceEstimate
 from torch_secorder.core._variables import Variables, select_modules
 from torch_secorder.core.operator import (
@@ -325,7 +325,7 @@ def make_plan(
         k=min(k, sum(sizes)),
         trace_matvecs=trace_matvecs,
         layer_matvecs=trace_matvecs if layer_matvecs is None else layer_matvecs,
-        probes=probes or default_probes(sum(sizes)),
+        probes=probes or _default_probes(sum(sizes)),
         steps=min(steps, sum(sizes)),
         requested=per_layer,
         per_layer="none",

@@ -273,14 +273,14 @@ def _check_options(
     check_generator(fname, generator)
 
 
-def default_probes(n: int) -> int:
+def _default_probes(n: int) -> int:
     """The default number of probes for an operator of size ``n`` (:data:`PROBE_ENTRIES`)."""
     return min(4, -(-PROBE_ENTRIES // n))
 
 
 def _plan(n: int, num_matvecs: int | None, num_probes: int | None) -> tuple[int, int]:
     """Probes and Lanczos steps per probe for an operator of size ``n`` (see the defaults)."""
-    probes = num_probes or min(default_probes(n), num_matvecs or 4)
+    probes = num_probes or min(_default_probes(n), num_matvecs or 4)
     return probes, (num_matvecs or STEPS * probes) // probes
 
 
