@@ -43,7 +43,7 @@ from torch_secorder.analysis._eigensolvers import (
     eigen_steps,
     model_eigenpairs,
 )
-from torch_secorder.analysis._estimators import estimator_steps
+from torch_secorder.analysis._estimators import estimator_maker, estimator_steps
 from torch_secorder.analysis._groups import (
     ROOT,
     group_problems,
@@ -1229,10 +1229,7 @@ def activation_traces(shared: _Stages, operator: Any) -> tuple[list[dict[str, An
     generator = torch.Generator().manual_seed(shared.seed)
     options = {"seed": 0, "distributed": None, "progress": False}
 
-    def make_steps(
-        n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, span: int, _: Any
-    ) -> Any:
-        return estimator_steps(HUTCH, n, budget, dtype, device, gen, span=span)
+    make_steps = estimator_maker(HUTCH, budget)
 
     def finish(result: tuple[Tensor, Tensor], count: int, _: list[Tensor]) -> TraceEstimate:
         return TraceEstimate(result[0], result[1], count, HUTCH)

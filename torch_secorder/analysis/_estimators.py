@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from torch_secorder.analysis._driver import Steps
+from torch_secorder.analysis._driver import MakeSteps, Steps
 from torch_secorder.analysis._memory import kept_vectors, max_columns, refuse
 from torch_secorder.analysis._rows import combine_rows, inner_rows
 from torch_secorder.analysis._sampling import make_generator, rademacher, rademacher_columns
@@ -54,6 +54,24 @@ def _mean_and_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
     if count < 2:
         return samples.mean(), samples.new_tensor(math.nan)
     return samples.mean(), samples.std() / math.sqrt(count)
+
+
+def estimator_maker(method: str, num_matvecs: int, *, diagonal: bool = False) -> MakeSteps:
+    """The estimator ``method`` as ``make_steps`` of :func:`._groups.run_model` (no gradient)."""
+
+    def make_steps(
+        n: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        gen: torch.Generator,
+        span: int,
+        _: object,
+    ) -> Steps:
+        return estimator_steps(
+            method, n, num_matvecs, dtype, device, gen, span=span, diagonal=diagonal
+        )
+
+    return make_steps
 
 
 def hutchinson(

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from torch_secorder._checks import check_estimator, check_max_bytes
 from torch_secorder._docstrings import shared_arguments
 from torch_secorder._types import ParamSelection
-from torch_secorder.analysis._driver import Problem, Steps, run
-from torch_secorder.analysis._estimators import estimator_steps
+from torch_secorder.analysis._driver import Problem, run
+from torch_secorder.analysis._estimators import estimator_maker, estimator_steps
 from torch_secorder.analysis._exact import auto_method, model_exact_or_estimate
 from torch_secorder.analysis._groups import run_model
 from torch_secorder.analysis._memory import memory_budget
@@ -193,17 +193,7 @@ def model_hessian_diagonal_estimate(
         options = {"seed": seed, "distributed": distributed, "progress": progress}
         estimator = "xdiag" if method == "auto" else method
 
-        def make_steps(
-            n: int,
-            dtype: torch.dtype,
-            device: torch.device,
-            gen: torch.Generator,
-            span: int,
-            _: object,
-        ) -> Steps:
-            return estimator_steps(
-                estimator, n, num_matvecs, dtype, device, gen, span=span, diagonal=True
-            )
+        make_steps = estimator_maker(estimator, num_matvecs, diagonal=True)
 
         def finish(
             result: tuple[Tensor, Tensor], count: int, group: list[Tensor]

@@ -384,9 +384,11 @@ class HessianOperator:
         else:
             HV = self._source.matmat(V)
         self.num_matvecs += k
-        if out is not None and HV.data_ptr() != out.data_ptr():  # (written elsewhere)
-            HV = out.copy_(HV)
-        return out if out is not None else HV
+        if out is None:
+            return HV
+        if HV.data_ptr() != out.data_ptr():  # (activations, float32 sums, all_reduce)
+            out.copy_(HV)
+        return out
 
 
 _Fingerprint = tuple[int, tuple[float, ...], float]
