@@ -163,3 +163,20 @@ def test_global_rng_is_untouched():
     for method in METHODS:
         ts.hessian_diagonal_estimate(operator, method=method, num_matvecs=10)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_zero_operator_has_diagonal_zero(method):
+    # every product zero (a parameter entering linearly): no 0/0 in XDiag
+    result = ts.hessian_diagonal_estimate(
+        DenseOperator(torch.zeros(40, 40, dtype=DTYPE)), method=method, num_matvecs=10
+    )
+    assert result.diagonal.abs().max() == 0
+    assert result.stderr.abs().max() == 0
+
+
+def test_a_linear_loss_has_diagonal_zero_by_default():
+    w = torch.ones(200, dtype=DTYPE, requires_grad=True)
+    result = ts.hessian_diagonal_estimate(lambda: 2 * w.sum(), [w])
+    assert result.diagonal[0].abs().max() == 0
+    assert result.stderr[0].abs().max() == 0

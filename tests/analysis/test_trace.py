@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import torch_secorder as ts
 from tests.analysis.operators import (
@@ -132,6 +133,38 @@ def test_xtrace_handles_a_low_rank_operator():
     result = ts.hessian_trace(DenseOperator(A), method="xtrace", num_matvecs=20)
     torch.testing.assert_close(result.value, A.trace())
     assert float(result.stderr) < 1e-10
+
+
+@pytest.mark.parametrize("method", STOCHASTIC)
+def test_a_zero_operator_has_trace_zero(method):
+    # a parameter entering linearly: zero curvature, every product zero (no 0/0 in XTrace)
+    result = ts.hessian_trace(DenseOperator(torch.zeros(40, 40, dtype=DTYPE)), method=method)
+    assert float(result.value) == 0.0
+    assert float(result.stderr) == 0.0
+
+
+class UnusedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_zero_group_has_trace_zero_beside_others():
+    model = UnusedHead().to(DTYPE)
+    x = torch.randn(6, 3, generator=generator(0), dtype=DTYPE)
+    traces = ts.model_hessian_trace(
+        model, nn.MSELoss(), (x, x[:, :2]), groups="module", method="xtrace", num_matvecs=8
+    )
+    assert float(traces["unused"].value) == float(traces["unused"].stderr) == 0.0
+    assert all(
+        math.isfinite(float(t.value)) and float(t.value) != 0
+        for t in traces.values()
+        if t is not traces["unused"]
+    )
 
 
 def test_exact_operator_form_uses_unit_vectors():

@@ -303,10 +303,12 @@ def _left_out_directions(R: Tensor) -> Tensor:
     :math:`Q_{(i)}Q_{(i)}^\top = Q(I - s_is_i^\top)Q^\top` projects onto the sketch without its
     :math:`i`-th vector. An exactly singular sketch (a low-rank :math:`H`) has tiny pivots in
     :math:`R`; they are raised to :math:`\varepsilon \max_j |R_{jj}|` with their sign, which
-    makes :math:`s_i` the missing direction.
+    makes :math:`s_i` the missing direction (to 1 where :math:`R = 0`: a zero :math:`H`).
     """
     diagonal = R.diagonal()
-    tiny = torch.finfo(R.dtype).eps * max(float(diagonal.abs().max()), torch.finfo(R.dtype).tiny)
+    finfo = torch.finfo(R.dtype)
+    largest = float(diagonal.abs().max())
+    tiny = max(finfo.eps * largest, finfo.tiny) if largest > 0 else 1.0
     pivots = torch.where(diagonal.abs() < tiny, torch.where(diagonal < 0, -tiny, tiny), diagonal)
     guarded = R - torch.diag(diagonal) + torch.diag(pivots)
     identity = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
