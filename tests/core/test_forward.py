@@ -73,6 +73,71 @@ def test_hardsigmoid_is_differentiated_twice_in_model_and_closure_forms(inplace)
     assert_close(hessian_matrix(lambda: F.mse_loss(model(x), y), params), expected)
 
 
+def _weight_normed(dim):
+    torch.manual_seed(0)
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(3, 4), dim=dim)
+    return nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 3)).to(F64)
+
+
+def _plain_weight_norm_hessian(model, x, y, dim):
+    """Double backward of the same loss with the weight written as v g / |v| by hand."""
+    original = (
+        model[0].parametrizations.weight.original0,
+        model[0].parametrizations.weight.original1,
+    )
+    params = list(model.parameters())
+
+    def loss():
+        g, v = original
+        norms = v.norm(dim=1 - dim, keepdim=True)
+        weight = v * (g / norms)
+        return F.mse_loss(model[2](torch.tanh(F.linear(x, weight, model[0].bias))), y)
+
+    flat = torch.cat(
+        [t.reshape(-1) for t in torch.autograd.grad(loss(), params, create_graph=True)]
+    )
+    rows = [torch.autograd.grad(flat[i], params, retain_graph=True) for i in range(flat.numel())]
+    return torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows])
+
+
+def test_pytorch_differentiates_a_fused_weight_norm_twice_wrongly():
+    # what the routing is for; if PyTorch's second derivative becomes right, it can go
+    v = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    g = torch.randn(4, 1, dtype=F64, requires_grad=True)
+    for weight_norm in (
+        torch._weight_norm,
+        lambda v, g, dim: v * (g / v.norm(dim=1, keepdim=True)),
+    ):
+        (gv,) = torch.autograd.grad(weight_norm(v, g, 0).tanh().sum(), v, create_graph=True)
+        H = torch.stack(
+            [
+                torch.autograd.grad(gv.reshape(-1)[i], v, retain_graph=True)[0].reshape(-1)
+                for i in range(12)
+            ]
+        )
+        asymmetry = float((H - H.T).abs().max())
+        if weight_norm is torch._weight_norm:
+            assert asymmetry > 1e-3
+        else:
+            assert asymmetry < 1e-12
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_a_weight_normed_layer_is_differentiated_twice_correctly(dim):
+    model = _weight_normed(dim)
+    x, y = _data()
+    expected = _plain_weight_norm_hessian(model, x, y, dim)
+    before = snapshot(model)
+    assert_close(model_hessian_matrix(model, nn.MSELoss(), x, y), expected)
+    assert_unchanged(before, model)
+    params = list(model.parameters())
+    assert_close(hessian_matrix(lambda: F.mse_loss(model(x), y), params), expected)
+    diagonal = torch.cat(
+        [t.reshape(-1) for t in hessian_diagonal(lambda: F.mse_loss(model(x), y), params)]
+    )
+    assert_close(diagonal, expected.diagonal())
+
+
 def _facts(build):
     first = next_node_number()
     return forward_facts(build(), first)
@@ -86,6 +151,8 @@ def test_forward_facts_find_what_needs_a_route_and_custom_functions():
     assert _facts(lambda: gn(z * 1).sum()) == (False, False)
     channels_last = (z * 1).contiguous(memory_format=torch.channels_last)
     assert _facts(lambda: gn(channels_last).sum()) == (True, False)
+    g = torch.ones(2, 1, 1, 1, dtype=F64, requires_grad=True)
+    assert _facts(lambda: torch._weight_norm(z * 1, g, 0).sum()) == (True, False)
 
     class Square(torch.autograd.Function):
         @staticmethod

@@ -13,17 +13,20 @@ without a second derivative, and :func:`module_calling` the module that calls it
 * ``F.group_norm`` of a ``channels_last`` input runs on a contiguous copy (PyTorch 2.13's
   CPU double backward of GroupNorm with respect to its bias crashes the process on
   ``channels_last`` inputs);
+* ``torch._weight_norm`` along a dimension (``weight_norm`` parametrizations of layers) runs
+  as :math:`v\,g / \|v\|` with the norm of :func:`torch.norm_except_dim`, the same function
+  (PyTorch 2.13's fused kernel has a wrong, asymmetric second derivative);
 * ``scaled_dot_product_attention`` runs on its math kernel (the fused kernels have no double
   backward);
 * recurrent layers on CUDA run without cuDNN (``_cudnn_rnn_backward`` has no derivative).
 
-The first two are routed by a :class:`~torch.overrides.TorchFunctionMode`, which is local to
+The first three are routed by a :class:`~torch.overrides.TorchFunctionMode`, which is local to
 the thread. Its overhead, one Python call per torch call of the forward pass (about 4% of a
 small MLP's Hessian-vector product), is paid only where a route is needed: a gradient graph
 runs its forward pass without the mode, looks at the autograd nodes that pass made
 (:func:`forward_facts`: a hardsigmoid, a cuDNN recurrent layer, a GroupNorm of a
-non-contiguous input, or an in-place operation on a view, whose node hides which operation it
-was) and runs it again under the mode only if one is there; the two passes
+non-contiguous input, a fused weight norm, or an in-place operation on a view, whose node
+hides which operation it was) and runs it again under the mode only if one is there; the two passes
 then compute the same function, so results never depend on which ran. The other two have
 only **global switches** in PyTorch,
 process-wide flags (the SDPA backend flags, :data:`_SDP_BACKENDS`, and
@@ -162,6 +165,10 @@ def _group_norm(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return F.group_norm(input.contiguous(), *args, **kwargs)
 
 
+def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
 def _without_cudnn(func: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not any(isinstance(a, Tensor) and a.is_cuda for a in args):
@@ -175,6 +182,7 @@ def _without_cudnn(func: Callable[..., Any]) -> Callable[..., Any]:
 _ROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.hardsigmoid: _hardsigmoid,
     F.group_norm: _group_norm,
+    torch._weight_norm: _weight_norm,
     **{
         getattr(torch._VF, name): _without_cudnn(getattr(torch._VF, name))
         for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -206,10 +214,10 @@ def forward_facts(loss: Tensor, first: int) -> tuple[bool, bool]:
     """What the forward pass behind ``loss`` ran: ``(needs routes, custom functions)``.
 
     Walks the autograd nodes numbered ``first`` or higher (those of the pass) back from the
-    loss. A hardsigmoid, a cuDNN recurrent layer or a GroupNorm of a non-contiguous input
-    (what :data:`_ROUTES` changes) means the pass must run again under the routing mode, and
-    so does an in-place operation on a view (its ``CopySlices`` node wraps the operation's
-    own, which the walk cannot see: an in-place hardsigmoid, say). A
+    loss. A hardsigmoid, a cuDNN recurrent layer, a GroupNorm of a non-contiguous input or a
+    fused weight norm (what :data:`_ROUTES` changes) means the pass must run again under the
+    routing mode, and so does an in-place operation on a view (its ``CopySlices`` node wraps
+    the operation's own, which the walk cannot see: an in-place hardsigmoid, say). A
     node that is not one of PyTorch's generated backward nodes (named ``...Backward<n>``, or
     ``AccumulateGrad``) is a custom ``autograd.Function`` (Python or C++) or an error node:
     only behind such a node can a gradient be cut from its second derivatives.
@@ -244,7 +252,8 @@ _ACCUMULATE = getattr(torch._C._functions, "AccumulateGrad", None)
 def _node_kind(node_type: type) -> int:
     """What an autograd node of this type means to :func:`forward_facts`."""
     name = node_type.__name__
-    if name.startswith(("HardsigmoidBackward", "CudnnRnnBackward")) or name == "CopySlices":
+    routed = ("HardsigmoidBackward", "CudnnRnnBackward", "WeightNormInterfaceBackward")
+    if name.startswith(routed) or name == "CopySlices":
         return _ROUTE
     if name.startswith("NativeGroupNormBackward"):
         return _GROUP_NORM
