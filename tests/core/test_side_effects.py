@@ -5,12 +5,21 @@ mode). Closure forms cannot know the buffers a closure updates (that is the clos
 effect), so they are checked on cases whose forward leaves buffers alone.
 """
 
+import copy
+
 import pytest
 import torch
 
 from tests.cases import build, case_by_id
 from tests.core.helpers import CALLS, CLOSURE_FORMS, MODEL_FORMS, assert_unchanged, like, snapshot
-from torch_secorder import hessian_diagonal, hvp, model_hessian_matrix, model_hvp
+from torch_secorder import (
+    HessianOperator,
+    hessian_diagonal,
+    hvp,
+    model_hessian_diagonal,
+    model_hessian_matrix,
+    model_hvp,
+)
 
 
 @pytest.mark.parametrize("case_id", ["cnn-bn-train", "cnn-bn-eval", "dropout", "frozen"])
@@ -164,3 +173,41 @@ def test_model_form_leaves_no_trace_after_a_non_scalar_loss():
     ):
         model_hessian_matrix(built.model, lambda out, t: out, built.inputs, built.targets)
     assert_unchanged(before, built.model)
+
+
+def _renorming_embedding():
+    """An embedding with ``max_norm`` whose rows are too long: its forward shortens them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(6, 3, max_norm=1.0), torch.nn.Flatten(), torch.nn.Linear(6, 2)
+    ).double()
+    with torch.no_grad():
+        model[0].weight.mul_(3)
+    return model, torch.tensor([[1, 2], [3, 1], [4, 4]]), torch.tensor([0, 1, 1])
+
+
+def test_weights_an_embedding_renormalises_are_restored():
+    model, x, y = _renorming_embedding()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    # the oracle: the Hessian where the forward evaluates the loss, at the renormed rows
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.embedding_renorm_(twin[0].weight, x.reshape(-1), 1.0, 2.0)
+    twin[0].max_norm = None
+    params = list(twin.parameters())
+    g = torch.cat(
+        [t.reshape(-1) for t in torch.autograd.grad(loss_fn(twin(x), y), params, create_graph=True)]
+    )
+    rows = [torch.autograd.grad(g[i], params, retain_graph=True) for i in range(g.numel())]
+    expected = torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows])
+    # (the values are put back; the forward's renormalisation counts as an in-place write)
+    before = [p.detach().clone() for p in model.parameters()]
+    got = model_hessian_matrix(model, loss_fn, x, y)
+    torch.testing.assert_close(got, expected)
+    operator = HessianOperator.from_model(model, loss_fn, [(x[:2], y[:2]), (x[2:], y[2:])])
+    operator.matvec(torch.ones(len(expected), dtype=torch.float64))
+    diagonal = model_hessian_diagonal(model, loss_fn, x, y)
+    torch.testing.assert_close(torch.cat([d.reshape(-1) for d in diagonal]), expected.diagonal())
+    for p, value in zip(model.parameters(), before):
+        assert torch.equal(p, value)
+    assert all(p.grad is None for p in model.parameters())

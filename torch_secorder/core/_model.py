@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from torch_secorder._checks import as_params, check_callable, check_inputs, check_module
@@ -183,20 +184,30 @@ def private_buffers(model: nn.Module, modules: list[nn.Module] | None = None) ->
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
-    """Restore every module's train/eval mode, and every buffer object, on exit.
+    """Restore every module's train/eval mode, every buffer object, and renormed embeddings.
 
     Forward passes of the library run on copies of the buffers (:func:`batch_loss`); this
-    guards against a forward that switches modes or re-registers buffers. ``modules``:
-    ``list(model.modules())``, where known.
+    guards against a forward that switches modes or re-registers buffers, and restores the
+    weights an embedding with ``max_norm`` renormalises in place (its forward does, before the
+    lookup) where they changed. ``modules``: ``list(model.modules())``, where known.
     """
     modules = list(model.modules()) if modules is None else modules
     modes = [m.training for m in modules]
     buffers = [(module, name, buf) for module in modules for name, buf in module._buffers.items()]
+    renormed = [
+        (m.weight, m.weight.detach().clone())
+        for m in modules
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    ]
     try:
         yield
     finally:
         for module, name, buf in buffers:
             module._buffers[name] = buf
+        with torch.no_grad():
+            for weight, saved in renormed:
+                if not torch.equal(weight, saved):
+                    weight.copy_(saved)
         for module, training in zip(modules, modes):
             if module.training != training:  # (setting a module's attribute is not free)
                 module.training = training
