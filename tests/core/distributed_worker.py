@@ -50,15 +50,27 @@ class ChangingBatches:
             yield (x + self.passes, y)
 
 
-def main(rank, world_size, port, shards, out, differs=False):
+def main(rank, world_size, port, shards, out, mode=""):
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
         model, batches = model_and_shards(shards)
         data = batches[rank]
+        differs = mode == "differs"
         if differs and rank == world_size - 1:
             data = ChangingBatches(data)
+        if mode == "inputs":  # refused by default; distributed=False: this process's batches
+            try:
+                HessianOperator.from_model(model, nn.MSELoss(), data, wrt="inputs")
+            except ValueError as err:
+                error = str(err)
+            local = HessianOperator.from_model(
+                model, nn.MSELoss(), data, wrt="inputs", distributed=False
+            )
+            eye = torch.eye(local.shape[0], dtype=local.dtype)
+            torch.save({"error": error, "local": local @ eye}, out)
+            return
         H = HessianOperator.from_model(model, nn.MSELoss(), data)
         V = probe_columns(H.shape[0])
         if differs:
@@ -82,5 +94,5 @@ if __name__ == "__main__":
         int(sys.argv[3]),
         json.loads(sys.argv[4]),
         sys.argv[5],
-        len(sys.argv) > 6,
+        sys.argv[6] if len(sys.argv) > 6 else "",
     )

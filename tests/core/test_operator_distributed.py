@@ -75,6 +75,17 @@ def test_passes_that_differ_on_one_process_raise_on_every_process(tmp_path):
     assert "data batch 0 differs between passes" in second["error"]
 
 
+def test_input_hessians_are_refused_by_default_across_processes(tmp_path):
+    shards = [[3], [2, 4]]
+    results = run_two_ranks(shards, tmp_path, extra=["inputs"])
+    model, batches = model_and_shards(shards)
+    for rank, result in enumerate(results):
+        assert "torch.distributed is initialized, but with wrt='inputs'" in result["error"]
+        local = HessianOperator.from_model(model, nn.MSELoss(), batches[rank], wrt="inputs")
+        eye = torch.eye(local.shape[0], dtype=local.dtype)
+        assert_close(result["local"], local @ eye)
+
+
 @pytest.mark.parametrize(("dtype", "samples"), [(torch.bfloat16, 1001), (torch.float16, 70000)])
 def test_samples_are_counted_exactly_in_any_dtype(dtype, samples):
     # a count carried in the product's dtype rounds (bf16: 1001 -> 1000) or overflows (fp16)

@@ -81,6 +81,12 @@ from torch_secorder.core._variables import (
 from torch_secorder.core.operator import HessianOperator, _checksum, _DataSetProducts
 
 
+def _several_processes() -> bool:
+    """Whether :mod:`torch.distributed` runs more than one process."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def activation_operator(
     fname: str,
     model: object,
@@ -103,8 +109,16 @@ def activation_operator(
         raise ValueError(
             f"{fname}: distributed=True sums products over processes, but with "
             f"wrt={variables.wrt!r} each process's variables are its own (its batches' "
-            "activations or inputs); pass distributed=None or False and analyse each "
+            "activations or inputs); pass distributed=False and analyse each "
             "process's data on its own."
+        )
+    if distributed is None and _several_processes():
+        raise ValueError(
+            f"{fname}: torch.distributed is initialized, but with wrt={variables.wrt!r} each "
+            "process's variables are its own (its batches' activations or inputs): the Hessian "
+            "over all processes' data is block diagonal across them, which one process's "
+            "operator cannot span; pass distributed=False to analyse this process's data on "
+            "its own (its batches weighted among themselves)."
         )
     batches = check_data(fname, data)
     if progress:

@@ -159,7 +159,9 @@ class HessianOperator:
         once, and of all samples of a batch at once where the Hessian blocks between
         different samples are proven zero (exact-zero checks, as the structured diagonal's).
         These operators belong to one process (each process's activations are its own
-        variables): ``distributed=True`` is refused.
+        variables): ``distributed=True`` is refused, and so is the default while
+        :mod:`torch.distributed` runs several processes (``distributed=False`` analyses the
+        process's own batches).
 
         Args:
             model: The model.
@@ -193,7 +195,8 @@ class HessianOperator:
                 is unknown, ``params`` is given, ``modules`` is missing (or given for other
                 ``wrt``) or matches no module, a module is not called exactly once, the
                 variables mix dtypes or devices, the inputs hold no floating-point tensor, or
-                ``distributed=True``.
+                ``distributed`` is not ``False`` while :mod:`torch.distributed` runs several
+                processes (``True`` always).
             TypeError: For activations, if a module returns something other than a tensor.
             ImportError: If ``progress=True`` and ``tqdm`` is missing.
 
