@@ -126,6 +126,22 @@ def test_sigma_and_grid_size():
     assert default.sigma == pytest.approx(0.5 * span / 10)
 
 
+@pytest.mark.parametrize(("sigma", "grid_size"), [(1e-8, 1000), (1e-4, 3)])
+def test_a_width_below_the_grid_spacing_keeps_every_node_mass(sigma, grid_size):
+    # the grid's points would miss Gaussians narrower than its spacing: their cells' means
+    nodes = torch.tensor([[-1.0, 0.5, 2.0, 4.0]], dtype=DTYPE)
+    weights = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=DTYPE)
+    result = _density_result(nodes, weights, 4, grid_size, sigma)
+    assert bool(torch.isfinite(result.density).all())
+    torch.testing.assert_close(
+        torch.trapezoid(result.density, result.grid), torch.ones((), dtype=DTYPE)
+    )
+    if grid_size > 3:  # each node's mass in its own cell, around the grid point nearest it
+        spacing = float(result.grid[1] - result.grid[0])
+        nearest = (result.grid[:, None] - nodes[0]).abs().argmin(dim=0)
+        torch.testing.assert_close(result.density[nearest] * spacing, weights[0])
+
+
 def test_point_spectrum_gets_a_nonzero_width():
     result = _density_result(
         torch.full((1, 3), 2.0, dtype=DTYPE), torch.full((1, 3), 1 / 3, dtype=DTYPE), 3, 101, None

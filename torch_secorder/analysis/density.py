@@ -107,7 +107,9 @@ def spectral_density(
             21,845, one from 65,536 on.
         grid_size: Number of grid points (default 1000), at least 2.
         sigma: Standard deviation of the Gaussian broadening; ``None`` means half the range of
-            the Ritz nodes divided by ``steps`` (about the quadrature's resolution).
+            the Ritz nodes divided by ``steps`` (about the quadrature's resolution). Below the
+            grid's spacing the density is each grid cell's mean of the broadened one (the
+            points would miss the Gaussians).
         generator: Source of the probes; ``None`` uses a private generator with a fixed seed
             (reproducible), the global RNG is never touched.
         {max_bytes}
@@ -300,7 +302,12 @@ def _span(low: float, high: float) -> float:
 def _density_result(
     nodes: Tensor, weights: Tensor, num_matvecs: int, grid_size: int, sigma: float | None
 ) -> DensityResult:
-    """Broaden Ritz nodes and weights into a density on a grid integrating to 1."""
+    """Broaden Ritz nodes and weights into a density on a grid integrating to 1.
+
+    The Gaussians' values at the grid points; where ``sigma`` is below the grid's spacing
+    :math:`h` (the points would miss them), their means over each point's cell of width
+    :math:`h` instead, which keep every node's mass.
+    """
     sigma = _default_sigma(nodes) if sigma is None else float(sigma)
     low, high = float(nodes.min()), float(nodes.max())
     pad = 4 * sigma + 0.01 * _span(low, high)
@@ -309,10 +316,16 @@ def _density_result(
     centres = nodes.reshape(-1).to(work)
     mass = weights.reshape(-1).to(work) / nodes.shape[0]
     density = torch.zeros_like(grid)
+    spacing = (2 * pad + high - low) / max(1, grid_size - 1)
     chunk = max(1, 2**24 // max(1, centres.numel()))
     for start in range(0, grid_size, chunk):
         t = grid[start : start + chunk, None]
-        kernel = torch.exp(-0.5 * ((t - centres) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        if sigma >= spacing:
+            z = (t - centres) / sigma
+            kernel = torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
+        else:
+            upper, lower = ((t + edge - centres) / sigma for edge in (spacing / 2, -spacing / 2))
+            kernel = (torch.special.ndtr(upper) - torch.special.ndtr(lower)) / spacing
         density[start : start + chunk] = kernel @ mass
     density = density / torch.trapezoid(density, grid)
     return DensityResult(
