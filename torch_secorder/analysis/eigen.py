@@ -35,8 +35,10 @@ whose dominant eigenvalues are the wanted ones. (Shifting from the start would s
 run: the ratios of consecutive eigenvalues move towards 1.)
 
 Power iteration's test stops when the Rayleigh quotient stalls, which can be well before
-it is accurate to ``tol``; the products both methods took on trained networks, and their
-errors, are in the benchmarks' README (``bench_analysis.py``).
+it is accurate to ``tol``, and its ``converged`` says that it stalled, not that the pair is
+an eigenpair: the residuals tell (two eigenvalues of equal magnitude and opposite sign, for
+``which="magnitude"``, stall it between them); the products both methods took on trained
+networks, and their errors, are in the benchmarks' README (``bench_analysis.py``).
 
 References:
     Lanczos, C. (1950). An iteration method for the solution of the eigenvalue problem of
