@@ -471,9 +471,9 @@ def test_per_layer_choices(tmp_path, factories, capsys):
         assert status == 0, err
         reports[choice] = json.loads((out / "report.json").read_text())
     rows = reports["all"]["per_layer"]
-    # the model's own parameter forms the visible group "(root)"
+    # the model's own parameter forms the group "" (its module name), shown as "(root)"
     assert [(r["module"], r["type"], r["parameters"]) for r in rows] == [
-        ("(root)", "Scaled", 4),
+        ("", "Scaled", 4),
         ("body.0", "Linear", 30),
         ("body.2", "Linear", 21),
     ]
@@ -540,7 +540,7 @@ def test_trace_falls_back_to_hutch_plus_plus_and_module_traces_mix(tmp_path, fac
     )
     rows = report["per_layer"]
     assert [(r["module"], r["trace_method"]) for r in rows] == [
-        ("(root)", "hutch++"),
+        ("", "hutch++"),
         ("head", "exact"),
     ]
     head = rows[1]["trace_num_matvecs"]
@@ -747,7 +747,7 @@ def float64_batches():
 @pytest.mark.parametrize(
     ("factory", "options", "modules", "methods", "line"),
     [
-        # every module owning parameters, the model's own output "(root)" first; all exact
+        # every module owning parameters, the model's own output "" first; all exact
         (
             "scaled",
             ["--activations"],
@@ -777,8 +777,7 @@ def test_activation_table(factory, options, modules, methods, line, tmp_path, fa
     report = json.loads((tmp_path / "report.json").read_text())
     markdown = (tmp_path / "report.md").read_text()
     rows = report["activations"]
-    names = [name or "(root)" for name in modules]
-    assert [row["module"] for row in rows] == names
+    assert [row["module"] for row in rows] == modules
     statuses = [entry["status"] for entry in report["plan"]["stages"]]
     assert statuses == ["done"] * 3 + ["skipped"] * 2 + ["done"] * 2
     traces = report["plan"]["stages"][5]
@@ -844,7 +843,7 @@ def test_activation_plan_before_the_data():
     assert make_plan(model, activations=["*"], layer_matvecs=30).products["activation traces"] == (
         3 * 30
     )
-    assert make_plan(model, activations=[""]).activations.selection == [""]
+    assert make_plan(model, activations=[""]).activations.modules == [""]
     assert make_plan(model).stages == STAGES
     assert "activation traces" not in make_plan(model).products
     with pytest.raises(ValueError, match="make_plan: modules entry 'x' matches no module"):

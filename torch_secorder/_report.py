@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder._report_markdown import duration, markdown, one_line
+from torch_secorder._report_markdown import ROOT, duration, markdown, one_line
 from torch_secorder.analysis import (
     hessian_trace,
     plot_spectral_density,
@@ -45,7 +45,6 @@ from torch_secorder.analysis._eigensolvers import (
 )
 from torch_secorder.analysis._estimators import estimator_maker, estimator_steps
 from torch_secorder.analysis._groups import (
-    ROOT,
     group_problems,
     module_groups,
     rows_of,
@@ -120,7 +119,7 @@ class ActivationPlan:
 
     Attributes:
         modules: The modules whose outputs are analysed, in model order, by their names of
-            :meth:`~torch.nn.Module.named_modules` (``"(root)"``: the model's own output).
+            :meth:`~torch.nn.Module.named_modules` (``""``: the model's own output).
         sizes: Entries of each module's output over the data set (every batch's); ``None``
             before the operator is built.
         per_sample: Entries of each module's output per sample, where its leading dimension
@@ -141,11 +140,6 @@ class ActivationPlan:
     methods: dict[str, str] = field(default_factory=dict)
     note: str | None = None
 
-    @property
-    def selection(self) -> list[str]:
-        """The modules as ``modules=`` of the model forms takes them (``""``: the model)."""
-        return ["" if name == ROOT else name for name in self.modules]
-
     def exact_modules(self) -> list[str]:
         """The modules whose trace is exact, in model order."""
         return [name for name, method in self.methods.items() if method == EXACT]
@@ -159,8 +153,8 @@ class Plan:
         size: Parameters analysed.
         tensors: Parameter tensors analysed.
         names: Their names, in model order.
-        groups: Module name -> indices into the selected parameters (``"(root)"`` for the
-            model's own).
+        groups: Module name -> indices into the selected parameters (``""`` for the model's
+            own).
         sizes: Sizes of the selected parameters, in order.
         k: Top eigenvalues of the whole model.
         trace_matvecs: Budget of the whole-model trace: exact when the exact diagonal takes at
@@ -496,7 +490,7 @@ def activation_table_operator(
     if plan.activations is None:
         raise ValueError("the plan has no activation table")
     return HessianOperator.from_model(
-        model, loss_fn, data, wrt="activations", modules=plan.activations.selection
+        model, loss_fn, data, wrt="activations", modules=plan.activations.modules
     )
 
 
@@ -712,7 +706,9 @@ def plan_lines(
     act = plan.activations
     if act is not None:
         count = len(act.modules)
-        listed = ", ".join(act.modules[:8]) + (", ..." if count > 8 else "")
+        listed = ", ".join(name or ROOT for name in act.modules[:8]) + (
+            ", ..." if count > 8 else ""
+        )
         text = f"Activations: the outputs of {count} module{'s' if count > 1 else ''} ({listed})"
         if act.sizes is not None:
             text += f", {sum(act.sizes)} entries over the data"
@@ -1145,7 +1141,7 @@ def layer_traces(shared: _Stages, operator: _Counted) -> tuple[list[dict[str, An
             used += products
         else:
             (value, products), stderr = sums[name], 0.0
-        module = shared.model if name == ROOT else modules[name]
+        module = modules[name]
         rows.append(
             {
                 "module": name,
@@ -1246,7 +1242,7 @@ def activation_traces(shared: _Stages, operator: Any) -> tuple[list[dict[str, An
 
     shared.operator.release()  # the parameters' kept graph (of a lone batch) is not needed here
     before = operator.num_matvecs
-    selection = Variables("activations", act.selection, operator)
+    selection = Variables("activations", act.modules, operator)
     if act.diagonal is None:  # not planned: every trace by Hutch++
         traces = estimate(selection, "module")
     else:
@@ -1263,7 +1259,7 @@ def activation_traces(shared: _Stages, operator: Any) -> tuple[list[dict[str, An
         rows.append(
             {
                 "module": name,
-                "type": type(shared.model if name == ROOT else modules[name]).__name__,
+                "type": type(modules[name]).__name__,
                 "entries": size,
                 "entries_per_sample": per_sample,
                 "trace": value,
@@ -1303,7 +1299,7 @@ def activation_top_eigenvalues(shared: _Stages, operator: Any) -> tuple[list[dic
         warnings.filterwarnings("ignore", "model_top_eigenvalues: .*", RuntimeWarning)
         tops = model_eigenpairs(
             "model_top_eigenvalues", shared.model, shared.loss_fn, shared.data,
-            Variables("activations", act.selection, operator), "module", generator, options,
+            Variables("activations", act.modules, operator), "module", generator, options,
             solver,
         )  # fmt: skip
     operator.release()

@@ -3,7 +3,8 @@
 import math
 from typing import Any
 
-from torch_secorder.analysis._groups import ROOT
+ROOT = "(root)"
+"""How the tables show the model itself (its module name is empty)."""
 
 
 def duration(seconds: float) -> str:
@@ -193,7 +194,7 @@ def _per_layer_section(
         how += f"; top eigenvalues skipped (--per-layer {plan['per_layer']['requested']})"
     else:
         how += f"; top eigenvalues not computed ({tops or 'pending'})"
-    root = any(row["module"] == ROOT for row in rows)
+    root = any(row["module"] == "" for row in rows)
     lines = [
         "## Per layer",
         "",
@@ -215,8 +216,9 @@ def _per_layer_section(
         exact = row["trace_method"] == "exact"
         error = "" if exact else _number(row["trace_stderr"], ".2g")
         lines.append(
-            f"| {row['module']} | {row['type']} | {row['parameters']} | {row['trace']:.6g} | "
-            f"{error} | {'exact' if exact else 'Hutch++'} | {top} | {row['num_matvecs']} |"
+            f"| {row['module'] or ROOT} | {row['type']} | {row['parameters']} | "
+            f"{row['trace']:.6g} | {error} | {'exact' if exact else 'Hutch++'} | {top} | "
+            f"{row['num_matvecs']} |"
         )
     lines.append("")
     return lines
@@ -269,8 +271,9 @@ def _activation_section(rows: list[dict[str, Any]] | None, status: dict[str, str
         error = "" if exact else _number(row["trace_stderr"], ".2g")
         per_sample = row["entries_per_sample"]
         lines.append(
-            f"| {row['module']} | {row['type']} | {'-' if per_sample is None else per_sample} | "
-            f"{row['trace']:.6g} | {error} | {'exact' if exact else 'Hutch++'} | "
+            f"| {row['module'] or ROOT} | {row['type']} | "
+            f"{'-' if per_sample is None else per_sample} | {row['trace']:.6g} | {error} | "
+            f"{'exact' if exact else 'Hutch++'} | "
             f"{_number(row['trace_per_entry'], '.4g')} | {top} | {row['num_matvecs']} |"
         )
     lines.append("")

@@ -65,5 +65,5 @@ def own_modules(model, names):
             full = f"{qualname}.{pname}" if qualname else pname
             if full in names and id(p) not in seen:
                 seen.add(id(p))
-                owned.setdefault(qualname or "(root)", []).append(full)
+                owned.setdefault(qualname, []).append(full)
     return owned

@@ -24,11 +24,6 @@ GROUPS = pytest.mark.parametrize("groups", [None, "module"])
 EPS13 = torch.finfo(torch.float64).eps ** (1 / 3)
 
 
-def group_name(module):
-    """The group of a module's own parameters; the model's own ones form ``"(root)"``."""
-    return module or "(root)"
-
-
 def rows(arch, names, groups):
     """Group name -> rows of the oracle's subset Hessian (``None``: all of ``names``)."""
     named = dict(arch.model.named_parameters())
@@ -39,7 +34,7 @@ def rows(arch, names, groups):
     if groups is None:
         return {None: torch.cat([offsets[n] for n in names])}
     return {
-        group_name(module): torch.cat([offsets[n] for n in names if n.rpartition(".")[0] == module])
+        module: torch.cat([offsets[n] for n in names if n.rpartition(".")[0] == module])
         for module in arch.modules(names)
     }
 

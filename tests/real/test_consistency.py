@@ -3,7 +3,7 @@
 With dropout active (ViT, LSTM, MobileNet; the ResNet draws no random numbers), the exact
 trace of ``model_hessian_trace`` equals the sum of ``model_hessian_diagonal`` equals the trace
 of ``model_hessian_matrix``, the per-module exact traces (``groups="module"``, tied weights
-counted once, the model's own parameters as ``"(root)"``) sum to it, and the matrix is the
+counted once, the model's own parameters as ``""``) sum to it, and the matrix is the
 oracle's (its products with a random vector are the hand-written ones, batch 0 under seed 0).
 """
 

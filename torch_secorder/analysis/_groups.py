@@ -8,10 +8,10 @@ chunks of columns, with the operator over the data; each group sees its own diag
 hold what one analysis of the whole selection would, plus one chunk.
 
 Names: a module group is named by :meth:`~torch.nn.Module.named_modules` (``"body.0"``), and
-the parameters the model itself owns form the group :data:`ROOT`. A parameter shared by
-several modules (tied weights) is selected, grouped and reported once, under its first name in
-:meth:`~torch.nn.Module.named_parameters` and in the group of the first module owning it, as
-:func:`~torch_secorder.select_params` does.
+the parameters the model itself owns form the group ``""``, the model's own name there. A
+parameter shared by several modules (tied weights) is selected, grouped and reported once,
+under its first name in :meth:`~torch.nn.Module.named_parameters` and in the group of the
+first module owning it, as :func:`~torch_secorder.select_params` does.
 """
 
 import fnmatch
@@ -33,8 +33,8 @@ from torch_secorder.core.params import shared_names
 
 GROUP_KINDS = ("module", "parameter")
 
-ROOT = "(root)"
-"""Name of the module group of parameters the model owns itself (its module name is empty)."""
+ROOT = ""
+"""Name of the module group of parameters the model owns itself: its module name."""
 
 
 def resolve_groups(
@@ -116,7 +116,7 @@ def module_groups(model: nn.Module, tensors: list[Tensor]) -> dict[str, list[int
     """One group per module owning selected parameters directly, by qualified module name.
 
     A shared parameter belongs to the first module owning it; the model's own parameters form
-    the group :data:`ROOT`.
+    the group ``""`` (:data:`ROOT`).
     """
     position = {id(t): i for i, t in enumerate(tensors)}
     seen: set[int] = set()
@@ -128,7 +128,7 @@ def module_groups(model: nn.Module, tensors: list[Tensor]) -> dict[str, list[int
                 seen.add(id(p))
                 own.append(position[id(p)])
         if own:
-            grouped[qualname or ROOT] = sorted(own)
+            grouped[qualname] = sorted(own)
     return grouped
 
 

@@ -24,9 +24,6 @@ if TYPE_CHECKING:
 WRT = ("params", "activations", "inputs")
 """What a model's Hessian may be taken with respect to."""
 
-ROOT = "(root)"
-"""Name of the model's own output as a variable (``modules=""``)."""
-
 
 @dataclass(frozen=True)
 class Variables:
@@ -119,7 +116,7 @@ def select_modules(fname: str, model: nn.Module, modules: object) -> list[tuple[
                 f"modules are: {available or 'none'}."
             )
         chosen.update(matches)
-    return [(name or ROOT, module) for name, module in named.items() if name in chosen]
+    return [(name, module) for name, module in named.items() if name in chosen]
 
 
 class Probes:
