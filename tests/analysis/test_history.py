@@ -60,6 +60,22 @@ def test_files_round_trip_exactly(tmp_path, suffix):
     assert type(loaded[0].num_matvecs) is int
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_the_model_own_group_stays_apart_from_the_whole_selection(tmp_path, suffix):
+    # groups="module" names the model's own parameters "", the whole selection has no group
+    records = [
+        CurvatureRecord(0, "eigenvalue", 2.0, 1e-7, 5, 0.01),
+        CurvatureRecord(0, "eigenvalue", 0.5, 1e-7, 5, 0.01, group=""),
+        CurvatureRecord(0, "eigenvalue", 1.0, 1e-7, 5, 0.01, group="fc.0"),
+    ]
+    history, path = CurvatureHistory(records), tmp_path / f"history{suffix}"
+    history.to_csv(path) if suffix == ".csv" else history.to_json(path)
+    loaded = CurvatureHistory.load(path)
+    assert [r.group for r in loaded.records] == [None, "", "fc.0"]
+    assert loaded.series("eigenvalue", group="") == ([0], [0.5])
+    assert loaded.series("eigenvalue") == ([0], [2.0])
+
+
 def test_csv_is_a_plain_table(tmp_path):
     sample().to_csv(tmp_path / "h.csv")
     lines = (tmp_path / "h.csv").read_text().splitlines()

@@ -172,7 +172,8 @@ class CurvatureHistory:
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write the records as CSV: a header of the field names, one row per record.
 
-        The group of the whole selection is an empty cell; floats are written with the
+        The group of the whole selection is an empty cell, that of the parameters the model
+        owns itself (named ``""``) the two characters ``""``; floats are written with the
         shortest representation that reads back to the same number.
 
         Args:
@@ -183,7 +184,7 @@ class CurvatureHistory:
             writer.writerow(FIELDS)
             for record in self.records:
                 row = asdict(record)
-                row["group"] = "" if record.group is None else record.group
+                row["group"] = _CSV_GROUPS.get(record.group, record.group)
                 writer.writerow([_cell(row[name]) for name in FIELDS])
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
@@ -308,7 +309,7 @@ class CurvatureHistory:
                         values,
                         color=f"C{2 + number % 8}",
                         linewidth=0.8,
-                        label=f"{prefix}{group} (own block)",
+                        label=f"{prefix}{group or '(root)'} (own block)",
                     )
         steps, values = self.series("threshold")
         if steps and main != preconditioned:
@@ -363,15 +364,23 @@ def _record(fname: str, row: dict[str, Any]) -> CurvatureRecord:
         residual=float(row["residual"]),
         num_matvecs=int(row["num_matvecs"]),
         seconds=float(row["seconds"]),
-        group=None if group in ("", None) else str(group),
+        group=None if group is None else str(group),
         index=int(row["index"]),
         converged=converged if isinstance(converged, bool) else converged == "True",
     )
 
 
+_CSV_GROUPS = {None: "", "": '""'}
+"""Groups whose CSV cells are not their names: the whole selection, the model's own."""
+
+
 def _from_csv(path: str) -> list[CurvatureRecord]:
+    names = {cell: group for group, cell in _CSV_GROUPS.items()}
     with open(path, newline="") as file:
-        return [_record("CurvatureHistory.load", row) for row in csv.DictReader(file)]
+        rows = list(csv.DictReader(file))
+    for row in rows:
+        row["group"] = names.get(row.get("group"), row.get("group"))
+    return [_record("CurvatureHistory.load", row) for row in rows]
 
 
 def _from_json(path: str) -> list[CurvatureRecord]:
