@@ -1,9 +1,11 @@
 """One process of the two-process test of HessianOperator over torch.distributed (gloo).
 
-Usage: python distributed_worker.py RANK WORLD_SIZE PORT SHARDS OUT [DIFFERS], where SHARDS is
-a JSON list with one list of batch sizes per rank. Writes the rank's products to OUT. With
-DIFFERS, the last rank's data changes with every pass, and every rank records the error
-its second product raises.
+Usage: python distributed_worker.py RANK WORLD_SIZE PORT SHARDS OUT [MODE], where SHARDS is a
+JSON list with one list of batch sizes per rank. Writes the rank's products to OUT. MODE:
+``differs`` (the last rank's data changes with every pass, and every rank records the error
+its second product raises), ``inputs`` (the Hessian with respect to the inputs: the error by
+default, the products with ``distributed=False``) or ``dropout`` (a dropout layer in training
+mode).
 """
 
 import json
@@ -15,10 +17,12 @@ from torch import nn
 from torch_secorder import HessianOperator
 
 
-def model_and_shards(shards):
+def model_and_shards(shards, dropout=False):
     """The same model on every rank, and the batches of every rank's shard."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    if dropout:  # (in training mode: masks drawn under each batch's seed)
+        model.insert(2, nn.Dropout(0.5))
     g = torch.Generator().manual_seed(1)
     batches = [
         [
@@ -55,7 +59,7 @@ def main(rank, world_size, port, shards, out, mode=""):
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
-        model, batches = model_and_shards(shards)
+        model, batches = model_and_shards(shards, dropout=mode == "dropout")
         data = batches[rank]
         differs = mode == "differs"
         if differs and rank == world_size - 1:

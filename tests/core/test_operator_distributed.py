@@ -69,6 +69,25 @@ def test_two_processes_match_one(shards, tmp_path):
         assert result["num_matvecs"] == 3
 
 
+def test_two_processes_match_one_with_dropout(tmp_path):
+    # the batches are numbered rank by rank for their seeds: the same masks as in one process
+    shards = [[3, 2], [4]]
+    results = run_two_ranks(shards, tmp_path, extra=["dropout"])
+    model, batches = model_and_shards(shards, dropout=True)
+    single = HessianOperator.from_model(model, nn.MSELoss(), batches[0] + batches[1])
+    expected = single @ probe_columns(single.shape[0])
+    for result in results:
+        assert_close(result["product"], expected)
+    # numbered within each rank, rank 1's batch 0 would draw rank 0's masks: another matrix
+    V, sizes = probe_columns(single.shape[0]), [*shards[0], *shards[1]]
+    seeds = [*range(len(shards[0])), *range(len(shards[1]))]
+    per_rank = sum(
+        n * (HessianOperator.from_model(model, nn.MSELoss(), [batch], seed=seed) @ V)
+        for n, batch, seed in zip(sizes, batches[0] + batches[1], seeds)
+    )
+    assert not torch.allclose(expected, per_rank / sum(sizes))
+
+
 def test_passes_that_differ_on_one_process_raise_on_every_process(tmp_path):
     first, second = run_two_ranks([[4], [3, 2]], tmp_path, extra=["differs"])
     assert "data passes of another process differ" in first["error"]

@@ -14,7 +14,7 @@ or the inputs of every batch instead of the parameters (:mod:`._activations`).
 """
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -138,7 +138,9 @@ class HessianOperator:
         ``data``; every product sums the weighted products and sample counts of all
         processes with one ``all_reduce``, so every process holds the Hessian of the mean
         loss over all processes' data (shards may differ in size). All processes must then
-        request the same products in the same order.
+        request the same products in the same order. The batches are numbered for their
+        seeds rank by rank, as one process holding the shards in rank order numbers them,
+        so with dropout too the processes together describe that process's Hessian.
 
         **Activations and inputs.** With ``wrt="activations"`` the variables are the outputs
         :math:`z_{b,m}` of the ``modules`` on every batch :math:`b`, with ``wrt="inputs"`` the
@@ -608,6 +610,7 @@ class _DataSetProducts:
         self.planned: tuple[StructuredDiagonal, int, tuple[float, ...]] | None = None  # batch 0
         self.fingerprints: list[_Fingerprint] | None = None  # of each batch in the first pass
         self.routed = False  # whether a forward pass needed the routing mode: all do from then
+        self.first_batch: int | None = None  # the number of this process's first batch
         self.keeps_graph = isinstance(batches, Sequence) and len(batches) == 1
 
     def products(self, cotangents: list[Tensor], out: Tensor | None = None) -> Tensor:
@@ -671,6 +674,7 @@ class _DataSetProducts:
         if self.cached is not None:
             accumulate(*self.cached)
             return None
+        self._number_batches()
         fingerprints: list[_Fingerprint] = []
         differs = None
         with preserved_state(self.model), rng_kept():
@@ -746,6 +750,7 @@ class _DataSetProducts:
 
     def plan_diagonal(self, budget: float) -> list[int]:
         if self.planned is None:
+            self._number_batches()
             with preserved_state(self.model), rng_kept():
                 for batch in self.batches:
                     self.planned = self._structured(0, batch, budget)
@@ -773,6 +778,7 @@ class _DataSetProducts:
         if planned is not None and planned[0].over_budget:  # cut short: plan it in full
             planned = None
         meter: Meter | None = None
+        self._number_batches()
         try:
             with preserved_state(self.model), rng_kept():
                 for index, batch in enumerate(self.batches):
@@ -821,7 +827,7 @@ class _DataSetProducts:
             fname=self.fname,
             names=self.names,
             strict=False,
-            seed=self.seed + index,
+            seed=self._seed(index),
             locate=operator_locator(self.model, inputs),
             chunk_size=None,
             budget=budget,
@@ -836,6 +842,32 @@ class _DataSetProducts:
             return self.distributed
         return torch.distributed.is_available() and torch.distributed.is_initialized()
 
+    def _seed(self, index: int) -> int:
+        """The RNG seed of this process's batch ``index``: ``seed`` plus its number in all data."""
+        assert self.first_batch is not None, "_number_batches() before the batches' seeds"
+        return self.seed + self.first_batch + index
+
+    def _number_batches(self) -> None:
+        """Number this process's first batch, before a pass over the data (all processes).
+
+        Over processes the batches are numbered rank by rank (the batches of lower ranks
+        first), as one process holding every shard in rank order would number them, so that
+        dropout draws the same masks there as here; counted once, with one ``all_gather``.
+        """
+        if self.first_batch is None:
+            self.first_batch = 0
+            if self._distributed():
+                count = len(self.batches) if isinstance(self.batches, Sized) else None
+                if count is None:
+                    count = sum(1 for _ in self.batches)
+                device = self.params[0].device
+                counts = [
+                    torch.zeros((), dtype=torch.int64, device=device)
+                    for _ in range(torch.distributed.get_world_size())
+                ]
+                torch.distributed.all_gather(counts, torch.tensor(count, device=device))
+                self.first_batch = int(sum(counts[: torch.distributed.get_rank()]))
+
     def _gradient(self, index: int, batch: Any) -> tuple[GradientGraph, int, _Fingerprint]:
         """The gradient graph of one batch, under the batch's RNG seed, its size and fingerprint."""
         inputs, targets = to_device(check_batch(self.fname, index, batch), self.params[0].device)
@@ -844,7 +876,7 @@ class _DataSetProducts:
             self.params,
             fname=self.fname,
             names=self.names,
-            seed=self.seed + index,
+            seed=self._seed(index),
             source="loss_fn",
             locate=operator_locator(self.model, inputs),
             route=self.routed,
