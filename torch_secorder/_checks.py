@@ -8,7 +8,7 @@ nothing but torch and the leaf modules :mod:`torch_secorder._flat` and
 """
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -431,7 +431,9 @@ _RANDOM_SAMPLERS = (
 """Samplers that draw a new order (or new samples) every time they are iterated."""
 
 
-def check_data(fname: str, data: object) -> Iterable[Any]:
+def check_data(
+    fname: str, data: object, batch_size_fn: Callable[[Any], int] | None = None
+) -> Iterable[Any]:
     """Turn ``data`` into a re-iterable collection of batches and check what is cheap to check.
 
     A single batch becomes a list of one; every batch of a sequence (the first of another
@@ -466,7 +468,7 @@ def check_data(fname: str, data: object) -> Iterable[Any]:
         raise ValueError(f"{fname}: data is empty; expected at least one (inputs, targets) batch.")
     for index, batch in enumerate(to_check):
         inputs, _ = check_batch(fname, index, batch)
-        batch_size(fname, index, inputs)
+        batch_size(fname, index, inputs, batch_size_fn)
     return batches
 
 
@@ -492,8 +494,21 @@ def check_batch(fname: str, index: int, batch: object) -> tuple[Any, Any]:
     return batch[0], batch[1]
 
 
-def batch_size(fname: str, index: int, inputs: object) -> int:
-    """The leading dimension of the first input tensor of batch ``index`` (which must have one)."""
+def batch_size(
+    fname: str, index: int, inputs: object, batch_size_fn: Callable[[Any], int] | None = None
+) -> int:
+    """The samples of batch ``index``: ``batch_size_fn(inputs)`` (a positive int) where given.
+
+    Else the leading dimension of the first input tensor (which must have one).
+    """
+    if batch_size_fn is not None:
+        size = batch_size_fn(inputs)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"{fname}: batch_size_fn returned {size!r} for data batch {index}; expected "
+                "its number of samples, a positive int."
+            )
+        return size
     values = inputs.values() if isinstance(inputs, Mapping) else inputs
     tensors = (
         [inputs] if isinstance(inputs, Tensor) else [t for t in values if isinstance(t, Tensor)]

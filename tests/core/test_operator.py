@@ -684,3 +684,66 @@ def test_kept_gradient_is_zero_where_the_gradient_is_constant():
     assert torch.equal(
         kept_gradient(operator), torch.tensor([3.0, 12.0, 0.0, 0.0, 0.0], dtype=DTYPE)
     )
+
+
+class _SequenceFirst(nn.Module):
+    """A GRU on ``(T, B, F)`` inputs (PyTorch's default layout): samples in dimension 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(2, 3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][-1])
+
+
+def _plain_hessian(func, params):
+    flat = torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(func(), params, create_graph=True)]
+    )
+    rows = [torch.autograd.grad(flat[i], params, retain_graph=True) for i in range(flat.numel())]
+    return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
+
+
+def test_batch_size_fn_counts_samples_outside_the_leading_dimension():
+    torch.manual_seed(0)
+    model = _SequenceFirst().double()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, n, 2, generator=g, dtype=torch.float64) for n in (3, 1)]
+    ys = [torch.randn(n, 1, generator=g, dtype=torch.float64) for n in (3, 1)]
+    loss_fn = nn.MSELoss()
+    x, y = torch.cat(xs, dim=1), torch.cat(ys)  # the mean loss over all 4 samples
+    expected = _plain_hessian(lambda: loss_fn(model(x), y), list(model.parameters()))
+    data = list(zip(xs, ys))
+    H = HessianOperator.from_model(model, loss_fn, data, batch_size_fn=lambda x: x.shape[1])
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    assert_close(H @ eye, expected)
+    assert H.num_samples == 4
+    by_leading = HessianOperator.from_model(model, loss_fn, data)  # the leading 4 and 4
+    assert not torch.allclose(by_leading @ eye, expected)
+    assert by_leading.num_samples == 8
+    # the inputs' Hessian: each batch's block weighted by its share of the 4 samples
+    inputs = HessianOperator.from_model(
+        model, loss_fn, data, wrt="inputs", batch_size_fn=lambda x: x.shape[1]
+    )
+    assert inputs.num_samples == 4
+    first = _plain_hessian(lambda: loss_fn(model(xs[0]), ys[0]), [xs[0].requires_grad_()])
+    assert_close(
+        (inputs @ torch.eye(inputs.shape[0], dtype=torch.float64))[:24, :24], first * 3 / 4
+    )
+
+
+@pytest.mark.parametrize(
+    ("batch_size_fn", "error", "match"),
+    [
+        (3, TypeError, "batch_size_fn must be callable; got int"),
+        (lambda x: 0, ValueError, "batch_size_fn returned 0 for data batch 0; expected"),
+        (lambda x: 2.0, ValueError, "batch_size_fn returned 2.0 for data batch 0"),
+    ],
+)
+def test_batch_size_fn_errors(batch_size_fn, error, match):
+    model = _SequenceFirst().double()
+    batch = (torch.zeros(4, 2, 2, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64))
+    with pytest.raises(error, match=rf"HessianOperator.from_model: {match}"):
+        HessianOperator.from_model(model, nn.MSELoss(), [batch], batch_size_fn=batch_size_fn)

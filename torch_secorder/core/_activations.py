@@ -96,6 +96,7 @@ def activation_operator(
     seed: object,
     distributed: object,
     progress: object,
+    batch_size_fn: Callable[[Any], int] | None = None,
 ) -> HessianOperator:
     """The operator of the loss Hessian with respect to ``variables``, checked up front."""
     check_module(fname, "model", model)
@@ -120,7 +121,7 @@ def activation_operator(
             "operator cannot span; pass distributed=False to analyse this process's data on "
             "its own (its batches weighted among themselves)."
         )
-    batches = check_data(fname, data)
+    batches = check_data(fname, data, batch_size_fn)
     if progress:
         require_tqdm(fname)
     source = ActivationProducts(
@@ -132,6 +133,7 @@ def activation_operator(
         modules,
         seed,  # type: ignore[arg-type]
         progress,  # type: ignore[arg-type]
+        batch_size_fn,
     )
     operator = HessianOperator.__new__(HessianOperator)
     operator._setup(fname, source, source.names)
@@ -168,8 +170,11 @@ class ActivationProducts(_DataSetProducts):
         modules: list[tuple[str, nn.Module]],
         seed: int,
         progress: bool,
+        batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
-        super().__init__(fname, model, loss_fn, batches, [], [], seed, False, progress)
+        super().__init__(
+            fname, model, loss_fn, batches, [], [], seed, False, progress, batch_size_fn
+        )
         self.wrt = wrt  # type: ignore[misc]
         self.modules = modules
         self.target_device = _model_device(model)
@@ -193,7 +198,7 @@ class ActivationProducts(_DataSetProducts):
         with preserved_state(self.model), rng_kept():
             for index, batch in enumerate(self.batches):
                 inputs, targets = self._batch(index, batch)
-                size = batch_size(self.fname, index, inputs)
+                size = batch_size(self.fname, index, inputs, self.batch_size_fn)
                 hooks = Probes(self.modules, None)
                 with hooks, forward_context([], self.seed + index, devices=devices):
                     with private_buffers(self.model):
@@ -326,7 +331,7 @@ class ActivationProducts(_DataSetProducts):
                     "forward pass, so a perturbation of it would not reach what reads it; choose "
                     "the module that modifies it, or one whose output is not held elsewhere."
                 )
-        size = batch_size(self.fname, index, inputs)
+        size = batch_size(self.fname, index, inputs, self.batch_size_fn)
         return graph, size, (size, _checksum(inputs, targets), float(graph.loss))
 
     def _rows(self, index: int) -> slice:
@@ -370,7 +375,7 @@ class ActivationProducts(_DataSetProducts):
                     graph, _, fingerprint = self._gradient(index, batch)
                 else:
                     inputs, targets = self._batch(index, batch)
-                    size = batch_size(self.fname, index, inputs)
+                    size = batch_size(self.fname, index, inputs, self.batch_size_fn)
                     loss = self.fingerprints[index][2]  # type: ignore[index]
                     fingerprint = (size, _checksum(inputs, targets), loss)
                 fingerprints.append(fingerprint)

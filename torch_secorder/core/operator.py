@@ -114,6 +114,7 @@ class HessianOperator:
         seed: int = 0,
         distributed: bool | None = None,
         progress: bool = False,
+        batch_size_fn: Callable[[Any], int] | None = None,
     ) -> "HessianOperator":
         r"""The Hessian of a model's mean loss over a data set.
 
@@ -126,7 +127,8 @@ class HessianOperator:
         reduction); the operator is then :math:`\frac1N \sum_b n_b H_b`, the Hessian of the
         mean loss over all :math:`N` samples, and ``N * H`` (:attr:`num_samples`) is the
         Hessian of the summed loss. A batch's size :math:`n_b` is the leading dimension of its
-        first input tensor.
+        first input tensor, or what ``batch_size_fn`` says (a sequence-first recurrent
+        model's inputs, ``(T, B, F)``, count their samples in dimension 1).
 
         The model runs in its current train/eval mode, which is left as found. Each batch's
         forward pass runs under its own fixed RNG seed (``seed + b``, in a forked RNG, so the
@@ -184,6 +186,9 @@ class HessianOperator:
                 :func:`torch.distributed.is_initialized`.
             progress: Show a progress bar over batches (needs ``tqdm``, the ``progress``
                 extra).
+            batch_size_fn: ``batch_size_fn(inputs)`` returns the number of samples of a
+                batch, a positive int (``None``: the leading dimension of its first input
+                tensor), e.g. ``lambda x: x.shape[1]`` for sequence-first inputs.
 
         Returns:
             The operator.
@@ -234,6 +239,7 @@ class HessianOperator:
             seed=seed,
             distributed=distributed,
             progress=progress,
+            batch_size_fn=batch_size_fn,
         )
 
     def _setup(self, fname: str, source: Any, names: Any) -> None:
@@ -470,8 +476,11 @@ def model_operator(
     seed: int = 0,
     distributed: bool | None = None,
     progress: bool = False,
+    batch_size_fn: Callable[[Any], int] | None = None,
 ) -> HessianOperator:
     """``HessianOperator.from_model(...)`` whose errors name the public function ``fname``."""
+    if batch_size_fn is not None:
+        check_callable(fname, "batch_size_fn", batch_size_fn)
     if wrt != "params" or modules is not None:
         from torch_secorder.core._activations import activation_operator
         from torch_secorder.core._variables import variables_of
@@ -479,7 +488,7 @@ def model_operator(
         variables = variables_of(fname, params, wrt, modules)
         if variables is not None:
             return activation_operator(
-                fname, model, loss_fn, data, variables, seed, distributed, progress
+                fname, model, loss_fn, data, variables, seed, distributed, progress, batch_size_fn
             )
     names, tensors = model_params(fname, model, params)
     check_callable(fname, "loss_fn", loss_fn)
@@ -487,11 +496,11 @@ def model_operator(
     check_int(fname, "seed", seed)
     if distributed is not None:
         check_bool(fname, "distributed", distributed)
-    batches = check_data(fname, data)
+    batches = check_data(fname, data, batch_size_fn)
     if progress:
         require_tqdm(fname)
     source = _DataSetProducts(
-        fname, model, loss_fn, batches, tensors, names, seed, distributed, progress
+        fname, model, loss_fn, batches, tensors, names, seed, distributed, progress, batch_size_fn
     )
     operator = HessianOperator.__new__(HessianOperator)
     operator._setup(fname, source, names)
@@ -594,8 +603,10 @@ class _DataSetProducts:
         seed: int,
         distributed: bool | None,
         progress: bool,
+        batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
         self.fname = fname
+        self.batch_size_fn = batch_size_fn
         self.model = model
         self.loss_fn = loss_fn
         self.batches = batches
@@ -832,7 +843,8 @@ class _DataSetProducts:
             chunk_size=None,
             budget=budget,
         )
-        return structured, batch_size(self.fname, index, inputs), _checksum(inputs, targets)
+        size = batch_size(self.fname, index, inputs, self.batch_size_fn)
+        return structured, size, _checksum(inputs, targets)
 
     def release(self) -> None:
         self.cached = self.planned = None
@@ -882,7 +894,7 @@ class _DataSetProducts:
             route=self.routed,
         )
         self.routed = graph.routed
-        size = batch_size(self.fname, index, inputs)
+        size = batch_size(self.fname, index, inputs, self.batch_size_fn)
         return graph, size, (size, _checksum(inputs, targets), float(graph.loss))
 
     def _iterate(self) -> Iterable[Any]:
