@@ -48,6 +48,7 @@ def eigen_steps(
     device: torch.device,
     gen: torch.Generator,
     gradient: Callable[[], Tensor | None] | None = None,
+    reach: list[float] | None = None,
 ) -> Steps:
     """The eigen-solver ``method`` as a product-requesting generator returning RitzPairs.
 
@@ -56,13 +57,17 @@ def eigen_steps(
     random unit vector (``start`` of :func:`~._lanczos.thick_restart_lanczos`): a network's
     loss gradient lies largely in the top eigenspace of its Hessian (Gur-Ari et al. 2018),
     and the random half keeps every eigenspace in the Krylov space, as a random start does.
-    Else, and for power iteration (as in PyHessian), the start is random.
+    Else, and for power iteration (as in PyHessian), the start is random. ``reach`` is shared
+    by the searches of one operator's diagonal blocks (``reach`` of
+    :func:`~._lanczos.thick_restart_lanczos`).
     """
     if method == "power":
         return (yield from power_iteration(n, k, which, tol, budget, dtype, device, gen))
     start = gradient() if gradient is not None and which != "smallest" else None
     column = None if start is None else start[:, None]
-    steps = thick_restart_lanczos(n, k, which, tol, budget, dtype, device, gen, start=column)
+    steps = thick_restart_lanczos(
+        n, k, which, tol, budget, dtype, device, gen, start=column, reach=reach
+    )
     gradient = start = column = None  # (the search's start replaces the gradient: none kept here)
     return (yield from steps)
 
@@ -191,6 +196,7 @@ def model_eigenpairs(
     arguments are those of :func:`._groups.run_model`.
     """
     method, k, which, tol, budget = solver
+    reach = [0.0] if groups is not None else None  # the groups' largest |eigenvalue| seen
 
     def make_steps(
         n: int,
@@ -201,7 +207,7 @@ def model_eigenpairs(
         gradient: Callable[[], Tensor | None],
     ) -> Steps:
         check_k(fname, k, n, "the size of a group" if groups is not None else "P")
-        return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen, gradient)
+        return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen, gradient, reach)
 
     stalled_results: list[EigenResult] = []  # stopped by rounding, not by the budget
 

@@ -170,6 +170,7 @@ def thick_restart_lanczos(
     block_size: int = 1,
     basis_size: int | None = None,
     start: Tensor | None = None,
+    reach: list[float] | None = None,
 ) -> Steps:
     r"""Find ``k`` extreme eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
 
@@ -215,6 +216,11 @@ def thick_restart_lanczos(
             vector. The random half gives it a direction in every eigenspace, as a random
             start has, so an eigenvalue that has overtaken the ones found is found as from a
             cold start. (A zero ``start`` leaves the random vector alone.)
+        reach: ``[r]``, shared by searches on diagonal blocks of one operator (a model's
+            groups): the largest :math:`|\theta|` any of them has seen, updated as they go.
+            Their products round relative to the whole operator, so Ritz values below
+            :math:`\varepsilon^{1/3} r` converge in absolute terms (a block of rounding
+            noise, a bias before a train-mode BatchNorm, converges as zero).
 
     Yields:
         Blocks of at most ``block_size`` columns; receives their products.
@@ -234,7 +240,7 @@ def thick_restart_lanczos(
     start = None
     workspace: list[Tensor] = []  # one basis for every search, its pages touched once
     while True:
-        options = (which, inner, dtype, device, generator, block_size, basis_size, workspace)
+        options = (which, inner, dtype, device, generator, block_size, basis_size, workspace, reach)
         budget = max_matvecs - (reserved if best is None else check) - used
         pairs, spent = yield from _all_copies(n, k, budget, starts, *options)
         used += spent
@@ -247,7 +253,7 @@ def thick_restart_lanczos(
             return pairs
         # A refinement starts from pairs already found: its explicit residuals decide alone.
         checked = yield from _explicit(
-            pairs, products, which, tol, dtype, pairs.converged or best is not None
+            pairs, products, which, tol, dtype, pairs.converged or best is not None, reach
         )
         used += asked
         halved = best is None or _worst(checked) <= _worst(best) / 2
@@ -324,6 +330,7 @@ def _explicit(
     tol: float,
     dtype: torch.dtype,
     found: bool,
+    reach: list[float] | None = None,
 ) -> Steps:
     r"""The pairs with explicit residuals, as the user would check them.
 
@@ -333,8 +340,9 @@ def _explicit(
     from the products, computed in float64 (a float32 norm of millions of entries, off by
     :math:`10^{-4}`, would bias both by as much), a slice of :data:`SLICE` rows at a time;
     converged when every residual is at most ``tol`` times
-    :math:`\max(|\theta|, \varepsilon^{1/3} \max_i |\theta_i|)` and the pairs were ``found``
-    (their search converged, or they refine pairs that had).
+    :math:`\max(|\theta|, \varepsilon^{1/3} \max(\max_i |\theta_i|, r))` (``reach``
+    :math:`[r]`, where given) and the pairs were ``found`` (their search converged, or they
+    refine pairs that had).
     """
     norms = inner_rows(pairs.vectors.T, pairs.vectors.T).diagonal().sqrt().to(dtype)
     X = pairs.vectors / norms
@@ -351,7 +359,8 @@ def _explicit(
         squares += (AX[rows].to(work) - X[rows].to(work) * theta).square().sum(dim=0)
     residuals = (squares / size).sqrt().to(dtype)
     theta = theta.to(dtype)
-    scale = torch.clamp(theta.abs(), min=relative_floor(dtype) * float(theta.abs().max()))
+    largest = max(float(theta.abs().max()), reach[0] if reach else 0.0)
+    scale = torch.clamp(theta.abs(), min=relative_floor(dtype) * largest)
     converged = found and bool((residuals <= tol * scale).all())
     order = wanted_order(theta, which)
     return RitzPairs(theta[order], X[:, order], residuals[order], converged)
@@ -385,6 +394,7 @@ def _restarted_lanczos(
     block_size: int,
     basis_size: int | None,
     workspace: list[Tensor],
+    reach: list[float] | None = None,
     *,
     starts: list[Tensor] | None = None,
 ) -> Steps:
@@ -398,6 +408,7 @@ def _restarted_lanczos(
     is the first rows of the one in ``workspace`` where that has enough (else a new one, kept
     there); each step writes the next block into the rows below the basis and a restart
     combines them in place, so no vector of the operator's size is allocated per step.
+    ``reach`` is that of :func:`thick_restart_lanczos`.
 
     Returns:
         ``(pairs, products used)``; ``pairs`` is ``None`` after such an early stop.
@@ -441,13 +452,15 @@ def _restarted_lanczos(
         T[:j, current] = H
         theta, Y = torch.linalg.eigh((T[:j, :j] + T[:j, :j].T) / 2)
         norm = max(norm, float(theta.abs().max()))
+        if reach is not None:
+            reach[0] = max(reach[0], norm)
         singular, Vh = _factor(new, size)
         B = (singular[:, None] * Vh).to(work)
         # Residuals of all Ritz pairs, from A V = V T + U B E^T (zero once V spans everything).
         residuals = (B @ Y[current]).norm(dim=0) if j < free else theta.new_zeros(j)
         order = wanted_order(theta, which)
         wanted = order[:k]
-        scale = torch.clamp(theta[wanted].abs(), min=floor * norm)
+        scale = torch.clamp(theta[wanted].abs(), min=floor * max(norm, reach[0] if reach else 0))
         if bound is not None:  # resolved to the screening tolerance and certainly unwanted
             best = order[0]
             resolved = residuals[best] <= tol**0.5 * scale[0]
