@@ -20,8 +20,8 @@ data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoad
 params: Parameter selection by names or glob patterns (``None``: all trainable).
 groups: ``None`` (whole selection), ``"module"`` (one group per module owning
     selected parameters, by :meth:`~torch.nn.Module.named_modules` name; the
-    parameters the model owns itself form the group ``""``, the model's name there), ``"parameter"``
-    (one per parameter), or a dict name -> parameter names/patterns. A parameter
+    parameters the model owns itself form the group ``""``, the model's name there),
+    ``"parameter"`` (one per parameter), or a dict name -> parameter names/patterns. A parameter
     shared by several modules (tied weights) counts once, under its first name in
     :meth:`~torch.nn.Module.named_parameters` and in the first module owning it;
     patterns match those names.""",
