@@ -211,6 +211,13 @@ def test_unflatten_returns_views():
     assert flat.tolist() == [0.0] * 7 + [1.0] * 4 + [0.0] * 4
 
 
+def test_flatten_accepts_any_iterable_of_tensors():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))
+    expected = torch.nn.utils.parameters_to_vector(model.parameters())
+    assert torch.equal(flatten(model.parameters()), expected)
+    assert torch.equal(flatten(tuple(model.parameters())), expected)
+
+
 def test_unflatten_accepts_any_iterable_of_params():
     params = _tensors(torch.Generator().manual_seed(4))
     flat = flatten(params)
@@ -221,7 +228,7 @@ def test_unflatten_accepts_any_iterable_of_params():
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
-        ((torch.zeros(3),), {}, TypeError, r"^flatten: tensors must be a list or tuple of tensors"),
+        ((torch.zeros(3),), {}, TypeError, r"^flatten: tensors must be an iterable of tensors"),
         (([],), {}, ValueError, r"^flatten: tensors is empty; expected at least one tensor\.$"),
         (
             ([torch.zeros(2), 1.0],),

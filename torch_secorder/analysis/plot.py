@@ -39,6 +39,19 @@ def plot_spectral_density(
     Raises:
         TypeError: If ``result`` is not a :class:`DensityResult`.
         ImportError: If matplotlib is not installed (the ``plot`` extra).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from torch_secorder import spectral_density
+        >>> d = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+        >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        >>> result = spectral_density(lambda: 0.5 * (d * x**2).sum(), [x])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     ax = plot_spectral_density(result, path=os.path.join(folder, "density.png"))
+        ...     os.path.getsize(os.path.join(folder, "density.png")) > 0
+        True
+        >>> ax.get_title()
+        'Hessian spectral density (12 products)'
     """
     fname = "plot_spectral_density"
     if not isinstance(result, DensityResult):

@@ -7,7 +7,7 @@ parameters in order, each flattened row-major (the order of
 """
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -148,19 +148,20 @@ def shared_names(model: nn.Module, pattern: str) -> list[tuple[str, str]]:
     ]
 
 
-def flatten(tensors: Sequence[Tensor], *, batched: bool = False) -> Tensor:
+def flatten(tensors: Iterable[Tensor], *, batched: bool = False) -> Tensor:
     """Concatenate tensors like params into one flat vector.
 
     Args:
-        tensors: One tensor per parameter, in parameter order; with ``batched=True`` each has a
-            leading dimension ``k`` (the same for all).
+        tensors: One tensor per parameter, in parameter order (any iterable:
+            ``model.parameters()`` too); with ``batched=True`` each has a leading dimension
+            ``k`` (the same for all).
         batched: Keep the leading dimension: the result is ``(k, P)`` instead of ``(P,)``.
 
     Returns:
         The flat vector of shape ``(P,)``, or ``(k, P)`` when ``batched``.
 
     Raises:
-        TypeError: If ``tensors`` is not a list or tuple of tensors.
+        TypeError: If ``tensors`` is a single tensor or not an iterable of tensors.
         ValueError: If ``tensors`` is empty or, with ``batched``, the leading dimensions differ.
 
     Example:
@@ -169,10 +170,12 @@ def flatten(tensors: Sequence[Tensor], *, batched: bool = False) -> Tensor:
         tensor([1., 1., 1., 1., 0.])
     """
     fname = "flatten"
-    if not isinstance(tensors, (list, tuple)):
+    if isinstance(tensors, (Tensor, str, Mapping)) or not isinstance(tensors, Iterable):
         raise TypeError(
-            f"{fname}: tensors must be a list or tuple of tensors; got {type_name(tensors)}."
+            f"{fname}: tensors must be an iterable of tensors (one per parameter); got "
+            f"{type_name(tensors)}."
         )
+    tensors = list(tensors)
     if not tensors:
         raise ValueError(f"{fname}: tensors is empty; expected at least one tensor.")
     for i, t in enumerate(tensors):
