@@ -81,3 +81,39 @@ def test_max_bytes_must_be_positive(bad):
 def test_the_budget_is_the_calls_own():
     ts.hessian_trace(_operator(), method="hutch++", num_matvecs=30, max_bytes=2**30)
     assert _memory._BUDGET.get() is None  # nothing left set after the call
+
+
+def test_exchangeable_estimators_warn_when_the_budget_leaves_products_unused():
+    operator = _operator()
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"^hessian_trace: max_bytes=42\.2 KiB holds five blocks of 4 vectors of P=200 "
+        r"entries, so method='xtrace' takes 8 of num_matvecs=100 products; raise max_bytes, or "
+        r"take method='hutch\+\+'",
+    ):  # (a chunk of 3 columns, 21 vectors kept: five blocks of 4)
+        result = ts.hessian_trace(operator, method="xtrace", max_bytes=27 * 200 * 8)
+    assert result.num_matvecs == operator.num_matvecs == 8
+    with pytest.warns(RuntimeWarning, match=r"method='xdiag' takes 8 .* method='hutchinson'"):
+        ts.hessian_diagonal_estimate(_operator(), method="xdiag", max_bytes=27 * 200 * 8)
+
+
+def test_refusals_give_sizes_in_readable_units():
+    with pytest.raises(ValueError, match=r"about 10\.9 KiB, more than max_bytes=4\.7 KiB"):
+        ts.hessian_trace(_operator(), method="xtrace", max_bytes=3 * 200 * 8)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_blocks_wider_than_the_chunk_go_to_a_hessian_operator_in_pieces(k):
+    # the budget's chunk holds 2 columns: a block of k goes in pieces, written into memory
+    # of the block's own (contiguous columns, as each piece's out)
+    A = with_spectrum(dominant(200))
+    x = torch.zeros(200, dtype=torch.float64, requires_grad=True)
+    operator = ts.HessianOperator(lambda: 0.5 * x @ A @ x, [x])
+    budget = 24 * 200 * 8 - 1  # a chunk of 2 columns, 19 vectors kept
+    with _memory.memory_budget("test", budget):
+        assert _memory.max_columns(200, torch.float64, torch.device("cpu")) == 2
+    result = ts.top_eigenvalues(operator, k=k, max_bytes=budget)
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:k])
+    estimate = ts.hessian_trace(operator, method="xtrace", num_matvecs=6, max_bytes=budget)
+    assert estimate.num_matvecs == 6  # blocks of 3 columns

@@ -343,8 +343,9 @@ def _multiply(
         return
     for index, begin, count, at in chunk:
         product = products[index]
-        if product is None:
-            product = products[index] = requests[index].new_empty(requests[index].shape)
+        if product is None:  # (contiguous columns: the next chunk's out, for a HessianOperator)
+            length, columns = requests[index].shape
+            product = products[index] = requests[index].new_empty(columns, length).T
         product[:, begin : begin + count] = _take(result[:, at : at + count], rows[index])
 
 

@@ -7,12 +7,14 @@ and :mod:`torch_secorder.analysis.diagonal_estimate`, which hold the public func
 """
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
+from torch_secorder._checks import format_bytes
 from torch_secorder.analysis._driver import MakeSteps, Steps
-from torch_secorder.analysis._memory import kept_vectors, max_columns, refuse
+from torch_secorder.analysis._memory import current, kept_vectors, max_columns, refuse
 from torch_secorder.analysis._rows import combine_rows, inner_rows
 from torch_secorder.analysis._sampling import make_generator, rademacher, rademacher_columns
 
@@ -247,9 +249,7 @@ def xtrace(
 
     When the sketch spans the whole space (:math:`s \ge n`) the trace is exact.
     """
-    size = min(num_matvecs // 2, n, kept_vectors(n, dtype, device) // 5)
-    if size < 1:
-        raise refuse("method='xtrace'", 5, n, dtype, device)
+    size = _exchangeable_size("xtrace", num_matvecs, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
     Y = yield Omega
     Q, R = torch.linalg.qr(Y)
@@ -270,6 +270,33 @@ def xtrace(
         + (U * (HQ @ U)).sum(dim=0)
     )
     return _mean_and_stderr(estimates)
+
+
+def _exchangeable_size(
+    method: str, num_matvecs: int, n: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Test vectors of XTrace or XDiag: half the budget, fewer where five blocks do not fit.
+
+    Warns where the memory budget leaves fewer than the products asked for unused.
+
+    Raises:
+        ValueError: Where not even five vectors fit the budget.
+    """
+    kept = kept_vectors(n, dtype, device) // 5
+    if kept < 1:
+        raise refuse(f"method={method!r}", 5, n, dtype, device)
+    size = min(num_matvecs // 2, n, kept)
+    if size < min(num_matvecs // 2, n):
+        fname, max_bytes = current(device)
+        other = "'hutch++' (two blocks)" if method == "xtrace" else "'hutchinson'"
+        warnings.warn(
+            f"{fname}: max_bytes={format_bytes(max_bytes)} holds five blocks of {size} vectors "
+            f"of P={n:,} entries, so method={method!r} takes {2 * size} of num_matvecs="
+            f"{num_matvecs} products; raise max_bytes, or take method={other}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return size
 
 
 def exact(
@@ -371,9 +398,7 @@ def xdiag(
     with :math:`r_i = Re_i = Q^\top y_i`. When the sketch spans the space (:math:`s \ge n`)
     the diagonal :math:`\operatorname{diag}(QZ^\top)` is exact.
     """
-    size = min(num_matvecs // 2, n, kept_vectors(n, dtype, device) // 5)
-    if size < 1:
-        raise refuse("method='xdiag'", 5, n, dtype, device)
+    size = _exchangeable_size("xdiag", num_matvecs, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
     Y = yield Omega
     Q, R = torch.linalg.qr(Y)

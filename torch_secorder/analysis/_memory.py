@@ -23,6 +23,8 @@ from contextvars import ContextVar
 
 import torch
 
+from torch_secorder._checks import format_bytes
+
 BLOCK_BYTES = 2**30
 """Most memory of one chunk of columns handed to the operator (and of its products)."""
 
@@ -83,10 +85,7 @@ def refuse(what: str, vectors: int, n: int, dtype: torch.dtype, device: torch.de
     need = (vectors + 2 * max_columns(n, dtype, device)) * _vector_bytes(n, dtype)
     return ValueError(
         f"{fname}: {what} needs at least {vectors} vectors of P={n:,} entries besides a chunk "
-        f"of products, about {_gib(need)}, more than max_bytes={_gib(max_bytes)}; raise "
-        "max_bytes or analyse fewer parameters (params=, groups=)."
+        f"of products, about {format_bytes(need)}, more than max_bytes="
+        f"{format_bytes(max_bytes)}; raise max_bytes or analyse fewer parameters (params=, "
+        "groups=)."
     )
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB"
