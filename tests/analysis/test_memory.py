@@ -117,3 +117,17 @@ def test_blocks_wider_than_the_chunk_go_to_a_hessian_operator_in_pieces(k):
     torch.testing.assert_close(result.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:k])
     estimate = ts.hessian_trace(operator, method="xtrace", num_matvecs=6, max_bytes=budget)
     assert estimate.num_matvecs == 6  # blocks of 3 columns
+
+
+def test_the_model_forms_refuse_before_any_forward_pass():
+    model = torch.nn.Sequential(torch.nn.Linear(20, 50), torch.nn.Tanh(), torch.nn.Linear(50, 3))
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 20, generator=g), torch.randint(0, 3, (8,), generator=g))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for call in (ts.model_top_eigenvalues, ts.model_spectral_density, ts.model_hessian_trace):
+        options = {"method": "hutch++"} if call is ts.model_hessian_trace else {}
+        with pytest.raises(ValueError, match="needs at least"):
+            call(model, loss_fn, data, max_bytes=10_000, **options)
+    assert forwards == []

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 
 from torch_secorder.analysis._driver import Steps
 from torch_secorder.analysis._groups import run_model
-from torch_secorder.analysis._lanczos import RitzPairs, thick_restart_lanczos, wanted_order
+from torch_secorder.analysis._lanczos import (
+    RitzPairs,
+    check_basis,
+    thick_restart_lanczos,
+    wanted_order,
+)
 from torch_secorder.analysis._sampling import gaussian
 from torch_secorder.analysis.results import EigenResult
 from torch_secorder.core.params import unflatten
@@ -63,6 +68,7 @@ def eigen_steps(
     """
     if method == "power":
         return (yield from power_iteration(n, k, which, tol, budget, dtype, device, gen))
+    check_basis(n, k, dtype, device)  # (a refusal before the gradient's forward pass)
     start = gradient() if gradient is not None and which != "smallest" else None
     column = None if start is None else start[:, None]
     steps = thick_restart_lanczos(

@@ -508,6 +508,11 @@ def _restarted_lanczos(
     return pairs, used
 
 
+def check_basis(n: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before any work, a search whose least basis does not fit the memory budget."""
+    _basis_plan(n, k, 1, 0, None, dtype, device)
+
+
 def _basis_plan(
     n: int,
     k: int,
