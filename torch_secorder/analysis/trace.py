@@ -17,7 +17,10 @@ With :math:`m` products and Rademacher probes :math:`z` (:math:`\mathbb E\, zz^\
   H (I - Q_{(i)}Q_{(i)}^\top) \omega_i`. The estimate is the mean of the exchangeable
   :math:`t_i`, its standard error their standard deviation over :math:`\sqrt{m/2}`; all
   leave-one-out bases come from one QR factorisation. The :math:`t_i` share most of their
-  sketch and are positively correlated, so this standard error runs low.
+  sketch and are positively correlated, so this standard error runs low (as in the paper,
+  a heuristic): on small networks (100 products, 400 seeds) the errors spread 1.1 to 1.25
+  times as wide, and 88 to 92% of estimates fell within two standard errors of the trace.
+  Hutchinson's and Hutch++'s standard errors are those of means of independent samples.
 * **Exact**: the sum of the exact diagonal (:meth:`HessianOperator.diagonal
   <torch_secorder.HessianOperator.diagonal>`): :math:`P` unit-vector products for a closure
   or an operator without ``diagonal``, fewer for a model whose layers' structure gives their
