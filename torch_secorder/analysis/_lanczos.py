@@ -219,8 +219,9 @@ def thick_restart_lanczos(
         reach: ``[r]``, shared by searches on diagonal blocks of one operator (a model's
             groups): the largest :math:`|\theta|` any of them has seen, updated as they go.
             Their products round relative to the whole operator, so Ritz values below
-            :math:`\varepsilon^{1/3} r` converge in absolute terms (a block of rounding
-            noise, a bias before a train-mode BatchNorm, converges as zero).
+            :math:`\sqrt{\varepsilon}\, r` (besides those below :math:`\varepsilon^{1/3}`
+            times the block's own largest) converge in absolute terms: a block of rounding
+            noise, a bias before a train-mode BatchNorm, converges as zero.
 
     Yields:
         Blocks of at most ``block_size`` columns; receives their products.
@@ -283,6 +284,11 @@ def _warm(start: Tensor, generator: torch.Generator) -> Tensor:
     return noise if size <= torch.finfo(start.dtype).tiny else noise.add_(total, alpha=1 / size)
 
 
+def _reach_floor(reach: list[float] | None, dtype: torch.dtype) -> float:
+    """Ritz values below this converge in absolute terms for the run's ``reach``."""
+    return torch.finfo(dtype).eps ** 0.5 * reach[0] if reach else 0.0
+
+
 def _worst(pairs: RitzPairs) -> float:
     return float(pairs.residuals.max())
 
@@ -340,9 +346,9 @@ def _explicit(
     from the products, computed in float64 (a float32 norm of millions of entries, off by
     :math:`10^{-4}`, would bias both by as much), a slice of :data:`SLICE` rows at a time;
     converged when every residual is at most ``tol`` times
-    :math:`\max(|\theta|, \varepsilon^{1/3} \max(\max_i |\theta_i|, r))` (``reach``
-    :math:`[r]`, where given) and the pairs were ``found`` (their search converged, or they
-    refine pairs that had).
+    :math:`\max(|\theta|, \varepsilon^{1/3} \max_i |\theta_i|, \sqrt{\varepsilon}\, r)`
+    (``reach`` :math:`[r]`, where given) and the pairs were ``found`` (their search
+    converged, or they refine pairs that had).
     """
     norms = inner_rows(pairs.vectors.T, pairs.vectors.T).diagonal().sqrt().to(dtype)
     X = pairs.vectors / norms
@@ -359,8 +365,8 @@ def _explicit(
         squares += (AX[rows].to(work) - X[rows].to(work) * theta).square().sum(dim=0)
     residuals = (squares / size).sqrt().to(dtype)
     theta = theta.to(dtype)
-    largest = max(float(theta.abs().max()), reach[0] if reach else 0.0)
-    scale = torch.clamp(theta.abs(), min=relative_floor(dtype) * largest)
+    floor = relative_floor(dtype) * float(theta.abs().max())
+    scale = torch.clamp(theta.abs(), min=max(floor, _reach_floor(reach, dtype)))
     converged = found and bool((residuals <= tol * scale).all())
     order = wanted_order(theta, which)
     return RitzPairs(theta[order], X[:, order], residuals[order], converged)
@@ -460,7 +466,7 @@ def _restarted_lanczos(
         residuals = (B @ Y[current]).norm(dim=0) if j < free else theta.new_zeros(j)
         order = wanted_order(theta, which)
         wanted = order[:k]
-        scale = torch.clamp(theta[wanted].abs(), min=floor * max(norm, reach[0] if reach else 0))
+        scale = torch.clamp(theta[wanted].abs(), min=max(floor * norm, _reach_floor(reach, dtype)))
         if bound is not None:  # resolved to the screening tolerance and certainly unwanted
             best = order[0]
             resolved = residuals[best] <= tol**0.5 * scale[0]

@@ -22,8 +22,9 @@ exact to rounding). Since
 then accurate to ``tol`` relative; eigenvalues smaller
 than :math:`\varepsilon^{1/3}\|H\|` (about :math:`6 \cdot 10^{-6}\|H\|` in float64,
 :math:`5 \cdot 10^{-3}\|H\|` in float32) are accurate to ``tol`` times that floor. With
-``groups=``, :math:`\|H\|` is the largest of the groups' blocks (their products round
-relative to the whole Hessian): a block of rounding noise converges as zero.
+``groups=``, a group's floor is also at least :math:`\sqrt{\varepsilon}` times the largest
+eigenvalue of all groups' blocks (their products round relative to the whole Hessian): a
+block of rounding noise converges as zero.
 
 ``method="power"`` is power iteration with deflation as in PyHessian: each eigenpair starts
 from a random vector, is orthogonalised against the pairs found, and stops when the Rayleigh
