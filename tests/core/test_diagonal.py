@@ -155,3 +155,20 @@ def test_strict_accepts_a_linear_parameter():
     assert_close(dx, 6 * x.detach())
     assert db.shape == ()
     assert db.item() == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+@pytest.mark.parametrize("compile_with", ["script", "trace"])
+def test_a_torchscript_model_takes_the_generic_path(compile_with):
+    # TorchScript modules have no layer rule (nor nn.Module's parameter dicts): generic path
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    scripted = torch.jit.script(model) if compile_with == "script" else torch.jit.trace(model, x)
+    expected = hessian_diagonal(lambda: loss_fn(model(x), y), list(model.parameters()))
+    for got, want in zip(model_hessian_diagonal(scripted, loss_fn, x, y), expected):
+        assert_close(got, want)

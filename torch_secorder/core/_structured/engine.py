@@ -491,12 +491,14 @@ def _candidates(model: nn.Module, params: list[Tensor]) -> list[_Layer]:
     layers = []
     for name, module in model.named_modules():
         rule = rule_for(module)
+        if rule is None:  # (a TorchScript module among them: no rule, the generic path)
+            continue
         roles = {
             role: position[id(p)]
             for role in ("weight", "bias")
             if (p := module._parameters.get(role)) is not None and id(p) in position
         }
-        if rule is None or not roles:
+        if not roles:
             continue
         layer = _Layer(module, name, rule, roles)
         shared = [role for role, i in roles.items() if owners[id(params[i])] > 1]
