@@ -94,7 +94,7 @@ with ts.HessianOperator(func, params) as op:
 top = ts.top_eigenvalues(func, params, k=3)
 top_model = ts.model_top_eigenvalues(model, loss_fn, (inputs, targets), k=3)
 trace = ts.hessian_trace(func, params, method="exact")
-trace_model = ts.model_hessian_trace(model, loss_fn, (inputs, targets))  # Hutch++
+trace_model = ts.model_hessian_trace(model, loss_fn, (inputs, targets), method="hutch++")
 
 # %%
 # Check everything against torch.func

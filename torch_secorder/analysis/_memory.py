@@ -1,7 +1,7 @@
 r"""The memory an analysis may take, planned before any product.
 
 An analysis holds vectors of the operator's size :math:`P` (:math:`4P` bytes in float32): the
-vectors it keeps (Hutch++'s sketch, XTrace's and XDiag's four blocks of :math:`s`, a Lanczos
+vectors it keeps (Hutch++'s sketch, XTrace's and XDiag's five blocks of :math:`s`, a Lanczos
 basis, the quadrature's bases) and one chunk of columns going to the operator with its
 products (:func:`max_columns`). Its budget, ``max_bytes`` of the public function, defaults to
 a fifth of the machine's memory (:func:`default_max_bytes`), which leaves the model, its

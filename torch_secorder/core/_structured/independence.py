@@ -8,7 +8,7 @@ some set holds :math:`b` and not :math:`a`. One product (or backward pass) per s
 random cotangent on :math:`S_k`, must leave exact zeros outside :math:`S_k`: then the block
 from :math:`S_k` to every other index vanishes, so every block between two different indices
 does, in both directions, whether or not the matrix is symmetric (a Jacobian is not). That is
-:math:`m \approx \log_2 n + \tfrac12 \log_2 \log_2 n + 1` checks (3 for 4 samples, 5 for 8,
+:math:`m \approx \log_2 n + \tfrac12 \log_2 \log_2 n + 1` checks (4 for 4 samples, 5 for 8,
 10 for 128, 13 for 1024); one sample needs none. A random combination that is exactly zero
 where the block is not would need an exact cancellation, which random cotangents rule out
 (their values are drawn from a fixed generator, so the check is repeatable).
