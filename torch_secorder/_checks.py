@@ -412,6 +412,13 @@ def check_module(fname: str, argname: str, model: object) -> None:
     """Raise ``TypeError`` unless ``model`` is a :class:`torch.nn.Module`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fname}: {argname} must be a torch.nn.Module; got {type_name(model)}.")
+    if type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):
+        raise ValueError(
+            f"{fname}: {argname} is compiled by torch.compile, whose graphs PyTorch cannot "
+            f"differentiate twice; pass the module it compiles, {argname}._orig_mod."
+        )
 
 
 def check_inputs(fname: str, argname: str, inputs: object) -> None:
@@ -488,7 +495,8 @@ def check_batch(fname: str, index: int, batch: object) -> tuple[Any, Any]:
         raise TypeError(
             f"{fname}: data batch {index} must be a pair (inputs, targets); got {got}. "
             "Wrap several model inputs in a tuple, ((x1, x2), targets); a single batch is a "
-            "pair whose targets are a tensor."
+            "pair whose targets are a tensor (one whose targets are a tuple, a dict or None: "
+            "in a list, [(inputs, targets)])."
         )
     check_inputs(fname, f"the inputs of data batch {index}", batch[0])
     return batch[0], batch[1]

@@ -455,3 +455,13 @@ def test_an_analysis_that_will_take_long_warns_after_its_first_products(monkeypa
         ts.top_eigenvalues(operator, max_matvecs=30, **chunked)  # a cap, not a cost: no warning
         monkeypatch.setattr(_progress, "TIMED_PRODUCTS", 31)
         ts.hessian_trace(operator, method="hutchinson", num_matvecs=30, **chunked)  # too few
+
+
+def test_products_that_are_not_finite_are_refused_at_the_first():
+    A = with_spectrum(dominant(30))
+    A[0, 0] = float("nan")
+    operator = DenseOperator(A)
+    steps = thick_restart_lanczos(30, 1, "largest", 1e-8, 100, DTYPE, CPU, generator(0))
+    with pytest.raises(ValueError, match=r"^lanczos: the operator's products are not finite"):
+        run("lanczos", operator, [Problem(steps)])
+    assert operator.num_matvecs == 1

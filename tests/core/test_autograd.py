@@ -124,11 +124,16 @@ def test_strict_graph_names_the_parameter():
         GradientGraph(lambda: (x**2).sum(), [x, y], fname="f", names=["x", "layer.y"], strict=True)
 
 
-def test_loss_that_does_not_require_grad_has_zero_curvature():
+def test_loss_that_does_not_require_grad_has_zero_curvature_and_a_warning():
+    # (detached or computed under no_grad: usually by mistake, so said)
     x = torch.ones(2, dtype=F64, requires_grad=True)
-    graph = GradientGraph(lambda: (x**2).sum().detach(), [x], fname="t")
+    warning = r"^t: the loss has no autograd graph, so every curvature is zero: it depends on none"
+    with pytest.warns(RuntimeWarning, match=warning):
+        graph = GradientGraph(lambda: (x**2).sum().detach(), [x], fname="t")
     assert graph.grads == [None]
-    assert_close(hvp(lambda: (x**2).sum().detach(), [x], x.detach()), torch.zeros(2, dtype=F64))
+    with pytest.warns(RuntimeWarning, match=r"^hvp: the loss has no autograd graph"):
+        product = hvp(lambda: (x**2).sum().detach(), [x], x.detach())
+    assert_close(product, torch.zeros(2, dtype=F64))
     with pytest.raises(ValueError, match=r"^hvp: the loss does not depend on params\[0\]"):
         hvp(lambda: (x**2).sum().detach(), [x], x.detach(), strict=True)
 

@@ -747,3 +747,55 @@ def test_batch_size_fn_errors(batch_size_fn, error, match):
     batch = (torch.zeros(4, 2, 2, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64))
     with pytest.raises(error, match=rf"HessianOperator.from_model: {match}"):
         HessianOperator.from_model(model, nn.MSELoss(), [batch], batch_size_fn=batch_size_fn)
+
+
+def _small_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(8, 4, generator=g, dtype=torch.float64), torch.arange(8) % 3
+
+
+def test_nan_in_the_data_is_not_taken_for_a_changing_pass():
+    model, x, y = _small_mlp()
+    x[0, 0] = float("nan")
+    H = HessianOperator.from_model(model, nn.CrossEntropyLoss(), [(x[:4], y[:4]), (x[4:], y[4:])])
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    H.matvec(v)
+    assert torch.isnan(H.matvec(v)).all()  # (NaN propagates; the passes are the same)
+
+
+def test_a_summed_loss_over_several_batches_warns():
+    model, x, y = _small_mlp()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    with pytest.warns(RuntimeWarning, match=r"loss_fn sums over its batch \(reduction='sum'\)"):
+        HessianOperator.from_model(model, loss_fn, [(x[:3], y[:3]), (x[3:], y[3:])])
+    HessianOperator.from_model(model, loss_fn, (x, y))  # one batch: the summed loss's Hessian
+
+
+def test_parameters_of_two_dtypes_are_named_with_a_fix():
+    model, x, y = _small_mlp()
+    model[2].float()
+    with pytest.raises(
+        ValueError,
+        match=r"an operator on flat vectors needs params of one dtype and device, but "
+        r"params\[0\] \('0.weight'\) is torch.float64 on cpu and params\[2\] \('2.weight'\) is "
+        r"torch.float32 on cpu; convert the model to one dtype and device",
+    ):
+        HessianOperator.from_model(model, nn.CrossEntropyLoss(), (x, y))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.compile's own imports)
+def test_a_compiled_model_is_refused_before_any_compilation():
+    model, x, y = _small_mlp()
+    with pytest.raises(ValueError, match=r"model is compiled by torch.compile.*model\._orig_mod"):
+        HessianOperator.from_model(torch.compile(model), nn.CrossEntropyLoss(), (x, y))
+
+
+def test_a_sparse_gradient_is_refused_with_its_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3, sparse=True), nn.Flatten(), nn.Linear(6, 2)).double()
+    x, y = torch.tensor([[1, 2], [3, 1]]), torch.tensor([0, 1])
+    H = HessianOperator.from_model(model, nn.CrossEntropyLoss(), (x, y))
+    with pytest.raises(ValueError, match=r"gradient of params\[0\] \('0.weight'\) is torch.sparse"):
+        H.matvec(torch.ones(H.shape[0], dtype=torch.float64))

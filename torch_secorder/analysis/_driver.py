@@ -113,7 +113,7 @@ class SymmetryCheck:
     rounding noise, as asymmetric as they are small, and passes the test beside groups of
     larger curvature. :meth:`update` measures, :meth:`judge` decides once the run's other
     problems have measured too. The test is skipped for half precisions, whose rounding is
-    too coarse for it.
+    too coarse for it. A first product that is not finite (a NaN loss) is refused at once.
     """
 
     def __init__(self, fname: str, dtype: torch.dtype) -> None:
@@ -129,6 +129,12 @@ class SymmetryCheck:
         if self.done or V.shape[1] == 0:
             return
         if self.first is None:
+            if not bool(torch.isfinite(HV[:, 0]).all()):
+                raise ValueError(
+                    f"{self.fname}: the operator's products are not finite (NaN or infinite "
+                    "entries): so is the loss or its gradient; check the data, the model and "
+                    "the loss for NaN and inf."
+                )
             if V.shape[1] == 1:
                 self.first = (V[:, 0].clone(), HV[:, 0].clone())
                 return

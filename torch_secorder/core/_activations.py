@@ -78,7 +78,12 @@ from torch_secorder.core._variables import (
     select_modules,
     with_probes,
 )
-from torch_secorder.core.operator import HessianOperator, _checksum, _DataSetProducts
+from torch_secorder.core.operator import (
+    HessianOperator,
+    _checksum,
+    _DataSetProducts,
+    warn_summed_loss,
+)
 
 
 def _several_processes() -> bool:
@@ -122,6 +127,7 @@ def activation_operator(
             "its own (its batches weighted among themselves)."
         )
     batches = check_data(fname, data, batch_size_fn)
+    warn_summed_loss(fname, loss_fn, batches)
     if progress:
         require_tqdm(fname)
     source = ActivationProducts(

@@ -69,6 +69,9 @@ class GradientGraph:
             ``False`` runs it without, and again under the mode only where
             :func:`~._forward.forward_facts` finds an operator to route (the closure is then
             called twice: only for closures without side effects of their own).
+        constant_warning: Warn where the loss has no autograd graph (every curvature zero: a
+            loss computed under :func:`torch.no_grad` or detached, usually by mistake);
+            ``False`` for functions that may well be constant (an output element).
 
     Attributes:
         loss: The loss value (detached).
@@ -100,6 +103,7 @@ class GradientGraph:
         locate: Callable[[str], str | None] | None = None,
         probes: Sequence[Tensor] = (),
         route: bool = True,
+        constant_warning: bool = True,
     ) -> None:
         self.fname = fname
         self.locate = locate
@@ -126,6 +130,21 @@ class GradientGraph:
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             else:
                 grads = (None,) * len(self.params)
+                if constant_warning and not strict:  # (strict raises, naming a parameter)
+                    warnings.warn(
+                        f"{fname}: the {'output' if source == 'model' else 'loss'} has no "
+                        "autograd graph, so every curvature is zero: it depends on none of the "
+                        "parameters (was it computed under torch.no_grad(), or detached?).",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+        for i, g in enumerate(grads[: len(params)]):
+            if g is not None and g.layout != torch.strided:
+                raise ValueError(
+                    f"{fname}: the gradient of {param_label(i, names)} is {g.layout} (an "
+                    "embedding with sparse=True?); second derivatives need dense gradients: "
+                    "use sparse=False."
+                )
         if strict:
             for i, g in enumerate(grads[: len(params)]):
                 if g is None:

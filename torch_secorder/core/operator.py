@@ -14,6 +14,7 @@ or the inputs of every batch instead of the parameters (:mod:`._activations`).
 """
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
 
@@ -29,8 +30,9 @@ from torch_secorder._checks import (
     check_columns,
     check_data,
     check_int,
+    check_layout,
     check_out,
-    flat_layout,
+    param_label,
 )
 from torch_secorder._data import rng_kept, to_device
 from torch_secorder._types import LossClosure, Params, ParamSelection
@@ -250,7 +252,13 @@ class HessianOperator:
         self.wrt: str = source.wrt
         self.variables: list[tuple[int, str, torch.Size]] | None = source.variables
         if self.wrt == "params":
-            flat_layout(fname, "operator", params)
+            check_layout(
+                fname,
+                "an operator on flat vectors",
+                [(param_label(i, names), p) for i, p in enumerate(params)],
+                "convert the model to one dtype and device, or select parameters that share "
+                "them (params=).",
+            )
             size, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
         else:
             size, dtype, device = source.size, source.dtype, source.device
@@ -497,6 +505,7 @@ def model_operator(
     if distributed is not None:
         check_bool(fname, "distributed", distributed)
     batches = check_data(fname, data, batch_size_fn)
+    warn_summed_loss(fname, loss_fn, batches)
     if progress:
         require_tqdm(fname)
     source = _DataSetProducts(
@@ -505,6 +514,20 @@ def model_operator(
     operator = HessianOperator.__new__(HessianOperator)
     operator._setup(fname, source, names)
     return operator
+
+
+def warn_summed_loss(fname: str, loss_fn: Any, batches: Iterable[Any]) -> None:
+    """Warn where a loss that sums over its batch meets several batches."""
+    several = isinstance(batches, Sized) and len(batches) > 1
+    if several and getattr(loss_fn, "reduction", None) == "sum":
+        warnings.warn(
+            f"{fname}: loss_fn sums over its batch (reduction='sum'), but each batch's Hessian "
+            "is weighted by its size as a mean loss's is: over several batches the operator "
+            "is the Hessian of neither the mean nor the summed loss; use reduction='mean' (the "
+            "summed loss's Hessian is then num_samples times it).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _flat_like(
@@ -746,7 +769,8 @@ class _DataSetProducts:
                 )
             return None
         (size, checksum, loss), (size0, checksum0, loss0) = fingerprints[index], first[index]
-        if size != size0 or checksum != checksum0:
+        same = all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(checksum, checksum0))
+        if size != size0 or len(checksum) != len(checksum0) or not same:
             return (
                 f"data batch {index} differs between passes over the data (its size or inputs "
                 "changed)"

@@ -120,6 +120,7 @@ class ModelOutputs:
             names=self.names,
             source="model",
             locate=self.locate,
+            constant_warning=False,
         )
 
 
