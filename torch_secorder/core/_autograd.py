@@ -132,9 +132,9 @@ class GradientGraph:
                 grads = (None,) * len(self.params)
                 if constant_warning and not strict:  # (strict raises, naming a parameter)
                     warnings.warn(
-                        f"{fname}: the {'output' if source == 'model' else 'loss'} has no "
-                        "autograd graph, so every curvature is zero: it depends on none of the "
-                        "parameters (was it computed under torch.no_grad(), or detached?).",
+                        f"{fname}: the loss has no autograd graph, so every curvature is zero: "
+                        "it depends on none of the parameters (was it computed under "
+                        "torch.no_grad(), or detached?).",
                         RuntimeWarning,
                         stacklevel=4,
                     )
