@@ -799,3 +799,29 @@ def test_a_sparse_gradient_is_refused_with_its_parameter():
     H = HessianOperator.from_model(model, nn.CrossEntropyLoss(), (x, y))
     with pytest.raises(ValueError, match=r"gradient of params\[0\] \('0.weight'\) is torch.sparse"):
         H.matvec(torch.ones(H.shape[0], dtype=torch.float64))
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Samples from a fixed generator: a DataLoader over it has no length."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(12):
+            yield (
+                torch.randn(4, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (), generator=g),
+            )
+
+
+def test_a_loader_without_length_streams_every_batch():
+    model, _, _ = _small_mlp()
+    loader = torch.utils.data.DataLoader(_Stream(), batch_size=5)
+    H = HessianOperator.from_model(model, nn.CrossEntropyLoss(), loader)
+    x = torch.stack([s[0] for s in _Stream()])
+    y = torch.stack([s[1] for s in _Stream()])
+    whole = HessianOperator.from_model(model, nn.CrossEntropyLoss(), (x, y))
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    assert_close(H @ eye, whole @ eye)
+    assert H.num_samples == 12
+    with pytest.warns(RuntimeWarning, match="reduction='sum'"):  # (several batches, or unknown)
+        HessianOperator.from_model(model, nn.CrossEntropyLoss(reduction="sum"), loader)

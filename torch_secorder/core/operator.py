@@ -518,8 +518,7 @@ def model_operator(
 
 def warn_summed_loss(fname: str, loss_fn: Any, batches: Iterable[Any]) -> None:
     """Warn where a loss that sums over its batch meets several batches."""
-    several = isinstance(batches, Sized) and len(batches) > 1
-    if several and getattr(loss_fn, "reduction", None) == "sum":
+    if getattr(loss_fn, "reduction", None) == "sum" and (_length(batches) or 2) > 1:
         warnings.warn(
             f"{fname}: loss_fn sums over its batch (reduction='sum'), but each batch's Hessian "
             "is weighted by its size as a mean loss's is: over several batches the operator "
@@ -528,6 +527,14 @@ def warn_summed_loss(fname: str, loss_fn: Any, batches: Iterable[Any]) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _length(batches: Iterable[Any]) -> int | None:
+    """The number of batches where the collection knows it (an iterable dataset's loader not)."""
+    try:
+        return len(batches) if isinstance(batches, Sized) else None
+    except TypeError:
+        return None
 
 
 def _flat_like(
@@ -893,7 +900,7 @@ class _DataSetProducts:
         if self.first_batch is None:
             self.first_batch = 0
             if self._distributed():
-                count = len(self.batches) if isinstance(self.batches, Sized) else None
+                count = _length(self.batches)
                 if count is None:
                     count = sum(1 for _ in self.batches)
                 device = self.params[0].device
