@@ -797,7 +797,7 @@ def test_a_sparse_gradient_is_refused_with_its_parameter():
     model = nn.Sequential(nn.Embedding(6, 3, sparse=True), nn.Flatten(), nn.Linear(6, 2)).double()
     x, y = torch.tensor([[1, 2], [3, 1]]), torch.tensor([0, 1])
     H = HessianOperator.from_model(model, nn.CrossEntropyLoss(), (x, y))
-    with pytest.raises(ValueError, match=r"gradient of params\[0\] \('0.weight'\) is torch.sparse"):
+    with pytest.raises(ValueError, match=r"gradient of params\[0\] \('0.weight'\) is sparse"):
         H.matvec(torch.ones(H.shape[0], dtype=torch.float64))
 
 

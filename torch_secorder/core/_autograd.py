@@ -138,13 +138,13 @@ class GradientGraph:
                         RuntimeWarning,
                         stacklevel=4,
                     )
-        for i, g in enumerate(grads[: len(params)]):
-            if g is not None and g.layout != torch.strided:
-                raise ValueError(
-                    f"{fname}: the gradient of {param_label(i, names)} is {g.layout} (an "
-                    "embedding with sparse=True?); second derivatives need dense gradients: "
-                    "use sparse=False."
-                )
+        sparse = [i for i, g in enumerate(grads) if g is not None and g.is_sparse]
+        if sparse:
+            raise ValueError(
+                f"{fname}: the gradient of {param_label(sparse[0], names)} is sparse (an "
+                "embedding with sparse=True?); second derivatives need dense gradients: use "
+                "sparse=False."
+            )
         if strict:
             for i, g in enumerate(grads[: len(params)]):
                 if g is None:

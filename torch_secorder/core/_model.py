@@ -204,9 +204,9 @@ def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) ->
     finally:
         for module, name, buf in buffers:
             module._buffers[name] = buf
-        with torch.no_grad():
-            for weight, saved in renormed:
-                if not torch.equal(weight, saved):
+        for weight, saved in renormed:
+            if not torch.equal(weight, saved):
+                with torch.no_grad():
                     weight.copy_(saved)
         for module, training in zip(modules, modes):
             if module.training != training:  # (setting a module's attribute is not free)
