@@ -490,3 +490,16 @@ def test_a_gradient_start_finds_every_copy_of_a_repeated_top_eigenvalue():
     result = ts.top_eigenvalues(lambda: 0.5 * x @ (A @ x) + Q[:, 0] @ x, [x], k=3)
     assert result.converged
     torch.testing.assert_close(result.eigenvalues, torch.tensor([5.0, 5.0, 3.0], dtype=DTYPE))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_each_eigenvector_has_its_largest_entry_positive(method):
+    # (an eigenvector's sign is arbitrary; fixed so, rounding does not choose it)
+    A = with_spectrum(indefinite(60))
+    for seed in range(4):
+        result = ts.top_eigenvalues(
+            DenseOperator(A), k=2, which="magnitude", method=method, generator=generator(seed)
+        )
+        X = result.eigenvectors
+        largest = X.gather(0, X.abs().argmax(dim=0)[None])
+        assert bool((largest > 0).all())

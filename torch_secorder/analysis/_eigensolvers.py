@@ -64,10 +64,12 @@ def eigen_steps(
     and the random half keeps every eigenspace in the Krylov space, as a random start does.
     Else, and for power iteration (as in PyHessian), the start is random. ``reach`` is shared
     by the searches of one operator's diagonal blocks (``reach`` of
-    :func:`~._lanczos.thick_restart_lanczos`).
+    :func:`~._lanczos.thick_restart_lanczos`). Each returned vector's entry of largest
+    magnitude is positive.
     """
     if method == "power":
-        return (yield from power_iteration(n, k, which, tol, budget, dtype, device, gen))
+        pairs = yield from power_iteration(n, k, which, tol, budget, dtype, device, gen)
+        return _signed(pairs)
     check_basis(n, k, dtype, device)  # (a refusal before the gradient's forward pass)
     start = gradient() if gradient is not None and which != "smallest" else None
     column = None if start is None else start[:, None]
@@ -75,7 +77,20 @@ def eigen_steps(
         n, k, which, tol, budget, dtype, device, gen, start=column, reach=reach
     )
     gradient = start = column = None  # (the search's start replaces the gradient: none kept here)
-    return (yield from steps)
+    return _signed((yield from steps))
+
+
+def _signed(pairs: RitzPairs) -> RitzPairs:
+    """The pairs with each vector's entry of largest magnitude positive (the first of ties).
+
+    An eigenvector's sign is arbitrary: fixed so, it does not depend on the rounding that
+    chose it (a thread count, a machine).
+    """
+    if pairs.vectors.numel():
+        rows = pairs.vectors.abs().argmax(dim=0)
+        picked = pairs.vectors.gather(0, rows[None]).sign()
+        pairs.vectors *= torch.where(picked == 0, 1, picked)
+    return pairs
 
 
 def power_iteration(

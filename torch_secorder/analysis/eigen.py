@@ -140,7 +140,8 @@ def top_eigenvalues(
     Returns:
         An :class:`EigenResult`: eigenvalues sorted by ``which`` (descending, ascending or by
         descending magnitude), unit eigenvectors (a list like params with a leading ``k`` for
-        a closure, ``(P, k)`` columns for an operator), residual norms
+        a closure, ``(P, k)`` columns for an operator; each with its entry of largest
+        magnitude positive, so that the sign does not depend on rounding), residual norms
         :math:`\|Hx - \lambda x\|`, the convergence flag and the products used.
 
     Raises:
