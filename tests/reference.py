@@ -26,7 +26,7 @@ batches with weights :math:`n_b / N`.
 """
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from unittest import mock
 
 import torch
@@ -176,6 +176,18 @@ def hessian(fn: Callable[..., Tensor], tensors: Sequence[Tensor]) -> Tensor:
 
     with oracle_context():
         return jacrev(jacrev(flat_fn))(flat(tensors))
+
+
+def double_backward_hessian(func: Callable[[], Tensor], tensors: Iterable[Tensor]) -> Tensor:
+    """The dense Hessian of ``func()`` by plain double backward, one row per entry.
+
+    For functions ``torch.func`` differentiates wrongly or cannot trace (routed operators,
+    in-place renormalisation, recurrent layers); rows and columns in flat order.
+    """
+    tensors = list(tensors)
+    g = flat(torch.autograd.grad(func(), tensors, create_graph=True))
+    rows = [torch.autograd.grad(g[i], tensors, retain_graph=True) for i in range(len(g))]
+    return torch.stack([flat(row) for row in rows])
 
 
 def hessian_gradient(

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from tests import reference as ref
 from tests.core.helpers import assert_unchanged, cdist_model, snapshot
 from torch_secorder import (
     HessianOperator,
@@ -45,11 +46,7 @@ def _plain_hessian(model, x, y):
         z = model.fc(x) * 4
         return F.mse_loss(x * (F.relu6(z + 3) / 6), y)
 
-    (g,) = [
-        torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss(), params, create_graph=True)])
-    ]
-    rows = [torch.autograd.grad(g[i], params, retain_graph=True) for i in range(g.numel())]
-    return torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows])
+    return ref.double_backward_hessian(loss, params)
 
 
 def test_pytorch_cannot_differentiate_hardsigmoid_twice():
@@ -93,11 +90,7 @@ def _plain_weight_norm_hessian(model, x, y, dim):
         weight = v * (g / norms)
         return F.mse_loss(model[2](torch.tanh(F.linear(x, weight, model[0].bias))), y)
 
-    flat = torch.cat(
-        [t.reshape(-1) for t in torch.autograd.grad(loss(), params, create_graph=True)]
-    )
-    rows = [torch.autograd.grad(flat[i], params, retain_graph=True) for i in range(flat.numel())]
-    return torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows])
+    return ref.double_backward_hessian(loss, params)
 
 
 def test_pytorch_differentiates_a_fused_weight_norm_twice_wrongly():

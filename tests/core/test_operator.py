@@ -698,14 +698,6 @@ class _SequenceFirst(nn.Module):
         return self.head(self.rnn(x)[0][-1])
 
 
-def _plain_hessian(func, params):
-    flat = torch.cat(
-        [g.reshape(-1) for g in torch.autograd.grad(func(), params, create_graph=True)]
-    )
-    rows = [torch.autograd.grad(flat[i], params, retain_graph=True) for i in range(flat.numel())]
-    return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
-
-
 def test_batch_size_fn_counts_samples_outside_the_leading_dimension():
     torch.manual_seed(0)
     model = _SequenceFirst().double()
@@ -714,7 +706,7 @@ def test_batch_size_fn_counts_samples_outside_the_leading_dimension():
     ys = [torch.randn(n, 1, generator=g, dtype=torch.float64) for n in (3, 1)]
     loss_fn = nn.MSELoss()
     x, y = torch.cat(xs, dim=1), torch.cat(ys)  # the mean loss over all 4 samples
-    expected = _plain_hessian(lambda: loss_fn(model(x), y), list(model.parameters()))
+    expected = ref.double_backward_hessian(lambda: loss_fn(model(x), y), list(model.parameters()))
     data = list(zip(xs, ys))
     H = HessianOperator.from_model(model, loss_fn, data, batch_size_fn=lambda x: x.shape[1])
     eye = torch.eye(H.shape[0], dtype=torch.float64)
@@ -728,7 +720,9 @@ def test_batch_size_fn_counts_samples_outside_the_leading_dimension():
         model, loss_fn, data, wrt="inputs", batch_size_fn=lambda x: x.shape[1]
     )
     assert inputs.num_samples == 4
-    first = _plain_hessian(lambda: loss_fn(model(xs[0]), ys[0]), [xs[0].requires_grad_()])
+    first = ref.double_backward_hessian(
+        lambda: loss_fn(model(xs[0]), ys[0]), [xs[0].requires_grad_()]
+    )
     assert_close(
         (inputs @ torch.eye(inputs.shape[0], dtype=torch.float64))[:24, :24], first * 3 / 4
     )

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from tests import reference as ref
 from tests.cases import build, case_by_id
 from tests.core.helpers import CALLS, CLOSURE_FORMS, MODEL_FORMS, assert_unchanged, like, snapshot
 from torch_secorder import (
@@ -194,12 +195,7 @@ def test_weights_an_embedding_renormalises_are_restored():
     with torch.no_grad():
         torch.embedding_renorm_(twin[0].weight, x.reshape(-1), 1.0, 2.0)
     twin[0].max_norm = None
-    params = list(twin.parameters())
-    g = torch.cat(
-        [t.reshape(-1) for t in torch.autograd.grad(loss_fn(twin(x), y), params, create_graph=True)]
-    )
-    rows = [torch.autograd.grad(g[i], params, retain_graph=True) for i in range(g.numel())]
-    expected = torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows])
+    expected = ref.double_backward_hessian(lambda: loss_fn(twin(x), y), twin.parameters())
     # (the values are put back; the forward's renormalisation counts as an in-place write)
     before = [p.detach().clone() for p in model.parameters()]
     got = model_hessian_matrix(model, loss_fn, x, y)

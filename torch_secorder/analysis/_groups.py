@@ -33,9 +33,6 @@ from torch_secorder.core.params import shared_names
 
 GROUP_KINDS = ("module", "parameter")
 
-ROOT = ""
-"""Name of the module group of parameters the model owns itself: its module name."""
-
 
 def resolve_groups(
     fname: str, model: nn.Module, names: list[str], tensors: list[Tensor], groups: object
@@ -116,7 +113,7 @@ def module_groups(model: nn.Module, tensors: list[Tensor]) -> dict[str, list[int
     """One group per module owning selected parameters directly, by qualified module name.
 
     A shared parameter belongs to the first module owning it; the model's own parameters form
-    the group ``""`` (:data:`ROOT`).
+    the group ``""`` (its module name).
     """
     position = {id(t): i for i, t in enumerate(tensors)}
     seen: set[int] = set()
