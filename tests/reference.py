@@ -123,6 +123,13 @@ def layer_norm(
     return out
 
 
+def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``torch._weight_norm`` from elementary operations: ``v g / |v|``, the norm over every
+    dimension but ``dim`` (over all for ``dim=-1``)."""
+    dims = [d for d in range(v.dim()) if d != dim] if dim != -1 else list(range(v.dim()))
+    return v * (g / torch.sqrt((v**2).sum(dims, keepdim=dim != -1)))
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -151,12 +158,17 @@ def batch_norm(
 
 @contextlib.contextmanager
 def oracle_context() -> Iterator[None]:
-    """Forked RNG, math attention, and the elementary normalization layers."""
+    """Forked RNG, math attention, and the elementary normalization layers.
+
+    (``torch.func`` differentiates PyTorch 2.13's own LayerNorm, BatchNorm and fused weight
+    norm twice wrongly.)
+    """
     with (
         torch.random.fork_rng(),
         sdpa_kernel([SDPBackend.MATH]),
         mock.patch.object(F, "layer_norm", layer_norm),
         mock.patch.object(F, "batch_norm", batch_norm),
+        mock.patch.object(torch, "_weight_norm", weight_norm),
     ):
         yield
 
