@@ -11,7 +11,7 @@ one problem.
 The operator multiplies full-length columns, so a problem's vectors are zero-padded outside
 its rows, but only a chunk at a time: the step's columns (all problems' requests side by
 side) are cut into consecutive chunks of at most :func:`max_columns` columns of the
-operator's size (:data:`._memory.BLOCK_BYTES`, or an eighth of the analysis's memory
+operator's size (:data:`._memory.BLOCK_BYTES`, or a sixteenth of the analysis's memory
 budget), each chunk padded, multiplied with one ``matmat`` and scattered back to each
 problem at the problem's own size. Requests and products are never held at full length for
 more than one chunk, so problems over blocks of one operator take the memory of one problem

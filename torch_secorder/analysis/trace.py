@@ -85,7 +85,7 @@ def hessian_trace(
 ) -> TraceEstimate:
     r"""Estimate the trace of the Hessian, :math:`\operatorname{tr}(H) = \sum_i \lambda_i`.
 
-    Vectors go to the operator in chunks of at most 1 GiB (or an eighth of ``max_bytes``).
+    Vectors go to the operator in chunks of at most 1 GiB (or a sixteenth of ``max_bytes``).
     Hutchinson, Hutch++ and ``"exact"`` draw their vectors chunk by chunk; Hutch++ keeps its
     sketch of :math:`m/3` vectors of size :math:`P`, XTrace five blocks of :math:`m/2`, fewer
     where ``max_bytes`` is short (the memory model is in ``docs/scaling.rst``). See the
