@@ -603,6 +603,29 @@ def test_passes_with_another_number_of_batches_are_named():
         H @ v
 
 
+@pytest.mark.parametrize("sizes", [[7], [3, 5]])
+def test_release_takes_the_parameters_as_they_are_then(sizes):
+    # a training step between products: refused (a pass that differs) until release(), after
+    # which the operator is the Hessian at the new parameters; the batches are still checked
+    model, batches = make_mlp(), make_batches(sizes)
+    H = HessianOperator.from_model(model, nn.MSELoss(), batches)
+    v = torch.ones(H.shape[0], dtype=DTYPE)
+    H @ v
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    if len(sizes) > 1:  # (a lone batch's graph is kept: its products stay at the old ones)
+        with pytest.raises(ValueError, match="loss of data batch 0 .* call release"):
+            H @ v
+    H.release()
+    assert_close(H @ v, HessianOperator.from_model(model, nn.MSELoss(), batches) @ v)
+    H @ v  # the new losses are the reference now
+    batches[0] = make_batches(sizes, seed=2)[0]
+    H.release()
+    with pytest.raises(ValueError, match="data batch 0 differs between passes"):
+        H @ v
+
+
 def test_repeatable_passes_with_dropout_in_train_mode_are_accepted():
     model = make_mlp(dropout=0.5)
     H = HessianOperator.from_model(model, nn.MSELoss(), make_batches([3, 5]))

@@ -345,7 +345,12 @@ class HessianOperator:
         return flatten(exact_diagonal(self)[0])
 
     def release(self) -> None:
-        """Free the kept gradient graph; the next product rebuilds it."""
+        """Free the kept gradient graph; the next product rebuilds it, at the parameters then.
+
+        Over data, the losses of the batches' first pass are forgotten too (later passes
+        must still see the same batches): call it after changing the parameters, e.g. after
+        a training step, and the operator is the Hessian at the new ones.
+        """
         self._source.release()
 
     def __enter__(self) -> "HessianOperator":
@@ -732,7 +737,9 @@ class _DataSetProducts:
                     graph.release()
         if differs is None and self.fingerprints is not None:
             differs = self._compare(fingerprints, complete=True)
-        self.fingerprints = self.fingerprints or fingerprints
+        forgotten = bool(self.fingerprints) and math.isnan(self.fingerprints[0][2])
+        if self.fingerprints is None or (differs is None and forgotten):
+            self.fingerprints = fingerprints  # the first pass, or the first after release()
         return differs
 
     def gradient(self) -> Tensor | None:
@@ -755,7 +762,8 @@ class _DataSetProducts:
             "and all passes must see the same batches in the same order and compute the "
             "same losses; use a DataLoader with shuffle=False (a fixed order, data without "
             "random augmentation), and for a model whose forward pass is random beyond "
-            "torch's RNG, eval mode."
+            "torch's RNG, eval mode. Where the parameters changed on purpose (a training "
+            "step), call release() first: the operator is then the Hessian at the new ones."
         )
 
     def _compare(self, fingerprints: list[_Fingerprint], complete: bool = False) -> str | None:
@@ -783,7 +791,7 @@ class _DataSetProducts:
                 "changed)"
             )
         tolerance = torch.finfo(self.dtype).eps ** 0.5 * max(abs(loss), abs(loss0))
-        if abs(loss - loss0) > tolerance:
+        if abs(loss - loss0) > tolerance:  # (never where loss0 is NaN: forgotten by release())
             return (
                 f"the loss of data batch {index} was {loss0:.8g} in the first pass over the data "
                 f"and {loss:.8g} in a later one"
@@ -879,6 +887,9 @@ class _DataSetProducts:
 
     def release(self) -> None:
         self.cached = self.planned = None
+        # the parameters may have changed: the next pass's losses are the new reference
+        if self.fingerprints is not None:
+            self.fingerprints = [(size, sums, math.nan) for size, sums, _ in self.fingerprints]
 
     def _distributed(self) -> bool:
         if self.distributed is not None:
