@@ -16,5 +16,5 @@ Vector = Tensor | Sequence[Tensor]
 Params = Iterable[Tensor]
 """Any iterable of tensors to differentiate with respect to."""
 
-ParamSelection = str | Sequence[str] | None
+ParamSelection = str | Iterable[str] | None
 """Parameter names or glob patterns selecting parameters of a model (``None``: trainable)."""

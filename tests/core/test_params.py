@@ -26,6 +26,7 @@ def _model():
         ("0.*", ["0.weight", "0.bias"]),
         (["2.*", "0.bias"], ["0.bias", "2.weight", "2.bias"]),  # model order, not request order
         (("*.bias", "2.bias"), ["0.bias", "2.bias"]),  # overlapping entries select once
+        ((name for name in ["2.bias", "0.weight"]), ["0.weight", "2.bias"]),  # any iterable
         ("*", ["0.weight", "0.bias", "2.weight", "2.bias"]),
     ],
 )
@@ -117,10 +118,11 @@ def test_module_tree_and_selection_follow_named_modules_and_parameters(model):
             r"got int\.$",
         ),
         (
-            (n for n in ["0.weight"]),
+            (torch.zeros(1) for _ in range(1)),  # tensors, not names (model.parameters())
             TypeError,
-            r"^select_params: params must be None, .* got generator\.$",
+            r"^select_params: params\[0\] must be a name or glob pattern \(str\); got Tensor\.$",
         ),
+        (torch.zeros(2), TypeError, r"^select_params: params must be None, .* got Tensor\.$"),
         (
             ["0.weight", 3],
             TypeError,

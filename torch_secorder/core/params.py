@@ -28,8 +28,8 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
     Args:
         model: The model whose parameters to select.
         params: ``None`` for all parameters with ``requires_grad=True``; a name or pattern; or a
-            list of names and patterns. Every entry must match at least one parameter. An
-            explicit selection may include frozen parameters.
+            list of names and patterns (any iterable: a tuple, a generator). Every entry must
+            match at least one parameter. An explicit selection may include frozen parameters.
 
     Returns:
         The selected parameters by name, in the model's order.
@@ -64,12 +64,12 @@ def selection(
                 "select parameters by name with params=."
             )
         return selected
-    patterns = [params] if isinstance(params, str) else params
-    if not isinstance(patterns, Sequence):
+    if not isinstance(params, str | Iterable) or isinstance(params, Tensor | nn.Module):
         raise TypeError(
             "select_params: params must be None, a name or glob pattern, or a list of them; "
             f"got {type(params).__name__}."
         )
+    patterns = [params] if isinstance(params, str) else list(params)
     for i, pattern in enumerate(patterns):
         if not isinstance(pattern, str):
             raise TypeError(
