@@ -523,7 +523,8 @@ class Cast(nn.Module):
         return x.float()
 
 
-def test_an_output_held_and_modified_in_place_is_refused():
+@pytest.mark.parametrize("through", ["output", "holder"])
+def test_an_output_held_and_modified_in_place_is_refused(through):
     class Held(nn.Module):
         def __init__(self):
             super().__init__()
@@ -533,7 +534,9 @@ def test_an_output_held_and_modified_in_place_is_refused():
 
         def forward(self, x):
             h = self.lin(x)
-            h.mul_(2.0)  # the original output, kept by the hook, sees this
+            # the original output, kept by the hook, sees this; or the rest of the pass sees
+            # what is done through the hook's reference
+            (h if through == "output" else self.kept).mul_(2.0)
             return h + self.kept
 
     torch.manual_seed(0)

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 
 
@@ -252,6 +253,8 @@ _ACCUMULATE = getattr(torch._C._functions, "AccumulateGrad", None)
 def _node_kind(node_type: type) -> int:
     """What an autograd node of this type means to :func:`forward_facts`."""
     name = node_type.__name__
+    if issubclass(node_type, BackwardCFunction):  # a Python Function, whatever its name
+        return _CUSTOM
     routed = ("HardsigmoidBackward", "CudnnRnnBackward", "WeightNormInterfaceBackward")
     if name.startswith(routed) or name == "CopySlices":
         return _ROUTE

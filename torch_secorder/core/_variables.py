@@ -126,9 +126,9 @@ class Probes:
     the probe, if the output is a tensor of the probe's shape, dtype and device; anything else
     is recorded in :attr:`mismatch`. Without, the hooks only count calls and record outputs.
     Adding a probe makes a new tensor for the rest of the pass; :meth:`altered` finds the
-    modules whose output, held elsewhere, was modified in place later (the holder would no
-    longer see the modification), as :class:`~torch_secorder.core._structured.engine._Probes`
-    does.
+    modules whose output, held elsewhere, was modified in place later, through the new
+    tensor (the holder would no longer see the modification) or through the holder (the rest
+    of the pass would not), as :class:`~torch_secorder.core._structured.engine._Probes` does.
     """
 
     def __init__(self, modules: list[tuple[str, nn.Module]], probes: list[Tensor] | None) -> None:
@@ -136,7 +136,7 @@ class Probes:
         self.calls = [0] * len(modules)
         self.outputs: list[object] = [None] * len(modules)
         self.mismatch: int | None = None
-        self.watched: list[tuple[weakref.ref, Tensor, int, int]] = []
+        self.watched: list[tuple[weakref.ref, Tensor, int, Tensor, int, int]] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> "Probes":
@@ -166,7 +166,10 @@ class Probes:
                 self.mismatch = i if self.mismatch is None else self.mismatch
                 return None
             summed = output + probe
-            self.watched.append((weakref.ref(output), summed, summed._version, i))
+            alias = output.detach()  # (the output's version counter, not a reference to it)
+            self.watched.append(
+                (weakref.ref(output), summed, summed._version, alias, alias._version, i)
+            )
             return summed
 
         return hook
@@ -175,8 +178,8 @@ class Probes:
         """The modules whose probed output was modified in place while held elsewhere."""
         return [
             i
-            for held, summed, version, i in self.watched
-            if summed._version != version and held() is not None
+            for held, summed, version, alias, original, i in self.watched
+            if (summed._version != version and held() is not None) or alias._version != original
         ]
 
 

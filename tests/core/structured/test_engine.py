@@ -622,6 +622,78 @@ def test_a_held_output_modified_in_place_later(where):
     assert "modified in place" in plan["0"].reason
 
 
+class _EditsItsCache(nn.Module):
+    """A hook keeps the first layer's output; the forward doubles it in place through the cache
+    (the tensor the rest of the pass reads, as it is without probes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.a.register_forward_hook(lambda mod, args, out: setattr(self, "cache", out))
+
+    def forward(self, x):
+        h = self.a(x)
+        self.cache.mul_(2.0)
+        return self.b(torch.tanh(h))
+
+
+def test_a_held_output_modified_in_place_through_its_holder():
+    torch.manual_seed(0)
+    plan = check(_EditsItsCache().to(F64), CE, randn(4, 5), labels(4, 3))
+    assert plan["a"].method == "generic"
+    assert "modified in place" in plan["a"].reason
+
+
+def test_the_model_output_modified_in_place_by_the_loss():
+    # a hook keeps the model's output and the loss triples it in place before reading it
+    model, kept = _penalty_model(), {}
+    model.register_forward_hook(lambda mod, args, out: kept.__setitem__("out", out))
+
+    def loss(out, t):
+        kept["out"].mul_(3.0)
+        return F.cross_entropy(out, t)
+
+    plan = check(model, loss, randn(6, 5), labels(6, 3))
+    assert all(layer.method != "gauss-newton" for layer in plan.values())
+
+
+class Clamp(torch.autograd.Function):
+    """A smooth function whose class shares the name of PyTorch's piecewise-linear clamp."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z):
+        return torch.tanh(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(z) ** 2)
+
+
+class _CustomClamp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 32), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.b(Clamp.apply(self.a(x)))
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_a_custom_function_is_not_taken_for_the_operation_of_its_name(n):
+    # its node, ClampBackward, once read as clamp's: the Gauss-Newton rule then dropped the
+    # function's curvature (relative errors near 1)
+    torch.manual_seed(0)
+    plan = check(_CustomClamp().to(F64), CE, randn(n, 5), labels(n, 2))
+    assert plan["a"].method != "gauss-newton"
+
+
 def test_a_budget_below_every_plan_runs_no_check():
     from torch_secorder.core._model import batch_loss
     from torch_secorder.core._structured import StructuredDiagonal

@@ -65,8 +65,10 @@ class _Probes:
     Adding a probe makes a new tensor, ``output + probe``, for the rest of the forward pass.
     The function stays the same unless that tensor is modified in place (an in-place
     activation) while the output itself is held elsewhere (a hook or a cache that the loss
-    reads): the holder would no longer see the modification. :meth:`altered` finds those
-    probes after the pass.
+    reads): the holder would no longer see the modification; or unless the output itself is
+    modified in place through such a holder: the rest of the pass would no longer see it.
+    :meth:`altered` finds those probes after the pass (and the loss): the second by the
+    output's version counter, shared with a detached alias kept until then.
     """
 
     def __init__(
@@ -80,7 +82,7 @@ class _Probes:
         self.output_position = -1
         self.output_calls = 0
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.watched: list[tuple[weakref.ref, Tensor, int, _Layer | None]] = []
+        self.watched: list[tuple[weakref.ref, Tensor, int, Tensor, int, _Layer | None]] = []
 
     def __enter__(self) -> "_Probes":
         for layer in self.layers:
@@ -97,8 +99,8 @@ class _Probes:
         """The layers (``None``: the model's output) whose probe changed the function."""
         found = [
             owner
-            for held, summed, version, owner in self.watched
-            if summed._version != version and held() is not None
+            for held, summed, version, alias, original, owner in self.watched
+            if (summed._version != version and held() is not None) or alias._version != original
         ]
         self.watched.clear()
         return found
@@ -111,7 +113,9 @@ class _Probes:
         probe = torch.zeros_like(output, requires_grad=True)
         self.tensors.append(probe)
         summed = output + probe
-        self.watched.append((weakref.ref(output), summed, summed._version, owner))
+        alias = output.detach()  # (the output's version counter, not a reference to it)
+        watch = (weakref.ref(output), summed, summed._version, alias, alias._version, owner)
+        self.watched.append(watch)
         return summed, self.offset + len(self.tensors) - 1
 
     def _layer_hook(self, layer: _Layer) -> Callable[..., Tensor | None]:

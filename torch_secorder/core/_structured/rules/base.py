@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from torch import Tensor, nn
+from torch.autograd.function import BackwardCFunction
 
 Node = object
 """An autograd graph node (``tensor.grad_fn``)."""
@@ -71,10 +72,17 @@ _NAME = re.compile(r"^(\w+?)Backward\d*$")
 
 
 def node_name(node: Node | None) -> str:
-    """A node's operation: ``"Addmm"`` for ``AddmmBackward0``, the class name otherwise."""
-    name = type(node).__name__
-    match = _NAME.match(name)
-    return match.group(1) if match else name
+    """A node's operation: ``"Addmm"`` for ``AddmmBackward0``, the class name otherwise.
+
+    A custom :class:`torch.autograd.Function`'s node (``ClampBackward`` for a class ``Clamp``)
+    is named ``"Function:"`` and its qualified name, which no operation's name matches: a
+    function of the user's is never taken for PyTorch's operation of the same name.
+    """
+    cls = type(node)
+    if issubclass(cls, BackwardCFunction):
+        return f"Function:{cls.__qualname__}"
+    match = _NAME.match(cls.__name__)
+    return match.group(1) if match else cls.__name__
 
 
 def child(node: Node, slot: int) -> Node | None:
