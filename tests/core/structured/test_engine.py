@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from tests import reference as ref
 from tests.core.structured.helpers import CE, F64, check, generic, labels, oracle, randn
 from torch_secorder import (
     HessianOperator,
@@ -691,6 +692,72 @@ def test_a_custom_function_is_not_taken_for_the_operation_of_its_name(n):
     # function's curvature (relative errors near 1)
     torch.manual_seed(0)
     plan = check(_CustomClamp().to(F64), CE, randn(n, 5), labels(n, 2))
+    assert plan["a"].method != "gauss-newton"
+
+
+def _plain(model, loss_fn, inputs, targets):
+    """The diagonal by plain double backward (the oracle where torch.func cannot trace)."""
+    params = list(model.parameters())
+    H = ref.double_backward_hessian(lambda: loss_fn(model(inputs), targets), params)
+    return ref.diagonal(H, params)
+
+
+class _ClippedActivation(nn.Module):
+    """A ReLU network whose hidden activation's gradient is clipped by a tensor hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if h.requires_grad:
+            h.register_hook(lambda grad: grad.clamp(-1e-3, 1e-3))
+        return self.b(h)
+
+
+def test_a_gradient_hook_registered_in_the_forward_pass_takes_the_generic_path():
+    # the Gauss-Newton rule's own backward passes ran the hook on other cotangents (errors
+    # of 3e-3 on entries of 1)
+    torch.manual_seed(0)
+    model, inputs, targets = _ClippedActivation().to(F64), randn(3, 8), randn(3, 2, seed=2)
+    expected = _plain(model, nn.MSELoss(), inputs, targets)
+    plan = check(model, nn.MSELoss(), inputs, targets, expected=expected)
+    assert {layer.method for layer in plan.values()} == {"generic"}
+    assert "gradient hook" in plan["a"].reason
+
+
+def test_a_gradient_hook_on_a_parameter_takes_its_layer_generic():
+    # a layer rule reads the diagonal off the layer's output, past the parameter's hook
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 40)).to(F64)
+    model[0].weight.register_hook(lambda grad: grad.clamp(-1e-3, 1e-3))
+    inputs, targets = randn(3, 8), labels(3, 40)
+    plan = check(model, CE, inputs, targets, expected=_plain(model, CE, inputs, targets))
+    assert plan["0"].method == "generic"
+    assert "its weight has a gradient hook" in plan["0"].reason
+    assert plan["2"].method == "layer"
+
+
+class _Modulus(nn.Module):
+    """A complex number's modulus between two layers: not piecewise linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(16, 2)
+
+    def forward(self, x):
+        z = self.a(x)
+        return self.b((z[:, :16] + 1j * z[:, 16:]).abs())
+
+
+def test_the_modulus_of_a_complex_number_is_not_piecewise_linear():
+    # its node is Abs, piecewise linear on real numbers: the Gauss-Newton rule took it (errors
+    # of 1.3 on entries of 2)
+    torch.manual_seed(0)
+    model, inputs, targets = _Modulus().to(F64), randn(3, 8), randn(3, 2, seed=2)
+    expected = _plain(model, nn.MSELoss(), inputs, targets)
+    plan = check(model, nn.MSELoss(), inputs, targets, expected=expected)
     assert plan["a"].method != "gauss-newton"
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from torch_secorder.core._autograd import GradientGraph
 from torch_secorder.core._progress import counted
@@ -146,6 +147,24 @@ class _Probes:
         return self.output
 
 
+_HOOKED = "the forward pass registers a gradient hook (Tensor.register_hook)"
+
+
+class _HookWatch(TorchFunctionMode):
+    """Notes whether the forward pass registers a hook on a tensor's gradient.
+
+    Such a hook changes the gradient the generic path differentiates, and would also run on
+    the rules' own backward passes (with other cotangents): no rule holds.
+    """
+
+    hooked = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is Tensor.register_hook:
+            self.hooked = True
+        return func(*args, **(kwargs or {}))
+
+
 class StructuredDiagonal:
     """The exact diagonal of a model's loss by layer rules where proven, planned up front.
 
@@ -189,6 +208,7 @@ class StructuredDiagonal:
         self.budget = budget
         self.owners = _owner_types(model, params)
         excluded: set[str | None] = set()  # layers (None: the output) whose probe alters the loss
+        watch = _HookWatch()
         while True:
             self.layers = _candidates(model, params)
             for layer in self.layers:
@@ -199,7 +219,8 @@ class StructuredDiagonal:
             roots: list[Tensor] = []
 
             def probed() -> Tensor:
-                loss = func()
+                with watch:
+                    loss = func()
                 roots.append(loss)  # noqa: B023 - called before the next iteration
                 return loss
 
@@ -220,6 +241,9 @@ class StructuredDiagonal:
                 break
             self.graph.release()
             excluded |= {None if layer is None else layer.name for layer in altered}
+        if watch.hooked:  # products through the graph would run the hooks on other vectors
+            for layer in self.layers:
+                layer.refusal = layer.refusal or _HOOKED
         try:
             loss = roots[0] if roots and roots[0].grad_fn is not None else None
             roots.clear()
@@ -506,8 +530,11 @@ def _candidates(model: nn.Module, params: list[Tensor]) -> list[_Layer]:
             continue
         layer = _Layer(module, name, rule, roles)
         shared = [role for role, i in roles.items() if owners[id(params[i])] > 1]
+        hooked = [role for role, i in roles.items() if params[i]._backward_hooks]
         if shared:
             layer.refusal = f"its {shared[0]} is registered in another module too"
+        elif hooked:  # (the rules read the diagonal off the layer's output, past the hook)
+            layer.refusal = f"its {hooked[0]} has a gradient hook (register_hook)"
         layers.append(layer)
     return layers
 

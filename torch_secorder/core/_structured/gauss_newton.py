@@ -200,8 +200,8 @@ def _nonlinear(root: object, index: dict[int, int]) -> set[int]:
         if not mine or getattr(node, "variable", None) is not None:
             continue
         name = node_name(node)
-        if name in _LINEAR:
-            continue
+        if name in _LINEAR and not (name == "Abs" and node._saved_self.is_complex()):
+            continue  # (a complex number's modulus is not piecewise linear)
         if name not in _PRODUCTS or (name in _NORMS and getattr(node, "_saved_training", True)):
             bad |= mine
             continue
