@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 from tests import reference as ref
 from tests.cases import build, case_by_id
-from tests.core.helpers import assert_unchanged, snapshot
+from tests.core.helpers import assert_unchanged, cdist_model, snapshot
 from tests.core.test_output import built_of
 from torch_secorder import (
     EigenResult,
@@ -207,3 +207,13 @@ def test_model_sharpness_side_effects_and_warnings():
     ):
         model_sharpness(built.model, built.loss_fn, data, groups="module", tol=1e-12, max_matvecs=2)
     assert_unchanged(before, built.model)
+
+
+def test_output_sharpness_names_itself_and_the_module():
+    # its operator's errors named HessianOperator, without the module
+    with pytest.raises(
+        RuntimeError,
+        match=r"^output_sharpness: PyTorch cannot differentiate the operator 'cdist'.*, called "
+        r"in module '2' \(_Distances\)",
+    ):
+        output_sharpness(cdist_model(), torch.randn(4, 3, dtype=torch.float64))

@@ -529,12 +529,10 @@ def test_output_errors_after_the_forward_pass():
         r"floating-point tensor\.$",
     ):
         output_hessian_dict(Labels(), x)
-    with pytest.raises(
-        ValueError,
-        match=r"^output_hessian_matrix: batched=True but the model returned a 0-d output, which "
-        r"has no batch dimension; pass batched=False for one unbatched sample\.$",
-    ):
-        output_hessian_matrix(Total(), x)
+    # a scalar output has no dimensions to keep, batched or not: (P, P)
+    assert torch.equal(
+        output_hessian_matrix(Total(), x), output_hessian_matrix(Total(), x, batched=False)
+    )
 
 
 def test_loss_dict_errors():
@@ -568,6 +566,36 @@ def test_an_operator_without_second_derivative_is_named_with_its_module():
     ):
         output_hessian_matrix(model, x)
     assert_unchanged(before, model)
+
+
+class _Scaled(nn.Module):
+    """A linear layer times a 0-d parameter (summed: a scalar output)."""
+
+    def __init__(self, summed=False):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.tensor(1.3))
+        self.summed = summed
+
+    def forward(self, x):
+        y = self.scale * torch.tanh(self.lin(x))
+        return y.sum() if self.summed else y
+
+
+def test_blocks_of_a_zero_dimensional_parameter():
+    # (*P.shape, *Q.shape) of a 0-d parameter: its view took no shape and raised
+    torch.manual_seed(0)
+    model, x = _Scaled().to(F64), torch.randn(4, 3, dtype=F64)
+    y = torch.randn(4, 2, dtype=F64)
+    H = model_hessian_dict(model, nn.MSELoss(), x, y)
+    assert H["scale"]["scale"].shape == ()
+    assert H["scale"]["lin.weight"].shape == (2, 3)
+    # (the model's own parameter first, as named_parameters lists it)
+    assert_close(H["scale"]["scale"], model_hessian_matrix(model, nn.MSELoss(), x, y)[0, 0])
+    model.summed = True
+    scalar = output_hessian_dict(model, x)
+    assert scalar["scale"]["scale"].shape == ()
+    assert_close(scalar["scale"]["scale"], output_hessian_matrix(model, x)[0, 0])
 
 
 class _Relu6Gate(nn.Module):

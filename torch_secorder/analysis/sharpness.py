@@ -41,7 +41,7 @@ from torch_secorder.analysis._lanczos import RitzPairs, thick_restart_lanczos
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.analysis._variables import model_selection
 from torch_secorder.analysis.results import EigenResult, SharpnessResult
-from torch_secorder.core.operator import HessianOperator
+from torch_secorder.core.operator import objective_operator
 from torch_secorder.core.output import model_outputs, select_outputs
 
 __all__ = ["model_sharpness", "output_sharpness"]
@@ -70,8 +70,8 @@ def output_sharpness(
 
     Args:
         {model_outputs}
-        batched: Whether the output's leading dimension indexes samples (then the output must
-            have one); the result has the output's shape either way.
+        batched: Whether the output's leading dimension indexes samples; the result has the
+            output's shape either way (none for a scalar output).
         tol: Relative residual tolerance of each Lanczos run (as for
             :func:`~torch_secorder.top_eigenvalues`).
         max_matvecs: Budget of products per output element; ``None`` means 300, the default of
@@ -89,8 +89,8 @@ def output_sharpness(
         TypeError: If ``model`` is not a module or returns no tensor, or an argument has the
             wrong type.
         ValueError: If the selection matches nothing, the parameters differ in dtype or
-            device, the output is not floating point (or 0-d with ``batched=True``), or
-            ``tol`` or ``max_matvecs`` is out of range.
+            device, the output is not floating point, or ``tol`` or ``max_matvecs`` is out
+            of range.
 
     Warns:
         RuntimeWarning: If some output element's run did not converge within the budget.
@@ -120,7 +120,7 @@ def output_sharpness(
         for index, gen in enumerate(spawn(base, outputs.numel)):
             steps = thick_restart_lanczos(size, 1, "magnitude", tol, budget, dtype, device, gen)
             problem = Problem(steps, budget=budget, certain=False)
-            with HessianOperator(outputs.element(index), tensors) as operator:
+            with objective_operator(fname, outputs.objective(index)) as operator:
                 run(fname, operator, [problem])
             pairs.append(problem.result)
             used += problem.num_matvecs

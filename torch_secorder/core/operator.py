@@ -472,8 +472,13 @@ def kept_gradient(operator: object) -> Tensor | None:
 
 def closure_operator(fname: str, func: object, params: object) -> HessianOperator:
     """``HessianOperator(func, params)`` whose errors name the public function ``fname``."""
+    return objective_operator(fname, closure_objective(fname, func, params))
+
+
+def objective_operator(fname: str, objective: Any) -> HessianOperator:
+    """An objective's Hessian (``params``, ``gradient()``) naming ``fname`` in its errors."""
     operator = HessianOperator.__new__(HessianOperator)
-    operator._setup(fname, _closure_source(fname, func, params), None)
+    operator._setup(fname, _ClosureProducts(objective), None)
     return operator
 
 

@@ -111,6 +111,10 @@ class ModelOutputs:
         """
         return lambda: self.outputs.reshape(-1)[index]
 
+    def objective(self, index: int) -> "ElementObjective":
+        """Output element ``index`` as an operator's objective (errors name the module)."""
+        return ElementObjective(self, index)
+
     def gradient(self, index: int) -> GradientGraph:
         """The differentiable gradient of output element ``index``; the forward is not rerun."""
         return GradientGraph(
@@ -122,6 +126,21 @@ class ModelOutputs:
             locate=self.locate,
             constant_warning=False,
         )
+
+
+@dataclass
+class ElementObjective:
+    """One output element of a kept forward pass, as an operator's objective."""
+
+    outputs: ModelOutputs
+    index: int
+
+    @property
+    def params(self) -> list[Tensor]:
+        return self.outputs.params
+
+    def gradient(self) -> GradientGraph:
+        return self.outputs.gradient(self.index)
 
 
 def select_outputs(
@@ -158,7 +177,7 @@ def model_outputs(
 
     Raises:
         TypeError: If the model does not return a tensor.
-        ValueError: If the output is not floating point, or ``batched`` and 0-d.
+        ValueError: If the output is not floating point.
     """
     with preserved_state(model):
         with forward_context(params, seed=0), private_buffers(model):
@@ -172,11 +191,6 @@ def model_outputs(
             raise ValueError(
                 f"{fname}: model returned a {outputs.dtype} output; expected a floating-point "
                 "tensor."
-            )
-        if batched and outputs.dim() == 0:
-            raise ValueError(
-                f"{fname}: batched=True but the model returned a 0-d output, which has no batch "
-                "dimension; pass batched=False for one unbatched sample."
             )
         yield ModelOutputs(fname, names, params, outputs, operator_locator(model, inputs))
 
@@ -265,7 +279,7 @@ def _shaped_blocks(
 ) -> HessianDict:
     """View each flat block as ``(*lead, *P.shape, *Q.shape)``."""
     return {
-        a: {b: block.view(*lead, *named[a].shape, *named[b].shape) for b, block in row.items()}
+        a: {b: block.view((*lead, *named[a].shape, *named[b].shape)) for b, block in row.items()}
         for a, row in blocks.items()
     }
 
@@ -336,9 +350,9 @@ def output_hessian_matrix(
 
     Args:
         {model_outputs}
-        batched: Whether the output's leading dimension indexes samples (then the output must
-            have one). The result's leading dimensions are the output's shape: ``(b, *out)``
-            for a batch, ``out`` for one sample (``batched=False``), none for a scalar.
+        batched: Whether the output's leading dimension indexes samples. The result's leading
+            dimensions are the output's shape: ``(b, *out)`` for a batch, ``out`` for one
+            sample (``batched=False``), none for a scalar output (either way).
         diagonal_only: Compute only the per-parameter diagonal blocks; the other entries are
             zero.
         max_bytes: Refuse a result needing more memory (default 8 GiB): one output element's
@@ -353,8 +367,8 @@ def output_hessian_matrix(
         TypeError: If ``model`` is not a module or returns no tensor, or an argument has the
             wrong type.
         ValueError: If the selection matches nothing, the parameters differ in dtype or
-            device, the output is not floating point (or 0-d with ``batched=True``), or the
-            result would exceed ``max_bytes`` (the message gives its size).
+            device, the output is not floating point, or the result would exceed
+            ``max_bytes`` (the message gives its size).
 
     Example:
         >>> import torch
@@ -422,8 +436,8 @@ def output_hessian_dict(
         TypeError: If ``model`` is not a module or returns no tensor, or an argument has the
             wrong type.
         ValueError: If the selection matches nothing, the parameters differ in dtype or
-            device, the output is not floating point (or 0-d with ``batched=True``), or the
-            blocks would exceed ``max_bytes`` (the message gives their size).
+            device, the output is not floating point, or the blocks would exceed
+            ``max_bytes`` (the message gives their size).
 
     Example:
         >>> import torch
