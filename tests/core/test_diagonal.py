@@ -97,6 +97,16 @@ def test_create_graph_third_derivative_closed_form():
     assert_close(grad, 24 * c * x.detach() * w.double())
 
 
+@pytest.mark.parametrize("v", [None, torch.ones(4, dtype=torch.float64)])
+def test_create_graph_keeps_the_graph_under_no_grad(v):
+    x = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        diag = hessian_diagonal(lambda: (x**4).sum(), [x], v, True)
+    total = diag.sum() if v is not None else diag[0].sum()  # flat with v, a list without
+    (third,) = torch.autograd.grad(total, [x])  # d/dx sum(12 x^2)
+    assert_close(third, 24 * x.detach())
+
+
 # Not through normalization layers: see test_hvp.py (torch's autograd third derivatives).
 @pytest.mark.parametrize("case_id", ["mlp-tanh-ce", "gru", "scalar-param"])
 @pytest.mark.parametrize("chunk_size", [1, None])

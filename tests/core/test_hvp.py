@@ -108,6 +108,17 @@ def test_create_graph_third_derivative_closed_form():
     assert_close(gy, 2 * (vx.sum() * wy + wx.sum() * vy))
 
 
+@pytest.mark.parametrize("grad_mode", [torch.enable_grad, torch.no_grad])
+def test_create_graph_keeps_the_graph_of_a_flat_result(grad_mode):
+    # under torch.no_grad the flat result was assembled without its graph
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    with grad_mode():
+        v = torch.ones(2, dtype=torch.float64)
+        result = hvp(lambda: (x**3).sum(), [x], v, create_graph=True)
+    (third,) = torch.autograd.grad(result.sum(), [x])  # d/dx sum(6 x)
+    assert_close(third, torch.full((2,), 6.0, dtype=torch.float64))
+
+
 def test_create_graph_differentiates_through_v():
     # d/dv (w^T H v) = H w (H symmetric)
     built = build(case_by_id("mlp-tanh-ce"))

@@ -12,9 +12,11 @@ prove that exact and it takes fewer products (:mod:`torch_secorder.core._structu
 of one per weight. :func:`diagonal_plan` tells, per layer, which path it takes and why.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import overload
 
+import torch
 from torch import Tensor, nn
 
 from torch_secorder._checks import check_bool, check_chunk_size, check_vector
@@ -150,19 +152,20 @@ def _hessian_diagonal(
             if progress:
                 _show(_plan(structured, objective.names))  # type: ignore[arg-type]
             return structured.run(progress)
-    with objective.gradient(strict=strict) as graph:
-        products = sum(p.numel() for p, g in zip(params, graph.grads) if g is not None)
-        hint = "model_hessian_diagonal uses layer structure where it can, and "
-        hint += "hessian_diagonal_estimate estimates the diagonal from far fewer products."
-        with counted(graph, fname, products, progress, "exact diagonal", hint):
-            diagonal = [
-                graph.own_diagonal(i, chunk_size=chunk_size, create_graph=create_graph)
-                for i in range(len(params))
-            ]
-    if vectors is None:
-        return diagonal
-    scaled = [d * u for d, u in zip(diagonal, vectors)]
-    return flatten(scaled) if flat else scaled
+    with torch.enable_grad() if create_graph else contextlib.nullcontext():  # also under no_grad
+        with objective.gradient(strict=strict) as graph:
+            products = sum(p.numel() for p, g in zip(params, graph.grads) if g is not None)
+            hint = "model_hessian_diagonal uses layer structure where it can, and "
+            hint += "hessian_diagonal_estimate estimates the diagonal from far fewer products."
+            with counted(graph, fname, products, progress, "exact diagonal", hint):
+                diagonal = [
+                    graph.own_diagonal(i, chunk_size=chunk_size, create_graph=create_graph)
+                    for i in range(len(params))
+                ]
+        if vectors is None:
+            return diagonal
+        scaled = [d * u for d, u in zip(diagonal, vectors)]
+        return flatten(scaled) if flat else scaled
 
 
 def model_hessian_diagonal(

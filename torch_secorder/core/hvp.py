@@ -10,8 +10,10 @@ References:
     6(1), 147-160. https://doi.org/10.1162/neco.1994.6.1.147
 """
 
+import contextlib
 from typing import overload
 
+import torch
 from torch import Tensor, nn
 
 from torch_secorder._checks import check_bool, check_chunk_size, check_vector
@@ -84,9 +86,13 @@ def _hvp(
     check_bool(fname, "create_graph", create_graph)
     check_bool(fname, "strict", strict)
     vectors, flat = check_vector(fname, "v", v, objective.params, objective.names)
-    with objective.gradient(strict=strict) as graph:
-        result = graph.vjp(vectors, objective.params, create_graph=create_graph, retain_graph=False)
-    return flatten(result) if flat else result
+    # (a graph of the result is kept also under torch.no_grad(), flattening included)
+    with torch.enable_grad() if create_graph else contextlib.nullcontext():
+        with objective.gradient(strict=strict) as graph:
+            result = graph.vjp(
+                vectors, objective.params, create_graph=create_graph, retain_graph=False
+            )
+        return flatten(result) if flat else result
 
 
 @overload
