@@ -241,9 +241,11 @@ class StructuredDiagonal:
                 break
             self.graph.release()
             excluded |= {None if layer is None else layer.name for layer in altered}
-        if watch.hooked:  # products through the graph would run the hooks on other vectors
+        # products through the graph would run the hooks on other vectors
+        hooked = _HOOKED if watch.hooked else _backward_hooked(model)
+        if hooked:
             for layer in self.layers:
-                layer.refusal = layer.refusal or _HOOKED
+                layer.refusal = layer.refusal or hooked
         try:
             loss = roots[0] if roots and roots[0].grad_fn is not None else None
             roots.clear()
@@ -548,6 +550,17 @@ def _owner_types(model: nn.Module, params: list[Tensor]) -> dict[int, str]:
             if p is not None and id(p) in position:
                 owners.setdefault(position[id(p)], type(module).__name__)
     return owners
+
+
+def _backward_hooked(model: nn.Module) -> str | None:
+    """Why a module backward hook of the model keeps every rule out, or ``None``."""
+    module_hooks = torch.nn.modules.module
+    if module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks:
+        return "a global module backward hook is registered"
+    for name, module in model.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            return f"module {name or '(root)'!r} has a backward hook"
+    return None
 
 
 def _batch_statistics(model: nn.Module) -> bool:
