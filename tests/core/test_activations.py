@@ -546,6 +546,27 @@ def test_an_output_held_and_modified_in_place_is_refused(through):
         H @ torch.ones(12, dtype=DTYPE)
 
 
+def test_an_output_held_by_an_earlier_hook_and_read_is_refused():
+    # the hook holds the output without the probe: what reads it there saw no perturbation
+    # (an exact trace of -0.2 for one of 6.0)
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(3, 3), nn.Linear(3, 4)
+            self.kept = {}
+            self.lin.register_forward_hook(lambda m, a, out: self.kept.__setitem__("h", out))
+
+        def forward(self, x):
+            h = self.lin(x)
+            return self.head(torch.tanh(h)) + self.kept["h"].square().sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = Cached().to(DTYPE)
+    H = HessianOperator.from_model(model, CE, BATCH, wrt="activations", modules="lin")
+    with pytest.raises(ValueError, match="the output of module 'lin' is held elsewhere .* read"):
+        H @ torch.ones(12, dtype=DTYPE)
+
+
 def test_a_closure_operator_is_still_one_of_parameters():
     x = torch.zeros(2, dtype=DTYPE, requires_grad=True)
     H = HessianOperator(lambda: (x**2).sum(), [x])

@@ -301,10 +301,13 @@ class ActivationProducts(_DataSetProducts):
         hooks = Probes(self.modules, probes if self.wrt == "activations" else None)
         model, loss_fn, slots = self.model, self.loss_fn, self.slots
 
+        losses: list[Tensor] = []
+
         def func() -> Tensor:
             probed = with_probes(inputs, slots, probes) if self.wrt == "inputs" else inputs
             with private_buffers(model):
-                return loss_fn(call_model(model, probed), targets)
+                losses.append(loss_fn(call_model(model, probed), targets))
+            return losses[-1]
 
         if self.wrt == "inputs":
             values = input_values(inputs, slots) if input_slots(inputs) == slots else []
@@ -329,13 +332,17 @@ class ActivationProducts(_DataSetProducts):
                     "passes (its shape, dtype, device or number of calls)"
                 )
             altered = hooks.altered()
-            if altered:
+            loss = losses[-1] if losses else None
+            elsewhere = [] if loss is None or altered else hooks.read_elsewhere(loss)
+            losses.clear()
+            if altered or elsewhere:
                 graph.release()
+                what = "modified in place later in the forward pass" if altered else "read there"
                 raise ValueError(
-                    f"{self.fname}: the output of module {self.names[altered[0]]!r} is held "
-                    "elsewhere (a forward hook, a cache) and modified in place later in the "
-                    "forward pass, so a perturbation of it would not reach what reads it; choose "
-                    "the module that modifies it, or one whose output is not held elsewhere."
+                    f"{self.fname}: the output of module {self.names[(altered or elsewhere)[0]]!r} "
+                    f"is held elsewhere (a forward hook, a cache) and {what}, so a perturbation "
+                    "of it would not reach what reads it; choose the module that modifies or "
+                    "reads it, or one whose output is not held elsewhere."
                 )
         size = batch_size(self.fname, index, inputs, self.batch_size_fn)
         return graph, size, (size, _checksum(inputs, targets), float(graph.loss))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder._checks import check_choice, type_name
+from torch_secorder.core._structured.graph import consumers
 
 if TYPE_CHECKING:
     from torch_secorder.core.operator import HessianOperator
@@ -137,6 +138,7 @@ class Probes:
         self.outputs: list[object] = [None] * len(modules)
         self.mismatch: int | None = None
         self.watched: list[tuple[weakref.ref, Tensor, int, Tensor, int, int]] = []
+        self.nodes: list[tuple[object, object, int]] = []  # (output's node, probed one, module)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> "Probes":
@@ -166,6 +168,8 @@ class Probes:
                 self.mismatch = i if self.mismatch is None else self.mismatch
                 return None
             summed = output + probe
+            if output.grad_fn is not None and all(output is not a for a in _tensors(args)):
+                self.nodes.append((output.grad_fn, summed.grad_fn, i))
             alias = output.detach()  # (the output's version counter, not a reference to it)
             self.watched.append(
                 (weakref.ref(output), summed, summed._version, alias, alias._version, i)
@@ -174,6 +178,20 @@ class Probes:
 
         return hook
 
+    def read_elsewhere(self, loss: Tensor) -> list[int]:
+        """The modules whose output (a new tensor) the loss also reads other than probed.
+
+        A forward hook that ran before the probe's, or the module's caller keeping a reference
+        it got another way, holds the output without the probe: what reads it there does not
+        see a perturbation of the output.
+        """
+        users = consumers(loss.grad_fn)
+        return [
+            i
+            for output, probed, i in self.nodes
+            if any(u is not probed for u in users.get(output, ()))
+        ]
+
     def altered(self) -> list[int]:
         """The modules whose probed output was modified in place while held elsewhere."""
         return [
@@ -181,6 +199,12 @@ class Probes:
             for held, summed, version, alias, original, i in self.watched
             if (summed._version != version and held() is not None) or alias._version != original
         ]
+
+
+def _tensors(args: object) -> list[Tensor]:
+    """The tensors among a module's positional arguments."""
+    values = args if isinstance(args, tuple | list) else (args,)
+    return [a for a in values if isinstance(a, Tensor)]
 
 
 def input_slots(inputs: object) -> list[tuple[str, object]]:
