@@ -765,6 +765,28 @@ def test_a_module_backward_hook_takes_every_layer_generic(where):
     assert "backward hook" in plan["0"].reason
 
 
+class _SqueezedConv(nn.Conv1d):
+    """A convolution whose output loses its last (length-1) axis: (N, C, 1) to (N, C)."""
+
+    def forward(self, x):
+        return super().forward(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("squeeze", ["last", "noop-first"])
+def test_a_convolution_squeezed_otherwise_than_unbatched(squeeze):
+    # any squeeze above the convolution was read as an unbatched input's: the rule then
+    # reshaped sample 0's patches and raised
+    torch.manual_seed(0)
+    if squeeze == "last":
+        conv = _SqueezedConv(2, 3, 4)
+    else:  # squeeze(0) of a batch of 2: no axis removed, but a node recorded
+        conv = nn.Conv1d(2, 3, 4)
+        conv.register_forward_hook(lambda mod, args, out: out.squeeze(0))
+    model = nn.Sequential(conv, nn.Flatten(), nn.Tanh(), nn.Linear(3, 2)).to(F64)
+    plan = check(model, CE, randn(2, 2, 4), labels(2, 2))
+    assert plan["0"].method == "generic"
+
+
 class _Modulus(nn.Module):
     """A complex number's modulus between two layers: not piecewise linear."""
 

@@ -30,7 +30,9 @@ class ConvolutionRule:
         """The layout of ``output`` (see :meth:`.LayerRule.match`), or why not."""
         weight, bias = own(module, "weight"), own(module, "bias")
         op, above = output.grad_fn, []
-        if node_name(op).startswith("Squeeze"):  # an unbatched input
+        if node_name(op).startswith("Squeeze"):
+            if not _unbatched(op):
+                return "its output is squeezed after the convolution (not as an unbatched input's)"
             above, op = [op], child(op, 0)
         if node_name(op) != "Convolution":
             return f"its output comes from {type(op).__name__}, not from a convolution"
@@ -74,3 +76,11 @@ def _patches(x: Tensor, kernel: tuple[int, ...], node: object) -> Tensor:
     x = x.permute(0, 1, 2, *kernel_axes, *range(3, 3 + d))
     x = x.reshape(n, groups, -1, *spatial)  # type: ignore[call-overload]  # (N, G, F, *S)
     return x.permute(0, *range(3, 3 + d), 1, 2)  # (N, *S, G, F)
+
+
+def _unbatched(squeeze: object) -> bool:
+    """Whether a squeeze node is an unbatched input's: dimension 0 of size 1 taken out."""
+    sizes, dim = saved(squeeze, "self_sym_sizes"), saved(squeeze, "dim")
+    if not (isinstance(sizes, tuple) and sizes and isinstance(dim, int)):
+        return False  # (every dimension of size 1 squeezed, or several)
+    return dim % len(sizes) == 0 and sizes[0] == 1
