@@ -58,7 +58,7 @@ params: Parameters of the closure (any iterable of tensors); ``None`` for an ope
     "max_bytes": """\
 max_bytes: Memory the analysis may take for the vectors it holds and one chunk of
     products (see the memory model in ``docs/scaling.rst``); ``None``: a fifth of the
-    machine's memory (of a GPU's free memory). It plans within it (a smaller sketch or
+    machine's memory (of a GPU's total memory). It plans within it (a smaller sketch or
     basis, fewer probes at a time) or refuses before any product.""",
     "model_outputs": """\
 model: The model, returning one tensor.

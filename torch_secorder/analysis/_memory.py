@@ -30,7 +30,8 @@ BLOCK_BYTES = 2**30
 """Most memory of one chunk of columns handed to the operator (and of its products)."""
 
 MEMORY_SHARE = 0.2
-"""Share of the machine's memory (or of a GPU's free memory) an analysis takes by default."""
+"""Share of the machine's memory (or of a GPU's) an analysis takes by default: of the total, not
+of what is free, so that the plan (and with it the numbers) does not depend on earlier calls."""
 
 CHUNK_SHARE = 16
 """A chunk of columns takes at most this fraction of the budget (with its products, twice).
@@ -42,10 +43,9 @@ _BUDGET: ContextVar[tuple[str, int | None] | None] = ContextVar("budget", defaul
 
 
 def default_max_bytes(device: torch.device) -> int:
-    """A fifth of the physical memory of the CPU, or of the free memory of a GPU."""
+    """A fifth of the physical memory of the CPU, or of a GPU's memory."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(MEMORY_SHARE * free)
+        return int(MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: assume 16 GiB
