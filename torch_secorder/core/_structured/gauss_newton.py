@@ -51,7 +51,7 @@ from torch_secorder.core._structured.independence import (
     outside_nonzero,
     random_on,
 )
-from torch_secorder.core._structured.rules.base import node_name
+from torch_secorder.core._structured.rules.base import node_name, saved
 
 OUTPUT_BLOCK_BYTES = 2**28
 """Most memory of the per-sample blocks of the output's Hessian (``N D^2`` numbers in float64)
@@ -200,8 +200,8 @@ def _nonlinear(root: object, index: dict[int, int]) -> set[int]:
         if not mine or getattr(node, "variable", None) is not None:
             continue
         name = node_name(node)
-        if name in _LINEAR and not (name == "Abs" and node._saved_self.is_complex()):
-            continue  # (a complex number's modulus is not piecewise linear)
+        if name in _LINEAR and not (name == "Abs" and _complex_input(node)):
+            continue
         if name not in _PRODUCTS or (name in _NORMS and getattr(node, "_saved_training", True)):
             bad |= mine
             continue
@@ -211,6 +211,12 @@ def _nonlinear(root: object, index: dict[int, int]) -> set[int]:
             if sum(probe in d for d in inputs) > 1 or probe in divisor:
                 bad.add(probe)
     return bad
+
+
+def _complex_input(node: object) -> bool:
+    """Whether an ``abs`` takes a complex number's modulus (not piecewise linear), or may."""
+    x = saved(node, "self")
+    return not isinstance(x, Tensor) or x.is_complex()
 
 
 def backward(output: Tensor, inputs: Sequence[Tensor], cotangents: Tensor) -> list[Tensor]:
