@@ -4,8 +4,9 @@ Usage: python distributed_worker.py RANK WORLD_SIZE PORT SHARDS OUT [MODE], wher
 JSON list with one list of batch sizes per rank. Writes the rank's products to OUT. MODE:
 ``differs`` (the last rank's data changes with every pass, and every rank records the error
 its second product raises), ``inputs`` (the Hessian with respect to the inputs: the error by
-default, the products with ``distributed=False``) or ``dropout`` (a dropout layer in training
-mode).
+default, the products with ``distributed=False``), ``dropout`` (a dropout layer in training
+mode) or ``groups`` (a per-module Hutchinson trace and the exact diagonal's products, with one
+batch on one rank and several on the other).
 """
 
 import json
@@ -14,6 +15,7 @@ import sys
 import torch
 from torch import nn
 
+import torch_secorder as ts
 from torch_secorder import HessianOperator
 
 
@@ -75,6 +77,9 @@ def main(rank, world_size, port, shards, out, mode=""):
             eye = torch.eye(local.shape[0], dtype=local.dtype)
             torch.save({"error": error, "local": local @ eye}, out)
             return
+        if mode == "groups":
+            torch.save(groups_case(model, data), out)
+            return
         H = HessianOperator.from_model(model, nn.MSELoss(), data)
         V = probe_columns(H.shape[0])
         if differs:
@@ -89,6 +94,20 @@ def main(rank, world_size, port, shards, out, mode=""):
         )
     finally:
         torch.distributed.destroy_process_group()
+
+
+def groups_case(model, data):
+    """A per-module Hutchinson trace, and the exact diagonal with its products."""
+    options = {"groups": "module", "method": "hutchinson", "num_matvecs": 6}
+    generator = torch.Generator().manual_seed(3)
+    traces = ts.model_hessian_trace(model, nn.MSELoss(), data, generator=generator, **options)
+    H = HessianOperator.from_model(model, nn.MSELoss(), data)
+    diagonal = H.diagonal()
+    return {
+        "traces": {name: float(t.value) for name, t in traces.items()},
+        "diagonal": diagonal,
+        "products": H.num_matvecs,
+    }
 
 
 if __name__ == "__main__":

@@ -88,6 +88,24 @@ def test_two_processes_match_one_with_dropout(tmp_path):
     assert not torch.allclose(expected, per_rank / sum(sizes))
 
 
+def test_a_process_with_one_batch_requests_as_one_with_several(tmp_path):
+    # its kept graph had it request narrower chunks than the other's passes over the data:
+    # the processes' sums of products did not match (gloo aborted); and the exact diagonal's
+    # products are the most any batch of any process took, as in one process
+    from distributed_worker import groups_case
+
+    shards = [[3], [2, 4]]
+    results = run_two_ranks(shards, tmp_path, extra=["groups"])
+    model, batches = model_and_shards(shards)
+    single = groups_case(model, batches[0] + batches[1])
+    for result in results:
+        assert result["traces"].keys() == single["traces"].keys()
+        for name, value in single["traces"].items():
+            assert result["traces"][name] == pytest.approx(value, rel=1e-12)
+        assert_close(result["diagonal"], single["diagonal"])
+        assert result["products"] == single["products"]
+
+
 def test_passes_that_differ_on_one_process_raise_on_every_process(tmp_path):
     first, second = run_two_ranks([[4], [3, 2]], tmp_path, extra=["differs"])
     assert "data passes of another process differ" in first["error"]

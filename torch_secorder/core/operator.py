@@ -83,9 +83,6 @@ class HessianOperator:
         dtype: The parameters' (variables') dtype.
         device: The parameters' (variables') device.
         num_matvecs: Hessian-vector products performed so far.
-        keeps_graph: Whether every product reuses one kept gradient graph (a closure, or a
-            data set of one batch), so that products cost the same in one ``matmat`` or in
-            several; over several batches each ``matmat`` is a pass over the data.
 
     Raises:
         TypeError: If ``func`` is not callable or ``params`` holds a non-tensor.
@@ -266,7 +263,17 @@ class HessianOperator:
         self.dtype = dtype
         self.device = device
         self.num_matvecs = 0
-        self.keeps_graph: bool = source.keeps_graph
+
+    @property
+    def keeps_graph(self) -> bool:
+        """Whether every product reuses one kept gradient graph: products cost alike in any chunks.
+
+        So for a closure and a data set of one batch; over several batches each ``matmat`` is
+        a pass over the data. Over several processes never: they must request their products
+        alike, and another process's data may be several batches.
+        """
+        distributed = getattr(self._source, "_distributed", None)
+        return bool(self._source.keeps_graph) and not (distributed is not None and distributed())
 
     @property
     def num_samples(self) -> int | None:
@@ -514,6 +521,13 @@ def model_operator(
     check_int(fname, "seed", seed)
     if distributed is not None:
         check_bool(fname, "distributed", distributed)
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and not initialized:
+        raise ValueError(
+            f"{fname}: distributed=True sums products over processes, but torch.distributed "
+            "is not initialized; call torch.distributed.init_process_group first, or pass "
+            "distributed=None (the default: sum where it is initialized)."
+        )
     batches = check_data(fname, data, batch_size_fn)
     warn_summed_loss(fname, loss_fn, batches)
     if progress:
@@ -856,9 +870,11 @@ class _DataSetProducts:
         if self._distributed():
             packed = flatten(total)
             torch.distributed.all_reduce(packed)
-            samples = torch.tensor([count], dtype=torch.int64, device=total[0].device)
-            torch.distributed.all_reduce(samples)
-            count = int(samples.item())
+            # (the samples, and each parameter's most products of any batch of any process)
+            counts = torch.tensor([count, *costs], dtype=torch.int64, device=total[0].device)
+            torch.distributed.all_reduce(counts[:1])
+            torch.distributed.all_reduce(counts[1:], op=torch.distributed.ReduceOp.MAX)
+            count, *costs = counts.tolist()
             total = unflatten(packed, self.params)
         if count == 0:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
