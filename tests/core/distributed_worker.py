@@ -5,8 +5,9 @@ JSON list with one list of batch sizes per rank. Writes the rank's products to O
 ``differs`` (the last rank's data changes with every pass, and every rank records the error
 its second product raises), ``inputs`` (the Hessian with respect to the inputs: the error by
 default, the products with ``distributed=False``), ``dropout`` (a dropout layer in training
-mode) or ``groups`` (a per-module Hutchinson trace and the exact diagonal's products, with one
-batch on one rank and several on the other).
+mode), ``groups`` (a per-module Hutchinson trace and the exact diagonal's products, with one
+batch on one rank and several on the other) or ``raises`` (the last rank's data ends with a
+batch that is no ``(inputs, targets)`` pair, and every rank records the error of its product).
 """
 
 import json
@@ -77,6 +78,15 @@ def main(rank, world_size, port, shards, out, mode=""):
             eye = torch.eye(local.shape[0], dtype=local.dtype)
             torch.save({"error": error, "local": local @ eye}, out)
             return
+        if mode == "raises":
+            if rank == world_size - 1:
+                data = WithBadBatch(data)
+            H = HessianOperator.from_model(model, nn.MSELoss(), data)
+            try:
+                H @ probe_columns(H.shape[0])
+            except (TypeError, RuntimeError) as err:
+                torch.save({"error": f"{type(err).__name__}: {err}"}, out)
+            return
         if mode == "groups":
             torch.save(groups_case(model, data), out)
             return
@@ -94,6 +104,18 @@ def main(rank, world_size, port, shards, out, mode=""):
         )
     finally:
         torch.distributed.destroy_process_group()
+
+
+class WithBadBatch:
+    """Batches, then one that is a triple (found only when a pass reaches it)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        yield from self.batches
+        x, y = self.batches[0]
+        yield (x, y, y)
 
 
 def groups_case(model, data):

@@ -706,20 +706,35 @@ class _DataSetProducts:
             for acc, product in zip(total, products):
                 acc.add_(product.to(accumulator), alpha=size)
 
-        differs = self._pass(accumulate)
-        if self._distributed():
+        distributed = self._distributed()
+        failure: Exception | None = None
+        try:
+            differs = self._pass(accumulate)
+        except Exception as err:  # (over processes: raised after the others hear of it)
+            if not distributed:
+                raise
+            failure, differs = err, None
+        if distributed:
             if self.num_samples is None:  # counted once, exactly: the passes are checked equal
                 samples = torch.tensor([count], dtype=torch.int64, device=total[0].device)
                 torch.distributed.all_reduce(samples)
                 count = int(samples.item())
             else:
                 count = self.num_samples
-            packed = flat_total.reshape(-1)
-            packed = torch.cat([packed, packed.new_tensor([float(differs is not None)])])
-            torch.distributed.all_reduce(packed)  # the flag: no process waits for one that raised
-            if differs is None and packed[-1].item() > 0:
+            # the flags: no process waits for one that raised
+            flags = [float(differs is not None), float(failure is not None)]
+            packed = torch.cat([flat_total.reshape(-1), flat_total.new_tensor(flags)])
+            torch.distributed.all_reduce(packed)
+            if failure is not None:
+                raise failure
+            if packed[-1].item() > 0:
+                raise RuntimeError(
+                    f"{self.fname}: another process raised an error in this pass over the "
+                    "data (its own message says which); this one stopped with it."
+                )
+            if differs is None and packed[-2].item() > 0:
                 differs = "the data passes of another process differ"
-            flat_total = packed[:-1].reshape(flat_total.shape)
+            flat_total = packed[:-2].reshape(flat_total.shape)
         if differs is not None:
             self._refuse(differs)
         if count == 0:
