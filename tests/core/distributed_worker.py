@@ -7,7 +7,8 @@ its second product raises), ``inputs`` (the Hessian with respect to the inputs: 
 default, the products with ``distributed=False``), ``dropout`` (a dropout layer in training
 mode), ``groups`` (a per-module Hutchinson trace and the exact diagonal's products, with one
 batch on one rank and several on the other) or ``raises`` (the last rank's data ends with a
-batch that is no ``(inputs, targets)`` pair, and every rank records the error of its product).
+batch that is no ``(inputs, targets)`` pair, and every rank records the errors of a product and
+of the exact diagonal).
 """
 
 import json
@@ -82,10 +83,16 @@ def main(rank, world_size, port, shards, out, mode=""):
             if rank == world_size - 1:
                 data = WithBadBatch(data)
             H = HessianOperator.from_model(model, nn.MSELoss(), data)
-            try:
-                H @ probe_columns(H.shape[0])
-            except (TypeError, RuntimeError) as err:
-                torch.save({"error": f"{type(err).__name__}: {err}"}, out)
+            errors = {}
+            for name, call in (
+                ("product", lambda: H @ probe_columns(H.shape[0])),
+                ("diagonal", H.diagonal),
+            ):
+                try:
+                    call()
+                except (TypeError, RuntimeError) as err:
+                    errors[name] = f"{type(err).__name__}: {err}"
+            torch.save(errors, out)
             return
         if mode == "groups":
             torch.save(groups_case(model, data), out)

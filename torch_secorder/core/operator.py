@@ -561,6 +561,14 @@ def _length(batches: Iterable[Any]) -> int | None:
         return None
 
 
+def _raised_elsewhere(fname: str) -> RuntimeError:
+    """The error of a process whose pass over the data another process's error stopped."""
+    return RuntimeError(
+        f"{fname}: another process raised an error in this pass over the data (its own "
+        "message says which); this one stopped with it."
+    )
+
+
 def _flat_like(
     cotangents: list[Tensor],
     params: list[Tensor],
@@ -728,10 +736,7 @@ class _DataSetProducts:
             if failure is not None:
                 raise failure
             if packed[-1].item() > 0:
-                raise RuntimeError(
-                    f"{self.fname}: another process raised an error in this pass over the "
-                    "data (its own message says which); this one stopped with it."
-                )
+                raise _raised_elsewhere(self.fname)
             if differs is None and packed[-2].item() > 0:
                 differs = "the data passes of another process differ"
             flat_total = packed[:-2].reshape(flat_total.shape)
@@ -863,6 +868,8 @@ class _DataSetProducts:
             planned = None
         meter: Meter | None = None
         self._number_batches()
+        distributed = self._distributed()
+        failure: Exception | None = None
         try:
             with preserved_state(self.model), rng_kept():
                 for index, batch in enumerate(self.batches):
@@ -879,17 +886,27 @@ class _DataSetProducts:
                         acc.add_(d, alpha=size)
                     count += size
                     costs = [max(c, u) for c, u in zip(costs, used)]
+        except Exception as err:  # (over processes: raised after the others hear of it)
+            if not distributed:
+                raise
+            failure = err
         finally:
             if meter is not None:
                 meter.close()
-        if self._distributed():
+        if distributed:
             packed = flatten(total)
             torch.distributed.all_reduce(packed)
-            # (the samples, and each parameter's most products of any batch of any process)
-            counts = torch.tensor([count, *costs], dtype=torch.int64, device=total[0].device)
-            torch.distributed.all_reduce(counts[:1])
-            torch.distributed.all_reduce(counts[1:], op=torch.distributed.ReduceOp.MAX)
-            count, *costs = counts.tolist()
+            # the samples and the processes that raised; each parameter's most products of any
+            # batch of any process
+            head = [count, int(failure is not None)]
+            counts = torch.tensor([*head, *costs], dtype=torch.int64, device=total[0].device)
+            torch.distributed.all_reduce(counts[:2])
+            torch.distributed.all_reduce(counts[2:], op=torch.distributed.ReduceOp.MAX)
+            if failure is not None:
+                raise failure
+            count, raised, *costs = counts.tolist()
+            if raised:
+                raise _raised_elsewhere(self.fname)
             total = unflatten(packed, self.params)
         if count == 0:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
