@@ -8,7 +8,6 @@ by a forward hook (or, without probes, records the outputs of a first pass);
 """
 
 import fnmatch
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder._checks import check_choice, type_name
-from torch_secorder.core._structured.graph import consumers
+from torch_secorder.core._structured.graph import ProbedOutput, consumers
 
 if TYPE_CHECKING:
     from torch_secorder.core.operator import HessianOperator
@@ -137,7 +136,7 @@ class Probes:
         self.calls = [0] * len(modules)
         self.outputs: list[object] = [None] * len(modules)
         self.mismatch: int | None = None
-        self.watched: list[tuple[weakref.ref, Tensor, int, Tensor, int, int]] = []
+        self.watched: list[tuple[ProbedOutput, int]] = []
         self.nodes: list[tuple[object, object, int]] = []  # (output's node, probed one, module)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -170,10 +169,7 @@ class Probes:
             summed = output + probe
             if output.grad_fn is not None and all(output is not a for a in _tensors(args)):
                 self.nodes.append((output.grad_fn, summed.grad_fn, i))
-            alias = output.detach()  # (the output's version counter, not a reference to it)
-            self.watched.append(
-                (weakref.ref(output), summed, summed._version, alias, alias._version, i)
-            )
+            self.watched.append((ProbedOutput(output, summed), i))
             return summed
 
         return hook
@@ -194,11 +190,7 @@ class Probes:
 
     def altered(self) -> list[int]:
         """The modules whose probed output was modified in place while held elsewhere."""
-        return [
-            i
-            for held, summed, version, alias, original, i in self.watched
-            if (summed._version != version and held() is not None) or alias._version != original
-        ]
+        return [i for probed, i in self.watched if probed.altered()]
 
 
 def _tensors(args: object) -> list[Tensor]:

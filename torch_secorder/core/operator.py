@@ -561,12 +561,15 @@ def _length(batches: Iterable[Any]) -> int | None:
         return None
 
 
-def _raised_elsewhere(fname: str) -> RuntimeError:
-    """The error of a process whose pass over the data another process's error stopped."""
-    return RuntimeError(
-        f"{fname}: another process raised an error in this pass over the data (its own "
-        "message says which); this one stopped with it."
-    )
+def _raise_agreed(fname: str, failure: Exception | None, anywhere: bool) -> None:
+    """After the processes' sum of a pass: this process's own error, or one for another's."""
+    if failure is not None:
+        raise failure
+    if anywhere:
+        raise RuntimeError(
+            f"{fname}: another process raised an error in this pass over the data (its own "
+            "message says which); this one stopped with it."
+        )
 
 
 def _flat_like(
@@ -733,10 +736,7 @@ class _DataSetProducts:
             flags = [float(differs is not None), float(failure is not None)]
             packed = torch.cat([flat_total.reshape(-1), flat_total.new_tensor(flags)])
             torch.distributed.all_reduce(packed)
-            if failure is not None:
-                raise failure
-            if packed[-1].item() > 0:
-                raise _raised_elsewhere(self.fname)
+            _raise_agreed(self.fname, failure, packed[-1].item() > 0)
             if differs is None and packed[-2].item() > 0:
                 differs = "the data passes of another process differ"
             flat_total = packed[:-2].reshape(flat_total.shape)
@@ -902,11 +902,8 @@ class _DataSetProducts:
             counts = torch.tensor([*head, *costs], dtype=torch.int64, device=total[0].device)
             torch.distributed.all_reduce(counts[:2])
             torch.distributed.all_reduce(counts[2:], op=torch.distributed.ReduceOp.MAX)
-            if failure is not None:
-                raise failure
             count, raised, *costs = counts.tolist()
-            if raised:
-                raise _raised_elsewhere(self.fname)
+            _raise_agreed(self.fname, failure, raised > 0)
             total = unflatten(packed, self.params)
         if count == 0:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")

@@ -9,7 +9,6 @@ generic path: one unit-vector product per element of its own block.
 """
 
 import math
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch_secorder.core._autograd import GradientGraph
 from torch_secorder.core._progress import counted
 from torch_secorder.core._structured import contraction, gauss_newton, plan
-from torch_secorder.core._structured.graph import consumers, private
+from torch_secorder.core._structured.graph import ProbedOutput, consumers, private
 from torch_secorder.core._structured.independence import count, hessian_reached
 from torch_secorder.core._structured.rules import LayerRule, Layout, rule_for
 
@@ -68,8 +67,8 @@ class _Probes:
     activation) while the output itself is held elsewhere (a hook or a cache that the loss
     reads): the holder would no longer see the modification; or unless the output itself is
     modified in place through such a holder: the rest of the pass would no longer see it.
-    :meth:`altered` finds those probes after the pass (and the loss): the second by the
-    output's version counter, shared with a detached alias kept until then.
+    :meth:`altered` finds those probes after the pass and the loss
+    (:class:`~torch_secorder.core._structured.graph.ProbedOutput`).
     """
 
     def __init__(
@@ -83,7 +82,7 @@ class _Probes:
         self.output_position = -1
         self.output_calls = 0
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.watched: list[tuple[weakref.ref, Tensor, int, Tensor, int, _Layer | None]] = []
+        self.watched: list[tuple[ProbedOutput, _Layer | None]] = []
 
     def __enter__(self) -> "_Probes":
         for layer in self.layers:
@@ -98,11 +97,7 @@ class _Probes:
 
     def altered(self) -> list[_Layer | None]:
         """The layers (``None``: the model's output) whose probe changed the function."""
-        found = [
-            owner
-            for held, summed, version, alias, original, owner in self.watched
-            if (summed._version != version and held() is not None) or alias._version != original
-        ]
+        found = [owner for probed, owner in self.watched if probed.altered()]
         self.watched.clear()
         return found
 
@@ -114,9 +109,7 @@ class _Probes:
         probe = torch.zeros_like(output, requires_grad=True)
         self.tensors.append(probe)
         summed = output + probe
-        alias = output.detach()  # (the output's version counter, not a reference to it)
-        watch = (weakref.ref(output), summed, summed._version, alias, alias._version, owner)
-        self.watched.append(watch)
+        self.watched.append((ProbedOutput(output, summed), owner))
         return summed, self.offset + len(self.tensors) - 1
 
     def _layer_hook(self, layer: _Layer) -> Callable[..., Tensor | None]:

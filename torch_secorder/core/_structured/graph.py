@@ -5,10 +5,36 @@ node on their way has exactly one consumer in the loss's graph (:func:`consumers
 output reaches a tensor only through another when every path passes it (:func:`reached_from`).
 """
 
+import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 
+from torch import Tensor
+
 Node = object
+
+
+class ProbedOutput:
+    """A module output to which a probe was added, ``summed = output + probe``, watched.
+
+    The probe makes a new tensor for the rest of the forward pass; the function stays the same
+    unless one of the two is modified in place while the other is read: :meth:`altered`.
+    """
+
+    def __init__(self, output: Tensor, summed: Tensor) -> None:
+        self.held = weakref.ref(output)  # (alive after the pass: held elsewhere)
+        self.summed, self.version = summed, summed._version
+        self.alias = output.detach()  # (the output's version counter, not a reference to it)
+        self.original = self.alias._version
+
+    def altered(self) -> bool:
+        """Whether one of the two was modified in place where the other is still read.
+
+        The probed tensor while the output is held elsewhere (the holder no longer sees the
+        modification), or the output itself (the rest of the pass no longer does).
+        """
+        held_apart = self.summed._version != self.version and self.held() is not None
+        return held_apart or self.alias._version != self.original
 
 
 def consumers(root: Node | None) -> dict[Node, list[Node]]:
