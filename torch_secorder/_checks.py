@@ -136,14 +136,17 @@ def check_estimator(
     num_matvecs: object,
     generator: object,
     needs: dict[str, tuple[int, str]],
+    prefix: str = "",
 ) -> None:
     """Check an estimator's ``method``, its budget and its generator.
 
-    ``needs`` maps every method to the fewest products it can run with and why.
+    ``needs`` maps every method to the fewest products it can run with and why; ``prefix``
+    comes before the argument names (``"trace_"`` for ``trace_method``).
     """
-    check_choice(fname, "method", method, tuple(needs))
+    check_choice(fname, f"{prefix}method", method, tuple(needs))
     minimum, why = needs[method]  # type: ignore[index]
-    check_int(fname, "num_matvecs", num_matvecs, minimum, f"method={method!r} needs {why}")
+    needed = f"{prefix}method={method!r} needs {why}"
+    check_int(fname, f"{prefix}num_matvecs", num_matvecs, minimum, needed)
     check_generator(fname, generator)
 
 
@@ -239,9 +242,18 @@ def check_vector(
         TypeError: If ``v`` is neither a tensor nor a list/tuple of tensors.
         ValueError: On a mismatch in length, shape, dtype or device.
     """
+    if (
+        not batched
+        and type(v) in (list, tuple)
+        and len(v) == len(params)
+        and all(
+            type(t) is Tensor and t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
+            for t, p in zip(v, params)  # type: ignore[arg-type]
+        )
+    ):
+        return list(v), False  # (the common case, without the messages' sizes)
     numel = sum(p.numel() for p in params)
-    lead = "(k, " if batched else "("
-    flat_shape = f"{lead}{numel})" if batched else f"({numel},)"
+    flat_shape = f"(k, {numel})" if batched else f"({numel},)"
     if isinstance(v, Tensor):
         flat_layout(fname, argname, params)
         if v.dim() != (2 if batched else 1) or v.shape[-1] != numel:
@@ -270,7 +282,7 @@ def check_vector(
             and t.dtype == p.dtype
             and t.device == p.device
         ):
-            continue  # (the common case, without the labels of the messages)
+            continue  # (a tensor that is right, without the labels of the messages)
         label = param_label(i, names)
         check_tensor(fname, f"{argname}[{i}]", t)
         expected = tuple(p.shape)

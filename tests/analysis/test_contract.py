@@ -378,6 +378,7 @@ def bad_options(form: Form) -> list[tuple[str, dict[str, Any], type[Exception], 
                 "data is empty; expected at least one (inputs, targets) batch.",
             ),
             ("seed-float", {"seed": 1.5}, TypeError, "seed must be an int; got float."),
+            ("progress-str", {"progress": "yes"}, TypeError, "progress must be a bool; got str."),
         ]
     if kind == "closure":
         cases += [

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -503,3 +505,24 @@ def test_each_eigenvector_has_its_largest_entry_positive(method):
         X = result.eigenvectors
         largest = X.gather(0, X.abs().argmax(dim=0)[None])
         assert bool((largest > 0).all())
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_zero_eigenvalues_of_a_rank_deficient_hessian_converge(k):
+    # Least squares with more parameters than samples: H has rank 3 of 11, its smallest
+    # eigenvalues are zero. A residual at the rounding of the products converges against
+    # the estimate of ||H|| the search saw, also where every pair returned is about zero.
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(10, 1).double()
+    inputs = torch.randn(3, 10, generator=gen, dtype=DTYPE)
+    targets = torch.randn(3, 1, generator=gen, dtype=DTYPE)
+    H = ts.model_hessian_matrix(model, nn.MSELoss(), inputs, targets)
+    norm = float(torch.linalg.eigvalsh(H).abs().max())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (not converged would warn)
+        result = ts.model_top_eigenvalues(
+            model, nn.MSELoss(), (inputs, targets), k=k, which="smallest"
+        )
+    assert result.converged
+    assert float(result.eigenvalues.abs().max()) < 1e-12 * norm
+    assert float(result.residuals.max()) < 1e-12 * norm

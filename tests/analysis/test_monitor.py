@@ -1,5 +1,7 @@
 """CurvatureMonitor: checks against dense Hessians, warm starts, no trace on training, errors."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +10,7 @@ from torch.testing import assert_close
 
 from tests import reference as ref
 from tests.core.helpers import assert_unchanged, snapshot
-from torch_secorder import CurvatureHistory, CurvatureMonitor, CurvatureRecord
+from torch_secorder import CurvatureHistory, CurvatureMonitor, CurvatureRecord, HessianOperator
 
 F64 = torch.float64
 
@@ -362,19 +364,19 @@ def errors_case():
         (
             {"trace": True, "trace_method": "fast"},
             ValueError,
-            r"CurvatureMonitor: method must be one of 'auto'",
+            r"CurvatureMonitor: trace_method must be one of 'auto'",
         ),
         (
             {"trace": True, "trace_num_matvecs": 2},
             ValueError,
-            r"CurvatureMonitor: num_matvecs must be at least 3",
+            r"CurvatureMonitor: trace_num_matvecs must be at least 3 \(trace_method='auto' needs",
         ),
         ({"params": "nothing*"}, ValueError, r"CurvatureMonitor: .*nothing\*"),
         ({"groups": "layer"}, ValueError, r"CurvatureMonitor: groups must be None, 'module'"),
         (
             {"groups": "parameter", "k": 3},
             ValueError,
-            r"CurvatureMonitor: k must be at most the size of a group=2; got k=3\.",
+            r"CurvatureMonitor: k must be at most the size of group '[\w.]+'=2; got k=3\.",
         ),
         (
             {"optimizer": "adam"},
@@ -442,15 +444,62 @@ def test_groups_with_different_learning_rates_are_refused():
     CurvatureMonitor(model, loss_fn, data, optimizer=optimizer, params="0.*")
 
 
-def test_a_schedule_that_splits_the_groups_is_refused_at_the_check():
+def test_a_schedule_that_splits_the_groups_is_refused_at_the_check(monkeypatch):
     model, loss_fn, data = errors_case()
     optimizer = torch.optim.SGD(
         [{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1
     )
     monitor = CurvatureMonitor(model, loss_fn, data, optimizer=optimizer)
     optimizer.param_groups[1]["lr"] = 0.05
+    products = count_products(monkeypatch)
     with pytest.raises(ValueError, match=r"differ in lr \(0\.1 and 0\.05\)"):
         monitor.check()
+    assert products == [0]  # refused before the check's work
+
+
+def count_products(monkeypatch):
+    """Count the columns asked of any HessianOperator from now on: ``[count]``."""
+    counted = [0]
+    matmat = HessianOperator.matmat
+
+    def counting(self, V, **kwargs):
+        counted[0] += V.shape[1]
+        return matmat(self, V, **kwargs)
+
+    monkeypatch.setattr(HessianOperator, "matmat", counting)
+    return counted
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop", "Adagrad"])
+def test_a_learning_rate_of_zero_has_an_infinite_threshold(name):
+    # a schedule may reach lr = 0 (cosine annealing to eta_min=0, a warmup from 0): no step
+    # is taken, so no curvature is unstable
+    model, loss_fn, data = errors_case()
+    optimizer = getattr(torch.optim, name)(model.parameters(), lr=0.1)
+    loss_fn(model(data[0]), data[1]).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.param_groups[0]["lr"] = 0.0
+    monitor = CurvatureMonitor(model, loss_fn, data, optimizer=optimizer)
+    records = {r.quantity: r for r in monitor.check()}
+    assert records["threshold"].value == math.inf
+    assert records["eigenvalue"].converged
+
+
+def test_a_negative_learning_rate_is_refused_before_the_check(monkeypatch):
+    model, loss_fn, data = errors_case()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = CurvatureMonitor(model, loss_fn, data, optimizer=optimizer)
+    optimizer.param_groups[0]["lr"] = -0.1
+    products = count_products(monkeypatch)
+    with pytest.raises(
+        ValueError,
+        match=r"CurvatureMonitor: the optimizer's learning rate must not be negative for a "
+        r"stability threshold; got lr=-0\.1\.",
+    ):
+        monitor.check()
+    assert products == [0]
+    assert len(monitor.history) == 0
 
 
 def test_errors_leave_no_trace():

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_secorder._checks import check_bool
 from torch_secorder.analysis._driver import Budget, MakeSteps, Problem, budget_of, run
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.analysis._variables import run_variables
@@ -245,6 +246,7 @@ def _run_groups(
     certain: bool,
 ) -> tuple[list[Any], dict[Any, list[int]], list[Problem], HessianOperator]:
     progress = options.get("progress", False)
+    check_bool(fname, "progress", progress)
     if progress:
         require_tqdm(fname)
     quiet = {**options, "progress": False}  # the bar counts the analysis's products instead

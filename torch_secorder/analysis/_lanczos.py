@@ -88,6 +88,7 @@ class RitzPairs:
             no longer improved (the rounding of the products limits them).
         products: ``(n, k)`` products :math:`Ax` of the vectors, where a search kept its
             basis's products (``None`` where not, and in what a solver returns).
+        norm: The largest :math:`|\theta|` the search saw, its estimate of :math:`\|A\|`.
     """
 
     values: Tensor
@@ -97,6 +98,7 @@ class RitzPairs:
     spanned: bool = False  # the basis spanned the whole space: exact to rounding
     stalled: bool = False
     products: Tensor | None = None
+    norm: float = 0.0
 
 
 def wanted_order(theta: Tensor, which: str) -> Tensor:
@@ -346,9 +348,10 @@ def _explicit(
     from the products, computed in float64 (a float32 norm of millions of entries, off by
     :math:`10^{-4}`, would bias both by as much), a slice of :data:`SLICE` rows at a time;
     converged when every residual is at most ``tol`` times
-    :math:`\max(|\theta|, \varepsilon^{1/3} \max_i |\theta_i|, \sqrt{\varepsilon}\, r)`
-    (``reach`` :math:`[r]`, where given) and the pairs were ``found`` (their search
-    converged, or they refine pairs that had).
+    :math:`\max(|\theta|, \varepsilon^{1/3} \|A\|, \sqrt{\varepsilon}\, r)`
+    (:math:`\|A\|` the larger of :math:`\max_i |\theta_i|` and the search's estimate
+    ``pairs.norm``; ``reach`` :math:`[r]`, where given) and the pairs were ``found`` (their
+    search converged, or they refine pairs that had).
     """
     norms = inner_rows(pairs.vectors.T, pairs.vectors.T).diagonal().sqrt().to(dtype)
     X = pairs.vectors / norms
@@ -365,7 +368,7 @@ def _explicit(
         squares += (AX[rows].to(work) - X[rows].to(work) * theta).square().sum(dim=0)
     residuals = (squares / size).sqrt().to(dtype)
     theta = theta.to(dtype)
-    floor = relative_floor(dtype) * float(theta.abs().max())
+    floor = relative_floor(dtype) * max(float(theta.abs().max()), pairs.norm)
     scale = torch.clamp(theta.abs(), min=max(floor, _reach_floor(reach, dtype)))
     converged = found and bool((residuals <= tol * scale).all())
     order = wanted_order(theta, which)
@@ -383,6 +386,7 @@ def _merge(pairs: RitzPairs, other: RitzPairs, k: int, which: str) -> RitzPairs:
         torch.cat([pairs.residuals, other.residuals])[keep],
         True,
         products=torch.cat([pairs.products, other.products], dim=1)[:, keep] if both else None,
+        norm=max(pairs.norm, other.norm),
     )
 
 
@@ -509,7 +513,13 @@ def _restarted_lanczos(
     AX = None if AV is None else AV[: Y.shape[0]].T @ Y[:, wanted].to(dtype)
     spanned = j >= free and locked.shape[1] == 0
     pairs = RitzPairs(
-        theta[wanted].to(dtype), X, residuals[wanted].to(dtype), converged, spanned, products=AX
+        theta[wanted].to(dtype),
+        X,
+        residuals[wanted].to(dtype),
+        converged,
+        spanned,
+        products=AX,
+        norm=norm,
     )
     return pairs, used
 

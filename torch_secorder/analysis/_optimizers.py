@@ -50,6 +50,7 @@ References:
     edge of stability. arXiv:2207.14484.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -172,37 +173,43 @@ def stability(
     Raises:
         ValueError: If the groups holding ``params`` differ in a hyperparameter of the
             threshold (a scheduler may have made them differ since the monitor was built), or
-            the learning rate is not positive.
+            the learning rate is negative (a rate of 0 has an infinite threshold).
     """
     name = kind(optimizer)
     hyper = _shared(fname, optimizer, params, names)
     lr = float(hyper["lr"])
-    if not lr > 0:
+    if not lr >= 0:
         raise ValueError(
-            f"{fname}: the optimizer's learning rate must be positive for a stability "
+            f"{fname}: the optimizer's learning rate must not be negative for a stability "
             f"threshold; got lr={lr}."
         )
+
+    def per_lr(value: float, factor: float = 1.0) -> float:
+        """``value / (lr * factor)``; infinite for a step of size 0 (a schedule's end)."""
+        step = lr * factor
+        return value / step if step > 0 else math.inf
+
     if name == "SGD":
         beta = float(hyper["momentum"])
         if hyper["nesterov"]:
-            return Stability((2 + 2 * beta) / (lr * (1 + 2 * beta)), None)
+            return Stability(per_lr((2 + 2 * beta) / (1 + 2 * beta)), None)
         dampening = float(hyper["dampening"]) if beta else 0.0
-        return Stability((2 + 2 * beta) / (lr * (1 - dampening)), None)
+        return Stability(per_lr(2 + 2 * beta, 1 - dampening), None)
     state = [optimizer.state.get(p, {}) for p in params]
     if name in ("Adam", "AdamW"):
         beta1, beta2 = (float(b) for b in hyper["betas"])
-        threshold = (2 + 2 * beta1) / (lr * (1 - beta1))
+        threshold = per_lr(2 + 2 * beta1, 1 - beta1)
         diagonals = [
             _adam(s, beta1, beta2, float(hyper["eps"]), bool(hyper["amsgrad"])) for s in state
         ]
     elif name == "RMSprop":
         mu = float(hyper["momentum"])
-        threshold = (2 + 2 * mu) / lr
+        threshold = per_lr(2 + 2 * mu)
         diagonals = [_rmsprop(s, float(hyper["eps"]), bool(hyper["centered"])) for s in state]
     else:  # Adagrad
         steps = [float(s["step"]) for s in state if "step" in s]
         decay = float(hyper["lr_decay"])
-        threshold = 2 * (1 + (max(steps) if steps else 0.0) * decay) / lr
+        threshold = per_lr(2 * (1 + (max(steps) if steps else 0.0) * decay))
         diagonals = [_adagrad(s, float(hyper["eps"])) for s in state]
     return Stability(threshold, _scale(diagonals, params))
 

@@ -10,10 +10,12 @@ the optimizer's stability threshold (:mod:`._optimizers`: :math:`2/\eta` for gra
 descent, :math:`38/\eta` for Adam with :math:`\beta_1 = 0.9`).
 
 **Warm starts.** Between two checks the weights move a little, and so do the top
-eigenvectors. Each check's Lanczos starts from the previous check's eigenvectors (their sum,
-:func:`~torch_secorder.analysis._lanczos.thick_restart_lanczos`'s ``start``) instead of a
-random vector, so a check costs a fraction of the products of a cold start for the same
-residual tolerance; every check reports its products. The first check starts cold.
+eigenvectors. Each check's Lanczos starts from the previous check's eigenvectors (their
+normalised sum, :func:`~torch_secorder.analysis._lanczos.thick_restart_lanczos`'s ``start``)
+plus a random unit vector, instead of a random vector alone, so a check costs a fraction of
+the products of a cold start for the same residual tolerance, and an eigenvalue that overtook
+the previous top one is still found; every check reports its products. The first check
+starts cold.
 
 **No trace on training.** Every forward pass runs on copies of the buffers (BatchNorm
 statistics do not count it) under a forked RNG with a fixed seed per batch; products come from
@@ -53,6 +55,7 @@ from torch_secorder.analysis._groups import resolve_groups, rows_of
 from torch_secorder.analysis._lanczos import RitzPairs, thick_restart_lanczos
 from torch_secorder.analysis._optimizers import (
     PreconditionedOperator,
+    Stability,
     check_optimizer,
     stability,
 )
@@ -88,7 +91,9 @@ class CurvatureMonitor:
       :math:`(2 + 2\beta)/\eta` with heavy-ball momentum :math:`\beta`,
       :math:`(2 + 2\beta)/(\eta(1 + 2\beta))` with Nesterov's,
       :math:`(2 + 2\beta_1)/(\eta(1 - \beta_1))` for Adam (:math:`38/\eta` at
-      :math:`\beta_1 = 0.9`), :math:`2/\eta` for RMSprop and Adagrad. For ``SGD`` the
+      :math:`\beta_1 = 0.9`), :math:`(2 + 2\mu)/\eta` for RMSprop with momentum :math:`\mu`
+      (:math:`2/\eta` without), :math:`2/\eta_t` for Adagrad with its decayed rate
+      :math:`\eta_t` (an infinite threshold at a learning rate of 0). For ``SGD`` the
       threshold applies to :math:`\lambda_{\max}(H)` (:math:`P = I`), for the others to
       :math:`\lambda_{\max}(P^{-1}H)`. Where :math:`P` comes from and each formula's
       derivation are in :mod:`torch_secorder.analysis._optimizers`.
@@ -213,7 +218,9 @@ class CurvatureMonitor:
             check_bool(FNAME, name, value)
         check_generator(FNAME, generator)
         if trace:
-            check_estimator(FNAME, trace_method, trace_num_matvecs, generator, TRACE_NEEDS)
+            check_estimator(
+                FNAME, trace_method, trace_num_matvecs, generator, TRACE_NEEDS, "trace_"
+            )
         if progress:
             require_tqdm(FNAME)
         operator = model_operator(
@@ -223,8 +230,9 @@ class CurvatureMonitor:
         tensors = operator.params
         check_k(FNAME, k, operator.shape[0], "P")
         resolved = resolve_groups(FNAME, model, names, tensors, groups)
-        for indices in (resolved or {}).values():
-            check_k(FNAME, k, sum(tensors[i].numel() for i in indices), "the size of a group")
+        for name, indices in (resolved or {}).items():
+            size = sum(tensors[i].numel() for i in indices)
+            check_k(FNAME, k, size, f"the size of group {name!r}")
         if optimizer is not None:
             check_optimizer(FNAME, optimizer, tensors, names)
         self.model, self.loss_fn, self.data = model, loss_fn, data
@@ -287,10 +295,13 @@ class CurvatureMonitor:
             seed=self.seed,
             distributed=self.distributed,
         )
+        stable = None  # (read first: its errors come before any product)
+        if self.optimizer is not None:
+            stable = stability(FNAME, self.optimizer, operator.params, self.names)
         with operator:
             records += self._eigenvalues(operator)
-            if self.optimizer is not None:
-                records += self._preconditioned(operator)
+            if stable is not None:
+                records += self._preconditioned(operator, stable)
         if self.trace:
             records += self._traces()
         self.history.extend(records)
@@ -315,9 +326,10 @@ class CurvatureMonitor:
             for record in self._records("eigenvalue", group, problem, seconds)
         ]
 
-    def _preconditioned(self, operator: HessianOperator) -> list[CurvatureRecord]:
+    def _preconditioned(
+        self, operator: HessianOperator, stable: Stability
+    ) -> list[CurvatureRecord]:
         """The optimizer's threshold, and the top eigenvalues of P^{-1/2} H P^{-1/2}."""
-        stable = stability(FNAME, self.optimizer, operator.params, self.names)  # type: ignore[arg-type]
         threshold = CurvatureRecord(self.steps, "threshold", stable.threshold, 0.0, 0, 0.0)
         if stable.scale is None:  # SGD (P = I), or no step taken yet
             return [threshold]
