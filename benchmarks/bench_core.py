@@ -13,6 +13,9 @@ c. the exact diagonal (``hessian_diagonal``) vs a per-element double-backward lo
    forward-over-reverse products with unit vectors); both baselines are timed on a
    stratified subset of the elements and extrapolated linearly, as the table says;
 d. the full Hessian (``hessian_matrix``) vs ``torch.func.hessian`` over ``functional_call``;
+g. (``--sections g``) what the guarantees of every gradient graph cost one product: the
+   hand-written double backward of (a) with the RNG fork, the SDPA backend flags and the walk
+   of the forward's autograd nodes added, each alone and all three, against ``hvp``;
 o. (``--sections o``) Hessians of a small MLP's and CNN's outputs, per sample and output
    element (``output_hessian_matrix``, ``output_hessian_dict``, with ``diagonal_only``, and
    ``output_sharpness``) vs ``torch.func.hessian`` over ``functional_call`` as hesse calls it,
@@ -468,6 +471,76 @@ def bench_hvp(w: Workload, repeats: int, impls: Sequence[Impl]) -> None:
                 "better hand" + target,
                 None if name in hands else rel_diff(last[name], last[hand_name]),
                 f"{t[name] / t['gradient']:.2f}x gradient",
+            )
+        )
+
+
+# ----------------------------------------------------------------------------- (g) guarantees
+def bench_guarantees(w: Workload, repeats: int) -> None:
+    """What the per-graph guarantees cost one product: each added to the hand-written one.
+
+    The forward pass of every gradient graph forks the RNG (no trace on the global RNG), sets
+    the SDPA backend flags to the math kernel (the only one with a double backward) and walks
+    the autograd nodes the pass made (for operators that need a route, and custom functions
+    that may cut a gradient): each is added alone to the better hand-written double backward
+    of (a), then all three, against ``hvp``.
+    """
+    from torch_secorder.core._forward import _SDP_BACKENDS, forward_facts, next_node_number
+
+    params, func = w.params, w.loss
+    gen = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
+
+    def product(loss: Tensor) -> list[Tensor]:
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return list(torch.autograd.grad(g, params, v))
+
+    def forward(rng: bool, sdp: bool, walk: bool) -> Tensor:
+        state = torch.get_rng_state() if rng else None
+        changed = (
+            [(use, on) for enabled, on, use in _SDP_BACKENDS if enabled() != use] if sdp else []
+        )
+        for use, on in changed:
+            on(use)
+        first = next_node_number()
+        loss = func()
+        for use, on in changed:
+            on(not use)
+        if state is not None:
+            torch.set_rng_state(state)
+        if walk:
+            forward_facts(loss, first)
+        return loss
+
+    methods: dict[str, Callable[[], object]] = {
+        "hand double backward": lambda: product(func()),
+        "+ RNG fork": lambda: product(forward(True, False, False)),
+        "+ SDPA flags": lambda: product(forward(False, True, False)),
+        "+ walk of the forward's nodes": lambda: product(forward(False, False, True)),
+        "+ all three": lambda: product(forward(True, True, True)),
+        "torch_secorder.hvp": lambda: ts.hvp(func, params, v),
+    }
+    times, last = measure(methods, repeats)
+    t = {name: median(ts_) for name, ts_ in times.items()}
+    hand = t["hand double backward"]
+    for name in methods:
+        extra = f"+{(t[name] - hand) * 1e6:.0f} us"
+        check = (
+            None
+            if name == "hand double backward"
+            else rel_diff(last[name], last["hand double backward"])
+        )
+        report(
+            Row(
+                "g",
+                w.name,
+                name,
+                t[name],
+                spread(times[name]),
+                t[name] / hand,
+                "hand",
+                check,
+                extra,
             )
         )
 
@@ -1028,7 +1101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--sections",
         default="abcd",
-        help="which measurements to run (default abcd; m: memory of a chunk vs its estimate)",
+        help="which measurements to run (default abcd; m: memory of a chunk vs its estimate; "
+        "g: what each guarantee of a gradient graph costs one product; o: output Hessians)",
     )
     parser.add_argument(
         "--diag-detail",
@@ -1114,6 +1188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         w = workloads[name]
         if "a" in args.sections:
             bench_hvp(w, args.repeats, impls)
+        if "g" in args.sections:
+            bench_guarantees(w, args.repeats)
         if "b" in args.sections:
             for k in args.k:
                 bench_batched(w, k, args.repeats if k <= 32 else max(3, args.repeats // 3), impls)
