@@ -451,12 +451,17 @@ _RANDOM_SAMPLERS = (
 
 
 def check_data(
-    fname: str, data: object, batch_size_fn: Callable[[Any], int] | None = None
+    fname: str,
+    data: object,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    *,
+    shard: bool = False,
 ) -> Iterable[Any]:
     """Turn ``data`` into a re-iterable collection of batches and check what is cheap to check.
 
     A single batch becomes a list of one; every batch of a sequence (the first of another
-    iterable) is checked with :func:`check_batch` and :func:`batch_size`.
+    iterable) is checked with :func:`check_batch` and :func:`batch_size`. A ``shard`` (one
+    process's part of data summed over processes) may be empty.
     """
     if is_batch(data):
         batches: Iterable[Any] = [data]
@@ -483,7 +488,7 @@ def check_data(
             "see the same batches in the same order. Use shuffle=False (or a fixed sampler)."
         )
     to_check = batches if isinstance(batches, Sequence) else _first(batches)
-    if not to_check:
+    if not to_check and not shard:
         raise ValueError(f"{fname}: data is empty; expected at least one (inputs, targets) batch.")
     for index, batch in enumerate(to_check):
         inputs, _ = check_batch(fname, index, batch)

@@ -8,7 +8,9 @@ default, the products with ``distributed=False``), ``dropout`` (a dropout layer 
 mode), ``groups`` (a per-module Hutchinson trace and the exact diagonal's products, with one
 batch on one rank and several on the other) or ``raises`` (the last rank's data ends with a
 batch that is no ``(inputs, targets)`` pair, and every rank records the errors of a product and
-of the exact diagonal).
+of the exact diagonal) or ``plan`` (the last rank's first batch fails in the model, and
+every rank records the error of a default trace, which plans the exact diagonal). A shard may
+be empty (no batch on that rank).
 """
 
 import json
@@ -97,8 +99,23 @@ def main(rank, world_size, port, shards, out, mode=""):
         if mode == "groups":
             torch.save(groups_case(model, data), out)
             return
+        if mode == "plan":  # the last rank's first batch has inputs of the wrong width
+            if rank == world_size - 1:
+                x, y = data[0]
+                data = [(torch.cat([x, x], dim=1), y), *data[1:]]
+            try:
+                ts.model_hessian_trace(model, nn.MSELoss(), data)
+            except RuntimeError as err:
+                torch.save({"error": f"{type(err).__name__}: {err}"}, out)
+            return
         H = HessianOperator.from_model(model, nn.MSELoss(), data)
         V = probe_columns(H.shape[0])
+        if not any(shards):  # no process holds a batch: every one is told so
+            try:
+                H @ V
+            except ValueError as err:
+                torch.save({"error": str(err)}, out)
+            return
         if differs:
             H @ V
             try:

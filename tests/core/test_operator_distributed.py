@@ -57,7 +57,11 @@ def run_two_ranks(shards, tmp_path, timeout=120, extra=()):
     return [torch.load(out) for out in outs]
 
 
-@pytest.mark.parametrize("shards", [[[4, 4], [4, 4]], [[3], [5, 2, 7]]], ids=["equal", "unequal"])
+@pytest.mark.parametrize(
+    "shards",
+    [[[4, 4], [4, 4]], [[3], [5, 2, 7]], [[], [5, 2]]],
+    ids=["equal", "unequal", "one-empty"],
+)
 def test_two_processes_match_one(shards, tmp_path):
     results = run_two_ranks(shards, tmp_path)
     model, batches = model_and_shards(shards)
@@ -104,6 +108,32 @@ def test_a_process_with_one_batch_requests_as_one_with_several(tmp_path):
             assert result["traces"][name] == pytest.approx(value, rel=1e-12)
         assert_close(result["diagonal"], single["diagonal"])
         assert result["products"] == single["products"]
+
+
+def test_a_process_without_batches_adds_nothing(tmp_path):
+    # its shard was refused as empty while the other process waited for it until the timeout
+    from distributed_worker import groups_case
+
+    shards = [[], [2, 4]]
+    results = run_two_ranks(shards, tmp_path, extra=["groups"])
+    model, batches = model_and_shards(shards)
+    single = groups_case(model, batches[1])
+    for result in results:
+        for name, value in single["traces"].items():
+            assert result["traces"][name] == pytest.approx(value, rel=1e-12)
+        assert_close(result["diagonal"], single["diagonal"])
+        assert result["products"] == single["products"]
+
+
+def test_no_batch_on_any_process_is_an_error_on_every_process(tmp_path):
+    for result in run_two_ranks([[], []], tmp_path, timeout=60):
+        assert "data holds no samples; expected at least one" in result["error"]
+
+
+def test_an_error_in_one_process_s_plan_stops_the_others(tmp_path):
+    first, second = run_two_ranks([[3], [2, 4]], tmp_path, timeout=60, extra=["plan"])
+    assert first["error"].startswith("RuntimeError: model_hessian_trace: another process")
+    assert second["error"].startswith("RuntimeError: mat1 and mat2 shapes cannot be multiplied")
 
 
 def test_passes_that_differ_on_one_process_raise_on_every_process(tmp_path):

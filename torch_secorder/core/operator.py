@@ -138,10 +138,12 @@ class HessianOperator:
         With :mod:`torch.distributed` initialized, each process passes its own shard as
         ``data``; every product sums the weighted products and sample counts of all
         processes with one ``all_reduce``, so every process holds the Hessian of the mean
-        loss over all processes' data (shards may differ in size). All processes must then
-        request the same products in the same order. The batches are numbered for their
-        seeds rank by rank, as one process holding the shards in rank order numbers them,
-        so with dropout too the processes together describe that process's Hessian.
+        loss over all processes' data (shards may differ in size, and a process may hold no
+        batch). All processes must then request the same products in the same order; an
+        error in one process's pass over its data is raised on every process. The batches
+        are numbered for their seeds rank by rank, as one process holding the shards in rank
+        order numbers them, so with dropout too the processes together describe that
+        process's Hessian.
 
         **Activations and inputs.** With ``wrt="activations"`` the variables are the outputs
         :math:`z_{b,m}` of the ``modules`` on every batch :math:`b`, with ``wrt="inputs"`` the
@@ -196,7 +198,8 @@ class HessianOperator:
             TypeError: If ``model`` is not a module, ``loss_fn`` not callable, ``data`` not a
                 batch or re-iterable collection of batches, or a batch not an
                 ``(inputs, targets)`` pair.
-            ValueError: If ``data`` is empty, the selection matches nothing, or the selected
+            ValueError: If ``data`` is empty (summed over processes: where no process holds
+                a sample, at the first product), the selection matches nothing, or the selected
                 parameters mix dtypes or devices; for activations and inputs also if ``wrt``
                 is unknown, ``params`` is given, ``modules`` is missing (or given for other
                 ``wrt``) or matches no module, a module is not called exactly once, the
@@ -528,7 +531,9 @@ def model_operator(
             "is not initialized; call torch.distributed.init_process_group first, or pass "
             "distributed=None (the default: sum where it is initialized)."
         )
-    batches = check_data(fname, data, batch_size_fn)
+    # (one of several processes may hold no batch: it adds nothing to the sums)
+    shard = (initialized if distributed is None else distributed) and _world() > 1
+    batches = check_data(fname, data, batch_size_fn, shard=shard)
     warn_summed_loss(fname, loss_fn, batches)
     if progress:
         require_tqdm(fname)
@@ -538,6 +543,11 @@ def model_operator(
     operator = HessianOperator.__new__(HessianOperator)
     operator._setup(fname, source, names)
     return operator
+
+
+def _world() -> int:
+    """The number of processes of the initialized default process group."""
+    return torch.distributed.get_world_size()
 
 
 def warn_summed_loss(fname: str, loss_fn: Any, batches: Iterable[Any]) -> None:
@@ -838,19 +848,29 @@ class _DataSetProducts:
         return None
 
     def plan_diagonal(self, budget: float) -> list[int]:
+        distributed = self._distributed()
+        failure: Exception | None = None
         if self.planned is None:
             self._number_batches()
-            with preserved_state(self.model), rng_kept():
-                for batch in self.batches:
-                    self.planned = self._structured(0, batch, budget)
-                    break
-            if self.planned is None:
-                raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
-        costs = self.planned[0].costs
-        if self._distributed():
-            packed = torch.tensor(costs, dtype=torch.int64, device=self.params[0].device)
+            try:
+                with preserved_state(self.model), rng_kept():
+                    for batch in self.batches:
+                        self.planned = self._structured(0, batch, budget)
+                        break
+            except Exception as err:  # (over processes: raised after the others hear of it)
+                if not distributed:
+                    raise
+                failure = err
+        if self.planned is None and not distributed:
+            raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
+        # (a process holding no batch plans none: the others' plans decide)
+        costs = [0] * len(self.params) if self.planned is None else self.planned[0].costs
+        if distributed:
+            flagged = [*costs, int(failure is not None)]
+            packed = torch.tensor(flagged, dtype=torch.int64, device=self.params[0].device)
             torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
-            costs = packed.tolist()
+            *costs, raised = packed.tolist()
+            _raise_agreed(self.fname, failure, raised > 0)
         return costs
 
     def diagonal(self) -> tuple[list[Tensor], list[int]]:
