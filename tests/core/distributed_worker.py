@@ -9,7 +9,9 @@ mode), ``groups`` (a per-module Hutchinson trace and the exact diagonal's produc
 batch on one rank and several on the other) or ``raises`` (the last rank's data ends with a
 batch that is no ``(inputs, targets)`` pair, and every rank records the errors of a product and
 of the exact diagonal) or ``plan`` (the last rank's first batch fails in the model, and
-every rank records the error of a default trace, which plans the exact diagonal). A shard may
+every rank records the error of a default trace, which plans the exact diagonal) or
+``refused`` (the last rank's first batch is a triple, and every rank records the error of
+building the operator). A shard may
 be empty (no batch on that rank).
 """
 
@@ -98,6 +100,15 @@ def main(rank, world_size, port, shards, out, mode=""):
             return
         if mode == "groups":
             torch.save(groups_case(model, data), out)
+            return
+        if mode == "refused":  # the last rank's first batch is no (inputs, targets) pair
+            if rank == world_size - 1:
+                x, y = data[0]
+                data = [(x, y, y), *data[1:]]
+            try:
+                HessianOperator.from_model(model, nn.MSELoss(), data)
+            except (TypeError, RuntimeError) as err:
+                torch.save({"error": f"{type(err).__name__}: {err}"}, out)
             return
         if mode == "plan":  # the last rank's first batch has inputs of the wrong width
             if rank == world_size - 1:

@@ -130,6 +130,16 @@ def test_no_batch_on_any_process_is_an_error_on_every_process(tmp_path):
         assert "data holds no samples; expected at least one" in result["error"]
 
 
+def test_data_refused_on_one_process_is_refused_on_every_process(tmp_path):
+    # the other process waited in its first product for the one that raised
+    first, second = run_two_ranks([[3], [2, 4]], tmp_path, timeout=60, extra=["refused"])
+    assert first["error"].startswith(
+        "RuntimeError: HessianOperator.from_model: another process raised an error checking "
+        "its data"
+    )
+    assert second["error"].startswith("TypeError: HessianOperator.from_model: data batch 0")
+
+
 def test_an_error_in_one_process_s_plan_stops_the_others(tmp_path):
     first, second = run_two_ranks([[3], [2, 4]], tmp_path, timeout=60, extra=["plan"])
     assert first["error"].startswith("RuntimeError: model_hessian_trace: another process")

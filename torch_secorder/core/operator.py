@@ -140,10 +140,10 @@ class HessianOperator:
         processes with one ``all_reduce``, so every process holds the Hessian of the mean
         loss over all processes' data (shards may differ in size, and a process may hold no
         batch). All processes must then request the same products in the same order; an
-        error in one process's pass over its data is raised on every process. The batches
-        are numbered for their seeds rank by rank, as one process holding the shards in rank
-        order numbers them, so with dropout too the processes together describe that
-        process's Hessian.
+        error in one process's checks of its data or pass over it is raised on every
+        process. The batches are numbered for their seeds rank by rank, as one process
+        holding the shards in rank order numbers them, so with dropout too the processes
+        together describe that process's Hessian.
 
         **Activations and inputs.** With ``wrt="activations"`` the variables are the outputs
         :math:`z_{b,m}` of the ``modules`` on every batch :math:`b`, with ``wrt="inputs"`` the
@@ -533,7 +533,17 @@ def model_operator(
         )
     # (one of several processes may hold no batch: it adds nothing to the sums)
     shard = (initialized if distributed is None else distributed) and _world() > 1
-    batches = check_data(fname, data, batch_size_fn, shard=shard)
+    failure: Exception | None = None
+    try:
+        batches = check_data(fname, data, batch_size_fn, shard=shard)
+    except (TypeError, ValueError) as err:  # (over processes: raised after the others hear)
+        if not shard:
+            raise
+        failure = err
+    if shard:  # no process waits in its first product for one that refused its data
+        flag = torch.tensor([int(failure is not None)], device=tensors[0].device)
+        torch.distributed.all_reduce(flag)
+        _raise_agreed(fname, failure, flag.item() > 0, "checking its data")
     warn_summed_loss(fname, loss_fn, batches)
     if progress:
         require_tqdm(fname)
@@ -571,14 +581,16 @@ def _length(batches: Iterable[Any]) -> int | None:
         return None
 
 
-def _raise_agreed(fname: str, failure: Exception | None, anywhere: bool) -> None:
+def _raise_agreed(
+    fname: str, failure: Exception | None, anywhere: bool, when: str = "in this pass over the data"
+) -> None:
     """After the processes' sum of a pass: this process's own error, or one for another's."""
     if failure is not None:
         raise failure
     if anywhere:
         raise RuntimeError(
-            f"{fname}: another process raised an error in this pass over the data (its own "
-            "message says which); this one stopped with it."
+            f"{fname}: another process raised an error {when} (its own message says which); "
+            "this one stopped with it."
         )
 
 
