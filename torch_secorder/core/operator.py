@@ -532,7 +532,8 @@ def model_operator(
             "distributed=None (the default: sum where it is initialized)."
         )
     # (one of several processes may hold no batch: it adds nothing to the sums)
-    shard = (initialized if distributed is None else distributed) and _world() > 1
+    spread = initialized if distributed is None else distributed
+    shard = spread and torch.distributed.get_world_size() > 1
     failure: Exception | None = None
     try:
         batches = check_data(fname, data, batch_size_fn, shard=shard)
@@ -553,11 +554,6 @@ def model_operator(
     operator = HessianOperator.__new__(HessianOperator)
     operator._setup(fname, source, names)
     return operator
-
-
-def _world() -> int:
-    """The number of processes of the initialized default process group."""
-    return torch.distributed.get_world_size()
 
 
 def warn_summed_loss(fname: str, loss_fn: Any, batches: Iterable[Any]) -> None:
