@@ -553,10 +553,46 @@ def test_every_function_reports_a_cut_second_derivative(name):
         CALLS[name](_cut_case())
 
 
+class _FusedMSE(torch.autograd.Function):
+    """A mean squared error with a hand-written backward marked ``@once_differentiable``."""
+
+    @staticmethod
+    def forward(ctx, out, target):
+        ctx.save_for_backward(out, target)
+        return ((out - target) ** 2).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        out, target = ctx.saved_tensors
+        return grad * 2 * (out - target) / out.numel(), None
+
+
+def _fused_loss_case():
+    built = _cut_case()
+    built.model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()).double()
+    built.targets = torch.randn(5, 4, dtype=torch.float64)
+    built.loss_fn = _FusedMSE.apply
+    built.params = list(built.model.parameters())
+    built.func = lambda: _FusedMSE.apply(built.model(built.inputs), built.targets)
+    return built
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_a_once_differentiable_loss_is_reported(name):
+    # its backward runs on a constant cotangent: no error node marks the cut, the gradients
+    # have no graph at all, and every curvature read as zero without a word
+    with pytest.warns(RuntimeWarning, match=r"params\[0\].*once_differentiable"):
+        CALLS[name](_fused_loss_case())
+
+
 def test_strict_refuses_a_cut_second_derivative():
     built = _cut_case()
     with pytest.raises(ValueError, match=r"params\[0\].*cannot be differentiated"):
         hvp(built.func, built.params, like(built.params, seed=0), strict=True)
+    fused = _fused_loss_case()
+    with pytest.raises(ValueError, match=r"params\[0\].*cannot be differentiated"):
+        hvp(fused.func, fused.params, like(fused.params, seed=0), strict=True)
 
 
 def test_a_whole_gradient_raises_no_warning():

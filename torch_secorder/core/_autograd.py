@@ -156,7 +156,8 @@ class GradientGraph:
         cpu = all(not t.is_cuda for t in self.params) and loss.grad_fn is not None
         after = loss.grad_fn._sequence_nr() if cpu else -1  # type: ignore[union-attr]
         if custom:  # (only a custom autograd.Function can cut a gradient)
-            _report_cuts(fname, grads[: len(params)], names, strict, after)
+            behind = _behind_once_differentiable(loss, params, first)
+            _report_cuts(fname, grads[: len(params)], names, strict, after, behind)
         self.loss = loss.detach()
         self.grads: list[Tensor | None] = [
             g if g is not None and g.requires_grad else None for g in grads
@@ -410,6 +411,7 @@ def _report_cuts(
     names: Sequence[str] | None,
     strict: bool,
     after: int = -1,
+    behind: Sequence[int] = (),
 ) -> None:
     """Raise (``strict``) or warn for parameters whose gradient cannot be differentiated again.
 
@@ -418,8 +420,10 @@ def _report_cuts(
     gradient is right, but differentiating it again finds no path to the parameters and
     would read the missing second derivatives as zero curvature. Nodes numbered ``after`` or
     lower (the forward pass's, when the backward ran on this thread) are not searched.
+    ``behind``: the positions of parameters behind such a Function in the forward pass
+    (:func:`_behind_once_differentiable`), cut also where no error node marks it.
     """
-    cut = _cut_gradients(grads, after)
+    cut = sorted({*_cut_gradients(grads, after), *behind})
     if not cut:
         return
     labels = ", ".join(param_label(i, names) for i in cut)
@@ -432,6 +436,52 @@ def _report_cuts(
     if strict:
         raise ValueError(message + ".")
     warnings.warn(message + ", or pass strict=True to make this an error.", RuntimeWarning, 4)
+
+
+def _behind_once_differentiable(loss: Tensor, params: Sequence[Tensor], first: int) -> list[int]:
+    """The positions of the ``params`` behind a once-differentiable Function in ``loss``'s pass.
+
+    A custom ``autograd.Function`` whose backward is marked ``@once_differentiable``: such a
+    backward runs without a graph, and where its cotangent is a constant (the Function
+    computes the loss, or a term summed into it) no error node marks the cut: the gradients
+    behind it hold no second derivative through it and would read as zero curvature. The
+    forward pass's nodes are those numbered ``first`` or higher (all of them where ``first``
+    is -1).
+    """
+    if loss.grad_fn is None:
+        return []
+    marked, stack, seen = [], [loss.grad_fn], {loss.grad_fn}
+    while stack:
+        node = stack.pop()
+        forward = getattr(type(node), "_forward_cls", None)  # (a Python Function's node)
+        if getattr(getattr(forward, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE:
+            marked.append(node)
+        for following, _ in node.next_functions:  # type: ignore[union-attr]
+            if (
+                following is not None
+                and following not in seen
+                and type(following).__name__ != "AccumulateGrad"
+                and (first < 0 or following._sequence_nr() >= first)
+            ):
+                seen.add(following)
+                stack.append(following)
+    leaves: set[int] = set()
+    stack, seen = list(marked), set(marked)
+    while stack:  # (every node behind a marked one, whatever pass made it)
+        node = stack.pop()
+        for following, _ in node.next_functions:  # type: ignore[union-attr]
+            if following is not None and following not in seen:
+                seen.add(following)
+                variable = getattr(following, "variable", None)  # (an AccumulateGrad's leaf)
+                if variable is not None:
+                    leaves.add(id(variable))
+                else:
+                    stack.append(following)
+    return [i for i, p in enumerate(params) if id(p) in leaves]
+
+
+_ONCE_DIFFERENTIABLE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+"""The code of every backward that ``@once_differentiable`` wraps (one closure's code)."""
 
 
 def _cut_gradients(grads: Sequence[Tensor | None], after: int = -1) -> list[int]:
