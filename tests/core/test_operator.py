@@ -614,9 +614,10 @@ def test_release_takes_the_parameters_as_they_are_then(sizes):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.1)
-    if len(sizes) > 1:  # (a lone batch's graph is kept: its products stay at the old ones)
-        with pytest.raises(ValueError, match="loss of data batch 0 .* call release"):
-            H @ v
+    # (a lone batch's kept graph sees the parameters' versions, several batches their losses)
+    match = "parameters changed since" if len(sizes) == 1 else "loss of data batch 0"
+    with pytest.raises(ValueError, match=f"{match} .* call release"):
+        H @ v
     H.release()
     assert_close(H @ v, HessianOperator.from_model(model, nn.MSELoss(), batches) @ v)
     H @ v  # the new losses are the reference now
@@ -624,6 +625,54 @@ def test_release_takes_the_parameters_as_they_are_then(sizes):
     H.release()
     with pytest.raises(ValueError, match="data batch 0 differs between passes"):
         H @ v
+
+
+@pytest.mark.parametrize("form", ["closure", "batch", "activations"])
+@pytest.mark.parametrize("step", ["in place", "data"])
+def test_a_kept_graph_refuses_parameters_changed_since(form, step):
+    # it gave the Hessian at the old parameters (a linear model: silently), or PyTorch's
+    # error on a tensor it saved; after release() the Hessian at the new ones
+    model, (inputs, targets) = make_mlp(), make_batches([7])[0]
+    loss_fn = nn.MSELoss()
+
+    def build():
+        if form == "closure":
+            return HessianOperator(lambda: loss_fn(model(inputs), targets), model.parameters())
+        if form == "batch":
+            return HessianOperator.from_model(model, loss_fn, (inputs, targets))
+        return HessianOperator.from_model(
+            model, loss_fn, (inputs, targets), wrt="activations", modules=["0"]
+        )
+
+    H = build()
+    v = torch.ones(H.shape[0], dtype=DTYPE)
+    H @ v
+    with torch.no_grad():
+        for p in model.parameters():
+            if step == "in place":
+                p.mul_(1.1)
+            else:
+                p.data = p.data * 1.1
+    with pytest.raises(
+        ValueError,
+        match=r"the parameters changed since the operator built its gradient graph \(a training "
+        r"step\?\); call release\(\) first",
+    ):
+        H @ v
+    H.release()
+    assert_close(H @ v, build() @ v)
+
+
+def test_a_kept_graph_of_a_renorming_embedding_is_reused():
+    # its forward renorms the weights in place and the model's state is restored after the
+    # pass: not a change of the parameters
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Flatten(), nn.Linear(8, 1))
+    model = model.to(DTYPE)
+    inputs, targets = torch.randint(0, 10, (6, 2)), torch.randn(6, 1, dtype=DTYPE)
+    H = HessianOperator.from_model(model, nn.MSELoss(), (inputs, targets))
+    v = torch.ones(H.shape[0], dtype=DTYPE)
+    assert torch.equal(H @ v, H @ v)
 
 
 def test_repeatable_passes_with_dropout_in_train_mode_are_accepted():

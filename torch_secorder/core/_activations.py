@@ -82,6 +82,8 @@ from torch_secorder.core.operator import (
     HessianOperator,
     _checksum,
     _DataSetProducts,
+    check_unchanged,
+    parameter_states,
     warn_summed_loss,
 )
 
@@ -374,6 +376,7 @@ class ActivationProducts(_DataSetProducts):
         otherwise; a lone batch's is kept (:attr:`cached`) until :meth:`release` and reused.
         """
         if self.cached is not None:
+            check_unchanged(self.fname, list(self.model.parameters()), self.built_at)
             yield 0, self.cached
             return
         lone = self.keeps_graph
@@ -404,6 +407,8 @@ class ActivationProducts(_DataSetProducts):
                         self.cached = graph
                     elif graph is not None and not keep(index):
                         graph.release()
+        if self.cached is not None:  # (as the model's state was restored)
+            self.built_at = parameter_states(list(self.model.parameters()))
         differs = self._compare(fingerprints, complete=True)
         if differs is not None:
             self._refuse(differs)

@@ -359,7 +359,9 @@ class HessianOperator:
 
         Over data, the losses of the batches' first pass are forgotten too (later passes
         must still see the same batches): call it after changing the parameters, e.g. after
-        a training step, and the operator is the Hessian at the new ones.
+        a training step, and the operator is the Hessian at the new ones. Without it a
+        product after such a change is refused (a kept graph compares the parameters'
+        version counters and memory, passes over several batches their losses).
         """
         self._source.release()
 
@@ -619,6 +621,29 @@ def _flat_gradient(graph: GradientGraph, params: list[Tensor]) -> Tensor:
     )
 
 
+def parameter_states(params: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """Each parameter's version counter and memory: what changes when a training step does."""
+    return [(p._version, p.data_ptr()) for p in params]
+
+
+def check_unchanged(
+    fname: str, params: Sequence[Tensor], built_at: list[tuple[int, int]] | None
+) -> None:
+    """Refuse to reuse a kept gradient graph built at other parameters than there are now.
+
+    An in-place update (an optimizer's step) advances a parameter's version counter, an
+    assignment to ``.data`` gives it other memory; the kept graph would then give the Hessian at
+    the old parameters, or fail in PyTorch on a tensor it saved. ``built_at``: the parameters'
+    :func:`parameter_states` once the graph was kept (``None``: not known, nothing checked).
+    """
+    if built_at is not None and parameter_states(params) != built_at:
+        raise ValueError(
+            f"{fname}: the parameters changed since the operator built its gradient graph (a "
+            "training step?); call release() first, so that the next product builds it at the "
+            "new parameters."
+        )
+
+
 def _closure_source(fname: str, func: object, params: object) -> "_ClosureProducts":
     return _ClosureProducts(closure_objective(fname, func, params))
 
@@ -634,11 +659,15 @@ class _ClosureProducts:
         self.objective = objective
         self.params = objective.params
         self.graph: GradientGraph | None = None
+        self.built_at: list[tuple[int, int]] | None = None
 
     def _kept(self) -> GradientGraph:
         """The kept gradient graph, built on first use."""
         if self.graph is None:
             self.graph = self.objective.gradient()
+            self.built_at = parameter_states(self.params)
+        else:
+            check_unchanged(self.objective.fname, self.params, self.built_at)
         return self.graph
 
     def products(self, cotangents: list[Tensor], out: Tensor | None = None) -> Tensor:
@@ -701,6 +730,7 @@ class _DataSetProducts:
         self.progress = progress
         self.num_samples: int | None = None
         self.cached: tuple[GradientGraph, int] | None = None  # graph and size of a lone batch
+        self.built_at: list[tuple[int, int]] | None = None  # the parameters' when it was kept
         self.planned: tuple[StructuredDiagonal, int, tuple[float, ...]] | None = None  # batch 0
         self.fingerprints: list[_Fingerprint] | None = None  # of each batch in the first pass
         self.routed = False  # whether a forward pass needed the routing mode: all do from then
@@ -775,6 +805,7 @@ class _DataSetProducts:
             How this pass differs from the first (``None``: not at all).
         """
         if self.cached is not None:
+            check_unchanged(self.fname, self.params, self.built_at)
             accumulate(*self.cached)
             return None
         self._number_batches()
@@ -792,6 +823,8 @@ class _DataSetProducts:
                     self.cached = (graph, size)
                 else:
                     graph.release()
+        # (as the model's state was restored: a renormed embedding's weights copied back)
+        self.built_at = parameter_states(self.params) if self.cached is not None else None
         if differs is None and self.fingerprints is not None:
             differs = self._compare(fingerprints, complete=True)
         forgotten = bool(self.fingerprints) and math.isnan(self.fingerprints[0][2])

@@ -136,6 +136,10 @@ class ElementObjective:
     index: int
 
     @property
+    def fname(self) -> str:
+        return self.outputs.fname
+
+    @property
     def params(self) -> list[Tensor]:
         return self.outputs.params
 
