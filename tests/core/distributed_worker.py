@@ -11,8 +11,11 @@ batch that is no ``(inputs, targets)`` pair, and every rank records the errors o
 of the exact diagonal) or ``plan`` (the last rank's first batch fails in the model, and
 every rank records the error of a default trace, which plans the exact diagonal) or
 ``refused`` (the last rank's first batch is a triple, and every rank records the error of
-building the operator). A shard may
-be empty (no batch on that rank).
+building the operator), ``auto`` (every rank records the default trace's method and value),
+``unreadable`` (the last rank's DataLoader cannot read its first batch), ``stream`` (every
+rank's DataLoader streams an IterableDataset) or ``broken stream`` (the last rank's stream
+fails), each rank recording a trace's error or value and whether the global RNG was kept. A
+shard may be empty (no batch on that rank).
 """
 
 import json
@@ -110,6 +113,14 @@ def main(rank, world_size, port, shards, out, mode=""):
             except (TypeError, RuntimeError) as err:
                 torch.save({"error": f"{type(err).__name__}: {err}"}, out)
             return
+        if mode == "auto":  # the default trace's choice and what it took
+            trace = ts.model_hessian_trace(model, nn.MSELoss(), data, num_matvecs=10)
+            torch.save({"method": trace.method, "value": float(trace.value)}, out)
+            return
+        if mode in ("unreadable", "stream", "broken stream"):
+            broken = mode != "stream" and rank == world_size - 1
+            torch.save(loader_case(data, broken, "stream" in mode, model), out)
+            return
         if mode == "plan":  # the last rank's first batch has inputs of the wrong width
             if rank == world_size - 1:
                 x, y = data[0]
@@ -151,6 +162,44 @@ class WithBadBatch:
         yield from self.batches
         x, y = self.batches[0]
         yield (x, y, y)
+
+
+class Samples(torch.utils.data.IterableDataset):
+    """The samples of ``batches``, streamed (no length); ``broken``: none can be read."""
+
+    def __init__(self, batches, broken):
+        self.batches, self.broken = batches, broken
+
+    def __iter__(self):
+        for x, y in self.batches:
+            for i in range(len(x)):
+                if self.broken:
+                    raise OSError("cannot read sample")
+                yield x[i], y[i]
+
+
+class Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise OSError("cannot read sample")
+
+
+def loader_case(data, broken, stream, model):
+    """The errors of a model trace over a DataLoader, and whether the global RNG was kept."""
+    if stream:
+        loader = torch.utils.data.DataLoader(Samples(data, broken), batch_size=2)
+    else:
+        good = torch.utils.data.TensorDataset(*(torch.cat(t) for t in zip(*data)))
+        loader = torch.utils.data.DataLoader(Unreadable() if broken else good, batch_size=2)
+    state = torch.get_rng_state()
+    try:
+        trace = ts.model_hessian_trace(model, nn.MSELoss(), loader, method="hutchinson")
+        result = {"value": float(trace.value)}
+    except (OSError, RuntimeError) as err:
+        result = {"error": f"{type(err).__name__}: {err}"}
+    return {**result, "rng kept": torch.equal(state, torch.get_rng_state())}
 
 
 def groups_case(model, data):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+import torch_secorder as ts
 from torch_secorder import HessianOperator
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -138,6 +139,42 @@ def test_data_refused_on_one_process_is_refused_on_every_process(tmp_path):
         "its data"
     )
     assert second["error"].startswith("TypeError: HessianOperator.from_model: data batch 0")
+
+
+def test_the_default_trace_chooses_as_one_process(tmp_path):
+    # the exact diagonal's plan is the first batch's in rank order: the most of every rank's
+    # first batch chose Hutch++ where one process holding both shards chose the exact trace
+    shards = [[2], [8]]
+    results = run_two_ranks(shards, tmp_path, extra=["auto"])
+    model, batches = model_and_shards(shards)
+    single = ts.model_hessian_trace(model, nn.MSELoss(), batches[0] + batches[1], num_matvecs=10)
+    for result in results:
+        assert result["method"] == single.method == "exact"
+        assert result["value"] == pytest.approx(float(single.value), rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["unreadable", "broken stream"])
+def test_a_loader_failing_on_one_process_stops_the_others(mode, tmp_path):
+    # the first batch read when the operator is built (unreadable), the batches counted for
+    # their seeds (a stream without a length): the other process waited or lost its peer
+    first, second = run_two_ranks([[2, 2], [2, 2]], tmp_path, timeout=60, extra=[mode])
+    assert first["error"].startswith("RuntimeError: model_hessian_trace: another process")
+    assert second["error"] == "OSError: cannot read sample"
+    assert first["rng kept"]
+    assert second["rng kept"]
+
+
+def test_a_streamed_shard_keeps_the_global_rng(tmp_path):
+    from distributed_worker import Samples
+
+    shards = [[2, 2], [2]]
+    results = run_two_ranks(shards, tmp_path, extra=["stream"])
+    model, batches = model_and_shards(shards)
+    loader = torch.utils.data.DataLoader(Samples(batches[0] + batches[1], False), batch_size=2)
+    single = ts.model_hessian_trace(model, nn.MSELoss(), loader, method="hutchinson")
+    for result in results:
+        assert result["rng kept"]
+        assert result["value"] == pytest.approx(float(single.value), rel=1e-12)
 
 
 def test_an_error_in_one_process_s_plan_stops_the_others(tmp_path):

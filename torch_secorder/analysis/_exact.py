@@ -9,7 +9,10 @@ whenever that costs no more than the estimator's budget, per group for ``groups=
 estimator otherwise. Planning runs one forward pass and its gradient on the first batch (about
 one product's work: a percent of a budget of 100) and, unless even a plan passing every check
 for free would exceed the budget, the few products of the independence checks, which the
-exact diagonal then reuses.
+exact diagonal then reuses. Over :mod:`torch.distributed` the plan is that of the first batch in
+rank order, so every process chooses as one holding all the shards would. Later batches of
+other sizes may take more products than the first (a parameter's count is the most of any
+batch): the plan is the first batch's.
 """
 
 import math

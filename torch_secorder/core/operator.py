@@ -456,10 +456,11 @@ def planned_diagonal_costs(operator: HessianOperator, budget: float = math.inf) 
 
     For a closure, one per element. Over a model's data, the plan of the structured diagonal
     on the first batch (one forward pass, its gradient and the independence checks, which
-    the diagonal then reuses), the most of any process's under :mod:`torch.distributed`, so
-    that every process decides alike; :func:`forget_plan` drops it when the diagonal is not
-    wanted after all. Where even a plan passing every check for free would take more than
-    ``budget`` products, no check is run and the costs are those of the generic path.
+    the diagonal then reuses), under :mod:`torch.distributed` that of the first batch in rank
+    order, so that every process decides as one process holding all the shards would;
+    :func:`forget_plan` drops it when the diagonal is not wanted after all. Where even a plan
+    passing every check for free would take more than ``budget`` products, no check is run
+    and the costs are those of the generic path.
     """
     return operator._source.plan_diagonal(budget)
 
@@ -539,7 +540,7 @@ def model_operator(
     failure: Exception | None = None
     try:
         batches = check_data(fname, data, batch_size_fn, shard=shard)
-    except (TypeError, ValueError) as err:  # (over processes: raised after the others hear)
+    except Exception as err:  # (over processes: raised after the others hear of it)
         if not shard:
             raise
         failure = err
@@ -904,14 +905,15 @@ class _DataSetProducts:
                 failure = err
         if self.planned is None and not distributed:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
-        # (a process holding no batch plans none: the others' plans decide)
         costs = [0] * len(self.params) if self.planned is None else self.planned[0].costs
-        if distributed:
-            flagged = [*costs, int(failure is not None)]
-            packed = torch.tensor(flagged, dtype=torch.int64, device=self.params[0].device)
-            torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
-            *costs, raised = packed.tolist()
-            _raise_agreed(self.fname, failure, raised > 0)
+        if distributed:  # the plan of the first batch in rank order, as in one process
+            mine = [int(self.planned is not None), int(failure is not None), *costs]
+            packed = torch.tensor(mine, dtype=torch.int64, device=self.params[0].device)
+            plans = [torch.zeros_like(packed) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(plans, packed)
+            _raise_agreed(self.fname, failure, any(int(plan[1]) for plan in plans))
+            first = next((plan for plan in plans if int(plan[0])), plans[0])
+            costs = first[2:].tolist()
         return costs
 
     def diagonal(self) -> tuple[list[Tensor], list[int]]:
@@ -1020,18 +1022,25 @@ class _DataSetProducts:
         dropout draws the same masks there as here; counted once, with one ``all_gather``.
         """
         if self.first_batch is None:
-            self.first_batch = 0
-            if self._distributed():
-                count = _length(self.batches)
-                if count is None:
-                    count = sum(1 for _ in self.batches)
-                device = self.params[0].device
-                counts = [
-                    torch.zeros((), dtype=torch.int64, device=device)
-                    for _ in range(torch.distributed.get_world_size())
-                ]
-                torch.distributed.all_gather(counts, torch.tensor(count, device=device))
-                self.first_batch = int(sum(counts[: torch.distributed.get_rank()]))
+            if not self._distributed():
+                self.first_batch = 0
+                return
+            count, failure = _length(self.batches), None
+            if count is None:  # (a loader's workers draw their seeds: the RNG is kept)
+                try:
+                    with rng_kept():
+                        count = sum(1 for _ in self.batches)
+                except Exception as err:  # (raised after the others hear of it)
+                    count, failure = -1, err
+            device = self.params[0].device
+            counts = [
+                torch.zeros((), dtype=torch.int64, device=device)
+                for _ in range(torch.distributed.get_world_size())
+            ]
+            torch.distributed.all_gather(counts, torch.tensor(count, device=device))
+            anywhere = any(int(c) < 0 for c in counts)
+            _raise_agreed(self.fname, failure, anywhere, "counting its batches")
+            self.first_batch = int(sum(counts[: torch.distributed.get_rank()]))
 
     def _gradient(self, index: int, batch: Any) -> tuple[GradientGraph, int, _Fingerprint]:
         """The gradient graph of one batch, under the batch's RNG seed, its size and fingerprint."""
