@@ -91,11 +91,12 @@ def test_exchangeable_estimators_warn_when_the_budget_leaves_products_unused():
         match=r"^hessian_trace: max_bytes=35\.9 KiB holds five blocks of 4 vectors of P=200 "
         r"entries, so method='xtrace' takes 8 of num_matvecs=100 products; raise max_bytes, or "
         r"take method='hutch\+\+'",
-    ):  # (a chunk of 1 column, 21 vectors kept: five blocks of 4)
+    ) as caught:  # (a chunk of 1 column, 21 vectors kept: five blocks of 4)
         result = ts.hessian_trace(operator, method="xtrace", max_bytes=23 * 200 * 8)
     assert result.num_matvecs == operator.num_matvecs == 8
     with pytest.warns(RuntimeWarning, match=r"method='xdiag' takes 8 .* method='hutchinson'"):
         ts.hessian_diagonal_estimate(_operator(), method="xdiag", max_bytes=23 * 200 * 8)
+    assert caught[0].filename == __file__  # (the caller's line, not the library's)
 
 
 def test_refusals_give_sizes_in_readable_units():

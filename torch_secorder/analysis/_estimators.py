@@ -17,6 +17,7 @@ from torch_secorder.analysis._driver import MakeSteps, Steps
 from torch_secorder.analysis._memory import current, kept_vectors, max_columns, refuse
 from torch_secorder.analysis._rows import combine_rows, inner_rows
 from torch_secorder.analysis._sampling import make_generator, rademacher, rademacher_columns
+from torch_secorder.core._progress import outside_stacklevel
 
 
 def estimator_steps(
@@ -294,7 +295,7 @@ def _exchangeable_size(
             f"of P={n:,} entries, so method={method!r} takes {2 * size} of num_matvecs="
             f"{num_matvecs} products; raise max_bytes, or take method={other}.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=outside_stacklevel(),
         )
     return size
 

@@ -95,7 +95,7 @@ def spectral_density(
     Runs ``num_probes`` Lanczos recurrences of ``steps = num_matvecs // num_probes`` steps
     each (at most :math:`P`; 100 by default), all probes in one batched product per step
     (in groups when their bases would exceed 4 GiB), and broadens the pooled Ritz nodes with
-    Gaussians (see the module docstring).
+    Gaussians (see :doc:`/algorithms`).
 
     Args:
         {closure_or_operator}
@@ -203,7 +203,8 @@ def model_spectral_density(
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: On bad options (as for :func:`spectral_density`), a selection or group
-            pattern matching nothing, or empty data.
+            pattern matching nothing, empty data, or data whose passes differ (a shuffling
+            ``DataLoader``).
 
     Example:
         >>> import torch

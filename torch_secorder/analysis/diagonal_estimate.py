@@ -72,7 +72,7 @@ def hessian_diagonal_estimate(
 ) -> DiagonalEstimate:
     r"""Estimate the diagonal of the Hessian from ``num_matvecs`` products.
 
-    See the module docstring for the estimators; for the exact diagonal (:math:`P` products)
+    See :doc:`/algorithms` for the estimators; for the exact diagonal (:math:`P` products)
     use :func:`~torch_secorder.hessian_diagonal`.
 
     Args:
@@ -95,6 +95,9 @@ def hessian_diagonal_estimate(
         TypeError: If an argument has the wrong type.
         ValueError: If ``method`` is unknown, ``num_matvecs`` is too small for it, or the
             operator is not square or not symmetric.
+
+    Warns:
+        RuntimeWarning: If ``max_bytes`` leaves XDiag fewer products than ``num_matvecs``.
 
     Example:
         >>> import torch
@@ -174,8 +177,8 @@ def model_hessian_diagonal_estimate(
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: On bad options, a selection or group pattern matching nothing, or empty
-            data.
+        ValueError: On bad options, a selection or group pattern matching nothing, empty
+            data, or data whose passes differ (a shuffling ``DataLoader``).
 
     Example:
         >>> import torch

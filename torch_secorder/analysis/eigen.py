@@ -112,7 +112,7 @@ def top_eigenvalues(
 
     Lanczos (default) needs fewer products than power iteration for the same accuracy, far
     fewer for several eigenpairs or close eigenvalues: it uses the whole Krylov space instead
-    of its last vector (see the module docstring for both methods and their stopping rules).
+    of its last vector (see :doc:`/algorithms` for both methods and their stopping rules).
     It starts from the loss gradient plus a random vector where the operator keeps the
     gradient (a closure; a :class:`HessianOperator` of one batch on one process) and
     ``which`` is not ``"smallest"``, else from a random vector.
@@ -245,7 +245,8 @@ def model_top_eigenvalues(
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: On bad options (as for :func:`top_eigenvalues`), ``k`` larger than a
-            group, a selection or group pattern matching nothing, or empty data.
+            group, a selection or group pattern matching nothing, empty data, or data whose
+            passes differ (a shuffling ``DataLoader``).
 
     Warns:
         RuntimeWarning: If some pair of some group did not converge within the budget.

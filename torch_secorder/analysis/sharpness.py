@@ -180,7 +180,8 @@ def model_sharpness(
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If ``tol`` or ``max_matvecs`` is out of range, a selection or group
-            pattern matches nothing, or the data are empty.
+            pattern matches nothing, the data are empty, or their passes differ (a
+            shuffling ``DataLoader``).
 
     Warns:
         RuntimeWarning: If the run (of some group) did not converge within the budget.

@@ -88,8 +88,8 @@ def hessian_trace(
     Vectors go to the operator in chunks of at most 1 GiB (or a sixteenth of ``max_bytes``).
     Hutchinson, Hutch++ and ``"exact"`` draw their vectors chunk by chunk; Hutch++ keeps its
     sketch of :math:`m/3` vectors of size :math:`P`, XTrace five blocks of :math:`m/2`, fewer
-    where ``max_bytes`` is short (the memory model is in ``docs/scaling.rst``). See the
-    module docstring for the estimators.
+    where ``max_bytes`` is short (the memory model is in :doc:`/scaling`). See
+    :doc:`/algorithms` for the estimators.
 
     Args:
         {closure_or_operator}
@@ -113,6 +113,9 @@ def hessian_trace(
         TypeError: If an argument has the wrong type.
         ValueError: If ``method`` is unknown, ``num_matvecs`` is too small for it, the operator
             is not square, or it turns out not to be symmetric.
+
+    Warns:
+        RuntimeWarning: If ``max_bytes`` leaves XTrace fewer products than ``num_matvecs``.
 
     Example:
         >>> import torch
@@ -188,7 +191,8 @@ def model_hessian_trace(
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: On an unknown method or group kind, a too small budget, a selection or
-            group pattern matching nothing, or empty data.
+            group pattern matching nothing, empty data, or data whose passes differ (a
+            shuffling ``DataLoader``).
 
     Example:
         >>> import torch

@@ -52,7 +52,7 @@ def _inside(frame: FrameType) -> bool:
     return filename.startswith(_PACKAGE) or filename == _CONTEXTLIB
 
 
-def _outside_stacklevel() -> int:
+def outside_stacklevel() -> int:
     """The ``stacklevel`` of the user's line for a warning raised by this function's caller.
 
     That is the first frame outside this package, however deep the library's calls go.
@@ -89,7 +89,7 @@ def warn_if_long(
         f"{fname}: the {what} takes {products:,} Hessian-vector products{estimate}, which can "
         f"take long; progress=True shows how far it is. {hint}",
         UserWarning,
-        stacklevel=_outside_stacklevel(),
+        stacklevel=outside_stacklevel(),
     )
 
 

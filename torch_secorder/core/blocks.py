@@ -61,6 +61,10 @@ def hessian_block(
         ValueError: If a selection is empty, the block would exceed ``max_bytes``, the
             selections differ in dtype or device, or ``func`` does not return a scalar.
 
+    Warns:
+        RuntimeWarning: If a parameter's gradient passes through a backward that cannot be
+            differentiated again (``@once_differentiable``): its curvature is missing.
+
     Example:
         >>> import torch
         >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
@@ -123,6 +127,10 @@ def hessian_blocks(
         TypeError: If an argument has the wrong type.
         ValueError: If the blocks would exceed ``max_bytes`` or ``func`` does not return a
             scalar.
+
+    Warns:
+        RuntimeWarning: If a parameter's gradient passes through a backward that cannot be
+            differentiated again (``@once_differentiable``): its curvature is missing.
 
     Example:
         >>> import torch

@@ -223,7 +223,8 @@ def model_hessian_diagonal(
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If the selection matches nothing or the loss is not a scalar.
+        ValueError: If the selection matches nothing, the loss is not a scalar, or
+            (``strict=True``) the loss does not depend on a parameter.
         ImportError: If ``progress=True`` and ``tqdm`` is missing.
 
     Warns:

@@ -69,6 +69,11 @@ def hvp(func, params, v, *, create_graph=False, strict=False):
             if ``func`` does not return a scalar, or (``strict=True``) if the loss does not
             depend on a parameter.
 
+    Warns:
+        RuntimeWarning: If a parameter's gradient passes through a backward that cannot be
+            differentiated again (``@once_differentiable``): its curvature is missing
+            (``strict=True`` raises instead).
+
     Example:
         >>> import torch
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -139,8 +144,14 @@ def batched_hvp(func, params, vs, *, chunk_size=None, strict=False):
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If ``vs`` does not match ``params``, ``chunk_size`` is not positive, or
-            ``func`` does not return a scalar.
+        ValueError: If ``vs`` does not match ``params``, ``chunk_size`` is not positive,
+            ``func`` does not return a scalar, or (``strict=True``) the loss does not depend on
+            a parameter.
+
+    Warns:
+        RuntimeWarning: If a parameter's gradient passes through a backward that cannot be
+            differentiated again (``@once_differentiable``): its curvature is missing
+            (``strict=True`` raises instead).
 
     Example:
         >>> import torch
@@ -214,8 +225,13 @@ def model_hvp(model, loss_fn, inputs, targets, v, *, params=None, create_graph=F
 
     Raises:
         TypeError: If ``model`` is not a module or an argument has the wrong type.
-        ValueError: If the selection matches nothing, ``v`` does not match it, or the loss is
-            not a scalar.
+        ValueError: If the selection matches nothing, ``v`` does not match it, the loss is
+            not a scalar, or (``strict=True``) the loss does not depend on a parameter.
+
+    Warns:
+        RuntimeWarning: If a parameter's gradient passes through a backward that cannot be
+            differentiated again (``@once_differentiable``): its curvature is missing
+            (``strict=True`` raises instead).
 
     Example:
         >>> import torch

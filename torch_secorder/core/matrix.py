@@ -60,6 +60,8 @@ def hessian_matrix(
 
     Warns:
         UserWarning: If the matrix takes over 100,000 products (one per row).
+        RuntimeWarning: If a parameter's gradient passes through a backward that cannot be
+            differentiated again (``@once_differentiable``): its curvature is missing.
 
     Example:
         >>> import torch
@@ -132,6 +134,8 @@ def model_hessian_matrix(
 
     Warns:
         UserWarning: If the matrix takes over 100,000 products (one per row).
+        RuntimeWarning: If a parameter's gradient passes through a backward that cannot be
+            differentiated again (``@once_differentiable``): its curvature is missing.
 
     Example:
         >>> import torch

@@ -199,7 +199,9 @@ class HessianOperator:
                 batch or re-iterable collection of batches, or a batch not an
                 ``(inputs, targets)`` pair.
             ValueError: If ``data`` is empty (summed over processes: where no process holds
-                a sample, at the first product), the selection matches nothing, or the selected
+                a sample, at the first product), a ``DataLoader`` draws another order on every
+                pass (shuffling; passes that differ otherwise are refused at the product that
+                finds them), the selection matches nothing, or the selected
                 parameters mix dtypes or devices; for activations and inputs also if ``wrt``
                 is unknown, ``params`` is given, ``modules`` is missing (or given for other
                 ``wrt``) or matches no module, a module is not called exactly once, the

@@ -345,8 +345,8 @@ def output_hessian_matrix(
     is :math:`H_{k,o} = \nabla^2_\theta\, y_{k,o}`, the :math:`P \times P` Hessian of output
     element ``o`` of sample ``k``, parameters in model order, each flattened row-major. The
     model runs once on the batch; each output element costs one gradient and at most
-    :math:`P` Hessian-vector products of that one graph (see :mod:`torch_secorder.core.output`),
-    so the result costs :math:`b\,|out|` gradients and at most :math:`b\,|out|\,P` products.
+    :math:`P` Hessian-vector products of that one graph, so the result costs
+    :math:`b\,|out|` gradients and at most :math:`b\,|out|\,P` products.
 
     The model runs in the mode it is in (train-mode dropout draws the masks of RNG seed ``0``,
     the masks of every model form), on copies of its buffers; its mode, buffers, parameters,
