@@ -615,7 +615,7 @@ def test_release_takes_the_parameters_as_they_are_then(sizes):
         for p in model.parameters():
             p.mul_(1.1)
     # (a lone batch's kept graph sees the parameters' versions, several batches their losses)
-    match = "parameters changed since" if len(sizes) == 1 else "loss of data batch 0"
+    match = "model .* changed since" if len(sizes) == 1 else "loss of data batch 0"
     with pytest.raises(ValueError, match=f"{match} .* call release"):
         H @ v
     H.release()
@@ -655,12 +655,28 @@ def test_a_kept_graph_refuses_parameters_changed_since(form, step):
                 p.data = p.data * 1.1
     with pytest.raises(
         ValueError,
-        match=r"the parameters changed since the operator built its gradient graph \(a training "
-        r"step\?\); call release\(\) first",
+        match=r"(the parameters|the model \(its parameters or mode\)) changed since the "
+        r"operator built its gradient graph \(a training step\?\); call release\(\) first",
     ):
         H @ v
     H.release()
     assert_close(H @ v, build() @ v)
+
+
+@pytest.mark.parametrize("change", ["mode", "another layer"])
+def test_a_kept_graph_over_data_refuses_a_changed_model(change):
+    # the Hessian depends on the whole model: its modes, every parameter
+    model = make_mlp(batchnorm=True)
+    H = HessianOperator.from_model(model, nn.MSELoss(), make_batches([7])[0], params="0.*")
+    v = torch.ones(H.shape[0], dtype=DTYPE)
+    H @ v
+    if change == "mode":
+        model.eval()
+    else:
+        with torch.no_grad():
+            list(model.parameters())[-1].add_(1.0)
+    with pytest.raises(ValueError, match=r"the model \(its parameters or mode\) changed"):
+        H @ v
 
 
 def test_a_kept_graph_of_a_renorming_embedding_is_reused():

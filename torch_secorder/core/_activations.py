@@ -83,7 +83,7 @@ from torch_secorder.core.operator import (
     _checksum,
     _DataSetProducts,
     check_unchanged,
-    parameter_states,
+    kept_state,
     warn_summed_loss,
 )
 
@@ -376,7 +376,7 @@ class ActivationProducts(_DataSetProducts):
         otherwise; a lone batch's is kept (:attr:`cached`) until :meth:`release` and reused.
         """
         if self.cached is not None:
-            check_unchanged(self.fname, list(self.model.parameters()), self.built_at)
+            check_unchanged(self.fname, kept_state((), self.model), self.built_at)
             yield 0, self.cached
             return
         lone = self.keeps_graph
@@ -408,7 +408,7 @@ class ActivationProducts(_DataSetProducts):
                     elif graph is not None and not keep(index):
                         graph.release()
         if self.cached is not None:  # (as the model's state was restored)
-            self.built_at = parameter_states(list(self.model.parameters()))
+            self.built_at = kept_state((), self.model)
         differs = self._compare(fingerprints, complete=True)
         if differs is not None:
             self._refuse(differs)

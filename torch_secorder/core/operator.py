@@ -363,7 +363,8 @@ class HessianOperator:
         must still see the same batches): call it after changing the parameters, e.g. after
         a training step, and the operator is the Hessian at the new ones. Without it a
         product after such a change is refused (a kept graph compares the parameters'
-        version counters and memory, passes over several batches their losses).
+        version counters and memory, over a model's data all of them and its modules' modes;
+        passes over several batches compare their losses).
         """
         self._source.release()
 
@@ -624,26 +625,35 @@ def _flat_gradient(graph: GradientGraph, params: list[Tensor]) -> Tensor:
     )
 
 
-def parameter_states(params: Sequence[Tensor]) -> list[tuple[int, int]]:
-    """Each parameter's version counter and memory: what changes when a training step does."""
-    return [(p._version, p.data_ptr()) for p in params]
+KeptState = tuple[list[tuple[int, int]], list[bool]]
+"""What a kept gradient graph was built at: tensors' version counters and memory, modes."""
 
 
-def check_unchanged(
-    fname: str, params: Sequence[Tensor], built_at: list[tuple[int, int]] | None
-) -> None:
-    """Refuse to reuse a kept gradient graph built at other parameters than there are now.
+def kept_state(params: Iterable[Tensor], model: nn.Module | None = None) -> KeptState:
+    """What a training step changes: the parameters' version counters and memory.
 
-    An in-place update (an optimizer's step) advances a parameter's version counter, an
-    assignment to ``.data`` gives it other memory; the kept graph would then give the Hessian at
-    the old parameters, or fail in PyTorch on a tensor it saved. ``built_at``: the parameters'
-    :func:`parameter_states` once the graph was kept (``None``: not known, nothing checked).
+    Of a ``model``: all its parameters, and every module's train/eval mode. (Not its buffers:
+    ``DistributedDataParallel`` broadcasts them in place before its forward passes.)
     """
-    if built_at is not None and parameter_states(params) != built_at:
+    tensors = params if model is None else list(model.parameters())
+    modes = [] if model is None else [m.training for m in model.modules()]
+    return [(t._version, t.data_ptr()) for t in tensors], modes
+
+
+def check_unchanged(fname: str, now: KeptState, built_at: KeptState | None) -> None:
+    """Refuse to reuse a kept gradient graph built at another :func:`kept_state` than ``now``.
+
+    An in-place update (an optimizer's step) advances a tensor's version counter, an
+    assignment to ``.data`` gives it other memory; the kept graph would then give the Hessian
+    of the old model, or fail in PyTorch on a tensor it saved. ``built_at``: the state once
+    the graph was kept (``None``: not known, nothing checked).
+    """
+    if built_at is not None and now != built_at:
+        modes = bool(now[1])  # (recorded for a model)
+        what = "the model (its parameters or mode)" if modes else "the parameters"
         raise ValueError(
-            f"{fname}: the parameters changed since the operator built its gradient graph (a "
-            "training step?); call release() first, so that the next product builds it at the "
-            "new parameters."
+            f"{fname}: {what} changed since the operator built its gradient graph (a training "
+            "step?); call release() first, so that the next product builds it anew."
         )
 
 
@@ -662,15 +672,15 @@ class _ClosureProducts:
         self.objective = objective
         self.params = objective.params
         self.graph: GradientGraph | None = None
-        self.built_at: list[tuple[int, int]] | None = None
+        self.built_at: KeptState | None = None
 
     def _kept(self) -> GradientGraph:
         """The kept gradient graph, built on first use."""
         if self.graph is None:
             self.graph = self.objective.gradient()
-            self.built_at = parameter_states(self.params)
+            self.built_at = kept_state(self.params)
         else:
-            check_unchanged(self.objective.fname, self.params, self.built_at)
+            check_unchanged(self.objective.fname, kept_state(self.params), self.built_at)
         return self.graph
 
     def products(self, cotangents: list[Tensor], out: Tensor | None = None) -> Tensor:
@@ -733,7 +743,7 @@ class _DataSetProducts:
         self.progress = progress
         self.num_samples: int | None = None
         self.cached: tuple[GradientGraph, int] | None = None  # graph and size of a lone batch
-        self.built_at: list[tuple[int, int]] | None = None  # the parameters' when it was kept
+        self.built_at: KeptState | None = None  # the model's state when the graph was kept
         self.planned: tuple[StructuredDiagonal, int, tuple[float, ...]] | None = None  # batch 0
         self.fingerprints: list[_Fingerprint] | None = None  # of each batch in the first pass
         self.routed = False  # whether a forward pass needed the routing mode: all do from then
@@ -808,7 +818,7 @@ class _DataSetProducts:
             How this pass differs from the first (``None``: not at all).
         """
         if self.cached is not None:
-            check_unchanged(self.fname, self.params, self.built_at)
+            check_unchanged(self.fname, kept_state(self.params, self.model), self.built_at)
             accumulate(*self.cached)
             return None
         self._number_batches()
@@ -827,7 +837,7 @@ class _DataSetProducts:
                 else:
                     graph.release()
         # (as the model's state was restored: a renormed embedding's weights copied back)
-        self.built_at = parameter_states(self.params) if self.cached is not None else None
+        self.built_at = kept_state(self.params, self.model) if self.cached is not None else None
         if differs is None and self.fingerprints is not None:
             differs = self._compare(fingerprints, complete=True)
         forgotten = bool(self.fingerprints) and math.isnan(self.fingerprints[0][2])
