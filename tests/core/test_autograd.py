@@ -586,13 +586,66 @@ def test_a_once_differentiable_loss_is_reported(name):
         CALLS[name](_fused_loss_case())
 
 
+class _Linear(torch.autograd.Function):
+    """3 x, its backward marked ``@once_differentiable`` (its own second derivative is zero)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 3 * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return 3 * grad
+
+
+def test_a_once_differentiable_function_behind_the_loss_warns_also_with_strict():
+    # the Function's own second derivative is missing: zero only where it is linear, as here
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=r"params\[0\] .* own second derivative is missing"):
+        result = hvp(lambda: _Linear.apply(w**2).sum(), [w], [torch.ones_like(w)], strict=True)
+    assert_close(result[0], torch.full_like(w, 6.0))
+
+
+class _SquareByVjp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def vjp(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _SquareUnderAmp(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+@pytest.mark.parametrize("function", [_SquareByVjp, _SquareUnderAmp], ids=["vjp", "custom_bwd"])
+def test_a_once_differentiable_backward_is_found_however_written(function):
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="once_differentiable"):
+        hessian_diagonal(lambda: function.apply(w).sum(), [w])
+
+
 def test_strict_refuses_a_cut_second_derivative():
     built = _cut_case()
     with pytest.raises(ValueError, match=r"params\[0\].*cannot be differentiated"):
         hvp(built.func, built.params, like(built.params, seed=0), strict=True)
-    fused = _fused_loss_case()
-    with pytest.raises(ValueError, match=r"params\[0\].*cannot be differentiated"):
-        hvp(fused.func, fused.params, like(fused.params, seed=0), strict=True)
 
 
 def test_a_whole_gradient_raises_no_warning():

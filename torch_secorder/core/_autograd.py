@@ -421,21 +421,34 @@ def _report_cuts(
     would read the missing second derivatives as zero curvature. Nodes numbered ``after`` or
     lower (the forward pass's, when the backward ran on this thread) are not searched.
     ``behind``: the positions of parameters behind such a Function in the forward pass
-    (:func:`_behind_once_differentiable`), cut also where no error node marks it.
+    (:func:`_behind_once_differentiable`), whose own second derivative is then missing where
+    no error node marks the cut: warned about, also with ``strict`` (it is zero, and the
+    curvature right, where the Function is linear).
     """
-    cut = sorted({*_cut_gradients(grads, after), *behind})
-    if not cut:
-        return
-    labels = ", ".join(param_label(i, names) for i in cut)
-    message = (
-        f"{fname}: the gradient of {labels} passes through a backward that cannot be "
-        "differentiated (an autograd.Function whose backward is marked @once_differentiable, "
-        "or a DelayedError), so its second derivatives are missing and would read as zero "
-        "curvature; write that backward with differentiable torch operations"
-    )
-    if strict:
-        raise ValueError(message + ".")
-    warnings.warn(message + ", or pass strict=True to make this an error.", RuntimeWarning, 4)
+    cut = _cut_gradients(grads, after)
+    if cut:
+        labels = ", ".join(param_label(i, names) for i in cut)
+        message = (
+            f"{fname}: the gradient of {labels} passes through a backward that cannot be "
+            "differentiated (an autograd.Function whose backward is marked "
+            "@once_differentiable, or a DelayedError), so its second derivatives are missing "
+            "and would read as zero curvature; write that backward with differentiable torch "
+            "operations"
+        )
+        if strict:
+            raise ValueError(message + ".")
+        warnings.warn(message + ", or pass strict=True to make this an error.", RuntimeWarning, 4)
+    maybe = sorted(set(behind) - set(cut))
+    if maybe:
+        labels = ", ".join(param_label(i, names) for i in maybe)
+        warnings.warn(
+            f"{fname}: the gradient of {labels} passes through the backward of an "
+            "autograd.Function marked @once_differentiable: that Function's own second "
+            "derivative is missing (read as zero, right only where the Function is linear); "
+            "write its backward with differentiable torch operations.",
+            RuntimeWarning,
+            4,
+        )
 
 
 def _behind_once_differentiable(loss: Tensor, params: Sequence[Tensor], first: int) -> list[int]:
@@ -453,8 +466,7 @@ def _behind_once_differentiable(loss: Tensor, params: Sequence[Tensor], first: i
     marked, stack, seen = [], [loss.grad_fn], {loss.grad_fn}
     while stack:
         node = stack.pop()
-        forward = getattr(type(node), "_forward_cls", None)  # (a Python Function's node)
-        if getattr(getattr(forward, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE:
+        if _once_differentiable(getattr(type(node), "_forward_cls", None)):
             marked.append(node)
         for following, _ in node.next_functions:  # type: ignore[union-attr]
             if (
@@ -478,6 +490,21 @@ def _behind_once_differentiable(loss: Tensor, params: Sequence[Tensor], first: i
                 else:
                     stack.append(following)
     return [i for i, p in enumerate(params) if id(p) in leaves]
+
+
+def _once_differentiable(function: object) -> bool:
+    """Whether a Python ``autograd.Function`` (a node's ``_forward_cls``) is once-differentiable.
+
+    Its ``backward`` (or ``vjp``) marked ``@once_differentiable``, under any decorators that
+    keep ``__wrapped__`` (``torch.amp.custom_bwd``).
+    """
+    for name in ("backward", "vjp"):
+        method = getattr(function, name, None)
+        while method is not None:
+            if getattr(method, "__code__", None) is _ONCE_DIFFERENTIABLE:
+                return True
+            method = getattr(method, "__wrapped__", None)
+    return False
 
 
 _ONCE_DIFFERENTIABLE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__

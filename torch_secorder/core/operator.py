@@ -13,9 +13,10 @@ With ``wrt="activations"`` or ``wrt="inputs"`` the variables are the outputs of 
 or the inputs of every batch instead of the parameters (:mod:`._activations`).
 """
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -907,7 +908,7 @@ class _DataSetProducts:
         if self.planned is None:
             self._number_batches()
             try:
-                with preserved_state(self.model), rng_kept():
+                with self._own_passes(), preserved_state(self.model), rng_kept():
                     for batch in self.batches:
                         self.planned = self._structured(0, batch, budget)
                         break
@@ -946,7 +947,7 @@ class _DataSetProducts:
         distributed = self._distributed()
         failure: Exception | None = None
         try:
-            with preserved_state(self.model), rng_kept():
+            with self._own_passes(), preserved_state(self.model), rng_kept():
                 for index, batch in enumerate(self.batches):
                     if planned is not None and planned[2] != _checksum(*check_batch("", 0, batch)):
                         self._refuse("data batch 0 differs between passes over the data")
@@ -1015,6 +1016,19 @@ class _DataSetProducts:
         # the parameters may have changed: the next pass's losses are the new reference
         if self.fingerprints is not None:
             self.fingerprints = [(size, sums, math.nan) for size, sums, _ in self.fingerprints]
+
+    @contextlib.contextmanager
+    def _own_passes(self) -> Iterator[None]:
+        """Forward passes of the library's own beside a kept graph (a plan, the diagonal).
+
+        What they write into the parameters (a renorming embedding's forward, the weights
+        restored after it) is not a change of the model: a kept graph unchanged before them
+        takes the state after them.
+        """
+        unchanged = self.cached is not None and self.built_at == kept_state(self.params, self.model)
+        yield
+        if unchanged:
+            self.built_at = kept_state(self.params, self.model)
 
     def _distributed(self) -> bool:
         if self.distributed is not None:
