@@ -545,14 +545,6 @@ def _cut_case():
     )
 
 
-@pytest.mark.parametrize("name", list(CALLS))
-def test_every_function_reports_a_cut_second_derivative(name):
-    # the gradient of 'first' passes through a backward marked @once_differentiable: its
-    # curvature would read as zero; every function that differentiates twice says so
-    with pytest.warns(RuntimeWarning, match=r"params\[0\].*once_differentiable"):
-        CALLS[name](_cut_case())
-
-
 class _FusedMSE(torch.autograd.Function):
     """A mean squared error with a hand-written backward marked ``@once_differentiable``."""
 
@@ -578,12 +570,15 @@ def _fused_loss_case():
     return built
 
 
+@pytest.mark.parametrize("case", [_cut_case, _fused_loss_case], ids=["cut", "fused-loss"])
 @pytest.mark.parametrize("name", list(CALLS))
-def test_a_once_differentiable_loss_is_reported(name):
-    # its backward runs on a constant cotangent: no error node marks the cut, the gradients
-    # have no graph at all, and every curvature read as zero without a word
+def test_every_function_reports_a_cut_second_derivative(name, case):
+    # cut: the gradient of 'first' passes through a backward marked @once_differentiable, its
+    # curvature would read as zero; fused-loss: such a Function computes the loss, its backward
+    # runs on a constant cotangent, no error node marks the cut, the gradients have no graph at
+    # all and every curvature read as zero without a word. Every function says so.
     with pytest.warns(RuntimeWarning, match=r"params\[0\].*once_differentiable"):
-        CALLS[name](_fused_loss_case())
+        CALLS[name](case())
 
 
 class _Linear(torch.autograd.Function):
