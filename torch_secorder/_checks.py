@@ -405,14 +405,24 @@ def check_loss(fname: str, loss: object, source: str = "func") -> Tensor:
 
 
 def check_dense_size(
-    fname: str, what: str, numel: int, dtype: torch.dtype, max_bytes: float, hint: str
+    fname: str,
+    what: str,
+    numel: int | Sequence[int],
+    dtype: torch.dtype | Sequence[torch.dtype],
+    max_bytes: float,
+    hint: str,
 ) -> None:
-    """Refuse a dense result of ``numel`` entries larger than ``max_bytes``, before any work."""
-    need = numel * torch.empty((), dtype=dtype).element_size()
+    """Refuse a dense result of ``numel`` entries larger than ``max_bytes``, before any work.
+
+    Several parts of several dtypes (blocks like params): a ``numel`` and a ``dtype`` each.
+    """
+    numels = [numel] if isinstance(numel, int) else list(numel)
+    dtypes = [dtype] if isinstance(dtype, torch.dtype) else list(dtype)
+    need = sum(n * torch.empty((), dtype=d).element_size() for n, d in zip(numels, dtypes))
     if need > max_bytes:
-        dtype_name = str(dtype).removeprefix("torch.")
+        names = dict.fromkeys(str(d).removeprefix("torch.") for d in dtypes)
         raise ValueError(
-            f"{fname}: {what} ({dtype_name}) needs {format_bytes(need)}, more than "
+            f"{fname}: {what} ({', '.join(names)}) needs {format_bytes(need)}, more than "
             f"max_bytes={format_bytes(max_bytes)}; {hint}"
         )
 

@@ -158,3 +158,18 @@ def test_blocks_one_parameter_stays_a_list():
 def test_blocks_are_symmetric(case):
     for block in hessian_blocks(case.func, case.params):
         assert_close(block, block.T)
+
+
+def test_blocks_of_several_dtypes_are_sized_in_each_dtype():
+    # sized in the first parameter's dtype, the float64 block got through under float32 sizes
+    small = torch.ones(1, requires_grad=True)
+    large = torch.ones(100, dtype=torch.float64, requires_grad=True)
+    func = lambda: (small**2).sum() + (large**2).sum()  # noqa: E731
+    for params in ([small, large], [large, small]):  # 4 + 80,000 bytes
+        with pytest.raises(
+            ValueError,
+            match=r"\(float32, float64\) needs 78\.1 KiB|\(float64, float32\) needs 78\.1 KiB",
+        ):
+            hessian_blocks(func, params, max_bytes=50_000)
+    blocks = hessian_blocks(func, [small, large], max_bytes=80_004)
+    assert [b.dtype for b in blocks] == [torch.float32, torch.float64]

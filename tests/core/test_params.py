@@ -249,7 +249,14 @@ def test_unflatten_accepts_any_iterable_of_params():
             ([torch.zeros(2), torch.zeros(())],),
             {"batched": True},
             ValueError,
-            r"^flatten: tensors\[1\] has shape \(\)",
+            r"^flatten: tensors\[1\] is 0-d; with batched=True every tensor needs a leading "
+            r"dimension k",
+        ),
+        (
+            ([torch.zeros(()), torch.zeros(2)],),
+            {"batched": True},
+            ValueError,
+            r"^flatten: tensors\[0\] is 0-d",
         ),
     ],
 )

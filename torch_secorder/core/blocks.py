@@ -145,10 +145,8 @@ def hessian_blocks(
     params = as_params(fname, params)
     check_max_bytes(fname, max_bytes)
     check_chunk_size(fname, chunk_size)
-    total = sum(p.numel() ** 2 for p in params)
-    check_dense_size(
-        fname, f"a list of {len(params)} blocks", total, params[0].dtype, max_bytes, _HINT
-    )
+    sizes, dtypes = [p.numel() ** 2 for p in params], [p.dtype for p in params]
+    check_dense_size(fname, f"a list of {len(params)} blocks", sizes, dtypes, max_bytes, _HINT)
     with GradientGraph(func, params, fname=fname, route=False) as graph:
         blocks = []
         for i, p in enumerate(params):

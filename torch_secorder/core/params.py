@@ -183,7 +183,12 @@ def flatten(tensors: Iterable[Tensor], *, batched: bool = False) -> Tensor:
     if batched:
         k = tensors[0].shape[0] if tensors[0].dim() else None
         for i, t in enumerate(tensors):
-            if not t.dim() or t.shape[0] != k:
+            if not t.dim():
+                raise ValueError(
+                    f"{fname}: tensors[{i}] is 0-d; with batched=True every tensor needs a "
+                    "leading dimension k (a parameter's 0-d vectors stacked have shape (k,))."
+                )
+            if t.shape[0] != k:
                 raise ValueError(
                     f"{fname}: tensors[{i}] has shape {tuple(t.shape)} but tensors[0] has shape "
                     f"{tuple(tensors[0].shape)}; with batched=True every tensor needs the same "
