@@ -910,3 +910,18 @@ def test_progress_bars_count_every_product(tmp_path, factories, capsys, monkeypa
         bar = bars[entry["stage"]]
         assert bar.total == entry["products"]
         assert bar.count == entry["products_used"], entry["stage"]
+
+
+def test_report_json_is_standard_json(tmp_path, factories, capsys):
+    # Hutch++ of 3 products has one probe: an undefined standard error, NaN in the report,
+    # which report.json wrote as the NaN token strict JSON parsers refuse; now null
+    args = [*user_args(factories, tmp_path, "raw"), "--trace-matvecs", "3"]
+    status, _, err = run([*args, "--per-layer", "none", "--k", "1", "--steps", "10"], capsys)
+    assert status == 0, err
+
+    def refuse(token):
+        raise ValueError(f"not standard JSON: {token}")
+
+    report = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert (report["trace"]["method"], report["trace"]["stderr"]) == ("hutch++", None)
+    assert "± nan (standard error; Hutch++, 3 products" in (tmp_path / "report.md").read_text()

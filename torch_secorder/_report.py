@@ -1371,7 +1371,22 @@ class _Writer:
 
     def write(self) -> list[Path]:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+        document = json.dumps(_finite(self.report), indent=2, allow_nan=False)
+        (self.out / "report.json").write_text(document + "\n")
         (self.out / "report.md").write_text(markdown(self.report))
         paths = [self.out / "report.md", self.out / "report.json"]
         return [*paths, self.out / "density.png"] if self.plotted else paths
+
+
+def _finite(value: Any) -> Any:
+    """``value`` for standard JSON, where a number that is not finite becomes ``null``.
+
+    (An undefined standard error, of one probe, is NaN in the report.)
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

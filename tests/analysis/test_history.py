@@ -83,9 +83,18 @@ def test_csv_is_a_plain_table(tmp_path):
     assert lines[1] == "0,eigenvalue,1.5,1e-07,12,0.01,,0,True"
 
 
-def test_json_names_its_format(tmp_path):
-    sample().to_json(tmp_path / "h.json")
-    document = json.loads((tmp_path / "h.json").read_text().replace("NaN", "null"))
+def _strict(token):
+    raise ValueError(f"not standard JSON: {token}")
+
+
+def test_json_names_its_format_in_standard_json(tmp_path):
+    # numbers that are not finite (a residual of NaN, an infinite threshold) are strings
+    # float() reads back: strict parsers refused the NaN and Infinity tokens
+    history = sample(preconditioned=True)
+    history.records.append(CurvatureRecord(30, "threshold", math.inf, 0.0, 0, 0.0))
+    history.to_json(tmp_path / "h.json")
+    document = json.loads((tmp_path / "h.json").read_text(), parse_constant=_strict)
+    assert CurvatureHistory.load(tmp_path / "h.json") == history
     assert document["format"] == "torch_secorder.CurvatureHistory"
     assert document["version"] == 1
     assert document["records"][0]["quantity"] == "eigenvalue"

@@ -196,10 +196,13 @@ class CurvatureHistory:
         document = {
             "format": FORMAT,
             "version": VERSION,
-            "records": [asdict(r) for r in self.records],
+            "records": [
+                {name: _json_number(value) for name, value in asdict(r).items()}
+                for r in self.records
+            ],
         }
         with open(path, "w") as file:
-            json.dump(document, file, indent=1)
+            json.dump(document, file, indent=1, allow_nan=False)
             file.write("\n")
 
     @classmethod
@@ -381,6 +384,16 @@ def _from_csv(path: str) -> list[CurvatureRecord]:
     for row in rows:
         row["group"] = names.get(row.get("group"), row.get("group"))
     return [_record("CurvatureHistory.load", row) for row in rows]
+
+
+def _json_number(value: object) -> object:
+    """A number that is not finite as the string ``float`` reads back ("inf", "nan").
+
+    Standard JSON has no such numbers.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _from_json(path: str) -> list[CurvatureRecord]:
