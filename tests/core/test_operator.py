@@ -390,6 +390,26 @@ def test_to_scipy_eigenvalues_match_dense(mlp_problem):
     assert_close(torch.as_tensor(linear_operator @ v), dense @ torch.as_tensor(v))
 
 
+def test_to_scipy_takes_any_numpy_array(mlp_problem):
+    # a complex array lost its imaginary part (with only a warning of torch's); an array of
+    # negative strides raised in torch.as_tensor
+    pytest.importorskip("scipy")
+    func, params, dense = mlp_problem
+    H = HessianOperator(func, params)
+    linear_operator = H.to_scipy()
+    V = columns(H.shape[0], 2).numpy()
+    expected = (dense @ torch.as_tensor(V)).numpy()
+    z = V[:, 0] + 1j * V[:, 1]
+    assert_close(torch.as_tensor(linear_operator @ z), torch.as_tensor(expected @ [1, 1j]))
+    assert_close(
+        torch.as_tensor(linear_operator @ V[:, ::-1]), torch.as_tensor(expected[:, ::-1].copy())
+    )
+    assert_close(
+        torch.as_tensor(linear_operator @ V[::-1, 0]),
+        dense @ torch.as_tensor(V[::-1, 0].copy()),
+    )
+
+
 def test_to_scipy_without_scipy(monkeypatch, mlp_problem):
     import sys
 
