@@ -3,6 +3,7 @@ import json
 import re
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,6 +364,15 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, no_trai
     assert status == 2
     assert no_training == []
     assert err.strip().endswith(f"--out: {path} exists and is not a folder")
+
+
+@pytest.mark.skipif(not Path("/sys/fs").is_dir(), reason="needs a folder no one can write")
+def test_out_that_cannot_be_written_is_refused_before_any_work(capsys, no_training):
+    # os.access said yes to root there: the demo trained before the report failed to write
+    status, _, err = run(["--out", "/sys/fs"], capsys)
+    assert status == 2
+    assert no_training == []
+    assert "--out: /sys/fs is not writable" in err
 
 
 def test_checkpoint_gives_the_demo_its_weights_without_training(tmp_path, capsys, no_training):
@@ -925,3 +935,21 @@ def test_report_json_is_standard_json(tmp_path, factories, capsys):
     report = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
     assert (report["trace"]["method"], report["trace"]["stderr"]) == ("hutch++", None)
     assert "± nan (standard error; Hutch++, 3 products" in (tmp_path / "report.md").read_text()
+
+
+def test_a_plot_not_written_leaves_none_of_an_earlier_report(
+    tmp_path, factories, capsys, monkeypatch
+):
+    import torch_secorder._report as report_module
+
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("plot_spectral_density needs matplotlib")
+
+    (tmp_path / "density.png").write_bytes(b"an earlier report's plot")
+    monkeypatch.setattr(report_module, "plot_spectral_density", no_matplotlib)
+    args = [*user_args(factories, tmp_path, "raw"), "--per-layer", "none", "--k", "1"]
+    status, _, err = run([*args, "--steps", "10"], capsys)
+    assert status == 0, err
+    assert not (tmp_path / "density.png").exists()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["spectral_density"]["plot"] is None

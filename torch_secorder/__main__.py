@@ -10,8 +10,8 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
-import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -284,8 +284,11 @@ def check_out(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out: cannot create {out} ({err.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"--out: {out} is not writable")
+    try:  # (a file written and removed: os.access says yes to root everywhere)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise UsageError(f"--out: {out} is not writable ({err.strerror})") from None
 
 
 def check_numbers(args: argparse.Namespace) -> None:

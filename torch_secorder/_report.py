@@ -927,7 +927,8 @@ def hessian_report(
             report["num_matvecs"] += used
             if stage == "spectral density":
                 density = section.pop("result")
-                writer.plot(density)
+                if not writer.plot(density):
+                    section["plot"] = None
             report[KEYS[stage]] = section
             _status(report, stage, "done", used)
             paths = writer.write()
@@ -1360,14 +1361,18 @@ class _Writer:
     def __init__(self, out: Path, report: dict[str, Any]) -> None:
         self.out, self.report = out, report
         self.plotted = False
+        # (a plot of an earlier report in the folder would not match this one)
+        (out / "density.png").unlink(missing_ok=True)
 
-    def plot(self, density: Any) -> None:
+    def plot(self, density: Any) -> bool:
+        """Draw ``density.png``; whether it was written."""
         try:
             plot_spectral_density(density, log=True, path=self.out / "density.png")
         except ImportError as err:
             self.report["spectral_density_plot"] = f"not written: {one_line(err)}"
         else:
             self.plotted = True
+        return self.plotted
 
     def write(self) -> list[Path]:
         self.out.mkdir(parents=True, exist_ok=True)
