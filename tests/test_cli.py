@@ -221,6 +221,25 @@ def test_one_batch_mse(tmp_path, factories, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--per-layer", "foo"], r"argument --per-layer: invalid choice: 'foo'"),
+        (["--k", "abc"], r"argument --k: invalid int value: 'abc'"),
+        (["--dtype", "float16"], r"argument --dtype: invalid choice: 'float16'"),
+    ],
+)
+def test_argparse_errors_take_one_line(args, message, capsys):
+    # argparse printed its usage block, a dozen lines, before the error
+    with pytest.raises(SystemExit) as stop:
+        main(["report", *args])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("torch-secorder report: error: ")
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (
             ["--model", "no_such_module_xyz:f", "--data", "x:y"],
             r"--model: cannot import 'no_such_module_xyz'",

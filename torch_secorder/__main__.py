@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -34,9 +34,16 @@ class UsageError(Exception):
     """A problem with the command line or what it points to, reported in one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors take one line (no usage block before them)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of ``torch-secorder``."""
-    main_parser = argparse.ArgumentParser(
+    main_parser = _Parser(
         prog="torch-secorder", description="Second-order analysis of PyTorch models."
     )
     main_parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
