@@ -242,16 +242,6 @@ def check_vector(
         TypeError: If ``v`` is neither a tensor nor a list/tuple of tensors.
         ValueError: On a mismatch in length, shape, dtype or device.
     """
-    if (
-        not batched
-        and type(v) in (list, tuple)
-        and len(v) == len(params)
-        and all(
-            type(t) is Tensor and t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
-            for t, p in zip(v, params)  # type: ignore[arg-type]
-        )
-    ):
-        return list(v), False  # (the common case, without the messages' sizes)
     numel = sum(p.numel() for p in params)
     flat_shape = f"(k, {numel})" if batched else f"({numel},)"
     if isinstance(v, Tensor):
@@ -282,7 +272,7 @@ def check_vector(
             and t.dtype == p.dtype
             and t.device == p.device
         ):
-            continue  # (a tensor that is right, without the labels of the messages)
+            continue  # (the common case, without the labels of the messages)
         label = param_label(i, names)
         check_tensor(fname, f"{argname}[{i}]", t)
         expected = tuple(p.shape)

@@ -34,6 +34,7 @@ from torch_secorder.core._forward import (
     forward_context,
     forward_facts,
     next_node_number,
+    pass_nodes,
     requires_grad,
     second_derivative_error,
 )
@@ -461,22 +462,11 @@ def _behind_once_differentiable(loss: Tensor, params: Sequence[Tensor], first: i
     forward pass's nodes are those numbered ``first`` or higher (all of them where ``first``
     is -1).
     """
-    if loss.grad_fn is None:
-        return []
-    marked, stack, seen = [], [loss.grad_fn], {loss.grad_fn}
-    while stack:
-        node = stack.pop()
-        if _once_differentiable(getattr(type(node), "_forward_cls", None)):
-            marked.append(node)
-        for following, _ in node.next_functions:  # type: ignore[union-attr]
-            if (
-                following is not None
-                and following not in seen
-                and type(following).__name__ != "AccumulateGrad"
-                and (first < 0 or following._sequence_nr() >= first)
-            ):
-                seen.add(following)
-                stack.append(following)
+    marked = [
+        node
+        for node in pass_nodes(loss, first)
+        if _once_differentiable(getattr(type(node), "_forward_cls", None))
+    ]
     leaves: set[int] = set()
     stack, seen = list(marked), set(marked)
     while stack:  # (every node behind a marked one, whatever pass made it)

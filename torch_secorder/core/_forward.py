@@ -38,7 +38,7 @@ that moment sees them too.
 import contextlib
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -224,11 +224,7 @@ def forward_facts(loss: Tensor, first: int) -> tuple[bool, bool]:
     only behind such a node can a gradient be cut from its second derivatives.
     """
     route = custom = False
-    if loss.grad_fn is None:
-        return route, custom
-    stack, seen = [loss.grad_fn], {loss.grad_fn}
-    while stack:
-        node = stack.pop()
+    for node in pass_nodes(loss, first):
         kind = _node_kind(type(node))
         if kind == _ROUTE:
             route = True
@@ -236,13 +232,26 @@ def forward_facts(loss: Tensor, first: int) -> tuple[bool, bool]:
             route = route or not node._saved_input.is_contiguous()
         elif kind == _CUSTOM:
             custom = True
+    return route, custom
+
+
+def pass_nodes(loss: Tensor, first: int) -> Iterator[Any]:
+    """The autograd nodes of the forward pass behind ``loss``, each once, from the loss back.
+
+    Those numbered ``first`` or higher (all of them where ``first`` is -1); a leaf's
+    ``AccumulateGrad`` ends a path (it is not yielded).
+    """
+    if loss.grad_fn is None:
+        return
+    stack, seen = [loss.grad_fn], {loss.grad_fn}
+    while stack:
+        node = stack.pop()
+        yield node
         for following, _ in node.next_functions:
-            # (a leaf's AccumulateGrad ends a path: neither routed nor custom)
             fresh = following is not None and following not in seen
             if fresh and type(following) is not _ACCUMULATE and following._sequence_nr() >= first:
                 seen.add(following)
                 stack.append(following)
-    return route, custom
 
 
 _PLAIN, _ROUTE, _GROUP_NORM, _CUSTOM = range(4)

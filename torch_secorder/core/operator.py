@@ -549,17 +549,13 @@ def model_operator(
     # (one of several processes may hold no batch: it adds nothing to the sums)
     spread = initialized if distributed is None else distributed
     shard = spread and torch.distributed.get_world_size() > 1
-    failure: Exception | None = None
-    try:
+    batches: Iterable[Any] = []
+    with _Held(shard) as held:
         batches = check_data(fname, data, batch_size_fn, shard=shard)
-    except Exception as err:  # (over processes: raised after the others hear of it)
-        if not shard:
-            raise
-        failure = err
     if shard:  # no process waits in its first product for one that refused its data
-        flag = torch.tensor([int(failure is not None)], device=tensors[0].device)
+        flag = torch.tensor([int(held.error is not None)], device=tensors[0].device)
         torch.distributed.all_reduce(flag)
-        _raise_agreed(fname, failure, flag.item() > 0, "checking its data")
+        _raise_agreed(fname, held.error, flag.item() > 0, "checking its data")
     warn_summed_loss(fname, loss_fn, batches)
     if progress:
         require_tqdm(fname)
@@ -590,6 +586,27 @@ def _length(batches: Iterable[Any]) -> int | None:
         return len(batches) if isinstance(batches, Sized) else None
     except TypeError:
         return None
+
+
+class _Held:
+    """A block whose error waits, where ``held``, for the processes' next collective.
+
+    The error is then raised after the others hear of it (:func:`_raise_agreed`), so that no
+    process waits for one that raised; else it is raised at once.
+    """
+
+    def __init__(self, held: bool) -> None:
+        self.held = held
+        self.error: Exception | None = None
+
+    def __enter__(self) -> "_Held":
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> bool:
+        if self.held and isinstance(error, Exception):
+            self.error = error
+            return True
+        return False
 
 
 def _raise_agreed(
@@ -788,13 +805,9 @@ class _DataSetProducts:
                 acc.add_(product.to(accumulator), alpha=size)
 
         distributed = self._distributed()
-        failure: Exception | None = None
-        try:
+        differs = None
+        with _Held(distributed) as held:
             differs = self._pass(accumulate)
-        except Exception as err:  # (over processes: raised after the others hear of it)
-            if not distributed:
-                raise
-            failure, differs = err, None
         if distributed:
             if self.num_samples is None:  # counted once, exactly: the passes are checked equal
                 samples = torch.tensor([count], dtype=torch.int64, device=total[0].device)
@@ -803,10 +816,10 @@ class _DataSetProducts:
             else:
                 count = self.num_samples
             # the flags: no process waits for one that raised
-            flags = [float(differs is not None), float(failure is not None)]
+            flags = [float(differs is not None), float(held.error is not None)]
             packed = torch.cat([flat_total.reshape(-1), flat_total.new_tensor(flags)])
             torch.distributed.all_reduce(packed)
-            _raise_agreed(self.fname, failure, packed[-1].item() > 0)
+            _raise_agreed(self.fname, held.error, packed[-1].item() > 0)
             if differs is None and packed[-2].item() > 0:
                 differs = "the data passes of another process differ"
             flat_total = packed[:-2].reshape(flat_total.shape)
@@ -912,27 +925,22 @@ class _DataSetProducts:
 
     def plan_diagonal(self, budget: float) -> list[int]:
         distributed = self._distributed()
-        failure: Exception | None = None
+        held = _Held(distributed)
         if self.planned is None:
             self._number_batches()
-            try:
-                with self._own_passes(), preserved_state(self.model), rng_kept():
-                    for batch in self.batches:
-                        self.planned = self._structured(0, batch, budget)
-                        break
-            except Exception as err:  # (over processes: raised after the others hear of it)
-                if not distributed:
-                    raise
-                failure = err
+            with held, self._own_passes(), preserved_state(self.model), rng_kept():
+                for batch in self.batches:
+                    self.planned = self._structured(0, batch, budget)
+                    break
         if self.planned is None and not distributed:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
         costs = [0] * len(self.params) if self.planned is None else self.planned[0].costs
         if distributed:  # the plan of the first batch in rank order, as in one process
-            mine = [int(self.planned is not None), int(failure is not None), *costs]
+            mine = [int(self.planned is not None), int(held.error is not None), *costs]
             packed = torch.tensor(mine, dtype=torch.int64, device=self.params[0].device)
             plans = [torch.zeros_like(packed) for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather(plans, packed)
-            _raise_agreed(self.fname, failure, any(int(plan[1]) for plan in plans))
+            _raise_agreed(self.fname, held.error, any(int(plan[1]) for plan in plans))
             first = next((plan for plan in plans if int(plan[0])), plans[0])
             costs = first[2:].tolist()
         return costs
@@ -953,9 +961,13 @@ class _DataSetProducts:
         meter: Meter | None = None
         self._number_batches()
         distributed = self._distributed()
-        failure: Exception | None = None
         try:
-            with self._own_passes(), preserved_state(self.model), rng_kept():
+            with (
+                _Held(distributed) as held,
+                self._own_passes(),
+                preserved_state(self.model),
+                rng_kept(),
+            ):
                 for index, batch in enumerate(self.batches):
                     if planned is not None and planned[2] != _checksum(*check_batch("", 0, batch)):
                         self._refuse("data batch 0 differs between passes over the data")
@@ -970,10 +982,6 @@ class _DataSetProducts:
                         acc.add_(d, alpha=size)
                     count += size
                     costs = [max(c, u) for c, u in zip(costs, used)]
-        except Exception as err:  # (over processes: raised after the others hear of it)
-            if not distributed:
-                raise
-            failure = err
         finally:
             if meter is not None:
                 meter.close()
@@ -982,12 +990,12 @@ class _DataSetProducts:
             torch.distributed.all_reduce(packed)
             # the samples and the processes that raised; each parameter's most products of any
             # batch of any process
-            head = [count, int(failure is not None)]
+            head = [count, int(held.error is not None)]
             counts = torch.tensor([*head, *costs], dtype=torch.int64, device=total[0].device)
             torch.distributed.all_reduce(counts[:2])
             torch.distributed.all_reduce(counts[2:], op=torch.distributed.ReduceOp.MAX)
             count, raised, *costs = counts.tolist()
-            _raise_agreed(self.fname, failure, raised > 0)
+            _raise_agreed(self.fname, held.error, raised > 0)
             total = unflatten(packed, self.params)
         if count == 0:
             raise ValueError(f"{self.fname}: data holds no samples; expected at least one.")
@@ -1059,13 +1067,11 @@ class _DataSetProducts:
             if not self._distributed():
                 self.first_batch = 0
                 return
-            count, failure = _length(self.batches), None
+            count, held = _length(self.batches), _Held(True)
             if count is None:  # (a loader's workers draw their seeds: the RNG is kept)
-                try:
-                    with rng_kept():
-                        count = sum(1 for _ in self.batches)
-                except Exception as err:  # (raised after the others hear of it)
-                    count, failure = -1, err
+                count = -1  # (where counting raises)
+                with held, rng_kept():
+                    count = sum(1 for _ in self.batches)
             device = self.params[0].device
             counts = [
                 torch.zeros((), dtype=torch.int64, device=device)
@@ -1073,7 +1079,7 @@ class _DataSetProducts:
             ]
             torch.distributed.all_gather(counts, torch.tensor(count, device=device))
             anywhere = any(int(c) < 0 for c in counts)
-            _raise_agreed(self.fname, failure, anywhere, "counting its batches")
+            _raise_agreed(self.fname, held.error, anywhere, "counting its batches")
             self.first_batch = int(sum(counts[: torch.distributed.get_rank()]))
 
     def _gradient(self, index: int, batch: Any) -> tuple[GradientGraph, int, _Fingerprint]:
