@@ -1,7 +1,7 @@
 import torch
 
 from tests.analysis.operators import DTYPE, generator
-from torch_secorder.analysis._rows import combine_rows, inner_rows
+from torch_secorder.analysis._rows import combine_rows, dot_rows, inner_rows
 
 
 def test_sums_over_millions_of_float32_entries_are_accurate():
@@ -14,6 +14,17 @@ def test_sums_over_millions_of_float32_entries_are_accurate():
     torch.testing.assert_close(inner_rows(V, V), exact, rtol=0, atol=1e-5)
     torch.testing.assert_close(inner_rows(V, V[:1]), exact[:, :1], rtol=0, atol=1e-5)
     assert inner_rows(V, V).dtype == torch.float64
+
+
+def test_dot_products_of_matching_rows_are_summed_as_inner_products_are():
+    g = generator(1)
+    A, B = torch.randn(3, 2**21, generator=g), torch.randn(3, 2**21, generator=g)
+    B[0] = A[0]  # a norm: summed in float32, off by 1e-3 relative
+    exact = (A.double() * B.double()).sum(dim=1)
+    dots = dot_rows(A, B)
+    assert dots.dtype == torch.float64
+    torch.testing.assert_close(dots, exact, rtol=1e-5, atol=0)
+    assert dot_rows(A[:0], B[:0]).shape == (0,)
 
 
 def test_rows_combine_in_place_a_slice_at_a_time(monkeypatch):

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch_secorder._checks import format_bytes
 from torch_secorder.analysis._driver import MakeSteps, Steps
 from torch_secorder.analysis._memory import current, kept_vectors, max_columns, refuse
-from torch_secorder.analysis._rows import combine_rows, inner_rows
+from torch_secorder.analysis._rows import combine_rows, dot_rows, inner_rows
 from torch_secorder.analysis._sampling import make_generator, rademacher, rademacher_columns
 from torch_secorder.core._progress import outside_stacklevel
 
@@ -160,19 +160,14 @@ def hutch_plus_plus(
             G.addmm_(G @ Q.T, Q, alpha=-1)  # G - Q Q^T G, as rows
         ask = request.T if results is None else (request.T, results[: width + count].T)
         products = (yield ask).T
-        low_rank = low_rank + _row_dots(request[:width], products[:width]).sum()
+        low_rank = low_rank + dot_rows(request[:width], products[:width]).sum()
         if count:
-            samples.append(_row_dots(request[width:], products[width:]))
+            samples.append(dot_rows(request[width:], products[width:]))
         done, left = done + width, left - count
     if not samples:
-        return low_rank, torch.zeros_like(low_rank)
+        return low_rank.to(dtype), torch.zeros((), dtype=dtype, device=device)
     mean, stderr = _mean_and_stderr(torch.cat(samples))
-    return low_rank + mean, stderr
-
-
-def _row_dots(A: Tensor, B: Tensor) -> Tensor:
-    """The dot products of the rows of ``A`` with those of ``B`` (no temporary of their size)."""
-    return torch.einsum("ij,ij->i", A, B)
+    return (low_rank + mean).to(dtype), stderr.to(dtype)
 
 
 GRAM_SLICE = 2**15

@@ -9,7 +9,7 @@ float64 copy of the rows; :func:`combine_rows` forms combinations of rows in pla
 import torch
 from torch import Tensor
 
-__all__ = ["COMBINE_BYTES", "SLICE", "combine_rows", "inner_rows", "work_dtype"]
+__all__ = ["COMBINE_BYTES", "SLICE", "combine_rows", "dot_rows", "inner_rows", "work_dtype"]
 
 SLICE = 2**17
 """Entries of each partial sum that a sum over the operator's size adds up in float64."""
@@ -40,6 +40,21 @@ def inner_rows(A: Tensor, B: Tensor) -> Tensor:
     for start in range(0, A.shape[1], SLICE):
         a, b = A[:, start : start + SLICE], B[:, start : start + SLICE]
         total += torch.dot(a[0], b[0]) if single else a @ b.T
+    return total
+
+
+def dot_rows(A: Tensor, B: Tensor) -> Tensor:
+    r"""The dot products of the rows of ``A`` with the same rows of ``B``, in the work dtype.
+
+    Summed as :func:`inner_rows` sums (on a CPU, float64 sums of float32 partial sums), with
+    no temporary of the rows' size.
+    """
+    work = work_dtype(A.device, A.dtype)
+    if A.device.type != "cpu":
+        return torch.einsum("ij,ij->i", A, B).to(work)
+    total = torch.zeros(A.shape[0], dtype=work)
+    for i in range(A.shape[0]):
+        total[i] = inner_rows(A[i : i + 1], B[i : i + 1])[0, 0]
     return total
 
 
