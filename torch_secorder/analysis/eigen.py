@@ -126,7 +126,7 @@ def top_eigenvalues(
         k: Number of eigenpairs, ``1 <= k <= P``.
         which: ``"largest"`` (algebraically), ``"smallest"`` (algebraically) or
             ``"magnitude"`` (largest :math:`|\lambda|`).
-        method: ``"lanczos"`` (thick-restart Lanczos, full reorthogonalisation) or
+        method: ``"lanczos"`` (thick-restart Lanczos, reorthogonalised) or
             ``"power"`` (power iteration with deflation, as PyHessian).
         tol: Lanczos: relative residual tolerance; power: relative change of the eigenvalue
             between iterations.
