@@ -496,6 +496,8 @@ def _restarted_lanczos(
         order = wanted_order(theta, which)
         wanted = order[:k]
         scale = torch.clamp(theta[wanted].abs(), min=max(floor * norm, _reach_floor(reach, dtype)))
+        if semi is not None and norm > 0:  # the tolerance of the least wanted pair, relative
+            semi.aim(float(scale.min()) / norm)
         if bound is not None:  # resolved to the screening tolerance and certainly unwanted
             best = order[0]
             resolved = residuals[best] <= tol**0.5 * scale[0]
