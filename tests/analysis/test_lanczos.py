@@ -351,33 +351,6 @@ def test_a_quadrature_keeping_its_last_vectors_reproduces_the_moments(monkeypatc
     assert overlaps[-11:].max() < 1e-13 < overlaps[:-11].max()
 
 
-def test_a_quadrature_keeping_only_its_recurrence_takes_the_recurrence_alone(monkeypatch):
-    # the window of the recurrence's own vectors: no pass over them again, and Gauss
-    # quadrature of the plain recurrence still reproduces the moments and finds the edges
-    lam = dominant(200)
-    A = with_spectrum(lam)
-    monkeypatch.setattr("torch_secorder.analysis._lanczos.WINDOW_BYTES", 3 * 200 * 8)
-    passes = []
-    project_out = _lanczos._project_out
-    monkeypatch.setattr(
-        _lanczos, "_project_out", lambda *args: passes.append(1) or project_out(*args)
-    )
-    operator = Recording(A)
-    ((nodes, weights),) = run(
-        "test", operator, [Problem(lanczos_quadrature(200, 40, 1, DTYPE, CPU, generator(2)))]
-    )
-    assert len(operator.columns) == 40
-    assert not passes
-    z = operator.columns[0][:, 0]
-    power = z.clone()
-    for k in range(8):
-        moment = (weights[0] * nodes[0] ** k).sum()
-        torch.testing.assert_close(moment, z @ power, rtol=1e-9, atol=1e-12)
-        power = A @ power
-    torch.testing.assert_close(nodes[0].max(), lam.max(), rtol=1e-9, atol=0)
-    assert abs(nodes[0].min() - lam.min()) <= 1e-3 * (lam.max() - lam.min())
-
-
 def kron_identity(copies, size, seed=0):
     """I_copies (x) C: every eigenvalue of C repeated ``copies`` times (a last layer's block)."""
     g = torch.Generator().manual_seed(seed)

@@ -82,11 +82,9 @@ WINDOW_BYTES = 2**27
 """Memory of a quadrature probe's basis beyond which it keeps only its last vectors (at least
 :data:`MIN_WINDOW`): a step reads the kept vectors twice, so this bounds the
 reorthogonalisation's memory traffic per step (256 MiB) next to the product's. A ResNet-18's
-11.2M parameters keep 3, those of the recurrence, which then goes without reorthogonalisation:
-its density, one probe of 100 steps at a batch of 8, spent 0.20 of the products' time
-outside them, against 0.33 reorthogonalised against the 3 and 0.46-0.49 against 8, for a
-density within 2e-4 (L1) of the one with 3 (9e-5 between 3 and 8) and the same extreme
-nodes to 3e-7 relative."""
+11.2M parameters keep 3: its density, one probe of 100 steps at a batch of 8, spent 0.28-0.30
+of the products' time outside them, against 0.46-0.49 with 8, for a density within 9e-5
+(L1) of the one with 8 and the same extreme nodes to 4e-6."""
 
 
 @dataclass
@@ -733,8 +731,7 @@ def lanczos_quadrature(
 
     A probe keeps its whole basis up to :data:`WINDOW_BYTES` (100 steps of vectors of up to
     335k float32 entries), else its last vectors that fit there (at least
-    :data:`MIN_WINDOW`; 3 for a ResNet-18's 11.2M), and is reorthogonalised against those
-    (not with only the 3 of its recurrence: the recurrence alone then, as plain Lanczos):
+    :data:`MIN_WINDOW`; 3 for a ResNet-18's 11.2M), and is reorthogonalised against those:
     orthogonality to the older ones is then kept by the recurrence alone, and lost as Ritz
     values converge, which Gauss quadrature tolerates (the nodes and weights are those of a
     slightly perturbed operator's, a converged extreme eigenvalue may come back as a second
@@ -791,15 +788,12 @@ def _quadrature(q: Tensor, steps: int, window: int) -> Steps:
 
     Each probe keeps its last ``window`` Lanczos vectors (all of them when ``window`` is
     ``steps``), step ``j``'s in slot ``j % window``; a step writes the next one into slot
-    ``(j + 1) % window`` (:func:`_next_vector`). A probe that keeps only the vectors of its
-    recurrence (:data:`MIN_WINDOW`, fewer than ``steps``) takes the recurrence alone: taking
-    those two out again would cost as much as the recurrence itself.
+    ``(j + 1) % window`` (:func:`_next_vector`).
     """
     num_probes, n = q.shape
     dtype, device = q.dtype, q.device
     work = work_dtype(device, dtype)
     threshold = torch.finfo(dtype).eps ** 0.5
-    plain = window == MIN_WINDOW < steps
     basis = q.new_empty(num_probes, window, n)  # rows are written before they are read
     basis[:, 0] = q
     alpha = torch.zeros(num_probes, steps, dtype=work, device=device)
@@ -829,7 +823,7 @@ def _quadrature(q: Tensor, steps: int, window: int) -> Steps:
             if last:
                 continue
             previous = (basis[p, (j - 1) % window], float(beta[p, j - 1])) if j else None
-            norm, correction = _next_vector(basis[p], w, j, window, a, previous, plain)
+            norm, correction = _next_vector(basis[p], w, j, window, a, previous)
             alpha[p, j] += correction
             scale = max(scale, abs(a), norm)
             if norm <= threshold * scale:  # the Krylov space is exhausted: exact from here
@@ -863,14 +857,13 @@ def _next_vector(
     window: int,
     alpha: float,
     previous: tuple[Tensor, float] | None,
-    plain: bool = False,
 ) -> tuple[float, float]:
     r"""Write a probe's next Lanczos vector into slot ``(j + 1) % window`` of its ``basis``.
 
     The three-term recurrence :math:`w - \alpha q_j - \beta_{j-1} q_{j-1}` first, then the
     other kept vectors taken out and the result made unit (:func:`_project_out`). The
     coefficients beyond the recurrence are rounding errors; the one of :math:`q_j` corrects
-    :math:`\alpha`. ``plain``: the recurrence alone, made unit.
+    :math:`\alpha`.
 
     Returns:
         The norm :math:`\beta_j` before the division, and the correction of :math:`\alpha`.
@@ -880,11 +873,6 @@ def _next_vector(
     torch.add(w, basis[slot], alpha=-alpha, out=new)
     if previous is not None:
         new.add_(previous[0], alpha=-previous[1])
-    if plain:
-        norm = float(inner_rows(new[None], new[None])) ** 0.5
-        if norm > 0:
-            new.div_(norm)
-        return norm, 0.0
     kept = min(j + 1, window)  # slots written so far (a full window drops the one replaced)
     pieces = [(0, following), (following + 1, kept)] if kept == window else [(0, kept)]
     passes, size = _project_out(new[None], [basis[begin:end] for begin, end in pieces])

@@ -14,13 +14,12 @@ Gauss quadrature of that sum with nodes :math:`\theta_j` (Ritz values) and weigh
 All probes run together, one batched product per Lanczos step, each reorthogonalised
 against the vectors of its basis it keeps (memory: those vectors of size :math:`P`, at most
 ``steps`` per probe). A probe keeps its last vectors in 128 MiB (at least 3, those the
-three-term recurrence needs, and then goes without reorthogonalisation: a ResNet-18's whole
-basis took several times the products' time to reorthogonalise against; Gauss quadrature
-tolerates the orthogonality the older vectors lose, Knizhnerman 1996); beyond 4 GiB or
-``max_bytes`` the probes run in consecutive groups that fit, and where not even one probe's
-vectors fit, each keeps fewer, at least 3. Extreme Ritz values converge first, so the
-support's edges are resolved sharply; the interior is resolved to about the node spacing,
-which sets the default broadening :math:`\sigma`.
+three-term recurrence needs: a ResNet-18's whole basis took several times the products' time
+to reorthogonalise against; Gauss quadrature tolerates the orthogonality the older vectors
+lose, Knizhnerman 1996); beyond 4 GiB or ``max_bytes`` the probes run in consecutive groups
+that fit, and where not even one probe's vectors fit, each keeps fewer, at least 3. Extreme
+Ritz values converge first, so the support's edges are resolved sharply; the interior is
+resolved to about the node spacing, which sets the default broadening :math:`\sigma`.
 
 References:
     Knizhnerman, L. A. (1996). The simple Lanczos procedure: estimates of the error of the
