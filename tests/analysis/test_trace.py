@@ -248,6 +248,25 @@ def test_float32_operator_keeps_dtype():
     assert result.value.dtype == result.stderr.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", [8, 60])  # the sketch spanning the space, and not
+@pytest.mark.parametrize("method", ["hutch++", "xtrace"])
+def test_half_precision_operators_take_sketches(method, size, dtype):
+    # no QR in half precision (LAPACK, cuSOLVER): the sketch is factorised in float32
+    A = with_spectrum(dominant(size)) / 10
+    operator = DenseOperator(A.to(dtype))
+    result = ts.hessian_trace(operator, method=method, num_matvecs=30, generator=generator(0))
+    assert result.value.dtype == result.stderr.dtype == dtype
+    exact = float(A.to(dtype).double().trace())
+    if size == 8:  # exact to the operator's rounding
+        assert abs(float(result.value) - exact) <= 2e-2 * abs(exact)
+    else:
+        assert abs(float(result.value) - exact) <= 4 * float(result.stderr) + 2e-2 * abs(exact)
+    diagonal = ts.hessian_diagonal_estimate(operator, method="xdiag", num_matvecs=30)
+    assert diagonal.diagonal.dtype == dtype
+    assert bool(diagonal.diagonal.isfinite().all())
+
+
 def test_closure_form_under_no_grad_leaves_rng_and_grads_alone():
     model, loss_fn, inputs, targets = tanh_mlp()
     params = list(model.parameters())

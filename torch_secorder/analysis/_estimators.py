@@ -202,7 +202,7 @@ def orthonormal_rows(S: Tensor) -> Tensor:
         off = second and float((gram - identity).abs().max()) > 0.5
         L, info = torch.linalg.cholesky_ex(gram)
         if off or int(info):
-            return torch.linalg.qr(S.T)[0].T
+            return torch.linalg.qr(S.T.to(_factored(S.dtype)))[0].T.to(S.dtype)
         inverse = torch.linalg.solve_triangular(L, identity, upper=False)
         combine_rows(S, inverse.T.to(S.dtype), len(S))
     return S
@@ -247,13 +247,13 @@ def xtrace(
     """
     size = _exchangeable_size("xtrace", num_matvecs, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
-    Y = yield Omega
-    Q, R = torch.linalg.qr(Y)
-    Z = yield Q
+    Y, Q, R = _factored_sketch((yield Omega), dtype)
+    Z = (yield Q.to(dtype)).to(Q.dtype)
+    Omega = Omega.to(Q.dtype)
     HQ = Q.T @ Z
     if size == n:
         value = HQ.trace()
-        return value, torch.zeros_like(value)
+        return value.to(dtype), torch.zeros((), dtype=dtype, device=device)
     S = _left_out_directions(R)
     W = Q.T @ Omega
     U = W - S * (S * W).sum(dim=0)
@@ -265,7 +265,7 @@ def xtrace(
         - (U * R).sum(dim=0)
         + (U * (HQ @ U)).sum(dim=0)
     )
-    return _mean_and_stderr(estimates)
+    return tuple(x.to(dtype) for x in _mean_and_stderr(estimates))
 
 
 def _exchangeable_size(
@@ -318,6 +318,25 @@ def exact(
         entries[start:stop] = HE[start + index, index]
     result = entries if diagonal else entries.sum()
     return result, torch.zeros_like(result)
+
+
+def _factored(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which QR factorises matrices of ``dtype``: float32 for 16-bit floats.
+
+    LAPACK (and cuSOLVER) have no half-precision QR.
+    """
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def _factored_sketch(Y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Y, Q, R)`` with ``Y = QR`` in :func:`_factored` precision, ``Q`` rounded to ``dtype``.
+
+    ``Q`` goes to the operator in ``dtype``: the estimates use it as rounded, so that ``Q``
+    and its products are consistent.
+    """
+    Y = Y.to(_factored(dtype))
+    Q, R = torch.linalg.qr(Y)
+    return Y, Q.to(dtype).to(Y.dtype), R
 
 
 def _left_out_directions(R: Tensor) -> Tensor:
@@ -396,17 +415,17 @@ def xdiag(
     """
     size = _exchangeable_size("xdiag", num_matvecs, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
-    Y = yield Omega
-    Q, R = torch.linalg.qr(Y)
-    Z = yield Q
+    Y, Q, R = _factored_sketch((yield Omega), dtype)
+    Z = (yield Q.to(dtype)).to(Q.dtype)
+    Omega = Omega.to(Q.dtype)
     low_rank = (Q * Z).sum(dim=1)
     if size == n:
-        return low_rank, torch.zeros_like(low_rank)
+        return low_rank.to(dtype), torch.zeros_like(low_rank, dtype=dtype)
     S = _left_out_directions(R)
     left_out = (Q @ S) * (Z @ S)
     residual = Y - Q @ (R - S * (S * R).sum(dim=0))
     estimates = low_rank[:, None] - left_out + Omega * residual
     mean = estimates.mean(dim=1)
     if size < 2:
-        return mean, torch.full_like(mean, math.nan)
-    return mean, estimates.std(dim=1) / math.sqrt(size)
+        return mean.to(dtype), torch.full_like(mean, math.nan, dtype=dtype)
+    return mean.to(dtype), (estimates.std(dim=1) / math.sqrt(size)).to(dtype)
