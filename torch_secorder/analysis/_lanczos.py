@@ -600,8 +600,8 @@ def _against_basis(
     whole basis and the columns of ``locked`` (:func:`_project_out`: once, again where
     needed, one row made unit in the same update). With ``semi`` (one row, nothing locked),
     the whole basis only where ``semi(H, norm)`` asks for it from the coefficients so far
-    and the row's norm (:class:`~._orthogonality.Semiorthogonality`), and that pass's
-    coefficients are left out of those returned; else the row is made unit.
+    and the row's norm (:class:`~._orthogonality.Semiorthogonality`); else the row is made
+    unit.
 
     Returns:
         The coefficients ``V[:j] W`` (in the work dtype) and the squared norms of ``new``
@@ -624,9 +624,8 @@ def _against_basis(
                 new.div_(float(size) ** 0.5)
             return H, size
     passes, size = _project_out(new, [basis, locked.T])
-    if semi is None:
-        for coefficients in passes:
-            H += coefficients[0]
+    for coefficients in passes:
+        H += coefficients[0]
     return H, size
 
 

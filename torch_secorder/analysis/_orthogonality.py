@@ -18,24 +18,24 @@ the last term the rounding of a step: :data:`NOISE` :math:`\varepsilon \|A\|`, o
 :data:`ASYMMETRY` times the largest asymmetry of the products seen,
 :math:`|v_{c-1}^\top A v_c - \beta_{c-1}|`, where that is more (products rounded beyond the
 dtype's, as a float32 network's in a float64 operator are).
-The basis is kept *semi-orthogonal*, :math:`|\omega_{ij}| \le \eta` with
-:math:`\eta = \min(\sqrt{\varepsilon}, \texttt{tol} \cdot s / \|A\|)`, :math:`s` the
-least wanted pair's scale of convergence (its :math:`|\theta|`, or the floor the search
-gives it) at the last step: a new vector takes the pass
-against the whole basis only where an estimate exceeds :math:`\eta`, and so does the vector
-after it (whose recurrence reads the one before the pass); the pass's coefficients, of the
-order of :math:`\eta \|A\|`, stay out of the projected matrix, which remains the
-recurrence's. Semi-orthogonality keeps that matrix the projection of :math:`A` on the basis's
-span to :math:`O(\varepsilon \|A\|)`, so its Ritz values are as accurate as under full
-reorthogonalisation (Simon 1984). The bound by the tolerance is for the Ritz vectors: a loss
-of orthogonality :math:`\eta` leaves their residuals at about :math:`\eta \|A\|`, which
-must stay below ``tol`` times the least wanted :math:`|\theta|` (float64, three copies of an
-eigenvalue at ``tol=1e-10``: residuals up to :math:`9 \cdot 10^{-10}` at
-:math:`\eta = \sqrt{\varepsilon}`, :math:`3 \cdot 10^{-10}` as with an orthogonal basis at
-:math:`\eta =` ``tol``; float32, the six largest eigenvalues of :math:`\operatorname{diag}(1/i^2)`
-at the default ``tol``: with :math:`\eta =` ``tol`` the sixth, :math:`\|A\|/36`, stalled
-above it in 3 of 10 searches). Float32's :math:`\sqrt{\varepsilon} = 3.5 \cdot 10^{-4}` is
-above the default tolerance.
+The basis is kept *semi-orthogonal*, :math:`|\omega_{ij}| \le \eta` with :math:`\eta =
+\min(\sqrt{\varepsilon}, \texttt{tol} \cdot s / \|A\|)`, :math:`s` the least wanted pair's scale
+of convergence (its :math:`|\theta|`, or the floor the search gives it) at the last step: a new
+vector takes the pass against the whole basis only where an estimate exceeds :math:`\eta`, and
+so does the vector after it (whose recurrence reads the one before the pass); the pass's
+coefficients go into the projected matrix, as under full reorthogonalisation (left out, as
+Simon's tridiagonal leaves them, float32 searches for eigenvalues within a few rounding units of
+:math:`\|A\|` of zero drifted above the tolerance and stalled). Semi-orthogonality keeps that
+matrix the projection of :math:`A` on the basis's span to :math:`O(\varepsilon \|A\|)`, so its
+Ritz values are as accurate as under full reorthogonalisation (Simon 1984). The bound by the
+tolerance is for the Ritz vectors: a loss of orthogonality :math:`\eta` leaves their residuals
+at about :math:`\eta \|A\|`, which must stay below ``tol`` times the least wanted
+:math:`|\theta|` (float64, three copies of an eigenvalue at ``tol=1e-10``: residuals up to
+:math:`9 \cdot 10^{-10}` at :math:`\eta = \sqrt{\varepsilon}`, :math:`3 \cdot 10^{-10}` as with
+an orthogonal basis at :math:`\eta =` ``tol``; float32, the six largest eigenvalues of
+:math:`\operatorname{diag}(1/i^2)` at the default ``tol``: with :math:`\eta =` ``tol`` the
+sixth, :math:`\|A\|/36`, stalled above it in 3 of 10 searches). Float32's
+:math:`\sqrt{\varepsilon} = 3.5 \cdot 10^{-4}` is above the default tolerance.
 
 References:
     Paige, C. C. (1976). Error analysis of the Lanczos algorithm for tridiagonalizing a
