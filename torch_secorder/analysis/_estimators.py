@@ -15,7 +15,7 @@ from torch import Tensor
 from torch_secorder._checks import format_bytes
 from torch_secorder.analysis._driver import MakeSteps, Steps
 from torch_secorder.analysis._memory import current, kept_vectors, max_columns, refuse
-from torch_secorder.analysis._rows import combine_rows, dot_rows, inner_rows
+from torch_secorder.analysis._rows import combine_rows, dot_rows, inner_rows, work_dtype
 from torch_secorder.analysis._sampling import make_generator, rademacher, rademacher_columns
 from torch_secorder.core._progress import outside_stacklevel
 
@@ -143,7 +143,7 @@ def hutch_plus_plus(
     Q = orthonormal_rows(HS)  # (in HS's memory, unless Householder QR took over)
     del HS
     # Q's rows, then the probes (drawn and deflated as they go out), a chunk at a time
-    low_rank = torch.zeros((), dtype=dtype, device=device)
+    low_rank = torch.zeros((), dtype=work_dtype(device, dtype), device=device)  # (dot_rows')
     samples: list[Tensor] = []
     done, left = 0, 0 if sketch == n else num_matvecs - 2 * sketch
     # over several blocks, their products in one buffer written again (a single block's
