@@ -242,6 +242,17 @@ def check_vector(
         TypeError: If ``v`` is neither a tensor nor a list/tuple of tensors.
         ValueError: On a mismatch in length, shape, dtype or device.
     """
+    if not batched and isinstance(v, (list, tuple)) and len(v) == len(params):
+        for t, p in zip(v, params):  # (the common case, without the messages' numbers)
+            if not (
+                isinstance(t, Tensor)
+                and t.shape == p.shape
+                and t.dtype == p.dtype
+                and t.device == p.device
+            ):
+                break
+        else:
+            return list(v), False
     numel = sum(p.numel() for p in params)
     flat_shape = f"(k, {numel})" if batched else f"({numel},)"
     if isinstance(v, Tensor):
@@ -265,14 +276,6 @@ def check_vector(
         )
     k = None
     for i, (t, p) in enumerate(zip(v, params)):
-        if (
-            not batched
-            and isinstance(t, Tensor)
-            and t.shape == p.shape
-            and t.dtype == p.dtype
-            and t.device == p.device
-        ):
-            continue  # (the common case, without the labels of the messages)
         label = param_label(i, names)
         check_tensor(fname, f"{argname}[{i}]", t)
         expected = tuple(p.shape)

@@ -139,30 +139,27 @@ class GradientGraph:
                         RuntimeWarning,
                         stacklevel=4,
                     )
-        sparse = [i for i, g in enumerate(grads) if g is not None and g.is_sparse]
-        if sparse:
-            raise ValueError(
-                f"{fname}: the gradient of {param_label(sparse[0], names)} is sparse (an "
-                "embedding with sparse=True?); second derivatives need dense gradients: use "
-                "sparse=False."
-            )
-        if strict:
-            for i, g in enumerate(grads[: len(params)]):
-                if g is None:
-                    raise ValueError(
-                        f"{fname}: the loss does not depend on {param_label(i, names)}; "
-                        "pass strict=False to treat it as having zero curvature."
-                    )
-        # on the CPU the backward runs on this thread, so its nodes come after the loss's
-        cpu = all(not t.is_cuda for t in self.params) and loss.grad_fn is not None
-        after = loss.grad_fn._sequence_nr() if cpu else -1  # type: ignore[union-attr]
+        self.grads: list[Tensor | None] = []
+        for i, g in enumerate(grads):  # (one loop: a small product's Python counts)
+            if g is None and strict and i < len(params):
+                raise ValueError(
+                    f"{fname}: the loss does not depend on {param_label(i, names)}; "
+                    "pass strict=False to treat it as having zero curvature."
+                )
+            if g is not None and g.is_sparse:
+                raise ValueError(
+                    f"{fname}: the gradient of {param_label(i, names)} is sparse (an "
+                    "embedding with sparse=True?); second derivatives need dense gradients: use "
+                    "sparse=False."
+                )
+            self.grads.append(g if g is not None and g.requires_grad else None)
         if custom:  # (only a custom autograd.Function can cut a gradient)
+            # on the CPU the backward runs on this thread, so its nodes come after the loss's
+            cpu = all(not t.is_cuda for t in self.params) and loss.grad_fn is not None
+            after = loss.grad_fn._sequence_nr() if cpu else -1  # type: ignore[union-attr]
             behind = _behind_once_differentiable(loss, params, first)
             _report_cuts(fname, grads[: len(params)], names, strict, after, behind)
         self.loss = loss.detach()
-        self.grads: list[Tensor | None] = [
-            g if g is not None and g.requires_grad else None for g in grads
-        ]
 
     def __enter__(self) -> "GradientGraph":
         return self
@@ -199,16 +196,19 @@ class GradientGraph:
             One tensor per input (zeros where it does not enter), with the leading ``k`` when
             ``batched``.
         """
-        pairs = [(g, u) for g, u in zip(self.grads, cotangents) if g is not None and u is not None]
+        outputs, grad_outputs = [], []
+        for g, u in zip(self.grads, cotangents):
+            if g is not None and u is not None:
+                outputs.append(g)
+                grad_outputs.append(u)
         lead = next((u.shape[:1] for u in cotangents if u is not None), ()) if batched else ()
         results: Sequence[Tensor | None] = [None] * len(inputs)
-        if pairs:
+        if outputs:
             ready = not torch.is_inference_mode_enabled() and (
                 torch.is_grad_enabled() or not create_graph
             )
             ready = ready and all(t.requires_grad for t in self.differentiable)
             # entering requires_grad is not free next to a small product: only if needed
-            outputs, grad_outputs = [g for g, _ in pairs], [u for _, u in pairs]
             retain = retain_graph or create_graph
             with contextlib.nullcontext() if ready else requires_grad(self.differentiable):
                 try:

@@ -38,7 +38,7 @@ that moment sees them too.
 import contextlib
 import functools
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -73,23 +73,28 @@ class forward_context:  # noqa: N801 - used as a context manager, as torch.enabl
         self.cuda: list[int] = []
         self.states: list[Tensor] = []
         self.changed: list[tuple[bool, Callable[[bool], None]]] = []
-        self.entered: list[Any] = []  # the context managers entered, innermost last
+        self.grads: requires_grad | None = None  # (once entered)
+        self.mode: _TwiceDifferentiable | None = None  # (once entered)
 
     def __enter__(self) -> None:
+        self.states = [torch.get_rng_state()]
         if torch.cuda.is_initialized():  # (no tensor is on a CUDA device before that)
             self.cuda = sorted(
                 {p.device.index or 0 for p in self.params if p.is_cuda}
                 | {d.index or 0 for d in self.devices if d.type == "cuda"}
             )
-        self.states = [torch.get_rng_state()]
-        self.states += [torch.cuda.get_rng_state(index) for index in self.cuda]
+            self.states += [torch.cuda.get_rng_state(index) for index in self.cuda]
         self.changed = [(use, on) for enabled, on, use in _SDP_BACKENDS if enabled() != use]
         try:
             for use, enable in self.changed:
                 enable(use)
-            for manager in (requires_grad(self.params), _TwiceDifferentiable())[: 1 + self.route]:
-                manager.__enter__()
-                self.entered.append(manager)
+            grads = requires_grad(self.params)
+            grads.__enter__()
+            self.grads = grads
+            if self.route:
+                mode = _TwiceDifferentiable()
+                mode.__enter__()
+                self.mode = mode
             if self.seed is not None:
                 torch.default_generator.manual_seed(self.seed)
                 for index in self.cuda:
@@ -100,8 +105,12 @@ class forward_context:  # noqa: N801 - used as a context manager, as torch.enabl
 
     def __exit__(self, *exc: object) -> None:
         try:
-            while self.entered:
-                self.entered.pop().__exit__(None, None, None)
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
+                self.mode = None
+            if self.grads is not None:
+                self.grads.__exit__()
+                self.grads = None
         finally:
             for use, enable in self.changed:
                 enable(not use)
@@ -226,32 +235,36 @@ def forward_facts(loss: Tensor, first: int) -> tuple[bool, bool]:
     route = custom = False
     for node in pass_nodes(loss, first):
         kind = _node_kind(type(node))
+        if kind == _PLAIN:
+            continue
         if kind == _ROUTE:
             route = True
         elif kind == _GROUP_NORM:
             route = route or not node._saved_input.is_contiguous()
-        elif kind == _CUSTOM:
+        else:
             custom = True
     return route, custom
 
 
-def pass_nodes(loss: Tensor, first: int) -> Iterator[Any]:
+def pass_nodes(loss: Tensor, first: int) -> list[Any]:
     """The autograd nodes of the forward pass behind ``loss``, each once, from the loss back.
 
     Those numbered ``first`` or higher (all of them where ``first`` is -1); a leaf's
-    ``AccumulateGrad`` ends a path (it is not yielded).
+    ``AccumulateGrad`` ends a path (it is not listed).
     """
-    if loss.grad_fn is None:
-        return
-    stack, seen = [loss.grad_fn], {loss.grad_fn}
-    while stack:
-        node = stack.pop()
-        yield node
+    nodes = [] if loss.grad_fn is None else [loss.grad_fn]
+    seen = set(nodes)
+    for node in nodes:  # (breadth first: the list grows as the walk goes)
         for following, _ in node.next_functions:
-            fresh = following is not None and following not in seen
-            if fresh and type(following) is not _ACCUMULATE and following._sequence_nr() >= first:
+            if (
+                following is not None
+                and type(following) is not _ACCUMULATE
+                and following not in seen
+                and following._sequence_nr() >= first
+            ):
                 seen.add(following)
-                stack.append(following)
+                nodes.append(following)
+    return nodes
 
 
 _PLAIN, _ROUTE, _GROUP_NORM, _CUSTOM = range(4)

@@ -156,34 +156,36 @@ def operator_locator(model: nn.Module, inputs: object) -> Callable[[str], str | 
     return locate
 
 
-@contextlib.contextmanager
-def private_buffers(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
+class private_buffers:  # noqa: N801 - used as a context manager, as torch.no_grad
     """Give every module a fresh copy of its buffers for the block, and its own back after.
 
     The buffers themselves are neither written nor replaced (their values and version
     counters stay as they are); a buffer registered in several modules gets one shared copy.
-    ``modules``: ``list(model.modules())``, where known.
+    ``modules``: ``list(model.modules())``, where known. (A class rather than a generator:
+    it runs around every forward pass.)
     """
-    slots = [
-        (module, name, buf)
-        for module in (model.modules() if modules is None else modules)
-        for name, buf in module._buffers.items()
-        if buf is not None
-    ]
-    copies: dict[int, Tensor] = {}
-    for module, name, buf in slots:
-        if id(buf) not in copies:
-            copies[id(buf)] = buf.detach().clone()
-        module._buffers[name] = copies[id(buf)]
-    try:
-        yield
-    finally:
-        for module, name, buf in slots:
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module] | None = None) -> None:
+        self.slots = [
+            (module, name, buf)
+            for module in (model.modules() if modules is None else modules)
+            for name, buf in module._buffers.items()
+            if buf is not None
+        ]
+
+    def __enter__(self) -> None:
+        copies: dict[int, Tensor] = {}
+        for module, name, buf in self.slots:
+            if id(buf) not in copies:
+                copies[id(buf)] = buf.detach().clone()
+            module._buffers[name] = copies[id(buf)]
+
+    def __exit__(self, *exc: object) -> None:
+        for module, name, buf in self.slots:
             module._buffers[name] = buf
 
 
-@contextlib.contextmanager
-def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
+class preserved_state:  # noqa: N801 - used as a context manager, as torch.no_grad
     """Restore every module's train/eval mode, every buffer object, and renormed embeddings.
 
     Forward passes of the library run on copies of the buffers (:func:`batch_loss`); this
@@ -191,23 +193,27 @@ def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) ->
     weights an embedding with ``max_norm`` renormalises in place (its forward does, before the
     lookup) where they changed. ``modules``: ``list(model.modules())``, where known.
     """
-    modules = list(model.modules()) if modules is None else modules
-    modes = [m.training for m in modules]
-    buffers = [(module, name, buf) for module in modules for name, buf in module._buffers.items()]
-    renormed = [
-        (m.weight, m.weight.detach().clone())
-        for m in modules
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
-    ]
-    try:
-        yield
-    finally:
-        for module, name, buf in buffers:
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module] | None = None) -> None:
+        self.modules = list(model.modules()) if modules is None else modules
+
+    def __enter__(self) -> None:
+        modules = self.modules
+        self.modes = [m.training for m in modules]
+        self.buffers = [(m, name, buf) for m in modules for name, buf in m._buffers.items()]
+        self.renormed = [
+            (m.weight, m.weight.detach().clone())
+            for m in modules
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+        ]
+
+    def __exit__(self, *exc: object) -> None:
+        for module, name, buf in self.buffers:
             module._buffers[name] = buf
-        for weight, saved in renormed:
+        for weight, saved in self.renormed:
             if not torch.equal(weight, saved):
                 with torch.no_grad():
                     weight.copy_(saved)
-        for module, training in zip(modules, modes):
+        for module, training in zip(self.modules, self.modes):
             if module.training != training:  # (setting a module's attribute is not free)
                 module.training = training
