@@ -113,6 +113,8 @@ def model_params(
 
 def call_model(model: Callable[..., object], inputs: object) -> object:
     """Call ``model`` on a tensor, a tuple/list of arguments or a dict of keyword arguments."""
+    if isinstance(inputs, Tensor):  # (first: a check against an abstract class is not free)
+        return model(inputs)
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
