@@ -13,7 +13,10 @@ def test_sums_over_millions_of_float32_entries_are_accurate():
     exact = V.double() @ V.double().T
     torch.testing.assert_close(inner_rows(V, V), exact, rtol=0, atol=1e-5)
     torch.testing.assert_close(inner_rows(V, V[:1]), exact[:, :1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(inner_rows(V[1:2], V[:1]), exact[1:2, :1], rtol=0, atol=1e-5)
     assert inner_rows(V, V).dtype == torch.float64
+    assert inner_rows(V[:0], V[:1]).shape == (0, 1)
+    assert torch.equal(inner_rows(V[:2, :0], V[:1, :0]), torch.zeros(2, 1, dtype=torch.float64))
 
 
 def test_dot_products_of_matching_rows_are_summed_as_inner_products_are():
