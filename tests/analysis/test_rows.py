@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tests.analysis.operators import DTYPE, generator
@@ -17,6 +18,8 @@ def test_sums_over_millions_of_float32_entries_are_accurate():
     assert inner_rows(V, V).dtype == torch.float64
     assert inner_rows(V[:0], V[:1]).shape == (0, 1)
     assert torch.equal(inner_rows(V[:2, :0], V[:1, :0]), torch.zeros(2, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shorter"):  # (rows of different lengths)
+        inner_rows(V, V[:1, : 2**20])
 
 
 def test_dot_products_of_matching_rows_are_summed_as_inner_products_are():

@@ -279,6 +279,18 @@ def test_strict_unused_parameter_raises_naming_it():
         batched_hvp(built.func, built.params, like(built.params, seed=0, k=2), strict=True)
 
 
+def test_a_sparse_gradient_is_reported_before_strict_names_an_unused_parameter():
+    # strict=False would not get past the sparse gradient: that is the error to see first
+    model = torch.nn.ModuleDict(
+        {"unused": torch.nn.Linear(2, 2), "e": torch.nn.Embedding(5, 3, sparse=True)}
+    ).double()
+    x = torch.tensor([1, 2])
+    params = list(model.parameters())
+    v = [torch.ones_like(p) for p in params]
+    with pytest.raises(ValueError, match=r"^hvp: the gradient of params\[2\] is sparse"):
+        hvp(lambda: model["e"](x).square().sum(), params, v, strict=True)
+
+
 def test_non_strict_unused_parameter_has_zero_curvature():
     built = build(case_by_id("unused"))
     result = hvp(built.func, built.params, like(built.params, seed=20))

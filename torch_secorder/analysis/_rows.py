@@ -36,12 +36,13 @@ def inner_rows(A: Tensor, B: Tensor) -> Tensor:
     work = work_dtype(A.device, A.dtype)
     if A.device.type != "cpu":
         return (A @ B.T).to(work)
+    pairs = zip(A.split(SLICE, dim=1), B.split(SLICE, dim=1), strict=True)
     if B.shape[0] != 1:
-        parts = [a @ b.T for a, b in zip(A.split(SLICE, dim=1), B.split(SLICE, dim=1))]
+        parts = [a @ b.T for a, b in pairs]
     elif A.shape[0] == 1:
-        parts = [torch.dot(a, b) for a, b in zip(A[0].split(SLICE), B[0].split(SLICE))]
+        parts = [torch.dot(a[0], b[0]) for a, b in pairs]
     else:  # (a matrix-vector product: as one column, BLAS reads the rows at half the speed)
-        parts = [torch.mv(a, b) for a, b in zip(A.split(SLICE, dim=1), B[0].split(SLICE))]
+        parts = [torch.mv(a, b[0]) for a, b in pairs]
     return torch.stack(parts).sum(0, dtype=work).reshape(A.shape[0], B.shape[0])
 
 

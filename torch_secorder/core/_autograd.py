@@ -140,12 +140,7 @@ class GradientGraph:
                         stacklevel=4,
                     )
         self.grads: list[Tensor | None] = []
-        for i, g in enumerate(grads):  # (one loop: a small product's Python counts)
-            if g is None and strict and i < len(params):
-                raise ValueError(
-                    f"{fname}: the loss does not depend on {param_label(i, names)}; "
-                    "pass strict=False to treat it as having zero curvature."
-                )
+        for i, g in enumerate(grads):
             if g is not None and g.is_sparse:
                 raise ValueError(
                     f"{fname}: the gradient of {param_label(i, names)} is sparse (an "
@@ -153,6 +148,13 @@ class GradientGraph:
                     "sparse=False."
                 )
             self.grads.append(g if g is not None and g.requires_grad else None)
+        if strict:  # (after the sparse check, which strict=False would not help)
+            for i, g in enumerate(grads[: len(params)]):
+                if g is None:
+                    raise ValueError(
+                        f"{fname}: the loss does not depend on {param_label(i, names)}; "
+                        "pass strict=False to treat it as having zero curvature."
+                    )
         if custom:  # (only a custom autograd.Function can cut a gradient)
             # on the CPU the backward runs on this thread, so its nodes come after the loss's
             cpu = all(not t.is_cuda for t in self.params) and loss.grad_fn is not None
