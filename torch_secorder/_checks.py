@@ -8,6 +8,7 @@ nothing but torch and the leaf modules :mod:`torch_secorder._flat` and
 """
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -67,12 +68,27 @@ def check_tensor(fname: str, argname: str, obj: object) -> None:
         raise TypeError(f"{fname}: {argname} must be a Tensor; got {type_name(obj)}.")
 
 
+def _is_integer(value: object) -> bool:
+    """An integer scalar (``int``, a NumPy integer), not a ``bool``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A real scalar (``int``, ``float``, NumPy's), not a ``bool``."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_int(
     fname: str, argname: str, value: object, minimum: int | None = None, why: str = ""
 ) -> int:
-    """Raise unless ``value`` is an ``int`` (not a ``bool``), of at least ``minimum`` if given."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Raise unless ``value`` is an integer (not a ``bool``), of at least ``minimum`` if given.
+
+    Returns:
+        ``value`` as an ``int`` (a NumPy integer becomes one).
+    """
+    if not _is_integer(value):
         raise TypeError(f"{fname}: {argname} must be an int; got {type_name(value)}.")
+    value = int(value)  # type: ignore[call-overload]
     if minimum is not None and value < minimum:
         reason = f" ({why})" if why else ""
         raise ValueError(f"{fname}: {argname} must be at least {minimum}{reason}; got {value}.")
@@ -80,12 +96,12 @@ def check_int(
 
 
 def check_positive(fname: str, argname: str, value: object) -> float:
-    """Raise unless ``value`` is a finite positive real number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Raise unless ``value`` is a finite positive real number; return it as a ``float``."""
+    if not _is_real(value):
         raise TypeError(f"{fname}: {argname} must be a positive number; got {type_name(value)}.")
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and value > 0):  # type: ignore[arg-type,operator]
         raise ValueError(f"{fname}: {argname} must be a finite positive number; got {value}.")
-    return float(value)
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_choice(fname: str, argname: str, value: object, choices: Sequence[str]) -> str:
@@ -108,26 +124,32 @@ def check_generator(fname: str, generator: object) -> None:
         )
 
 
-def check_chunk_size(fname: str, chunk_size: object) -> None:
-    """Raise unless ``chunk_size`` is ``None`` or a positive ``int``."""
+def check_chunk_size(fname: str, chunk_size: object) -> int | None:
+    """Raise unless ``chunk_size`` is ``None`` or a positive integer; return it (an ``int``)."""
     if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        return None
+    if not _is_integer(chunk_size):
         raise TypeError(
             f"{fname}: chunk_size must be None or a positive int; got {type_name(chunk_size)}."
         )
-    if chunk_size < 1:
+    if chunk_size < 1:  # type: ignore[operator]
         raise ValueError(f"{fname}: chunk_size must be a positive int; got {chunk_size}.")
+    return int(chunk_size)  # type: ignore[call-overload]
 
 
-def check_max_bytes(fname: str, max_bytes: object, *, optional: bool = False) -> None:
-    """Raise unless ``max_bytes`` is a positive number (or ``None``, where ``optional``)."""
+def check_max_bytes(fname: str, max_bytes: object, *, optional: bool = False) -> float | None:
+    """Raise unless ``max_bytes`` is a positive number (or ``None``, where ``optional``).
+
+    Returns:
+        ``max_bytes`` as an ``int`` or a ``float`` (NumPy scalars become them), or ``None``.
+    """
     if optional and max_bytes is None:
-        return
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)):
+        return None
+    if not _is_real(max_bytes):
         raise TypeError(f"{fname}: max_bytes must be a number; got {type_name(max_bytes)}.")
-    if not max_bytes > 0:
+    if not max_bytes > 0:  # type: ignore[operator]
         raise ValueError(f"{fname}: max_bytes must be positive; got {max_bytes}.")
+    return int(max_bytes) if _is_integer(max_bytes) else float(max_bytes)  # type: ignore[arg-type]
 
 
 def check_estimator(
@@ -137,8 +159,8 @@ def check_estimator(
     generator: object,
     needs: dict[str, tuple[int, str]],
     prefix: str = "",
-) -> None:
-    """Check an estimator's ``method``, its budget and its generator.
+) -> int:
+    """Check an estimator's ``method``, its budget and its generator; return the budget.
 
     ``needs`` maps every method to the fewest products it can run with and why; ``prefix``
     comes before the argument names (``"trace_"`` for ``trace_method``).
@@ -146,8 +168,9 @@ def check_estimator(
     check_choice(fname, f"{prefix}method", method, tuple(needs))
     minimum, why = needs[method]  # type: ignore[index]
     needed = f"{prefix}method={method!r} needs {why}"
-    check_int(fname, f"{prefix}num_matvecs", num_matvecs, minimum, needed)
+    budget = check_int(fname, f"{prefix}num_matvecs", num_matvecs, minimum, needed)
     check_generator(fname, generator)
+    return budget
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -152,7 +152,7 @@ class CurvatureCallback:
         path: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> None:
-        check_int(FNAME, "every", every, 1)
+        every = check_int(FNAME, "every", every, 1)
         check_bool(FNAME, "optimizer", optimizer)
         if path is not None:
             if not isinstance(path, (str, os.PathLike)):

@@ -423,6 +423,46 @@ def test_bad_options_raise_before_any_work(form, overrides, error, message):
     assert work() == 0
 
 
+# ----------------------------------------------------------------------------- NumPy scalars
+
+NUMERIC_OPTIONS = {  # each family's numeric options, as Python numbers
+    "trace": {"num_matvecs": 12, "max_bytes": 2**30},
+    "diagonal": {"num_matvecs": 9, "max_bytes": 2**30},
+    "eigen": {"k": 2, "tol": 1e-6, "max_matvecs": 60, "max_bytes": 2**30},
+    "density": {"num_probes": 2, "num_matvecs": 20, "grid_size": 50, "sigma": 0.25},
+    "sharpness": {"tol": 1e-6, "max_matvecs": 40},
+}
+
+
+def same(a: Any, b: Any) -> bool:
+    """Bitwise equal tensors, equal numbers of the same type, in equal structures."""
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if hasattr(a, "__dataclass_fields__"):
+        return all(same(getattr(a, name), getattr(b, name)) for name in a.__dataclass_fields__)
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+def test_numpy_scalars_work_as_python_numbers(form):
+    # (a sweep over np.arange(...) of budgets, say): the same result, Python numbers in it
+    np = pytest.importorskip("numpy")
+    options = NUMERIC_OPTIONS[form.family]
+    as_numpy = {
+        name: np.int64(value) if isinstance(value, int) else np.float64(value)
+        for name, value in options.items()
+    }
+    results = []
+    for overrides in (options, as_numpy):
+        args, _ = arguments(form)
+        results.append(invoke(form, args, {"generator": generator(0), **overrides}))
+    assert same(*results)
+
+
 # ----------------------------------------------------------------------------- symmetry
 
 

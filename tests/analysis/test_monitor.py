@@ -208,6 +208,24 @@ def test_checks_are_reproducible_bitwise():
     assert [r.num_matvecs for r in a.history] == [r.num_matvecs for r in b.history]
 
 
+def test_numpy_scalars_work_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    model, loss_fn, data = regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {"every": 2, "k": 2, "tol": 1e-5, "max_matvecs": 40, "trace": True}
+    a = CurvatureMonitor(model, loss_fn, data, **options, trace_num_matvecs=12)
+    as_numpy = {
+        name: value if isinstance(value, bool) else np.asarray(value)[()]
+        for name, value in options.items()
+    }
+    b = CurvatureMonitor(model, loss_fn, data, **as_numpy, trace_num_matvecs=np.int64(12))
+    train(model, loss_fn, data, optimizer, 4, [a, b])
+    assert [r.value for r in a.history] == [r.value for r in b.history]
+    assert [r.num_matvecs for r in a.history] == [r.num_matvecs for r in b.history]
+    assert (b.every, b.k, b.tol) == (2, 2, 1e-5)
+    assert (type(b.every), type(b.k), type(b.tol)) == (int, int, float)
+
+
 def test_an_exhausted_budget_warns_and_records_not_converged():
     model, loss_fn, data = regression(width=12)
     monitor = CurvatureMonitor(model, loss_fn, data, max_matvecs=3, tol=1e-12)

@@ -287,6 +287,28 @@ def test_option_errors(fname, option, value, error, message):
     )
 
 
+NUMPY_VALUES = {"chunk_size": 2, "max_bytes": 2**30}
+
+
+@pytest.mark.parametrize(
+    ("fname", "option"),
+    [
+        pytest.param(fname, option, id=f"{fname}-{option}")
+        for option in NUMPY_VALUES
+        for fname in OPTIONS[option]
+    ],
+)
+def test_numpy_scalars_work_as_python_numbers(fname, option):
+    np = pytest.importorskip("numpy")
+    value = NUMPY_VALUES[option]
+    torch.manual_seed(0)  # (the model's weights)
+    expected = OPTION_CALLS[fname](_problem(), **{option: value})
+    torch.manual_seed(0)
+    result = OPTION_CALLS[fname](_problem(), **{option: np.int64(value)})
+    for r, e in zip(result, expected) if isinstance(result, list) else [(result, expected)]:
+        assert torch.equal(r, e)
+
+
 # ----------------------------------------------------------------------------- model forms
 
 MODEL_FORMS = ["model_hvp", "model_hessian_diagonal", "model_hessian_matrix"]

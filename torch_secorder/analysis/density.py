@@ -136,9 +136,11 @@ def spectral_density(
         1.0
     """
     fname = "spectral_density"
-    check_max_bytes(fname, max_bytes, optional=True)
+    max_bytes = check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
+        num_matvecs, num_probes, grid_size, sigma = _check_options(
+            fname, num_matvecs, num_probes, grid_size, sigma, generator
+        )
         target = resolve(fname, func_or_operator, params)
         probes, steps = _plan(target.size, num_matvecs, num_probes)
         with target.open() as operator:
@@ -216,9 +218,11 @@ def model_spectral_density(
         tensor([[1., 4.]], dtype=torch.float64)
     """
     fname = "model_spectral_density"
-    check_max_bytes(fname, max_bytes, optional=True)
+    max_bytes = check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        _check_options(fname, num_matvecs, num_probes, grid_size, sigma, generator)
+        num_matvecs, num_probes, grid_size, sigma = _check_options(
+            fname, num_matvecs, num_probes, grid_size, sigma, generator
+        )
         params = model_selection(fname, params, wrt, modules, groups)
 
         def make_steps(
@@ -263,17 +267,19 @@ def _check_options(
     grid_size: object,
     sigma: object,
     generator: object,
-) -> None:
-    """Validate the options."""
+) -> tuple[int | None, int | None, int, float | None]:
+    """Validate the options; return ``num_matvecs``, ``num_probes``, ``grid_size``, ``sigma``."""
     if num_probes is not None:
-        check_int(fname, "num_probes", num_probes, 1)
+        num_probes = check_int(fname, "num_probes", num_probes, 1)
     if num_matvecs is not None:
         why = f"one Lanczos step for each of num_probes={num_probes}" if num_probes else ""
-        check_int(fname, "num_matvecs", num_matvecs, num_probes or 1, why)  # type: ignore[arg-type]
-    check_int(fname, "grid_size", grid_size, 2)
+        least: int = num_probes or 1  # type: ignore[assignment]
+        num_matvecs = check_int(fname, "num_matvecs", num_matvecs, least, why)
+    grid_size = check_int(fname, "grid_size", grid_size, 2)
     if sigma is not None:
-        check_positive(fname, "sigma", sigma)
+        sigma = check_positive(fname, "sigma", sigma)
     check_generator(fname, generator)
+    return num_matvecs, num_probes, grid_size, sigma  # type: ignore[return-value]
 
 
 def _default_probes(n: int) -> int:

@@ -109,9 +109,9 @@ def hessian_diagonal_estimate(
         ([tensor([1., 2., 3.], dtype=torch.float64)], [tensor([0., 0., 0.], dtype=torch.float64)])
     """
     fname = "hessian_diagonal_estimate"
-    check_max_bytes(fname, max_bytes, optional=True)
+    max_bytes = check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        check_estimator(fname, method, num_matvecs, generator, NEEDS)
+        num_matvecs = check_estimator(fname, method, num_matvecs, generator, NEEDS)
         target = resolve(fname, func_or_operator, params)
         with target.open() as operator:
             size, dtype, device = target.size, target.dtype, target.device
@@ -191,9 +191,9 @@ def model_hessian_diagonal_estimate(
         [tensor([[10., 20.]], dtype=torch.float64), tensor([2.], dtype=torch.float64)]
     """
     fname = "model_hessian_diagonal_estimate"
-    check_max_bytes(fname, max_bytes, optional=True)
+    max_bytes = check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        check_estimator(fname, method, num_matvecs, generator, NEEDS)
+        num_matvecs = check_estimator(fname, method, num_matvecs, generator, NEEDS)
         params = model_selection(fname, params, wrt, modules, groups)
         options = {"seed": seed, "distributed": distributed, "progress": progress}
         estimator = "xdiag" if method == "auto" else method

@@ -165,9 +165,9 @@ def top_eigenvalues(
                 [0., 0., 1.]], dtype=torch.float64)
     """
     fname = "top_eigenvalues"
-    check_max_bytes(fname, max_bytes, optional=True)
+    max_bytes = check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
+        k, tol, budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
         target = resolve(fname, func_or_operator, params)
         check_k(fname, k, target.size, "P")
         with target.open() as operator:
@@ -261,9 +261,9 @@ def model_top_eigenvalues(
         tensor([4., 1.], dtype=torch.float64)
     """
     fname = "model_top_eigenvalues"
-    check_max_bytes(fname, max_bytes, optional=True)
+    max_bytes = check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
+        k, tol, budget = _check_options(fname, k, which, method, tol, max_matvecs, generator)
         params = model_selection(fname, params, wrt, modules, groups)
         options = {"seed": seed, "distributed": distributed, "progress": progress}
         solver = (method, k, which, tol, budget)
@@ -280,19 +280,18 @@ def _check_options(
     tol: object,
     max_matvecs: object,
     generator: object,
-) -> int:
-    """Validate the options; return the budget."""
-    check_int(fname, "k", k, 1)
+) -> tuple[int, float, int]:
+    """Validate the options; return ``k``, ``tol`` and the budget (Python numbers)."""
+    k = check_int(fname, "k", k, 1)
     check_choice(fname, "which", which, WHICH)
     check_choice(fname, "method", method, METHODS)
-    check_positive(fname, "tol", tol)
+    tol = check_positive(fname, "tol", tol)
     check_generator(fname, generator)
     if max_matvecs is None:
-        return default_max_matvecs(method, k, which)  # type: ignore[arg-type]
+        return k, tol, default_max_matvecs(method, k, which)  # type: ignore[arg-type]
     if method == "lanczos":
         why = f"Lanczos needs k={k} products"
-        return check_int(fname, "max_matvecs", max_matvecs, k, why)  # type: ignore[arg-type]
+        return k, tol, check_int(fname, "max_matvecs", max_matvecs, k, why)
     runs = power_runs(k, which)  # type: ignore[arg-type]
-    return check_int(
-        fname, "max_matvecs", max_matvecs, 2 * runs, f"power iteration needs 2 per run, {runs} runs"
-    )
+    why = f"power iteration needs 2 per run, {runs} runs"
+    return k, tol, check_int(fname, "max_matvecs", max_matvecs, 2 * runs, why)

@@ -206,9 +206,9 @@ class CurvatureMonitor:
         distributed: bool | None = None,
         progress: bool = False,
     ) -> None:
-        check_int(FNAME, "every", every, 1)
-        check_int(FNAME, "k", k, 1)
-        check_positive(FNAME, "tol", tol)
+        every = check_int(FNAME, "every", every, 1)
+        k = check_int(FNAME, "k", k, 1)
+        tol = check_positive(FNAME, "tol", tol)
         budget = default_max_matvecs("lanczos", k, "largest")
         if max_matvecs is not None:
             budget = check_int(
@@ -218,7 +218,7 @@ class CurvatureMonitor:
             check_bool(FNAME, name, value)
         check_generator(FNAME, generator)
         if trace:
-            check_estimator(
+            trace_num_matvecs = check_estimator(
                 FNAME, trace_method, trace_num_matvecs, generator, TRACE_NEEDS, "trace_"
             )
         if progress:

@@ -110,7 +110,7 @@ def output_sharpness(
     """
     fname = "output_sharpness"
     names, tensors = select_outputs(fname, model, inputs, params, batched)
-    budget = _check_options(fname, tol, max_matvecs, generator)
+    tol, budget = _check_options(fname, tol, max_matvecs, generator)
     base = make_generator(generator)
     size = sum(p.numel() for p in tensors)
     dtype, device = tensors[0].dtype, tensors[0].device
@@ -196,17 +196,19 @@ def model_sharpness(
         tensor([4.], dtype=torch.float64)
     """
     fname = "model_sharpness"
-    budget = _check_options(fname, tol, max_matvecs, generator)
+    tol, budget = _check_options(fname, tol, max_matvecs, generator)
     params = model_selection(fname, params, wrt, modules, groups)
     options = {"seed": seed, "distributed": distributed, "progress": progress}
     solver = ("lanczos", 1, "magnitude", tol, budget)
     return model_eigenpairs(fname, model, loss_fn, data, params, groups, generator, options, solver)
 
 
-def _check_options(fname: str, tol: object, max_matvecs: object, generator: object) -> int:
-    """Validate the Lanczos options; return the budget per run."""
-    check_positive(fname, "tol", tol)
+def _check_options(
+    fname: str, tol: object, max_matvecs: object, generator: object
+) -> tuple[float, int]:
+    """Validate the Lanczos options; return ``tol`` and the budget per run."""
+    tol = check_positive(fname, "tol", tol)
     check_generator(fname, generator)
     if max_matvecs is None:
-        return default_max_matvecs("lanczos", 1, "magnitude")
-    return check_int(fname, "max_matvecs", max_matvecs, 1)
+        return tol, default_max_matvecs("lanczos", 1, "magnitude")
+    return tol, check_int(fname, "max_matvecs", max_matvecs, 1)

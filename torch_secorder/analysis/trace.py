@@ -131,9 +131,9 @@ def hessian_trace(
         (tensor(6., dtype=torch.float64), tensor(0., dtype=torch.float64), 4)
     """
     fname = "hessian_trace"
-    check_max_bytes(fname, max_bytes, optional=True)
+    max_bytes = check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        check_estimator(fname, method, num_matvecs, generator, NEEDS)
+        num_matvecs = check_estimator(fname, method, num_matvecs, generator, NEEDS)
         target = resolve(fname, func_or_operator, params)
         with target.open() as operator:
             if method == "auto":
@@ -209,9 +209,9 @@ def model_hessian_trace(
         {'weight': 30.0, 'bias': 2.0}
     """
     fname = "model_hessian_trace"
-    check_max_bytes(fname, max_bytes, optional=True)
+    max_bytes = check_max_bytes(fname, max_bytes, optional=True)
     with memory_budget(fname, max_bytes):
-        check_estimator(fname, method, num_matvecs, generator, NEEDS)
+        num_matvecs = check_estimator(fname, method, num_matvecs, generator, NEEDS)
         params = model_selection(fname, params, wrt, modules, groups)
         options = {"seed": seed, "distributed": distributed, "progress": progress}
         estimator = "hutch++" if method in ("auto", "exact") else method

@@ -110,7 +110,7 @@ def activation_operator(
     modules = select_modules(fname, model, variables.modules) if variables.wrt != "inputs" else []
     check_callable(fname, "loss_fn", loss_fn)
     check_bool(fname, "progress", progress)
-    check_int(fname, "seed", seed)
+    seed = check_int(fname, "seed", seed)
     if distributed is not None:
         check_bool(fname, "distributed", distributed)
     if distributed:

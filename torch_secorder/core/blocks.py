@@ -77,8 +77,8 @@ def hessian_block(
     check_callable(fname, "func", func)
     rows = as_params(fname, row_params, argname="row_params")
     cols = rows if col_params is None else as_params(fname, col_params, argname="col_params")
-    check_max_bytes(fname, max_bytes)
-    check_chunk_size(fname, chunk_size)
+    max_bytes = check_max_bytes(fname, max_bytes)
+    chunk_size = check_chunk_size(fname, chunk_size)
     labelled = [(f"row_params[{i}]", p) for i, p in enumerate(rows)]
     labelled += [(f"col_params[{i}]", p) for i, p in enumerate(cols)]
     check_layout(fname, "a dense block", labelled, "cast them to one dtype and device.")
@@ -143,8 +143,8 @@ def hessian_blocks(
     fname = "hessian_blocks"
     check_callable(fname, "func", func)
     params = as_params(fname, params)
-    check_max_bytes(fname, max_bytes)
-    check_chunk_size(fname, chunk_size)
+    max_bytes = check_max_bytes(fname, max_bytes)
+    chunk_size = check_chunk_size(fname, chunk_size)
     sizes, dtypes = [p.numel() ** 2 for p in params], [p.dtype for p in params]
     check_dense_size(fname, f"a list of {len(params)} blocks", sizes, dtypes, max_bytes, _HINT)
     with GradientGraph(func, params, fname=fname, route=False) as graph:

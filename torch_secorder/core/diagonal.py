@@ -140,7 +140,7 @@ def _hessian_diagonal(
     fname, params = objective.fname, objective.params
     check_bool(fname, "create_graph", create_graph)
     check_bool(fname, "strict", strict)
-    check_chunk_size(fname, chunk_size)
+    chunk_size = check_chunk_size(fname, chunk_size)
     check_bool(fname, "progress", progress)
     if progress:
         require_tqdm(fname)
@@ -362,7 +362,7 @@ def diagonal_plan(
         [('0', 'layer', 14), ('2', 'layer', 2)]
     """
     fname = "diagonal_plan"
-    check_chunk_size(fname, chunk_size)
+    chunk_size = check_chunk_size(fname, chunk_size)
     with (
         model_objective(fname, model, loss_fn, inputs, targets, params) as objective,
         _structured(objective, model, False, chunk_size) as structured,

@@ -163,7 +163,7 @@ def batched_hvp(func, params, vs, *, chunk_size=None, strict=False):
     """
     objective = closure_objective("batched_hvp", func, params)
     fname = objective.fname
-    check_chunk_size(fname, chunk_size)
+    chunk_size = check_chunk_size(fname, chunk_size)
     check_bool(fname, "strict", strict)
     vectors, flat = check_vector(fname, "vs", vs, objective.params, objective.names, batched=True)
     k = vectors[0].shape[0]

@@ -78,8 +78,8 @@ def _hessian_matrix(
     objective: Objective, max_bytes: float, chunk_size: int | None, progress: bool
 ) -> Tensor:
     fname, params = objective.fname, objective.params
-    check_max_bytes(fname, max_bytes)
-    check_chunk_size(fname, chunk_size)
+    max_bytes = check_max_bytes(fname, max_bytes)
+    chunk_size = check_chunk_size(fname, chunk_size)
     check_bool(fname, "progress", progress)
     if progress:
         require_tqdm(fname)

@@ -536,7 +536,7 @@ def model_operator(
     names, tensors = model_params(fname, model, params)
     check_callable(fname, "loss_fn", loss_fn)
     check_bool(fname, "progress", progress)
-    check_int(fname, "seed", seed)
+    seed = check_int(fname, "seed", seed)
     if distributed is not None:
         check_bool(fname, "distributed", distributed)
     initialized = torch.distributed.is_available() and torch.distributed.is_initialized()

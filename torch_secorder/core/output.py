@@ -298,8 +298,8 @@ def _check_options(
     fname: str, diagonal_only: object, max_bytes: object, chunk_size: object
 ) -> None:
     check_bool(fname, "diagonal_only", diagonal_only)
-    check_max_bytes(fname, max_bytes)
-    check_chunk_size(fname, chunk_size)
+    max_bytes = check_max_bytes(fname, max_bytes)
+    chunk_size = check_chunk_size(fname, chunk_size)
 
 
 def element_graphs(
