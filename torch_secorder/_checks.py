@@ -554,12 +554,12 @@ def batch_size(
     """
     if batch_size_fn is not None:
         size = batch_size_fn(inputs)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not _is_integer(size) or size < 1:  # type: ignore[operator]
             raise ValueError(
                 f"{fname}: batch_size_fn returned {size!r} for data batch {index}; expected "
                 "its number of samples, a positive int."
             )
-        return size
+        return int(size)  # type: ignore[call-overload]
     values = inputs.values() if isinstance(inputs, Mapping) else inputs
     tensors = (
         [inputs] if isinstance(inputs, Tensor) else [t for t in values if isinstance(t, Tensor)]

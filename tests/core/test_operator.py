@@ -825,6 +825,12 @@ def test_batch_size_fn_counts_samples_outside_the_leading_dimension():
     eye = torch.eye(H.shape[0], dtype=torch.float64)
     assert_close(H @ eye, expected)
     assert H.num_samples == 4
+    np = pytest.importorskip("numpy")  # (a count from NumPy counts as well)
+    as_numpy = HessianOperator.from_model(
+        model, loss_fn, data, batch_size_fn=lambda x: np.int64(x.shape[1])
+    )
+    assert torch.equal(as_numpy @ eye, H @ eye)
+    assert type(as_numpy.num_samples) is int
     by_leading = HessianOperator.from_model(model, loss_fn, data)  # the leading 4 and 4
     assert not torch.allclose(by_leading @ eye, expected)
     assert by_leading.num_samples == 8
