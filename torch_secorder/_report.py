@@ -1172,7 +1172,9 @@ def layer_top_eigenvalues(shared: _Stages, operator: _Counted) -> tuple[list[dic
     """
     plan = shared.plan
 
-    def eigen_problem(n: int, dtype: Any, device: Any, gen: Any, span: int, gradient: Any) -> Any:
+    def eigen_problem(
+        n: int, dtype: Any, device: Any, gen: Any, span: int, gradient: Any, group: Any
+    ) -> Any:
         return eigen_steps(
             "lanczos", n, 1, "largest", LAYER_TOL, LAYER_EIGEN_BUDGET, dtype, device, gen,
             gradient,

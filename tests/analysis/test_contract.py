@@ -326,7 +326,7 @@ def bad_options(form: Form) -> list[tuple[str, dict[str, Any], type[Exception], 
                     "k-above-a-group",
                     {"groups": "parameter", "k": 3},
                     ValueError,
-                    "k must be at most the size of a group=2; got k=3.",
+                    "k must be at most the size of group '4.bias'=2; got k=3.",
                 )
             )
     if family == "sharpness":

@@ -61,10 +61,12 @@ Steps = Generator[Request, Tensor, Any]
 """An algorithm: yields requests (blocks of vectors), receives their products, returns a result."""
 
 MakeSteps = Callable[
-    [int, torch.dtype, torch.device, torch.Generator, int, Callable[[], Tensor | None]], Steps
+    [int, torch.dtype, torch.device, torch.Generator, int, Callable[[], Tensor | None], Any],
+    Steps,
 ]
-"""``make_steps(n, dtype, device, generator, span, gradient)``: an algorithm for a block of
-size ``n`` of an operator of size ``span``, ``gradient()`` the block's loss gradient or ``None``
+"""``make_steps(n, dtype, device, generator, span, gradient, group)``: an algorithm for a block
+of size ``n`` of an operator of size ``span``, ``gradient()`` the block's loss gradient or
+``None``, ``group`` the block's group name (``None`` for the whole operator), for messages
 (:func:`._groups.run_model`)."""
 
 Budget = int | Callable[[int], int] | None

@@ -226,8 +226,9 @@ def model_eigenpairs(
         gen: torch.Generator,
         _: int,
         gradient: Callable[[], Tensor | None],
+        group: object,
     ) -> Steps:
-        check_k(fname, k, n, "the size of a group" if groups is not None else "P")
+        check_k(fname, k, n, "P" if group is None else f"the size of group {group!r}")
         return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen, gradient, reach)
 
     stalled_results: list[EigenResult] = []  # stopped by rounding, not by the budget

@@ -69,6 +69,7 @@ def estimator_maker(method: str, num_matvecs: int, *, diagonal: bool = False) ->
         gen: torch.Generator,
         span: int,
         _: object,
+        __: object,
     ) -> Steps:
         return estimator_steps(
             method, n, num_matvecs, dtype, device, gen, span=span, diagonal=diagonal

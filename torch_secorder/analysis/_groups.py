@@ -171,12 +171,13 @@ def run_model(
         groups: Group specification (see :func:`resolve_groups`).
         generator: The caller's generator or ``None``; with groups, each group draws from its
             own generator derived from it in group order.
-        make_steps: ``make_steps(n, dtype, device, generator, span, gradient)``, the
+        make_steps: ``make_steps(n, dtype, device, generator, span, gradient, group)``, the
             algorithm for a block of size ``n`` of an operator of size ``span``, which sizes
             its memory (chunks of probes, bases held at once) for ``span`` so that all groups
             together hold what one analysis of the whole operator would; ``gradient()`` gives
             the block's rows of the loss gradient where the operator keeps it
-            (:func:`~torch_secorder.core.operator.kept_gradient`), else ``None``.
+            (:func:`~torch_secorder.core.operator.kept_gradient`), else ``None``; ``group``
+            names the group in messages (``None`` for the whole selection).
         finish: ``finish(raw_result, num_matvecs, group_params)``, the public result.
         options: Keyword options of :meth:`HessianOperator.from_model` (``seed``,
             ``distributed``), and ``progress`` for a bar over the analysis's products.
@@ -317,7 +318,7 @@ def group_problems(
         return full if full is None or rows is None else full[rows]
 
     problems = []
-    for indices, gen in zip(members.values(), generators):
+    for (name, indices), gen in zip(members.items(), generators):
         rows = None if whole else rows_of(indices, sizes, operator.device)
         count = sum(sizes[i] for i in indices)
         steps = make_steps(
@@ -327,6 +328,7 @@ def group_problems(
             gen,
             operator.shape[0],
             lambda rows=rows: block(rows),
+            None if whole else name,
         )
         problems.append(Problem(steps, rows, budget_of(budget, count), certain))
     return problems

@@ -319,11 +319,12 @@ def run_variables(
         resolved = resolve(fname, operator, groups)
         dtype, device, size = operator.dtype, operator.device, operator.shape[0]
         base = make_generator(generator)
-        gens = [base] if resolved.whole else spawn(base, len(resolved.members))
+        whole = resolved.whole
+        gens = [base] if whole else spawn(base, len(resolved.members))
         groups_ = list(resolved.members.values())
         steps = [
-            make_steps(g.size, dtype, device, gen, size, _no_gradient)
-            for g, gen in zip(groups_, gens)
+            make_steps(g.size, dtype, device, gen, size, _no_gradient, None if whole else key)
+            for (key, g), gen in zip(resolved.members.items(), gens)
         ]
         target = operator if resolved.scale == 1 else _Scaled(operator, resolved.scale)
         if resolved.scale != 1:  # samples: packed where their blocks are decoupled

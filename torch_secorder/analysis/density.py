@@ -232,6 +232,7 @@ def model_spectral_density(
             gen: torch.Generator,
             span: int,
             _: object,
+            __: object,
         ) -> Steps:
             probes, steps = _plan(n, num_matvecs, num_probes)
             return lanczos_quadrature(n, steps, probes, dtype, device, gen, span=span)
