@@ -8,6 +8,7 @@ and :mod:`torch_secorder.analysis.diagonal_estimate`, which hold the public func
 
 import math
 import warnings
+from collections.abc import Generator
 
 import torch
 from torch import Tensor
@@ -248,9 +249,7 @@ def xtrace(
     """
     size = _exchangeable_size("xtrace", num_matvecs, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
-    Y, Q, R = _factored_sketch((yield Omega), dtype)
-    Z = (yield Q.to(dtype)).to(Q.dtype)
-    Omega = Omega.to(Q.dtype)
+    Omega, Y, Q, R, Z = yield from _sketched(Omega, dtype)
     HQ = Q.T @ Z
     if size == n:
         value = HQ.trace()
@@ -329,15 +328,23 @@ def _factored(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
-def _factored_sketch(Y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Y, Q, R)`` with ``Y = QR`` in :func:`_factored` precision, ``Q`` rounded to ``dtype``.
+def _sketched(
+    Omega: Tensor, dtype: torch.dtype
+) -> Generator[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    r"""Ask for :math:`Y = H\Omega`, factorise :math:`Y = QR`, ask for :math:`Z = HQ`.
 
-    ``Q`` goes to the operator in ``dtype``: the estimates use it as rounded, so that ``Q``
-    and its products are consistent.
+    The factorisation runs in :func:`_factored` precision and ``Q`` goes to the operator
+    rounded to ``dtype``: the estimates use it as rounded, so that ``Q`` and its products are
+    consistent.
+
+    Returns:
+        ``(Omega, Y, Q, R, Z)``, all in the factorisation's dtype.
     """
-    Y = Y.to(_factored(dtype))
+    Y = (yield Omega).to(_factored(dtype))
     Q, R = torch.linalg.qr(Y)
-    return Y, Q.to(dtype).to(Y.dtype), R
+    Q = Q.to(dtype)
+    Z = yield Q
+    return Omega.to(Y.dtype), Y, Q.to(Y.dtype), R, Z.to(Y.dtype)
 
 
 def _left_out_directions(R: Tensor) -> Tensor:
@@ -416,9 +423,7 @@ def xdiag(
     """
     size = _exchangeable_size("xdiag", num_matvecs, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
-    Y, Q, R = _factored_sketch((yield Omega), dtype)
-    Z = (yield Q.to(dtype)).to(Q.dtype)
-    Omega = Omega.to(Q.dtype)
+    Omega, Y, Q, R, Z = yield from _sketched(Omega, dtype)
     low_rank = (Q * Z).sum(dim=1)
     if size == n:
         return low_rank.to(dtype), torch.zeros_like(low_rank, dtype=dtype)
