@@ -43,6 +43,22 @@ def test_device_given_as_a_string():
 
 
 @pytest.mark.parametrize(
+    "analysis",
+    [
+        lambda op: ts.hessian_trace(op, method="hutchinson", num_matvecs=3).value,
+        lambda op: ts.hessian_trace(op, method="hutch++", num_matvecs=6).value,
+        lambda op: ts.top_eigenvalues(op).eigenvalues,
+        lambda op: ts.spectral_density(op, num_matvecs=4).nodes,
+        lambda op: ts.hessian_diagonal_estimate(op, num_matvecs=3).diagonal,
+    ],
+)
+def test_every_analysis_takes_an_operator_whose_device_is_a_string(analysis):
+    A = with_spectrum([1.0, 2.0, 3.0, 4.0])
+    named = Fake(matmat=lambda V: A @ V, shape=(4, 4), device="cpu")
+    assert torch.equal(analysis(named), analysis(DenseOperator(A)))
+
+
+@pytest.mark.parametrize(
     ("args", "error", "match"),
     [
         (

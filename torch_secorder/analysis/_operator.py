@@ -58,6 +58,14 @@ class Target:
         return columns if self.params is None else unflatten(columns.T, self.params)
 
 
+class _OnDevice:
+    """A user operator whose ``device`` is not a :class:`torch.device`, with one."""
+
+    def __init__(self, operator: Any, device: torch.device) -> None:
+        self.matmat = operator.matmat
+        self.shape, self.dtype, self.device = operator.shape, operator.dtype, device
+
+
 def resolve(fname: str, func_or_operator: object, params: object) -> Target:
     """Validate the closure or operator form of an analysis function.
 
@@ -71,6 +79,9 @@ def resolve(fname: str, func_or_operator: object, params: object) -> Target:
     tensors = check_analysis_form(fname, func_or_operator, params)
     if tensors is None:
         size, dtype, device = check_operator(fname, func_or_operator)
-        return Target(func_or_operator, None, size, dtype, device)
+        operator: Any = func_or_operator
+        if not isinstance(operator.device, torch.device):  # ("cuda:0", say)
+            operator = _OnDevice(operator, device)
+        return Target(operator, None, size, dtype, device)
     operator = closure_operator(fname, func_or_operator, tensors)
     return Target(operator, tensors, operator.shape[0], operator.dtype, operator.device, owned=True)
