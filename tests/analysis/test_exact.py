@@ -68,6 +68,29 @@ def test_each_group_takes_the_cheaper_method():
     assert results["2"].num_matvecs == plan["2"].num_matvecs
 
 
+def test_a_group_is_exact_only_where_its_own_plan_fits_the_budget():
+    # In the whole model's plan the head costs 2 products (its products serve the first layer's
+    # rule too); planned alone it costs 12: at a budget of 3 it is estimated, not exact at 12.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    data, mse = (randn(12, 3), randn(12, 2, seed=1)), nn.MSELoss()
+    whole = {
+        layer.module: layer.num_matvecs for layer in ts.diagonal_plan(model, mse, *data).layers
+    }
+    alone = ts.diagonal_plan(model, mse, *data, params="2.*").num_matvecs
+    assert whole["2"] <= 3 < alone
+    for budget in (3, 8):
+        for analysis in (ts.model_hessian_trace, ts.model_hessian_diagonal_estimate):
+            for groups in ("module", "parameter"):
+                results = analysis(model, mse, data, groups=groups, num_matvecs=budget)
+                for name, result in results.items():
+                    assert result.num_matvecs <= budget, (analysis, groups, name)
+    traces = ts.model_hessian_trace(model, mse, data, groups="parameter", num_matvecs=3)
+    assert traces["2.bias"].method == "exact"  # 2 products, alone too
+    assert_close(traces["2.bias"].value, oracle(model, mse, *data)[3].sum())
+    assert {traces[name].method for name in ("0.weight", "0.bias", "2.weight")} == {"hutch++"}
+
+
 def test_an_operator_over_a_model_gives_the_exact_trace_when_cheaper():
     model, data = _relu_net(), (randn(6, 2, 6, 6), labels(6, 3))
     operator = ts.HessianOperator.from_model(model, CE, data)

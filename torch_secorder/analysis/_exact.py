@@ -96,17 +96,20 @@ def model_exact_or_estimate(
         position = {id(p): k for k, p in enumerate(operator.params)}
         return sum(costs[position[id(tensors[i])]] for i in indices)
 
-    whole = operator_of(union)
-    with whole:  # releasing it drops a plan left unused
-        costs = planned_diagonal_costs(whole, budget if resolved is None else math.inf)
-        cheap = [key for key, indices in members.items() if cost(whole, costs, indices) <= budget]
-        chosen = sorted({i for key in cheap for i in members[key]})
-        if cheap and chosen == union:
-            operator, (diagonal, used) = whole, exact_diagonal(whole)
-    if cheap and chosen != union:  # the estimator for the other groups: this selection's plan
-        operator = operator_of(chosen)
-        with operator:
-            diagonal, used = exact_diagonal(operator)
+    # The groups that fit the budget in the plan of the selection; where that leaves some
+    # out, the plan of the rest, which may cost a group more than its share of the whole
+    # did (layers' products are shared): again, until every group left fits.
+    selected, cheap = union, list(members)
+    while cheap:
+        operator = operator_of(selected)
+        with operator:  # releasing it drops a plan left unused
+            costs = planned_diagonal_costs(operator, budget if resolved is None else math.inf)
+            cheap = [key for key in cheap if cost(operator, costs, members[key]) <= budget]
+            chosen = sorted({i for key in cheap for i in members[key]})
+            if cheap and chosen == selected:
+                diagonal, used = exact_diagonal(operator)
+                break
+        selected = chosen
     results: dict[Any, Any] = {}
     if cheap:
         position = {id(p): k for k, p in enumerate(operator.params)}
