@@ -69,6 +69,41 @@ def test_too_small_a_budget_is_refused_before_any_product(call, what):
     assert operator.num_matvecs == 0
 
 
+@pytest.mark.parametrize(
+    ("call", "kept", "what"),
+    [
+        (lambda op, b: ts.hessian_trace(op, method="hutchinson", max_bytes=b), 0, "hutchinson"),
+        (lambda op, b: ts.hessian_trace(op, method="exact", max_bytes=b), 1, "exact"),
+        (lambda op, b: ts.hessian_trace(op, num_matvecs=200, max_bytes=b), 1, "auto"),
+        (lambda op, b: ts.hessian_diagonal_estimate(op, method="hutchinson", max_bytes=b), 2, "?"),
+        (lambda op, b: ts.hessian_diagonal_estimate(op, num_matvecs=200, max_bytes=b), 1, "auto"),
+        (lambda op, b: ts.top_eigenvalues(op, method="power", max_bytes=b), 5, "power"),
+        (lambda op, b: ts.top_eigenvalues(op, k=3, method="power", max_bytes=b), 9, "power"),
+    ],
+)
+@pytest.mark.parametrize("closure", [False, True])
+def test_algorithms_that_only_chunk_refuse_a_budget_below_one_column(call, kept, what, closure):
+    # they keep `kept` vectors besides a column and its product: one byte less is refused
+    A = with_spectrum(dominant(200))
+    x = torch.zeros(200, dtype=torch.float64, requires_grad=True)
+    operator = ts.HessianOperator(lambda: 0.5 * x @ A @ x, [x]) if closure else DenseOperator(A)
+    least = (kept + 2) * 200 * 8
+    with pytest.raises(ValueError, match=r"needs (a chunk of products|at least \d+ vectors)"):
+        call(operator, least - 1)
+    assert operator.num_matvecs == 0
+    call(operator, least)
+    assert operator.num_matvecs > 0
+
+
+def test_the_refusal_of_hutchinson_names_the_chunk():
+    with pytest.raises(
+        ValueError,
+        match=r"^hessian_trace: method='hutchinson' needs a chunk of products \(vectors of "
+        r"P=200 entries\), about 3\.1 KiB, more than max_bytes=3\.1 KiB;",
+    ):
+        ts.hessian_trace(_operator(), method="hutchinson", max_bytes=2 * 200 * 8 - 1)
+
+
 @pytest.mark.parametrize("bad", [0, -5])
 def test_max_bytes_must_be_positive(bad):
     with pytest.raises(
@@ -132,4 +167,7 @@ def test_the_model_forms_refuse_before_any_forward_pass():
         options = {"method": "hutch++"} if call is ts.model_hessian_trace else {}
         with pytest.raises(ValueError, match="needs at least"):
             call(model, loss_fn, data, max_bytes=10_000, **options)
+    for method in ("exact", "auto", "hutchinson"):  # (a vector of P=1203 takes 4.7 KiB)
+        with pytest.raises(ValueError, match=rf"method='{method}' needs"):
+            ts.model_hessian_trace(model, loss_fn, data, method=method, max_bytes=9_000)
     assert forwards == []

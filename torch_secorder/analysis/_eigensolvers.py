@@ -23,6 +23,7 @@ from torch_secorder.analysis._lanczos import (
     thick_restart_lanczos,
     wanted_order,
 )
+from torch_secorder.analysis._memory import check_room
 from torch_secorder.analysis._sampling import gaussian
 from torch_secorder.analysis.results import EigenResult
 from torch_secorder.core.params import unflatten
@@ -110,9 +111,13 @@ def power_iteration(
     run on :math:`H \pm |\lambda_u| I`. For ``which != "magnitude"`` one run is held in
     reserve for such an unwanted eigenvalue until it is found; each run gets an equal share
     of the remaining budget. Returns :class:`RitzPairs` sorted by ``which``.
+
+    Holds the ``k`` eigenvectors, their sorted copy at the end, and three working vectors
+    besides a product (:func:`~._memory.check_room` refuses a budget that does not).
     """
+    check_room("power iteration", 2 * k + 3, n, dtype, device)
     values: list[Tensor] = []
-    vectors: list[Tensor] = []
+    found = torch.empty(n, k, dtype=dtype, device=device)  # the eigenvectors, as found
     residuals: list[Tensor] = []
     converged = True
     remaining = max_matvecs
@@ -120,14 +125,14 @@ def power_iteration(
     reserve = which != "magnitude"  # a run for an eigenvalue of the other sign, if it dominates
     sign = -1.0 if which == "smallest" else 1.0
     while len(values) < k:
-        found = torch.stack(vectors, dim=1) if vectors else None
+        before = found[:, : len(values)]
         iterations = remaining // (k - len(values) + reserve)
         v = gaussian(gen, (n,), dtype, device)
         theta_prev = None
         done = False
         for _ in range(iterations):
-            if found is not None:
-                v = v - found @ (found.T @ v)
+            if values:
+                v = v - before @ (before.T @ v)
             v = v / v.norm()
             Hv = (yield v[:, None])[:, 0]
             remaining -= 1
@@ -148,15 +153,12 @@ def power_iteration(
             shift = -sign * abs(float(pair[0]))
             continue
         converged = converged and done
+        found[:, len(values)] = pair[1]
         values.append(pair[0])
-        vectors.append(pair[1])
         residuals.append(pair[2])
     order = wanted_order(torch.stack(values), which)
     return RitzPairs(
-        torch.stack(values)[order],
-        torch.stack(vectors, dim=1)[:, order],
-        torch.stack(residuals)[order],
-        converged,
+        torch.stack(values)[order], found[:, order], torch.stack(residuals)[order], converged
     )
 
 

@@ -15,7 +15,13 @@ from torch import Tensor
 
 from torch_secorder._checks import format_bytes
 from torch_secorder.analysis._driver import MakeSteps, Steps
-from torch_secorder.analysis._memory import current, kept_vectors, max_columns, refuse
+from torch_secorder.analysis._memory import (
+    check_room,
+    current,
+    kept_vectors,
+    max_columns,
+    refuse,
+)
 from torch_secorder.analysis._rows import combine_rows, dot_rows, inner_rows, work_dtype
 from torch_secorder.analysis._sampling import make_generator, rademacher, rademacher_columns
 from torch_secorder.core._progress import outside_stacklevel
@@ -92,6 +98,7 @@ def hutchinson(
 
     A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
     """
+    check_room("method='hutchinson'", 0, span or n, dtype, device)
     chunk = max_columns(span or n, dtype, device)
     samples = []
     remaining = num_matvecs
@@ -305,8 +312,10 @@ def exact(
 ) -> Steps:
     """The exact trace (or diagonal) from products with unit vectors, in memory-bounded chunks.
 
-    A chunk holds :func:`max_columns` vectors of the operator's size ``span`` (default ``n``).
+    A chunk holds :func:`max_columns` vectors of the operator's size ``span`` (default ``n``)
+    besides the result's ``n`` entries.
     """
+    check_room("method='exact'", 1, span or n, dtype, device)
     chunk = max_columns(span or n, dtype, device)
     entries = torch.zeros(n, dtype=dtype, device=device)
     for start in range(0, n, chunk):
@@ -383,8 +392,11 @@ def hutchinson_diagonal(
 ) -> Steps:
     """Hutchinson's diagonal estimator, in memory-bounded chunks (Chan's running variance).
 
-    A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``).
+    A chunk holds :func:`max_columns` probes of the operator's size ``span`` (default ``n``)
+    besides the running mean and sum of squares (``n`` entries each); each chunk's samples are
+    formed in its probes' memory.
     """
+    check_room("method='hutchinson'", 2, span or n, dtype, device)
     chunk = max_columns(span or n, dtype, device)
     mean = torch.zeros(n, dtype=dtype, device=device)
     m2 = torch.zeros_like(mean)
@@ -392,13 +404,12 @@ def hutchinson_diagonal(
     while count < num_matvecs:
         size = min(chunk, num_matvecs - count)
         Z = rademacher_columns(gen, n, size, dtype, device)
-        samples = Z * (yield Z)
+        samples = Z.mul_((yield Z))
         chunk_mean = samples.mean(dim=1)
         delta = chunk_mean - mean
         total = count + size
-        m2 = (
-            m2 + ((samples - chunk_mean[:, None]) ** 2).sum(dim=1) + delta**2 * count * size / total
-        )
+        squares = samples.sub_(chunk_mean[:, None]).square_().sum(dim=1)
+        m2 = m2 + squares + delta**2 * count * size / total
         mean = mean + delta * size / total
         count = total
     return mean, _stderr(m2, count)

@@ -86,13 +86,28 @@ def kept_vectors(n: int, dtype: torch.dtype, device: torch.device) -> int:
     return max(0, (max_bytes - chunk) // _vector_bytes(n, dtype))
 
 
+def check_room(what: str, vectors: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse where ``vectors`` kept vectors, one column and its product do not fit.
+
+    For algorithms whose plan has nothing to shrink but the chunk (:func:`max_columns`);
+    the error is :func:`refuse`'s.
+    """
+    _, max_bytes = current(device)
+    if (vectors + 2) * _vector_bytes(n, dtype) > max_bytes:
+        raise refuse(what, vectors, n, dtype, device)
+
+
 def refuse(what: str, vectors: int, n: int, dtype: torch.dtype, device: torch.device) -> ValueError:
     """The error of an analysis whose least plan does not fit its budget."""
     fname, max_bytes = current(device)
     need = (vectors + 2 * max_columns(n, dtype, device)) * _vector_bytes(n, dtype)
+    least = (
+        f"at least {vectors} vectors of P={n:,} entries besides a chunk of products"
+        if vectors
+        else f"a chunk of products (vectors of P={n:,} entries)"
+    )
     return ValueError(
-        f"{fname}: {what} needs at least {vectors} vectors of P={n:,} entries besides a chunk "
-        f"of products, about {format_bytes(need)}, more than max_bytes="
+        f"{fname}: {what} needs {least}, about {format_bytes(need)}, more than max_bytes="
         f"{format_bytes(max_bytes)}; raise max_bytes or analyse fewer parameters (params=, "
         "groups=)."
     )

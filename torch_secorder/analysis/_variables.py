@@ -50,6 +50,7 @@ from torch_secorder.analysis._driver import (
     run,
     split_request,
 )
+from torch_secorder.analysis._memory import check_room
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.core._activations import activation_operator
 from torch_secorder.core._progress import require_tqdm
@@ -396,6 +397,8 @@ def variables_exact_or_estimate(
     """
     with _opened(fname, model, loss_fn, data, variables, options) as operator:
         resolved = resolve(fname, operator, groups)
+        method = "method='exact'" if math.isinf(budget) else "method='auto'"
+        check_room(method, 1, operator.shape[0], operator.dtype, operator.device)
         planning = budget if groups is None and math.isfinite(budget) else math.inf
         costs = planned_diagonal_costs(operator, planning)
 
