@@ -89,3 +89,52 @@ def tanh_mlp(seed: int = 0, sizes: tuple[int, ...] = (3, 5, 4, 2), samples: int 
 def generator(seed: int) -> torch.Generator:
     """A CPU generator with a seed."""
     return torch.Generator().manual_seed(seed)
+
+
+class Recording(DenseOperator):
+    """A :class:`DenseOperator` that keeps the columns of every ``matmat`` call."""
+
+    def __init__(self, A: Tensor) -> None:
+        super().__init__(A)
+        self.requests: list[Tensor] = []
+
+    def matmat(self, V: Tensor) -> Tensor:
+        self.requests.append(V.clone())
+        return super().matmat(V)
+
+
+def exchangeable(A: Tensor, Omega: Tensor, diagonal: bool = False) -> Tensor:
+    r"""XTrace's (or XDiag's) exchangeable estimates from their definition, one per column.
+
+    Column :math:`i` leaves :math:`\omega_i` out of the sketch, :math:`P_i` the projector on
+    :math:`\operatorname{range}(A\Omega_{-i})`: :math:`\operatorname{tr}(P_iA) + \omega_i^\top
+    (I - P_i)A(I - P_i)\omega_i`, or :math:`\operatorname{diag}(P_iA) + \omega_i \odot
+    (I - P_i)A\omega_i`.
+    """
+    estimates = []
+    for i in range(Omega.shape[1]):
+        others = torch.cat([Omega[:, :i], Omega[:, i + 1 :]], dim=1)
+        Q = torch.linalg.qr(A @ others)[0]
+        P = Q @ Q.T
+        rest = Omega[:, i] - P @ Omega[:, i]
+        if diagonal:
+            estimates.append(
+                (P @ A).diagonal() + Omega[:, i] * (A @ Omega[:, i] - P @ A @ Omega[:, i])
+            )
+        else:
+            estimates.append((P @ A).trace() + rest @ A @ rest)
+    return torch.stack(estimates, dim=-1)
+
+
+def jackknife(A: Tensor, Omega: Tensor, diagonal: bool = False) -> Tensor:
+    """The jackknife's standard error of the mean of :func:`exchangeable`, over test vectors."""
+    s = Omega.shape[1]
+    means = torch.stack(
+        [
+            exchangeable(A, torch.cat([Omega[:, :k], Omega[:, k + 1 :]], dim=1), diagonal).mean(-1)
+            for k in range(s)
+        ],
+        dim=-1,
+    )
+    deviations = means - means.mean(-1, keepdim=True)
+    return ((s - 1) / s * (deviations**2).sum(-1)).sqrt()

@@ -7,8 +7,11 @@ import torch_secorder as ts
 from tests.analysis.operators import (
     DTYPE,
     DenseOperator,
+    Recording,
     dominant,
+    exchangeable,
     generator,
+    jackknife,
     tanh_mlp,
     with_spectrum,
 )
@@ -53,6 +56,39 @@ def test_reported_stderr_matches_the_spread_over_seeds(method):
     # unbiased: the mean over seeds is within 4 of its standard errors of the truth
     bias = (estimates.mean(dim=0) - A.diagonal()).abs() / (spread / math.sqrt(len(results)))
     assert float((bias <= 4).double().mean()) > 0.98
+
+
+@pytest.mark.parametrize("num_matvecs", [4, 10, 21])
+@pytest.mark.parametrize("spectrum", ["dominant", "flat"])
+def test_xdiag_is_the_mean_of_its_exchangeable_estimates_with_the_jackknifes_error(
+    num_matvecs, spectrum, monkeypatch
+):
+    # the oracle from the definitions; slices of 3 rows test the slicing too
+    from torch_secorder.analysis import _estimators
+
+    monkeypatch.setattr(_estimators, "XDIAG_SLICE", 3 * (num_matvecs // 2))
+    lam = dominant(20) if spectrum == "dominant" else torch.linspace(1.0, 2.0, 20, dtype=DTYPE)
+    A = with_spectrum(lam)
+    operator = Recording(A)
+    result = ts.hessian_diagonal_estimate(operator, method="xdiag", num_matvecs=num_matvecs)
+    Omega = operator.requests[0]
+    torch.testing.assert_close(result.diagonal, exchangeable(A, Omega, diagonal=True).mean(-1))
+    torch.testing.assert_close(result.stderr, jackknife(A, Omega, diagonal=True))
+
+
+def test_xdiag_standard_errors_are_not_optimistic_on_a_flat_spectrum():
+    # errors over seeds were 1.5 times the reported standard errors on this spectrum
+    A = with_spectrum(torch.linspace(1.0, 2.0, 60, dtype=DTYPE))
+    results = [
+        ts.hessian_diagonal_estimate(
+            DenseOperator(A), method="xdiag", num_matvecs=30, generator=generator(s)
+        )
+        for s in range(60)
+    ]
+    errors = torch.stack([r.diagonal for r in results]) - A.diagonal()
+    stderr = torch.stack([r.stderr for r in results])
+    assert float((errors.pow(2).mean(0).sqrt() / stderr.pow(2).mean(0).sqrt()).median()) < 1.0
+    assert float(((errors / stderr).abs() <= 2).double().mean()) >= 0.95
 
 
 def test_xdiag_beats_hutchinson_on_dominant_eigenvalues():

@@ -179,6 +179,9 @@ def hutch_plus_plus(
     return (low_rank + mean).to(dtype), stderr.to(dtype)
 
 
+XDIAG_SLICE = 2**20
+"""Entries (rows times test vectors) of each slice of XDiag's estimates and jackknife terms."""
+
 GRAM_SLICE = 2**15
 """Entries of the operator's size per float64 partial product of :func:`orthonormal_rows`."""
 
@@ -252,7 +255,10 @@ def xtrace(
         t_i = \operatorname{tr} H_Q - s_i^\top H_Q s_i + \omega_i^\top y_i
               - (Z^\top\omega_i)^\top u_i - u_i^\top R e_i + u_i^\top H_Q u_i .
 
-    When the sketch spans the whole space (:math:`s \ge n`) the trace is exact.
+    The standard error is the jackknife's over the test vectors (:func:`_jackknife`), each
+    :math:`t_i` without :math:`\omega_k` too from the same factorisation
+    (:func:`_second_directions`). When the sketch spans the whole space (:math:`s \ge n`) the
+    trace is exact.
     """
     size = _exchangeable_size("xtrace", num_matvecs, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
@@ -264,15 +270,32 @@ def xtrace(
     S = _left_out_directions(R)
     W = Q.T @ Omega
     U = W - S * (S * W).sum(dim=0)
+    ZR = Z.T @ Omega + R  # (its columns (Z^T omega_i + r_i): the estimates' linear terms)
     estimates = (
         HQ.trace()
         - (S * (HQ @ S)).sum(dim=0)
         + (Omega * Y).sum(dim=0)
-        - ((Z.T @ Omega) * U).sum(dim=0)
-        - (U * R).sum(dim=0)
+        - (ZR * U).sum(dim=0)
         + (U * (HQ @ U)).sum(dim=0)
     )
-    return tuple(x.to(dtype) for x in _mean_and_stderr(estimates))
+    mean = estimates.mean()
+    if size < 2:
+        return mean.to(dtype), torch.full_like(mean, math.nan, dtype=dtype)
+    # t_i without the test vector k too: the projector also leaves out b, the normalised
+    # part of s_k orthogonal to s_i, so (with c = b^T u_i)
+    # t_i^(-k) = t_i - b^T H_Q b + c b^T (Z^T omega_i + r_i) - 2c b^T H_Q u_i + c^2 b^T H_Q b
+    G, root, keep = _second_directions(S)
+    M = S.T @ HQ @ S
+    diagonal = M.diagonal()
+    bHb = (diagonal[:, None] - 2 * G * M + G**2 * diagonal) / root**2
+    c = (S.T @ U) / root  # (s_i^T u_i = 0)
+    bZR = (S.T @ ZR - G * (S * ZR).sum(dim=0)) / root
+    HU = HQ @ U
+    bHU = (S.T @ HU - G * (S * HU).sum(dim=0)) / root
+    left_out = estimates + torch.where(keep, c * bZR - 2 * c * bHU + (c**2 - 1) * bHb, 0)
+    # row k: the estimates without test vector k; their means' deviations from the mean
+    deviations = ((left_out * ~torch.eye(size, dtype=torch.bool)).sum(dim=1)) / (size - 1) - mean
+    return mean.to(dtype), _jackknife(deviations).to(dtype)
 
 
 def _exchangeable_size(
@@ -375,6 +398,38 @@ def _left_out_directions(R: Tensor) -> Tensor:
     return S / S.norm(dim=0)
 
 
+def _second_directions(S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""For leaving out test vectors :math:`i` and :math:`k`: :math:`b_{ki} = (s_k - g s_i)/r`.
+
+    With :math:`g = s_k^\top s_i` and :math:`r = \sqrt{1 - g^2}`, :math:`b_{ki}` completes
+    :math:`s_i` to an orthonormal basis of what the projector without both leaves out.
+
+    Returns:
+        ``(G, root, keep)``: :math:`g` and :math:`r` for every ``(k, i)``, and where
+        :math:`b_{ki}` exists (:math:`k \ne i`, :math:`s_k` not parallel to :math:`s_i`;
+        elsewhere ``root`` is 1 and the terms of :math:`b` are dropped).
+    """
+    G = S.T @ S
+    squared = 1 - G**2
+    # (b is computed to about eps / r^2: where r^2 is below sqrt(eps), s_k and s_i are taken
+    # as parallel)
+    keep = squared > torch.finfo(S.dtype).eps ** 0.5
+    keep.fill_diagonal_(False)
+    return G, torch.where(keep, squared, 1).sqrt(), keep
+
+
+def _jackknife(deviations: Tensor) -> Tensor:
+    r"""The jackknife's standard error from the deviations of the leave-one-out estimates.
+
+    :math:`\sqrt{(s-1)/s \sum_k (\bar t_{(k)} - \bar t_{(\cdot)})^2}` along the last
+    dimension, the deviations taken from the estimate :math:`\bar t` (small numbers: no
+    cancellation in the sum of squares).
+    """
+    size = deviations.shape[-1]
+    spread = (deviations**2).sum(dim=-1) - deviations.sum(dim=-1) ** 2 / size
+    return (spread.clamp(min=0) * (size - 1) / size).sqrt()
+
+
 def _stderr(m2: Tensor, count: int) -> Tensor:
     if count < 2:
         return torch.full_like(m2, math.nan)
@@ -429,20 +484,45 @@ def xdiag(
         d_i = \operatorname{diag}(QZ^\top) - (Qs_i) \odot (Zs_i)
               + \omega_i \odot \big(y_i - Q(r_i - s_i\, s_i^\top r_i)\big),
 
-    with :math:`r_i = Re_i = Q^\top y_i`. When the sketch spans the space (:math:`s \ge n`)
-    the diagonal :math:`\operatorname{diag}(QZ^\top)` is exact.
+    with :math:`r_i = Re_i = Q^\top y_i`; the standard errors are the jackknife's, as for
+    :func:`xtrace`, all computed :data:`XDIAG_SLICE` entries at a time (no temporary of the
+    sketch's size). When the sketch spans the space (:math:`s \ge n`) the diagonal
+    :math:`\operatorname{diag}(QZ^\top)` is exact.
     """
     size = _exchangeable_size("xdiag", num_matvecs, n, dtype, device)
     Omega = rademacher_columns(gen, n, size, dtype, device)
     Omega, Y, Q, R, Z = yield from _sketched(Omega, dtype)
-    low_rank = (Q * Z).sum(dim=1)
     if size == n:
-        return low_rank.to(dtype), torch.zeros_like(low_rank, dtype=dtype)
+        return (Q * Z).sum(dim=1).to(dtype), torch.zeros(n, dtype=dtype, device=device)
     S = _left_out_directions(R)
-    left_out = (Q @ S) * (Z @ S)
-    residual = Y - Q @ (R - S * (S * R).sum(dim=0))
-    estimates = low_rank[:, None] - left_out + Omega * residual
-    mean = estimates.mean(dim=1)
+    deflated = R - S * (S * R).sum(dim=0)
+    # The jackknife's terms (see xtrace): without test vector k too, estimate i loses
+    # (Q b) * (Z b) and gains e omega_i * (Q b), e = b^T r_i, where b = (s_k - g s_i) / r.
+    G, root, keep = _second_directions(S)
+    w = torch.where(keep, root**-2, 0)
+    f = torch.where(keep, (S.T @ R - G * (S * R).sum(dim=0)) / root**2, 0)
+    mean = torch.empty(n, dtype=Y.dtype, device=device)
+    stderr = torch.empty_like(mean)
+    step = max(1, XDIAG_SLICE // size)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        QS, ZS, omega = Q[rows] @ S, Z[rows] @ S, Omega[rows]
+        left_out = QS * ZS
+        estimates = (Q[rows] * Z[rows]).sum(dim=1, keepdim=True) - left_out
+        estimates += omega * (Y[rows] - Q[rows] @ deflated)
+        mean[rows] = estimates.mean(dim=1)
+        if size < 2:
+            continue
+        changes = (
+            left_out * w.sum(dim=1)
+            - QS * (ZS @ (w * G).T)
+            - (QS @ (w * G).T) * ZS
+            + left_out @ (w * G**2).T
+            - QS * (omega @ f.T)
+            + (omega * QS) @ (f * G).T
+        )
+        deviations = (mean[rows, None] - estimates - changes) / (size - 1)
+        stderr[rows] = _jackknife(deviations)
     if size < 2:
-        return mean.to(dtype), torch.full_like(mean, math.nan, dtype=dtype)
-    return mean.to(dtype), (estimates.std(dim=1) / math.sqrt(size)).to(dtype)
+        stderr.fill_(math.nan)
+    return mean.to(dtype), stderr.to(dtype)

@@ -14,9 +14,13 @@ For models too large for the exact diagonal (:math:`P` products), with :math:`m`
   eigenvalues dominate; on a flat spectrum Hutchinson, which spends the whole budget on
   probes, has the smaller errors.
 
-Per-entry standard errors are the sample standard deviation of the averaged terms over the
-square root of their number. XDiag's terms share all but one probe, so theirs run a little
-low (by 2 to 9% in the median on test spectra). ``method="auto"`` (the default) returns the
+Hutchinson's per-entry standard errors are the sample standard deviation of its terms over
+the square root of their number. XDiag's are the jackknife's over its test vectors, as
+XTrace's (:mod:`.trace`): its :math:`d_i` share their sketches, and their spread understated
+the errors (by up to 1.4 times in the median entry on flat spectra, 83% within two standard
+errors), where over 100 seeds on small networks and test spectra the errors spread 0.56 to
+0.90 times as wide as the jackknife says, 95 to 99% within two (a pass over the sketch in
+slices of rows, :math:`O(ns^2)`). ``method="auto"`` (the default) returns the
 exact diagonal where it costs no more products than the budget (:mod:`._exact`), XDiag
 otherwise.
 
@@ -28,6 +32,9 @@ References:
     Epperly, E. N., Tropp, J. A. and Webber, R. J. (2024). XTrace: Making the most of every
     sample in stochastic trace estimation. SIAM J. Matrix Anal. Appl. 45(1), 1-23.
     arXiv:2301.07825.
+
+    Efron, B. and Stein, C. (1981). The jackknife estimate of variance. Ann. Statist. 9(3),
+    586-596. https://doi.org/10.1214/aos/1176345462
 """
 
 from typing import Any
