@@ -95,6 +95,23 @@ def test_algorithms_that_only_chunk_refuse_a_budget_below_one_column(call, kept,
     assert operator.num_matvecs > 0
 
 
+def test_power_iteration_per_group_counts_its_vectors_at_the_operators_size():
+    # ten groups of 110: each group's vectors at P = 1100 entries, as one search would keep
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(10, 10) for _ in range(10)]
+    model = torch.nn.Sequential(*layers).double()
+    data = (torch.randn(4, 10, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64))
+    mse, vector = torch.nn.MSELoss(), 1100 * 8
+    for groups in (None, "module"):
+        with pytest.raises(ValueError, match="power iteration needs at least 5 vectors of P=1,100"):
+            ts.model_top_eigenvalues(
+                model, mse, data, groups=groups, method="power", max_bytes=7 * vector - 1
+            )
+        ts.model_top_eigenvalues(
+            model, mse, data, groups=groups, method="power", max_bytes=7 * vector, tol=1.0
+        )
+
+
 def test_the_refusal_of_hutchinson_names_the_chunk():
     with pytest.raises(
         ValueError,

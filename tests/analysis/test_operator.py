@@ -42,16 +42,21 @@ def test_device_given_as_a_string():
     assert resolve("f", Fake(device="cpu"), None).device == torch.device("cpu")
 
 
-@pytest.mark.parametrize(
-    "analysis",
-    [
-        lambda op: ts.hessian_trace(op, method="hutchinson", num_matvecs=3).value,
-        lambda op: ts.hessian_trace(op, method="hutch++", num_matvecs=6).value,
-        lambda op: ts.top_eigenvalues(op).eigenvalues,
-        lambda op: ts.spectral_density(op, num_matvecs=4).nodes,
-        lambda op: ts.hessian_diagonal_estimate(op, num_matvecs=3).diagonal,
-    ],
-)
+ON_DEVICE = [
+    lambda op: ts.hessian_trace(op, method="hutchinson", num_matvecs=3).value,
+    lambda op: ts.hessian_trace(op, method="hutch++", num_matvecs=6).value,
+    lambda op: ts.hessian_trace(op, method="xtrace", num_matvecs=6).stderr,
+    lambda op: ts.hessian_trace(op, method="exact").value,
+    lambda op: ts.top_eigenvalues(op).eigenvalues,
+    lambda op: ts.top_eigenvalues(op, k=2, method="power").eigenvalues,
+    lambda op: ts.spectral_density(op, num_matvecs=4).nodes,
+    lambda op: ts.hessian_diagonal_estimate(op, num_matvecs=3).diagonal,
+    lambda op: ts.hessian_diagonal_estimate(op, method="xdiag", num_matvecs=6).stderr,
+    lambda op: ts.hessian_diagonal_estimate(op, method="hutchinson", num_matvecs=3).stderr,
+]
+
+
+@pytest.mark.parametrize("analysis", ON_DEVICE)
 def test_every_analysis_takes_an_operator_whose_device_is_a_string(analysis):
     A = with_spectrum([1.0, 2.0, 3.0, 4.0])
     named = Fake(matmat=lambda V: A @ V, shape=(4, 4), device="cpu")
@@ -122,3 +127,13 @@ def test_every_analysis_takes_an_operator_whose_device_is_a_string(analysis):
 def test_bad_forms(args, error, match):
     with pytest.raises(error, match=match):
         resolve("f", *args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("analysis", ON_DEVICE)
+def test_every_analysis_runs_on_a_cuda_operator(analysis):
+    A = with_spectrum([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    result = analysis(DenseOperator(A.cuda()))
+    assert result.device.type == "cuda"
+    torch.testing.assert_close(result.cpu(), analysis(DenseOperator(A)))

@@ -55,6 +55,8 @@ def eigen_steps(
     gen: torch.Generator,
     gradient: Callable[[], Tensor | None] | None = None,
     reach: list[float] | None = None,
+    *,
+    span: int | None = None,
 ) -> Steps:
     """The eigen-solver ``method`` as a product-requesting generator returning RitzPairs.
 
@@ -69,7 +71,8 @@ def eigen_steps(
     magnitude is positive.
     """
     if method == "power":
-        pairs = yield from power_iteration(n, k, which, tol, budget, dtype, device, gen)
+        steps = power_iteration(n, k, which, tol, budget, dtype, device, gen, span=span)
+        pairs = yield from steps
         return _signed(pairs)
     check_basis(n, k, dtype, device)  # (a refusal before the gradient's forward pass)
     start = gradient() if gradient is not None and which != "smallest" else None
@@ -103,6 +106,8 @@ def power_iteration(
     dtype: torch.dtype,
     device: torch.device,
     gen: torch.Generator,
+    *,
+    span: int | None = None,
 ) -> Steps:
     r"""Power iteration with deflation (PyHessian), shifted once the other end dominates.
 
@@ -113,9 +118,11 @@ def power_iteration(
     of the remaining budget. Returns :class:`RitzPairs` sorted by ``which``.
 
     Holds the ``k`` eigenvectors, their sorted copy at the end, and three working vectors
-    besides a product (:func:`~._memory.check_room` refuses a budget that does not).
+    besides a product (:func:`~._memory.check_room` refuses a budget that does not), counted
+    at the size ``span`` (default ``n``) of the operator whose block it searches, as the
+    estimators count theirs: the blocks' searches together hold what one search would.
     """
-    check_room("power iteration", 2 * k + 3, n, dtype, device)
+    check_room("power iteration", 2 * k + 3, span or n, dtype, device)
     values: list[Tensor] = []
     found = torch.empty(n, k, dtype=dtype, device=device)  # the eigenvectors, as found
     residuals: list[Tensor] = []
@@ -226,12 +233,14 @@ def model_eigenpairs(
         dtype: torch.dtype,
         device: torch.device,
         gen: torch.Generator,
-        _: int,
+        span: int,
         gradient: Callable[[], Tensor | None],
         group: object,
     ) -> Steps:
         check_k(fname, k, n, "P" if group is None else f"the size of group {group!r}")
-        return eigen_steps(method, n, k, which, tol, budget, dtype, device, gen, gradient, reach)
+        return eigen_steps(
+            method, n, k, which, tol, budget, dtype, device, gen, gradient, reach, span=span
+        )
 
     stalled_results: list[EigenResult] = []  # stopped by rounding, not by the budget
 

@@ -294,7 +294,8 @@ def xtrace(
     bHU = (S.T @ HU - G * (S * HU).sum(dim=0)) / root
     left_out = estimates + torch.where(keep, c * bZR - 2 * c * bHU + (c**2 - 1) * bHb, 0)
     # row k: the estimates without test vector k; their means' deviations from the mean
-    deviations = ((left_out * ~torch.eye(size, dtype=torch.bool)).sum(dim=1)) / (size - 1) - mean
+    others = ~torch.eye(size, dtype=torch.bool, device=left_out.device)
+    deviations = (left_out * others).sum(dim=1) / (size - 1) - mean
     return mean.to(dtype), _jackknife(deviations).to(dtype)
 
 
@@ -411,9 +412,9 @@ def _second_directions(S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     G = S.T @ S
     squared = 1 - G**2
-    # (b is computed to about eps / r^2: where r^2 is below sqrt(eps), s_k and s_i are taken
-    # as parallel)
-    keep = squared > torch.finfo(S.dtype).eps ** 0.5
+    # (g, and with it r^2, is computed to about eps: below 16 eps, s_k and s_i are taken as
+    # parallel; above, b's terms are accurate to about eps / r^2)
+    keep = squared > 16 * torch.finfo(S.dtype).eps
     keep.fill_diagonal_(False)
     return G, torch.where(keep, squared, 1).sqrt(), keep
 
