@@ -689,8 +689,18 @@ def test_exact_traces_are_priced_from_the_planned_diagonal():
     assert mixed.exact_modules() == [str(i) for i in range(24)]
     assert (mixed.subset, mixed.products["per-layer traces"]) == (1920, 2020)
     assert mixed.per_layer == "trace"  # 2020 <= 2 x 1200
-    priced = plan([80] * 24 + [200], subset_products=lambda modules: 5 * len(modules))
+    priced = plan([80] * 24 + [200], subset_costs=lambda modules: dict.fromkeys(modules, 5))
     assert (priced.subset, priced.products["per-layer traces"]) == (120, 220)
+
+    # A module within its share of the whole plan but over the budget planned without the
+    # others: Hutch++, and the rest planned again
+    def alone(modules):
+        return {name: 150 if name == "0" else 70 for name in modules}
+
+    replanned = plan([80] * 24 + [200], subset_costs=alone)
+    assert replanned.layer_methods["0"] == "hutch++"
+    assert replanned.exact_modules() == [str(i) for i in range(1, 24)]
+    assert replanned.subset == 23 * 70
     # every module over its budget
     assert plan([200] * 3, per_layer="trace").products["per-layer traces"] == 300
     with pytest.raises(ValueError, match="diagonal must hold one count per selected parameter"):
@@ -771,6 +781,22 @@ def float64_batches():
 
     x, y = data().tensors
     return [(x[i : i + 16].double(), y[i : i + 16]) for i in range(0, 40, 16)]
+
+
+def test_the_plan_of_the_activation_traces_is_what_they_compute(tmp_path, capsys):
+    # the demo's three module outputs at a budget of 40: in the plan of all three, two fit;
+    # planned without the first, the checks of independent samples count for the second,
+    # which no longer fits (method="auto" of model_hessian_trace replans): one exact
+    args = ["--out", str(tmp_path), "--k", "1", "--probes", "1", "--steps", "10"]
+    args += ["--layer-matvecs", "40", "--per-layer", "trace", "--activations"]
+    status, _, err = run(args, capsys)
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    methods = {row["module"]: row["trace_method"] for row in report["activations"]}
+    assert report["plan"]["activations"]["trace_methods"] == methods
+    assert sorted(methods.values()) == ["exact", "hutch++", "hutch++"]
+    stage = next(e for e in report["plan"]["stages"] if e["stage"] == "activation traces")
+    assert stage["products_used"] == stage["products"]
 
 
 @pytest.mark.parametrize(

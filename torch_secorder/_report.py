@@ -51,7 +51,7 @@ from torch_secorder.analysis._groups import (
     run_model,
 )
 from torch_secorder.analysis._sampling import make_generator, spawn
-from torch_secorder.analysis._variables import variables_exact_or_estimate
+from torch_secorder.analysis._variables import exact_groups, variables_exact_or_estimate
 from torch_secorder.analysis.density import _default_probes
 from torch_secorder.analysis.results import TraceEstimate
 from torch_secorder.core._variables import Variables, select_modules
@@ -128,6 +128,8 @@ class ActivationPlan:
             first batch; ``None`` before it is planned, or when planning failed.
         exact_products: Products of the one exact diagonal of the outputs whose trace is
             exact, as planned.
+        exact: The modules whose trace is exact, as planned (``method="auto"``: those whose
+            share fits the budget in the plan of the diagonal that computes them).
         methods: Module name -> the method of its trace.
         note: Why the exact diagonal was not planned, if it was not.
     """
@@ -137,6 +139,7 @@ class ActivationPlan:
     per_sample: list[int | None] | None = None
     diagonal: list[int] | None = None
     exact_products: int | None = None
+    exact: list[str] = field(default_factory=list)
     methods: dict[str, str] = field(default_factory=dict)
     note: str | None = None
 
@@ -241,7 +244,7 @@ def make_plan(
     steps: int = 100,
     per_layer: str = "auto",
     diagonal: list[int] | None = None,
-    subset_products: Callable[[list[str]], int] | None = None,
+    subset_costs: Callable[[list[str]], dict[str, int]] | None = None,
     activations: Sequence[str] | None = None,
 ) -> Plan:
     """Count the products of every stage, choose the traces' methods and the per-layer stages.
@@ -252,10 +255,11 @@ def make_plan(
     With ``diagonal``, the whole-model trace is exact when the whole diagonal costs at most
     ``trace_matvecs``; then every module's trace is exact too, a sum of the same diagonal at no
     further cost. Otherwise a module's trace is exact when its parameters' share of the
-    diagonal costs at most ``layer_matvecs``, computed as one diagonal of those modules'
-    parameters, and Hutch++ else; when that takes every module (the whole diagonal) and the
-    per-layer traces run, the whole-model trace, which runs first, computes it and is exact
-    as well.
+    diagonal costs at most ``layer_matvecs``, also in the plan of one diagonal of those
+    modules' parameters (``subset_costs``, as ``method="auto"`` of
+    :func:`~torch_secorder.model_hessian_trace` chooses), and Hutch++ else; when that takes
+    every module (the whole diagonal) and the per-layer traces run, the whole-model trace,
+    which runs first, computes it and is exact as well.
 
     With ``activations``, the activation table's traces are priced with Hutch++ at
     ``layer_matvecs`` each, and its top eigenvalues at their budget, until
@@ -276,9 +280,9 @@ def make_plan(
             :data:`AUTO_FACTOR` times those of the whole-model stages, with the top
             eigenvalues when traces and eigenvalues together fit, else ``"none"``.
         diagonal: Planned products of the exact diagonal per selected parameter.
-        subset_products: ``subset_products(modules)``, the planned products of the exact
-            diagonal of those modules' parameters (default: the sum of their shares of
-            ``diagonal``).
+        subset_costs: ``subset_costs(modules)``, module name -> the planned products of its
+            parameters in the exact diagonal of those modules' parameters (default: their
+            shares of ``diagonal``).
         activations: Module names or glob patterns of the activation table (``""``: the
             model's own output), as ``modules=`` of the model forms takes them; an empty
             list: the modules owning the selected parameters (the per-layer table's);
@@ -331,10 +335,10 @@ def make_plan(
         products={},
         activations=chosen,
     )
-    return _choose(plan, subset_products)
+    return _choose(plan, subset_costs)
 
 
-def _choose(plan: Plan, subset_products: Callable[[list[str]], int] | None) -> Plan:
+def _choose(plan: Plan, subset_costs: Callable[[list[str]], dict[str, int]] | None) -> Plan:
     """Fill in the methods, the per-layer choice and the products of ``plan``'s stages."""
     groups, planned = plan.groups, plan.diagonal_products
     total = planned or 0
@@ -345,21 +349,29 @@ def _choose(plan: Plan, subset_products: Callable[[list[str]], int] | None) -> P
         layer_methods = {
             name: EXACT if plan.share(name) <= plan.layer_matvecs else HUTCH for name in groups
         }
+    exact = [name for name in groups if layer_methods[name] == EXACT]
+    everything = len(exact) == len(groups)
+    shares = {name: plan.share(name) for name in exact}
+    while exact and not everything and subset_costs and plan.requested != "none":
+        # as method="auto" of model_hessian_trace: a plan of those modules' parameters alone
+        # may cost a module more than its share of the whole; again until all left fit
+        shares = subset_costs(exact)
+        fitting = [name for name in exact if shares[name] <= plan.layer_matvecs]
+        if fitting == exact:
+            break
+        exact = fitting
+    layer_methods = {name: EXACT if name in exact else HUTCH for name in groups}
     plan = replace(plan, layer_methods=layer_methods, subset=None)
-    exact = plan.exact_modules()
     hutch = sum(
         hutch_plus_plus_products(sum(plan.sizes[i] for i in groups[name]), plan.layer_matvecs)
         for name in groups
         if layer_methods[name] == HUTCH
     )
-    everything = len(exact) == len(groups)
     layer_trace = hutch
     if exact and not whole_exact and everything:
         layer_trace += total
-    elif exact and not whole_exact and subset_products and plan.requested != "none":
-        layer_trace += subset_products(exact)  # a plan of that selection
     elif exact and not whole_exact:
-        layer_trace += sum(plan.share(name) for name in exact)
+        layer_trace += sum(shares[name] for name in exact)
     products = {
         "top eigenvalues": default_max_matvecs("lanczos", plan.k, "largest"),
         "trace": total if whole_exact else hutch_plus_plus_products(plan.size, plan.trace_matvecs),
@@ -395,23 +407,17 @@ def _choose(plan: Plan, subset_products: Callable[[list[str]], int] | None) -> P
 def _choose_activations(plan: Plan) -> Plan:
     """Fill in the methods of the activation table's traces and the products of its stages.
 
-    A module's trace is exact when its output's planned diagonal takes at most
-    ``plan.layer_matvecs`` products (all such modules from one diagonal), else Hutch++ with
-    that many, as ``method="auto"`` of :func:`~torch_secorder.model_hessian_trace` chooses.
+    A module's trace is exact when :func:`price_activations` found its output's share of one
+    diagonal within ``plan.layer_matvecs`` products (all such modules from that diagonal),
+    else Hutch++ with that many, as ``method="auto"`` of
+    :func:`~torch_secorder.model_hessian_trace` chooses.
     """
     act = plan.activations
     if act is None:
         return plan
     budget = plan.layer_matvecs
-    if act.diagonal is None:
-        methods = dict.fromkeys(act.modules, HUTCH)
-    else:
-        costs = zip(act.modules, act.diagonal)
-        methods = {name: EXACT if cost <= budget else HUTCH for name, cost in costs}
-    exact = [i for i, name in enumerate(act.modules) if methods[name] == EXACT]
-    shared = act.exact_products
-    if shared is None:
-        shared = sum(act.diagonal[i] for i in exact) if exact else 0  # type: ignore[index]
+    methods = {name: EXACT if name in act.exact else HUTCH for name in act.modules}
+    shared = act.exact_products or 0
     traces = shared
     for i, name in enumerate(act.modules):
         if methods[name] == EXACT:
@@ -461,15 +467,16 @@ def price_plan(
     # Checks that help the modules' choice run only when per-layer traces may be wanted.
     budget = plan.trace_matvecs if plan.requested == "none" else math.inf
 
-    def subset_products(modules: list[str]) -> int:
+    def subset_costs(modules: list[str]) -> dict[str, int]:
         names = module_names(plan, modules)
         with HessianOperator.from_model(model, loss_fn, data, params=names) as subset:
-            return sum(planned_diagonal_costs(subset))
+            costs = dict(zip(names, planned_diagonal_costs(subset)))
+        return {m: sum(costs[plan.names[i]] for i in plan.groups[m]) for m in modules}
 
     try:
         diagonal = planned_diagonal_costs(operator, budget)
         forget_plan(operator)
-        return _choose(replace(plan, diagonal=diagonal), subset_products)
+        return _choose(replace(plan, diagonal=diagonal), subset_costs)
     except Exception as err:  # the report goes on with Hutch++, and says why
         forget_plan(operator)
         return replace(plan, note=f"the exact diagonal could not be planned ({one_line(err)})")
@@ -521,11 +528,13 @@ def price_activations(plan: Plan, operator: HessianOperator) -> Plan:
         counted = len(shape) > 0 and shape[0] == batch_sizes[batch]
         shapes[modules.index(name)].add(shape[1:].numel() if counted else None)
     per_sample = [kinds.pop() if len(kinds) == 1 else None for kinds in shapes]
-    diagonal, note, exact_products = None, None, None
+    diagonal, note, exact_products, exact = None, None, None, []
     try:
         diagonal = planned_diagonal_costs(operator)
-        needed = [v for v, cost in enumerate(diagonal) if cost <= plan.layer_matvecs]
-        exact_products = _subset_products(operator, diagonal, needed)
+        members = {v: [v] for v in range(len(modules))}
+        cheap, needed, costs = exact_groups(operator, members, plan.layer_matvecs, math.inf)
+        exact = [modules[v] for v in cheap]
+        exact_products = sum(costs[v] for v in needed)
     except Exception as err:  # the report goes on with Hutch++, and says why
         diagonal, note = None, f"the exact diagonal could not be planned ({one_line(err)})"
     finally:
@@ -537,22 +546,10 @@ def price_activations(plan: Plan, operator: HessianOperator) -> Plan:
         per_sample=per_sample,
         diagonal=diagonal,
         exact_products=exact_products,
+        exact=exact,
         note=note,
     )
     return _choose_activations(replace(plan, activations=act))
-
-
-def _subset_products(operator: HessianOperator, costs: list[int], needed: list[int]) -> int:
-    """Planned products of one exact diagonal of the variables ``needed`` of ``operator``.
-
-    ``costs`` count the checks of independent samples with the first variable; a diagonal of
-    some variables counts them with the first of those, so where the plan kept the checks'
-    outcome, the products are planned again for ``needed`` from it.
-    """
-    source = operator._source
-    if source.planned is None or not needed:
-        return sum(costs[v] for v in needed)
-    return sum(source._planned_costs(source.planned[1], needed))
 
 
 def stage_methods(plan: Plan) -> dict[str, tuple[str, str, bool]]:

@@ -378,6 +378,41 @@ def _like(shapes: list[torch.Size], dtype: torch.dtype) -> list[Tensor]:
     return [torch.empty(shape, dtype=dtype, device="meta") for shape in shapes]
 
 
+def exact_groups(
+    operator: HessianOperator, members: dict[Any, list[int]], budget: float, planning: float
+) -> tuple[list[Any], list[int], list[int]]:
+    """The groups of variables whose exact diagonal fits ``budget``, as ``method="auto"`` takes.
+
+    A batch's checks count for the first variable of the diagonal taken, so a plan of fewer
+    variables may cost a group more than its share of the plan of all: planned again for the
+    groups that fit until all of them do. The plan of the last is kept for the diagonal.
+
+    Args:
+        operator: An operator over activations or inputs.
+        members: Group key -> the indices of its variables.
+        budget: Products a group's share of the diagonal may take.
+        planning: ``budget`` of :meth:`plan_diagonal` (checks run only where they can help).
+
+    Returns:
+        The keys of the groups that fit, in order, the variables of their diagonal, and the
+        products per variable in the last plan.
+    """
+    costs = planned_diagonal_costs(operator, planning)
+
+    def within(keys: list[Any]) -> list[Any]:
+        return [key for key in keys if sum(costs[v] for v in members[key]) <= budget]
+
+    cheap, needed = within(list(members)), []
+    while cheap:
+        needed = sorted({v for key in cheap for v in members[key]})
+        costs = operator._source.plan_diagonal(planning, needed)
+        fitting = within(cheap)
+        if fitting == cheap:
+            break
+        cheap = fitting
+    return cheap, needed, costs
+
+
 def variables_exact_or_estimate(
     fname: str,
     model: Any,
@@ -400,19 +435,8 @@ def variables_exact_or_estimate(
         method = "method='exact'" if math.isinf(budget) else "method='auto'"
         check_room(method, 1, operator.shape[0], operator.dtype, operator.device)
         planning = budget if groups is None and math.isfinite(budget) else math.inf
-        costs = planned_diagonal_costs(operator, planning)
-
-        def within(keys: list[Any], costs: list[int]) -> list[Any]:
-            members = resolved.members
-            return [k for k in keys if sum(costs[v] for v in members[k].variables) <= budget]
-
-        cheap = within(list(resolved.members), costs)
-        while cheap:  # the checks count for the first variable of the diagonal taken: replan
-            needed = sorted({v for key in cheap for v in resolved.members[key].variables})
-            fitting = within(cheap, operator._source.plan_diagonal(planning, needed))
-            if fitting == cheap:
-                break
-            cheap = fitting
+        members = {key: group.variables for key, group in resolved.members.items()}
+        cheap, needed, _ = exact_groups(operator, members, budget, planning)
         results: dict[Any, Any] = {}
         if cheap:
             (diagonal,), used = operator._source.diagonal(needed)
