@@ -451,6 +451,14 @@ def test_loss_dict_size_is_refused_before_any_work():
         r"smaller selection with params=\.$",
     ):
         model_hessian_dict(model, loss_fn, x, None, max_bytes=1000)
+    with pytest.raises(  # (the hint leaves out what was asked already)
+        ValueError, match=r"more than max_bytes=200 B; use HessianOperator, or a smaller selection"
+    ):
+        model_hessian_dict(model, loss_fn, x, None, max_bytes=200, diagonal_only=True)
+    with pytest.raises(
+        ValueError, match=r"more than max_bytes=200 B; use output_sharpness, or a smaller selection"
+    ):
+        output_hessian_dict(model, x, max_bytes=200, diagonal_only=True)
     assert model.forwards == 0
     assert loss_fn_calls == []
 

@@ -323,6 +323,8 @@ _OUTPUT_HINT = (
     "use output_sharpness, diagonal_only=True with output_hessian_dict, or a smaller selection "
     "with params=."
 )
+_BLOCKS_HINT = "use output_sharpness, or a smaller selection with params=."
+"""(for the per-parameter blocks of :func:`output_hessian_dict` with ``diagonal_only=True``)"""
 
 
 # ----------------------------------------------------------------------------- public
@@ -463,11 +465,12 @@ def output_hessian_dict(
     entries = _block_entries(tensors, diagonal_only)
     dtype = tensors[0].dtype
     one = f"the blocks of one output element's Hessian ({entries} entries)"
-    check_dense_size(fname, one, entries, dtype, max_bytes, _OUTPUT_HINT)
+    hint = _BLOCKS_HINT if diagonal_only else _OUTPUT_HINT
+    check_dense_size(fname, one, entries, dtype, max_bytes, hint)
     with model_outputs(fname, model, inputs, names, tensors, batched) as outputs:
         count = outputs.numel
         what = f"the blocks of {count} output elements' Hessians ({count * entries} entries)"
-        check_dense_size(fname, what, count * entries, dtype, max_bytes, _OUTPUT_HINT)
+        check_dense_size(fname, what, count * entries, dtype, max_bytes, hint)
         blocks = _empty_blocks(names, tensors, (count,), diagonal_only)
         for index, graph, chunk in element_graphs(outputs, chunk_size):
             _fill_dict(graph, names, blocks, (index,), diagonal_only, chunk)
@@ -538,7 +541,9 @@ def model_hessian_dict(
         check_layout(fname, "the Hessian's blocks", labelled, _LAYOUT_HINT)
         entries = _block_entries(tensors, diagonal_only)
         what = f"the blocks of the Hessian ({entries} entries)"
-        hint = "use diagonal_only=True, HessianOperator, or a smaller selection with params=."
+        hint = "use HessianOperator, or a smaller selection with params=."
+        if not diagonal_only:
+            hint = "use diagonal_only=True, HessianOperator, or a smaller selection with params=."
         check_dense_size(fname, what, entries, tensors[0].dtype, max_bytes, hint)
         blocks = _empty_blocks(names, tensors, (), diagonal_only)
         with objective.gradient() as graph:
