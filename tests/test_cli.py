@@ -36,6 +36,9 @@ FACTORIES = textwrap.dedent(
     def strings():
         return [("not", "tensors")]
 
+    def shuffled():
+        return torch.utils.data.DataLoader(data(), batch_size=16, shuffle=True)
+
     def not_a_model():
         return 3
 
@@ -256,6 +259,11 @@ def test_argparse_errors_take_one_line(args, message, capsys):
         (
             ["--model", "{f}:model", "--data", "{f}:strings"],
             r"--data: batches must be \(inputs, targets\) pairs of tensors",
+        ),
+        (
+            ["--model", "{f}:model", "--data", "{f}:shuffled"],
+            r"--data: a DataLoader whose RandomSampler draws another order on every pass; .* "
+            r"use shuffle=False \(or a fixed sampler\)$",
         ),
         (["--model", "{f}:model"], r"--model and --data go together"),
         (["--checkpoint", "missing.pt"], r"--checkpoint: no such file missing.pt"),

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from torch_secorder import __version__
+from torch_secorder._checks import RANDOM_SAMPLERS
 from torch_secorder._data import is_batch, to_device
 
 LOSSES: dict[str, Callable[..., Any]] = {
@@ -214,6 +215,13 @@ def as_batches(data: Any, batch_size: int) -> Any:
         data, torch.utils.data.IterableDataset
     ):
         data = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    sampler = getattr(getattr(data, "batch_sampler", None), "sampler", None)
+    if isinstance(sampler, RANDOM_SAMPLERS):  # (hidden behind the casting view below)
+        raise UsageError(
+            f"--data: a DataLoader whose {type(sampler).__name__} draws another order on every "
+            "pass; every product passes over the data again, and all passes must see the same "
+            "batches in the same order: use shuffle=False (or a fixed sampler)"
+        )
     first = data if is_batch(data) else next(iter(data), None)
     if first is None:
         raise UsageError("--data: the data set is empty")

@@ -468,7 +468,7 @@ def check_inputs(fname: str, argname: str, inputs: object) -> None:
         )
 
 
-_RANDOM_SAMPLERS = (
+RANDOM_SAMPLERS = (
     torch.utils.data.RandomSampler,
     torch.utils.data.SubsetRandomSampler,
     torch.utils.data.WeightedRandomSampler,
@@ -507,7 +507,7 @@ def check_data(
             f"got {type_name(data)}."
         )
     sampler = getattr(getattr(batches, "batch_sampler", None), "sampler", None)
-    if isinstance(sampler, _RANDOM_SAMPLERS):
+    if isinstance(sampler, RANDOM_SAMPLERS):
         raise ValueError(
             f"{fname}: data is a DataLoader whose {type_name(sampler)} draws another order "
             "on every pass; every product passes over the data again, and all passes must "
