@@ -25,7 +25,7 @@ def one_line(err: BaseException) -> str:
 def _number(value: float | None, spec: str) -> str:
     if value is None:
         return "-"
-    return "nan" if math.isnan(value) else format(value, spec)
+    return "n/a" if math.isnan(value) else format(value, spec)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -142,9 +142,14 @@ def _trace_section(trace: dict[str, Any] | None, state: str | None) -> list[str]
             f"tr(H) = {trace['value']:.6g}, exact: the sum of the exact diagonal "
             f"({trace['num_matvecs']} products)."
         )
+    elif trace["stderr"] is None or math.isnan(trace["stderr"]):  # (a single probe)
+        text = (
+            f"tr(H) = {trace['value']:.6g} (Hutch++, {trace['num_matvecs']} products: one "
+            "probe, no standard error"
+        )
     else:
         text = (
-            f"tr(H) = {trace['value']:.6g} ± {_number(trace['stderr'], '.2g')} (standard error; "
+            f"tr(H) = {trace['value']:.6g} ± {trace['stderr']:.2g} (standard error; "
             f"Hutch++, {trace['num_matvecs']} products"
         )
         exact = trace.get("exact_diagonal_products")
