@@ -988,7 +988,7 @@ def test_report_json_is_standard_json(tmp_path, factories, capsys):
     report = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
     assert (report["trace"]["method"], report["trace"]["stderr"]) == ("hutch++", None)
     markdown = (tmp_path / "report.md").read_text()
-    assert "(Hutch++, 3 products: one probe, no standard error)." in markdown
+    assert "(Hutch++, 3 products: one probe, no standard error; " in markdown
     assert "nan" not in markdown
 
 
