@@ -152,6 +152,7 @@ def _trace_section(trace: dict[str, Any] | None, state: str | None) -> list[str]
             f"tr(H) = {trace['value']:.6g} ± {trace['stderr']:.2g} (standard error; "
             f"Hutch++, {trace['num_matvecs']} products"
         )
+    if trace["method"] != "exact":
         exact = trace.get("exact_diagonal_products")
         text += f"; the exact diagonal would take {exact})." if exact is not None else ")."
     return ["## Trace", "", text, ""]
