@@ -31,3 +31,24 @@ def test_public_names_are_exported():
     for name in analysis.__all__:
         assert getattr(ts, name) is getattr(analysis, name)
         assert name in ts.__all__
+
+
+def test_a_results_repr_is_one_line_with_large_tensors_by_shape():
+    result = ts.EigenResult(
+        torch.tensor([3.0, 1.0]),
+        [torch.zeros(2, 500, 3, dtype=torch.float64), torch.ones(2, 3)],
+        torch.tensor([1e-6, 2e-6]),
+        True,
+        41,
+    )
+    text = repr(result)
+    assert "\n" not in text
+    assert text == (
+        "EigenResult(eigenvalues=tensor([3., 1.]), eigenvectors=[<tensor of shape (2, 500, 3), "
+        "float64>, tensor([[1., 1., 1.], [1., 1., 1.]])], residuals=tensor([1.0000e-06, "
+        "2.0000e-06]), converged=True, num_matvecs=41)"
+    )
+    density = ts.DensityResult(
+        torch.zeros(1000), torch.zeros(1000), torch.zeros(1, 3), torch.ones(1, 3), 3, 0.5
+    )
+    assert repr(density).startswith("DensityResult(grid=<tensor of shape (1000,), float32>, ")

@@ -3,26 +3,52 @@
 Every result reports ``num_matvecs``, the Hessian-vector products the analysis asked of the
 operator (a ``k``-column product counts ``k``). Scalars that come from tensors (a trace, its
 standard error) are 0-d tensors with the operator's dtype and device; ``float(result.value)``
-gives a Python number.
+gives a Python number. A result's ``repr`` is one line, tensors of more than
+:data:`SHOWN_ENTRIES` entries shown by shape and dtype; the fields hold them whole.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import Tensor
 
 __all__ = ["DensityResult", "DiagonalEstimate", "EigenResult", "SharpnessResult", "TraceEstimate"]
 
+SHOWN_ENTRIES = 10
+"""Tensors of at most this many entries appear whole in a result's ``repr``; larger ones by
+their shape and dtype (a density's grid, eigenvectors, a diagonal)."""
 
-@dataclass(frozen=True)
-class TraceEstimate:
+
+class _Brief:
+    """A ``repr`` of one line: small tensors whole, larger ones by shape and dtype."""
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={_brief(getattr(self, f.name))}" for f in fields(self))  # type: ignore[arg-type]
+        return f"{type(self).__name__}({shown})"
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, Tensor) and value.numel() > SHOWN_ENTRIES:
+        dtype = str(value.dtype).removeprefix("torch.")
+        device = "" if value.device.type == "cpu" else f", {value.device}"
+        return f"<tensor of shape {tuple(value.shape)}, {dtype}{device}>"
+    if isinstance(value, Tensor):
+        return " ".join(repr(value).split())
+    if isinstance(value, list):
+        return "[" + ", ".join(_brief(v) for v in value) + "]"
+    return repr(value)
+
+
+@dataclass(frozen=True, repr=False)
+class TraceEstimate(_Brief):
     """An estimate of the trace of the Hessian.
 
     Attributes:
         value: The estimate, a 0-d tensor.
         stderr: Its standard error, a 0-d tensor: the sample standard deviation of the
-            averaged terms over the square root of their number (``0`` for
-            ``method="exact"``, ``nan`` where a single term leaves it undefined).
+            averaged terms over the square root of their number, the jackknife's for
+            ``"xtrace"`` (``0`` for ``method="exact"``, ``nan`` where a single term leaves it
+            undefined).
         num_matvecs: Hessian-vector products used.
         method: The method that gave it (``"exact"``, ``"hutch++"``, ``"hutchinson"`` or
             ``"xtrace"``), also when ``method="auto"`` chose it.
@@ -34,8 +60,8 @@ class TraceEstimate:
     method: str = "exact"
 
 
-@dataclass(frozen=True)
-class EigenResult:
+@dataclass(frozen=True, repr=False)
+class EigenResult(_Brief):
     r"""Extreme eigenpairs of the Hessian.
 
     Attributes:
@@ -56,8 +82,8 @@ class EigenResult:
     num_matvecs: int
 
 
-@dataclass(frozen=True)
-class DensityResult:
+@dataclass(frozen=True, repr=False)
+class DensityResult(_Brief):
     """A smoothed estimate of the Hessian's eigenvalue density.
 
     Attributes:
@@ -99,15 +125,15 @@ class DensityResult:
         return plot_spectral_density(self, ax, log=log, path=path)
 
 
-@dataclass(frozen=True)
-class DiagonalEstimate:
+@dataclass(frozen=True, repr=False)
+class DiagonalEstimate(_Brief):
     """An estimate of the Hessian's diagonal.
 
     Attributes:
         diagonal: The estimate: a list like params for the closure and model forms, a flat
             ``(P,)`` tensor for an operator.
-        stderr: Per-entry standard errors in the same structure (zeros for the exact
-            diagonal).
+        stderr: Per-entry standard errors in the same structure (the jackknife's for
+            ``"xdiag"``; zeros for the exact diagonal).
         num_matvecs: Hessian-vector products used.
         method: The method that gave it (``"exact"``, ``"xdiag"`` or ``"hutchinson"``), also
             when ``method="auto"`` chose it.
@@ -119,8 +145,8 @@ class DiagonalEstimate:
     method: str = "exact"
 
 
-@dataclass(frozen=True)
-class SharpnessResult:
+@dataclass(frozen=True, repr=False)
+class SharpnessResult(_Brief):
     r"""The sharpness of the Hessian of every output element of a model.
 
     Every tensor has the shape of the model's output, ``(b, *out)`` for a batch: entry
