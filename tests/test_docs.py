@@ -261,3 +261,17 @@ def test_docs_build_without_warnings(tmp_path):
     assert (tmp_path / "html" / "_static" / "mathjax" / "tex-chtml.js").is_file()
     for page in (tmp_path / "html").rglob("*.html"):
         assert not re.search(r"<script[^>]*src=\"(https?:)?//", page.read_text()), page.name
+
+
+def test_every_public_example_runs_as_written_in_a_fresh_session():
+    # a user copies an example into a new session: it imports what it uses
+    finder = doctest.DocTestFinder(recurse=True)
+    checked = 0
+    for name in [n for n in torch_secorder.__all__ if n != "__version__"]:
+        obj = getattr(torch_secorder, name)
+        for test in finder.find(obj, name, globs={}, module=inspect.getmodule(obj)):
+            if test.examples:
+                runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+                assert runner.run(test, out=lambda _: None).failed == 0, test.name
+                checked += 1
+    assert checked >= 30

@@ -126,6 +126,7 @@ def spectral_density(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import spectral_density
         >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
         >>> d = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
         >>> result = spectral_density(lambda: 0.5 * (d * x**2).sum(), [x], num_probes=2)
@@ -210,6 +211,7 @@ def model_spectral_density(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import model_spectral_density
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)

@@ -108,6 +108,7 @@ def hessian_diagonal_estimate(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import hessian_diagonal_estimate
         >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
         >>> d = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
         >>> est = hessian_diagonal_estimate(lambda: 0.5 * (d * x**2).sum(), [x],
@@ -191,6 +192,7 @@ def model_hessian_diagonal_estimate(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import model_hessian_diagonal_estimate
         >>> model = torch.nn.Linear(2, 1).double()
         >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)

@@ -155,6 +155,7 @@ def top_eigenvalues(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import top_eigenvalues
         >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
         >>> d = torch.tensor([1.0, -4.0, 3.0], dtype=torch.float64)
         >>> result = top_eigenvalues(lambda: 0.5 * (d * x**2).sum(), [x], k=2, which="magnitude")
@@ -253,6 +254,7 @@ def model_top_eigenvalues(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import model_top_eigenvalues
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)

@@ -80,6 +80,7 @@ class CurvatureHistory:
         records: Initial records.
 
     Example:
+        >>> from torch_secorder import CurvatureHistory, CurvatureRecord
         >>> history = CurvatureHistory([
         ...     CurvatureRecord(0, "eigenvalue", 3.0, 1e-6, 20, 0.5),
         ...     CurvatureRecord(0, "threshold", 20.0, 0.0, 0, 0.0),

@@ -167,6 +167,7 @@ class CurvatureMonitor:
 
     Example:
         >>> import torch
+        >>> from torch_secorder import CurvatureMonitor
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)

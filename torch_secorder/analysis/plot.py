@@ -42,6 +42,7 @@ def plot_spectral_density(
 
     Example:
         >>> import os, tempfile, torch
+        >>> from torch_secorder import plot_spectral_density
         >>> from torch_secorder import spectral_density
         >>> d = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
         >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)

@@ -97,6 +97,7 @@ def output_sharpness(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import output_sharpness
         >>> model = torch.nn.Sequential(  # y = w2 * w1 * x: H = [[0, x], [x, 0]]
         ...     torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
         ... ).double()
@@ -188,6 +189,7 @@ def model_sharpness(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import model_sharpness
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)

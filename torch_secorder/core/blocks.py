@@ -67,6 +67,7 @@ def hessian_block(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import hessian_block
         >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
         >>> y = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
         >>> hessian_block(lambda: (x**2).sum() * y.sum(), [x], [y])  # 2 x
@@ -134,6 +135,7 @@ def hessian_blocks(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import hessian_blocks
         >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
         >>> y = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
         >>> hessian_blocks(lambda: x[0] * x[1] * y.sum(), [x, y])

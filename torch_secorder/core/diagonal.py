@@ -120,6 +120,7 @@ def hessian_diagonal(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import hessian_diagonal
         >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
         >>> hessian_diagonal(lambda: (x**3).sum() + x[0] * x[1], [x])  # diag(6 x)
         [tensor([ 6., 12.], dtype=torch.float64)]
@@ -235,6 +236,7 @@ def model_hessian_diagonal(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import model_hessian_diagonal
         >>> model = torch.nn.Linear(2, 1).double()
         >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)
@@ -351,6 +353,7 @@ def diagonal_plan(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import diagonal_plan
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> model = torch.nn.Sequential(

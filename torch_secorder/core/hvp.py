@@ -76,6 +76,7 @@ def hvp(func, params, v, *, create_graph=False, strict=False):
 
     Example:
         >>> import torch
+        >>> from torch_secorder import hvp
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> x = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
         >>> hvp(lambda: 0.5 * x @ A @ x, [x], [torch.tensor([1.0, 0.0], dtype=torch.float64)])
@@ -155,6 +156,7 @@ def batched_hvp(func, params, vs, *, chunk_size=None, strict=False):
 
     Example:
         >>> import torch
+        >>> from torch_secorder import batched_hvp
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
         >>> batched_hvp(lambda: 0.5 * x @ A @ x, [x], torch.eye(2, dtype=torch.float64))
@@ -235,6 +237,7 @@ def model_hvp(model, loss_fn, inputs, targets, v, *, params=None, create_graph=F
 
     Example:
         >>> import torch
+        >>> from torch_secorder import model_hvp
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> x = torch.eye(2, dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)

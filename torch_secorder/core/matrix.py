@@ -65,6 +65,7 @@ def hessian_matrix(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import hessian_matrix
         >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
         >>> hessian_matrix(lambda: x[0] ** 2 * x[1], [x])
         tensor([[4., 2.],
@@ -139,6 +140,7 @@ def model_hessian_matrix(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import model_hessian_matrix
         >>> model = torch.nn.Linear(2, 1).double()
         >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)

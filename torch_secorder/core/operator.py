@@ -91,6 +91,7 @@ class HessianOperator:
 
     Example:
         >>> import torch
+        >>> from torch_secorder import HessianOperator
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
         >>> with HessianOperator(lambda: 0.5 * x @ A @ x, [x]) as H:
@@ -214,6 +215,7 @@ class HessianOperator:
 
         Example:
             >>> import torch
+            >>> from torch_secorder import HessianOperator
             >>> model = torch.nn.Linear(2, 1, bias=False).double()
             >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
             >>> y = torch.zeros(3, 1, dtype=torch.float64)
@@ -350,6 +352,7 @@ class HessianOperator:
 
         Example:
             >>> import torch
+            >>> from torch_secorder import HessianOperator
             >>> x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
             >>> H = HessianOperator(lambda: x[0] ** 2 + 3 * x[0] * x[1] + 2 * x[1] ** 2, [x])
             >>> H.diagonal(), H.num_matvecs

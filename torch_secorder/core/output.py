@@ -381,6 +381,7 @@ def output_hessian_matrix(
         >>> model = torch.nn.Sequential(  # y = w2 * w1 * x: H = [[0, x], [x, 0]]
         ...     torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
         ... ).double()
+        >>> from torch_secorder import output_hessian_matrix
         >>> x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
         >>> H = output_hessian_matrix(model, x)
         >>> H.shape  # (b, *out, P, P)
@@ -450,6 +451,7 @@ def output_hessian_dict(
         >>> model = torch.nn.Sequential(  # y = w2 * w1 * x
         ...     torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
         ... ).double()
+        >>> from torch_secorder import output_hessian_dict
         >>> x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
         >>> H = output_hessian_dict(model, x)
         >>> list(H), list(H["0.weight"])
@@ -520,6 +522,7 @@ def model_hessian_dict(
 
     Example:
         >>> import torch
+        >>> from torch_secorder import model_hessian_dict
         >>> model = torch.nn.Linear(2, 1).double()
         >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)

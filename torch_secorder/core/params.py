@@ -41,6 +41,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
 
     Example:
         >>> import torch
+        >>> from torch_secorder import select_params
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
         >>> list(select_params(model, "*.weight"))
         ['0.weight', '1.weight']
@@ -166,6 +167,7 @@ def flatten(tensors: Iterable[Tensor], *, batched: bool = False) -> Tensor:
 
     Example:
         >>> import torch
+        >>> from torch_secorder import flatten
         >>> flatten([torch.ones(2, 2), torch.zeros(1)])
         tensor([1., 1., 1., 1., 0.])
     """
@@ -214,6 +216,7 @@ def unflatten(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
 
     Example:
         >>> import torch
+        >>> from torch_secorder import unflatten
         >>> [t.shape for t in unflatten(torch.arange(5.0), [torch.ones(2, 2), torch.ones(1)])]
         [torch.Size([2, 2]), torch.Size([1])]
     """
