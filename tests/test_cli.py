@@ -316,6 +316,28 @@ def test_mismatched_checkpoint(tmp_path, factories, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (
+            lambda path: torch.save(nn.Linear(4, 6), path),
+            r"holds more than tensors \(a whole model saved with torch.save\(model\)\?\); save "
+            r"its state dict instead: torch.save\(model.state_dict\(\), path\)$",
+        ),
+        (lambda path: path.write_text("notes"), r"cannot read .*: not a file torch.save wrote$"),
+    ],
+)
+def test_checkpoints_that_are_not_state_dicts(write, message, tmp_path, factories, capsys):
+    checkpoint = tmp_path / "file.pt"
+    write(checkpoint)
+    args = ["--out", str(tmp_path), "--model", f"{factories}:model", "--data", f"{factories}:data"]
+    status, _, err = run([*args, "--checkpoint", str(checkpoint)], capsys)
+    assert status == 2
+    (line,) = err.strip().splitlines()
+    assert re.search(message, line), line
+    assert "\x1b" not in line
+
+
 def test_python_dash_m_entry_point(tmp_path):
     import subprocess
     import sys

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import pickle
 import sys
 import tempfile
 import time
@@ -194,7 +195,13 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UsageError(f"--checkpoint: cannot read {path} ({err})") from None
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise UsageError(
+                f"--checkpoint: {path} holds more than tensors (a whole model saved with "
+                "torch.save(model)?); save its state dict instead: "
+                "torch.save(model.state_dict(), path)"
+            ) from None
+        raise UsageError(f"--checkpoint: cannot read {path}: not a file torch.save wrote") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model_state_dict"):
             if isinstance(state.get(key), dict):
