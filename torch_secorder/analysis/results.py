@@ -52,6 +52,16 @@ class TraceEstimate(_Brief):
         num_matvecs: Hessian-vector products used.
         method: The method that gave it (``"exact"``, ``"hutch++"``, ``"hutchinson"`` or
             ``"xtrace"``), also when ``method="auto"`` chose it.
+
+    Example:
+        >>> import torch
+        >>> from torch_secorder import hessian_trace
+        >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        >>> d = torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64)
+        >>> loss = lambda: 0.5 * (d * x**2).sum()  # H = diag(d)
+        >>> result = hessian_trace(loss, [x], method="exact")
+        >>> float(result.value), float(result.stderr), result.num_matvecs, result.method
+        (8.0, 0.0, 3, 'exact')
     """
 
     value: Tensor
@@ -73,6 +83,16 @@ class EigenResult(_Brief):
         residuals: ``(k,)`` tensor of residual norms :math:`\|Hx - \lambda x\|`.
         converged: Whether every pair met the tolerance within the budget.
         num_matvecs: Hessian-vector products used.
+
+    Example:
+        >>> import torch
+        >>> from torch_secorder import top_eigenvalues
+        >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        >>> d = torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64)
+        >>> loss = lambda: 0.5 * (d * x**2).sum()  # H = diag(d)
+        >>> result = top_eigenvalues(loss, [x], k=2)
+        >>> [round(float(v), 6) for v in result.eigenvalues], result.converged
+        ([5.0, 2.0], True)
     """
 
     eigenvalues: Tensor
@@ -97,6 +117,18 @@ class DensityResult(_Brief):
             to 1.
         num_matvecs: Hessian-vector products used.
         sigma: Standard deviation of the Gaussian broadening.
+
+    Example:
+        >>> import torch
+        >>> from torch_secorder import spectral_density
+        >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        >>> d = torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64)
+        >>> loss = lambda: 0.5 * (d * x**2).sum()  # H = diag(d)
+        >>> result = spectral_density(loss, [x], num_matvecs=3, num_probes=1)
+        >>> [round(float(v), 6) for v in result.nodes[0]]  # the Ritz values: H's eigenvalues
+        [1.0, 2.0, 5.0]
+        >>> round(float(torch.trapezoid(result.density, result.grid)), 6)
+        1.0
     """
 
     grid: Tensor
@@ -137,6 +169,16 @@ class DiagonalEstimate(_Brief):
         num_matvecs: Hessian-vector products used.
         method: The method that gave it (``"exact"``, ``"xdiag"`` or ``"hutchinson"``), also
             when ``method="auto"`` chose it.
+
+    Example:
+        >>> import torch
+        >>> from torch_secorder import hessian_diagonal_estimate
+        >>> x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        >>> d = torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64)
+        >>> loss = lambda: 0.5 * (d * x**2).sum()  # H = diag(d)
+        >>> result = hessian_diagonal_estimate(loss, [x], num_matvecs=3)  # 3 products: exact
+        >>> result.diagonal, result.method
+        ([tensor([1., 5., 2.], dtype=torch.float64)], 'exact')
     """
 
     diagonal: Tensor | list[Tensor]
