@@ -42,6 +42,9 @@ FACTORIES = textwrap.dedent(
     def not_a_model():
         return 3
 
+    def wide():
+        return nn.Linear(5, 3)  # (the data has 4 features)
+
     def sum_loss(out, y):
         return nn.functional.cross_entropy(out, y)
 
@@ -336,6 +339,15 @@ def test_checkpoints_that_are_not_state_dicts(write, message, tmp_path, factorie
     (line,) = err.strip().splitlines()
     assert re.search(message, line), line
     assert "\x1b" not in line
+
+
+def test_an_error_of_the_model_on_the_data_says_how_to_see_where(tmp_path, factories, capsys):
+    args = ["--out", str(tmp_path), "--model", f"{factories}:wide", "--data", f"{factories}:data"]
+    status, _, err = run(args, capsys)
+    assert status == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("torch-secorder report: error: RuntimeError: mat1 and mat2 shapes")
+    assert line.endswith(" (--traceback shows where)")
 
 
 def test_python_dash_m_entry_point(tmp_path):

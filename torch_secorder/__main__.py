@@ -505,8 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        kind = "" if isinstance(err, UsageError) else f"{type(err).__name__}: "
-        print(f"torch-secorder report: error: {kind}{message}", file=sys.stderr)
+        if not isinstance(err, UsageError):  # (raised by the model, the loss or the library)
+            message = f"{type(err).__name__}: {message} (--traceback shows where)"
+        print(f"torch-secorder report: error: {message}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
     print(f"wrote {', '.join(str(p) for p in paths)} in {elapsed:.1f} s")
