@@ -478,6 +478,27 @@ def test_one_element_loss_is_a_scalar():
     torch.testing.assert_close(result, 6 * x.detach())
 
 
+@pytest.mark.parametrize("fname", MODEL_FORMS)
+def test_inputs_of_another_dtype_than_the_parameters_are_named(fname):
+    pr = _problem()
+    with pytest.raises(
+        ValueError,
+        match=rf"^{fname}: the forward pass raised 'mat1 and mat2 must have the same dtype.*': "
+        r"the parameters are torch\.float64; are the inputs \(or another tensor it uses\) of "
+        r"another dtype\? Cast them, e\.g\. inputs\.to\(torch\.float64\), or the model to "
+        r"theirs\.$",
+    ) as caught:
+        _model_call(fname, pr, inputs=pr.inputs.float())
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert not any(p.grad is not None for p in pr.model.parameters())
+
+
+def test_other_errors_of_the_forward_pass_are_raised_as_they_are():
+    pr = _problem()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        model_hvp(pr.model, pr.loss_fn, torch.ones(4, 3, dtype=F64), pr.targets, pr.mv)
+
+
 @pytest.mark.parametrize(
     ("loss", "error", "message"),
     [

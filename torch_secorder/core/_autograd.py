@@ -36,6 +36,7 @@ from torch_secorder.core._forward import (
     next_node_number,
     pass_nodes,
     requires_grad,
+    run_forward,
     second_derivative_error,
 )
 
@@ -116,14 +117,15 @@ class GradientGraph:
         self.on_products: Callable[[int], object] | None = None
         # the forward pass without the routing mode, again under it where it needs a route
         first = -1 if route else next_node_number()  # (-1: route from the start)
+        dtype = params[0].dtype if params else None
         with forward_context([*params, *others], seed, route=first < 0):
-            loss = check_loss(fname, func(), source)
+            loss = check_loss(fname, run_forward(fname, func, dtype), source)
         self.routed, custom = True, True  # (where the pass's nodes are not known apart)
         if first >= 0:
             self.routed, custom = forward_facts(loss, first)
         if first >= 0 and self.routed:
             with forward_context([*params, *others], seed):
-                loss = check_loss(fname, func(), source)
+                loss = check_loss(fname, run_forward(fname, func, dtype), source)
         self.params = [*params, *probes]  # probes the forward pass made are known now
         self.differentiable = [*self.params, *others]
         with requires_grad(self.differentiable):  # outside the forward's function mode

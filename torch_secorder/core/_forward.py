@@ -319,6 +319,32 @@ def second_derivative_error(
     )
 
 
+_MIXED_DTYPES = re.compile(
+    r"same dtype|scalar type|type \(\w+\) and \w+ type \(\w+\) should be the same|mixed dtype",
+    re.IGNORECASE,
+)
+
+
+def run_forward(fname: str, func: Callable[[], object], dtype: torch.dtype | None) -> object:
+    """Call ``func`` (a forward pass and its loss); name a clash of dtypes it raises.
+
+    A ``RuntimeError`` of an operator given tensors of different dtypes (inputs of another
+    dtype than the parameters, ``dtype``, most often) becomes a ``ValueError`` naming the
+    public function and a fix; any other error is raised as it is.
+    """
+    try:
+        return func()
+    except RuntimeError as err:
+        if dtype is None or _MIXED_DTYPES.search(str(err)) is None:
+            raise
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"{fname}: the forward pass raised {first!r}: the parameters are {dtype}; are the "
+            f"inputs (or another tensor it uses) of another dtype? Cast them, e.g. "
+            f"inputs.to({dtype}), or the model to theirs."
+        ) from err
+
+
 def module_calling(model: nn.Module, run: Callable[[], object], op: str) -> str | None:
     """The innermost module of ``model`` that calls the torch function ``op`` in ``run()``.
 
