@@ -19,7 +19,7 @@ the square root of their number. XDiag's are the jackknife's over its test vecto
 XTrace's (:mod:`.trace`): its :math:`d_i` share their sketches, and their spread understated
 the errors (by up to 1.4 times in the median entry on flat spectra, 83% within two standard
 errors), where over 100 seeds on small networks and test spectra the errors spread 0.56 to
-0.90 times as wide as the jackknife says, 95 to 99% within two (a pass over the sketch in
+0.91 times as wide as the jackknife says, 95 to 99% within two (a pass over the sketch in
 slices of rows, :math:`O(ns^2)`). ``method="auto"`` (the default) returns the
 exact diagonal where it costs no more products than the budget (:mod:`._exact`), XDiag
 otherwise.

@@ -21,10 +21,10 @@ With :math:`m` products and Rademacher probes :math:`z` (:math:`\mathbb E\, zz^\
   :math:`\bar t_{(k)}` the estimate without :math:`\omega_k` (its leave-two-out bases from
   the same factorisation, :math:`O(s^3)` in all). The :math:`t_i` share their sketches and
   are positively correlated, so their standard deviation over :math:`\sqrt s` (the paper's
-  heuristic) understated the error: over 200 seeds the errors spread 1.2 to 1.25 times as
-  wide on small networks and 1.4 to 1.65 times on slowly decaying or flat spectra, 80 to 92%
+  heuristic) understated the error: over 200 seeds the errors spread 1.06 to 1.34 times as
+  wide on small networks and 1.2 to 1.65 times on test spectra, 80 to 94%
   of them within two standard errors. The jackknife errs the other way, as it must (Efron
-  and Stein 1981): there the errors spread 0.47 to 0.96 times as wide as it says, 95 to 100%
+  and Stein 1981): there the errors spread 0.47 to 0.97 times as wide as it says, 95 to 100%
   within two standard errors. Hutchinson's and Hutch++'s standard errors are those of means
   of independent samples (given Hutch++'s sketch, its error is its probes'): from few probes
   they are rough, the error over them spread like Student's t with one degree of freedom
