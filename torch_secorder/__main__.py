@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from torch_secorder import __version__
-from torch_secorder._checks import RANDOM_SAMPLERS
+from torch_secorder._checks import reshuffling_sampler
 from torch_secorder._data import is_batch, to_device
 
 LOSSES: dict[str, Callable[..., Any]] = {
@@ -222,8 +222,8 @@ def as_batches(data: Any, batch_size: int) -> Any:
         data, torch.utils.data.IterableDataset
     ):
         data = torch.utils.data.DataLoader(data, batch_size=batch_size)
-    sampler = getattr(getattr(data, "batch_sampler", None), "sampler", None)
-    if isinstance(sampler, RANDOM_SAMPLERS):  # (hidden behind the casting view below)
+    sampler = reshuffling_sampler(data)  # (the library's check, hidden by the casting view)
+    if sampler is not None:
         raise UsageError(
             f"--data: a DataLoader whose {type(sampler).__name__} draws another order on every "
             "pass; every product passes over the data again, and all passes must see the same "

@@ -468,12 +468,18 @@ def check_inputs(fname: str, argname: str, inputs: object) -> None:
         )
 
 
-RANDOM_SAMPLERS = (
+_RANDOM_SAMPLERS = (
     torch.utils.data.RandomSampler,
     torch.utils.data.SubsetRandomSampler,
     torch.utils.data.WeightedRandomSampler,
 )
 """Samplers that draw a new order (or new samples) every time they are iterated."""
+
+
+def reshuffling_sampler(data: object) -> object | None:
+    """The sampler of a ``DataLoader`` that draws another order on every pass, else ``None``."""
+    sampler = getattr(getattr(data, "batch_sampler", None), "sampler", None)
+    return sampler if isinstance(sampler, _RANDOM_SAMPLERS) else None
 
 
 def check_data(
@@ -506,8 +512,8 @@ def check_data(
             f"{fname}: data must be an (inputs, targets) batch or an iterable of such batches; "
             f"got {type_name(data)}."
         )
-    sampler = getattr(getattr(batches, "batch_sampler", None), "sampler", None)
-    if isinstance(sampler, RANDOM_SAMPLERS):
+    sampler = reshuffling_sampler(batches)
+    if sampler is not None:
         raise ValueError(
             f"{fname}: data is a DataLoader whose {type_name(sampler)} draws another order "
             "on every pass; every product passes over the data again, and all passes must "

@@ -292,10 +292,10 @@ def xtrace(
     bZR = (S.T @ ZR - G * (S * ZR).sum(dim=0)) / root
     HU = HQ @ U
     bHU = (S.T @ HU - G * (S * HU).sum(dim=0)) / root
-    left_out = estimates + torch.where(keep, c * bZR - 2 * c * bHU + (c**2 - 1) * bHb, 0)
+    two_out = estimates + torch.where(keep, c * bZR - 2 * c * bHU + (c**2 - 1) * bHb, 0)
     # row k: the estimates without test vector k; their means' deviations from the mean
-    others = ~torch.eye(size, dtype=torch.bool, device=left_out.device)
-    deviations = (left_out * others).sum(dim=1) / (size - 1) - mean
+    others = ~torch.eye(size, dtype=torch.bool, device=two_out.device)
+    deviations = (two_out * others).sum(dim=1) / (size - 1) - mean
     return mean.to(dtype), _jackknife(deviations).to(dtype)
 
 
@@ -337,9 +337,9 @@ def exact(
     """The exact trace (or diagonal) from products with unit vectors, in memory-bounded chunks.
 
     A chunk holds :func:`max_columns` vectors of the operator's size ``span`` (default ``n``)
-    besides the result's ``n`` entries.
+    besides the result's ``n`` entries (the public functions check the room for both:
+    :func:`~._memory.check_diagonal_room`).
     """
-    check_room("method='exact'", 1, span or n, dtype, device)
     chunk = max_columns(span or n, dtype, device)
     entries = torch.zeros(n, dtype=dtype, device=device)
     for start in range(0, n, chunk):

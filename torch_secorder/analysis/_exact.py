@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from torch_secorder.analysis._groups import resolve_groups
-from torch_secorder.analysis._memory import check_room
+from torch_secorder.analysis._memory import check_diagonal_room
 from torch_secorder.analysis._operator import Target
 from torch_secorder.analysis._variables import variables_exact_or_estimate
 from torch_secorder.core._model import model_params
@@ -88,7 +88,7 @@ def model_exact_or_estimate(
     members = {None: list(range(len(names)))} if resolved is None else resolved
     union = sorted({i for indices in members.values() for i in indices})
     size = sum(tensors[i].numel() for i in union)
-    check_room(_method(budget), 1, size, tensors[0].dtype, tensors[0].device)
+    check_diagonal_room(math.isinf(budget), size, tensors[0].dtype, tensors[0].device)
 
     def operator_of(indices: list[int]) -> HessianOperator:
         selection = [names[i] for i in indices]
@@ -129,8 +129,3 @@ def model_exact_or_estimate(
     if resolved is None:
         return results[None]
     return {key: results[key] for key in members}
-
-
-def _method(budget: float) -> str:
-    """The method asked for, for messages: ``'exact'`` regardless of cost, else ``'auto'``."""
-    return "method='exact'" if math.isinf(budget) else "method='auto'"

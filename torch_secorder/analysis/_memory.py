@@ -97,6 +97,14 @@ def check_room(what: str, vectors: int, n: int, dtype: torch.dtype, device: torc
         raise refuse(what, vectors, n, dtype, device)
 
 
+def check_diagonal_room(exact: bool, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    """:func:`check_room` of ``method="exact"`` (or ``"auto"``): the diagonal's ``n`` entries.
+
+    The least of ``"auto"``'s choices too: every estimator keeps more.
+    """
+    check_room(f"method={'exact' if exact else 'auto'!r}", 1, n, dtype, device)
+
+
 def refuse(what: str, vectors: int, n: int, dtype: torch.dtype, device: torch.device) -> ValueError:
     """The error of an analysis whose least plan does not fit its budget."""
     fname, max_bytes = current(device)

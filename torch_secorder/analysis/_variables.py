@@ -50,7 +50,7 @@ from torch_secorder.analysis._driver import (
     run,
     split_request,
 )
-from torch_secorder.analysis._memory import check_room
+from torch_secorder.analysis._memory import check_diagonal_room
 from torch_secorder.analysis._sampling import make_generator, spawn
 from torch_secorder.core._activations import activation_operator
 from torch_secorder.core._progress import require_tqdm
@@ -432,8 +432,8 @@ def variables_exact_or_estimate(
     """
     with _opened(fname, model, loss_fn, data, variables, options) as operator:
         resolved = resolve(fname, operator, groups)
-        method = "method='exact'" if math.isinf(budget) else "method='auto'"
-        check_room(method, 1, operator.shape[0], operator.dtype, operator.device)
+        size, dtype, device = operator.shape[0], operator.dtype, operator.device
+        check_diagonal_room(math.isinf(budget), size, dtype, device)
         planning = budget if groups is None and math.isfinite(budget) else math.inf
         members = {key: group.variables for key, group in resolved.members.items()}
         cheap, needed, _ = exact_groups(operator, members, budget, planning)

@@ -67,7 +67,7 @@ from torch_secorder.analysis._driver import Problem, run
 from torch_secorder.analysis._estimators import estimator_maker, estimator_steps
 from torch_secorder.analysis._exact import auto_method, model_exact_or_estimate
 from torch_secorder.analysis._groups import run_model
-from torch_secorder.analysis._memory import check_room, memory_budget
+from torch_secorder.analysis._memory import check_diagonal_room, memory_budget
 from torch_secorder.analysis._operator import resolve
 from torch_secorder.analysis._variables import model_selection
 from torch_secorder.analysis.results import TraceEstimate
@@ -145,8 +145,8 @@ def hessian_trace(
     with memory_budget(fname, max_bytes):
         num_matvecs = check_estimator(fname, method, num_matvecs, generator, NEEDS)
         target = resolve(fname, func_or_operator, params)
-        if method in ("auto", "exact"):  # (the least either takes: the exact diagonal)
-            check_room(f"method={method!r}", 1, target.size, target.dtype, target.device)
+        if method in ("auto", "exact"):
+            check_diagonal_room(method == "exact", target.size, target.dtype, target.device)
         with target.open() as operator:
             if method == "auto":
                 method = auto_method(target, num_matvecs, "hutch++")
